@@ -1,0 +1,148 @@
+"""The data that flows through the agent: samples in, events out.
+
+Leaf module: imports nothing from the project. ``protocols/`` and ``buffer/`` may import it.
+
+Flow::
+
+    Source --TagSample--> MachineDetector --Event--> Buffer --(CloudEvent JSON)--> Sink
+
+Invariants:
+- Every datetime here is timezone-aware UTC.
+- A ``TagSample`` with ``quality != GOOD`` may carry ``value=None``; a bad sample is never a
+  guessed value (DESIGN section 1).
+- ``Event.id`` is deterministic: a UUIDv5 over the facts that identify the event, so re-detecting
+  the same fact after a crash gives the same id (DESIGN section 3).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "EVENT_NAMESPACE",
+    "Event",
+    "EventType",
+    "MachineState",
+    "Quality",
+    "TagSample",
+    "Value",
+    "event_id",
+    "format_time",
+    "parse_time",
+    "utcnow",
+]
+
+Value = bool | int | float | str | None
+
+# Fixed namespace for event ids. Changing it changes every id ever produced: never do that.
+EVENT_NAMESPACE = uuid.UUID("6f1d2c7e-3b4a-5e8f-9a0b-1c2d3e4f5a6b")
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+class MachineState(StrEnum):
+    RUNNING = "running"
+    IDLE = "idle"
+    DOWN = "down"
+    PLANNED = "planned"
+    UNKNOWN = "unknown"
+
+
+class EventType(StrEnum):
+    DOWNTIME_STARTED = "plantedge.downtime.started"
+    DOWNTIME_ENDED = "plantedge.downtime.ended"
+    SCRAP_RECORDED = "plantedge.scrap.recorded"
+    SIGNAL_LOST = "plantedge.signal.lost"
+    SIGNAL_RESTORED = "plantedge.signal.restored"
+    DATA_GAP = "plantedge.data.gap"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
+    t = t.astimezone(UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Parse RFC 3339 (``Z`` or an offset); a naive time is taken as UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.astimezone(UTC)
+
+
+def event_id(source: str, type_: str, *facts: object) -> str:
+    """Deterministic event id: UUIDv5 over the source, the type and the identifying facts."""
+    key = "|".join([source, type_, *(str(f) for f in facts)])
+    return str(uuid.uuid5(EVENT_NAMESPACE, key))
+
+
+@dataclass(frozen=True, slots=True)
+class TagSample:
+    """One observed value of one configured tag.
+
+    ``source_time`` is the protocol's own timestamp when it has one (OPC UA, some MQTT payloads);
+    ``agent_time`` is when the agent received it. ``time`` is what detection uses.
+    ``detail`` says why a sample is not good (shown in /status and logs).
+    """
+
+    tag: str
+    value: Value
+    quality: Quality
+    agent_time: datetime
+    source_time: datetime | None = None
+    detail: str | None = None
+
+    @property
+    def time(self) -> datetime:
+        return self.source_time or self.agent_time
+
+    @property
+    def good(self) -> bool:
+        return self.quality is Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A business fact, ready to be buffered and delivered as a CloudEvents 1.0 object.
+
+    ``key`` is the ordering key (the machine id, or ``agent`` for agent-level events such as
+    data gaps): first deliveries keep detection order per key (DESIGN section 4).
+    """
+
+    id: str
+    type: EventType
+    source: str
+    time: datetime
+    key: str
+    sequence: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_cloudevent(self, agent_id: str) -> dict[str, Any]:
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": str(self.type),
+            "time": format_time(self.time),
+            "datacontenttype": "application/json",
+            "agentid": agent_id,
+            "sequence": str(self.sequence),
+            "data": self.data,
+        }
+
+    def to_json(self, agent_id: str) -> str:
+        return json.dumps(self.to_cloudevent(agent_id), separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,1 @@
+"""Northbound sinks: one delivery attempt per call; the forwarder owns retries."""

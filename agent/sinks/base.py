@@ -1,0 +1,89 @@
+"""The sink interface and the outcome classes of one delivery attempt (DESIGN section 4).
+
+A sink makes **one** attempt to deliver a batch of events and classifies the answer, per item
+where the receiver answers per item. It never sleeps, retries, bisects or dead-letters: the
+forwarder (``agent/sinks/forwarder.py``) decides what to do with each outcome::
+
+    Outcome            forwarder does
+    ---------------    --------------------------------------------------------------
+    ACCEPTED           settle (delete); 2xx and 409 (the receiver already has it)
+    RETRY              keep the rows, back off (exponential, full jitter, Retry-After)
+    HOLD               keep the rows, mark the sink held (401/403), re-probe, re-read creds
+    TOO_LARGE          split the batch (413)
+    REJECTED           batch: bisect to find the poison; single event: dead-letter it
+
+Sinks translate httpx exceptions at the boundary; none escape ``deliver``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink"]
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    RETRY = "retry"
+    HOLD = "hold"
+    TOO_LARGE = "too_large"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundEvent:
+    id: str
+    source: str
+    payload: str  # the CloudEvent JSON text as buffered
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    outcome: Outcome
+    status: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Result of one attempt.
+
+    ``outcome`` applies to the whole request. When the receiver answered per item (207),
+    ``items`` maps event id -> ItemResult and ``outcome`` is ACCEPTED only if every item was; an
+    id missing from a 207 answer is RETRY (we cannot know it arrived).
+    ``retry_after`` is the receiver's Retry-After in seconds (already parsed), if any.
+    """
+
+    outcome: Outcome
+    status: int | None = None
+    detail: str = ""
+    retry_after: float | None = None
+    items: dict[str, ItemResult] = field(default_factory=dict)
+
+    def result_for(self, event_id: str) -> ItemResult:
+        if self.items:
+            return self.items.get(event_id, ItemResult(Outcome.RETRY, None, "missing in 207"))
+        return ItemResult(self.outcome, self.status, self.detail)
+
+
+class Sink(ABC):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    @abstractmethod
+    def max_batch(self) -> int:
+        """Most events per ``deliver`` call (1 in single mode)."""
+
+    @abstractmethod
+    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        """One attempt; never raises for network or protocol problems."""
+
+    async def reload_credentials(self) -> None:  # noqa: B027 - optional hook
+        """Called when held (401/403): re-read secrets so a rotated token works without restart."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Idempotent."""

@@ -1,0 +1,177 @@
+"""The buffer interface: durable events, per-sink delivery state, detector state.
+
+Every implementation (``sqlite.py`` in production, ``memory.py`` as the reference for the
+contract tests) keeps these invariants (DESIGN section 5):
+
+1. ``append(events, states)`` is atomic: the events and the detector states that produced them
+   are committed together or not at all. An event id is stored at most once (a second append of
+   the same id is ignored, not duplicated).
+2. Each event gets one delivery row per sink known at append time. Row states per sink::
+
+       pending --lease()--> leased --settle(accepted)--> (deleted)
+                              |     --settle(dead)-----> dead_letter --replay--> pending
+                              |     --settle(retry)----> pending
+                              +---lease expiry / reopen---> pending
+
+   A leased row is never deleted before it is settled. Leases left by a crash return to pending
+   on open; a lease older than its timeout is offered again.
+3. ``lease(sink, n)`` returns the oldest rows of that sink in append order (``seq``), so first
+   deliveries keep detection order. One sink's rows never block another sink's.
+4. An event whose rows are all settled as accepted is deleted; dead letters are kept until
+   replayed or purged.
+5. Capacity (``max_size``): ``drop_oldest`` deletes the oldest pending events to make room,
+   ``reject_new`` refuses the new ones; either way the count per event type is recorded and
+   reported by ``take_drops()`` so the runtime can emit a ``plantedge.data.gap`` event. Nothing
+   is dropped silently.
+6. Disk full is a state: ``append`` raises ``StorageFullError`` and commits nothing; everything
+   committed before stays; later appends succeed once space returns.
+
+The interface is synchronous: the runtime calls it from one dedicated writer thread
+(``AsyncBuffer`` in ``buffer/writer.py``), handing it batches, never single rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AppendResult",
+    "Buffer",
+    "BufferStats",
+    "DeadLetter",
+    "Drops",
+    "LeasedEvent",
+    "NewEvent",
+    "Settlement",
+    "SinkStats",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event ready to be stored: its id, ordering key, type, time and CloudEvent JSON."""
+
+    id: str
+    key: str  # ordering key (machine id)
+    type: str
+    time: str  # RFC 3339, as in the payload
+    payload: str  # the CloudEvent as JSON text, exactly what is delivered
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedEvent:
+    seq: int
+    id: str
+    key: str
+    type: str
+    payload: str
+    attempts: int  # deliveries tried before this lease
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    sink: str
+    seq: int
+    id: str
+    type: str
+    payload: str
+    status: int | None
+    detail: str
+    failed_at: str  # RFC 3339
+
+
+@dataclass(slots=True)
+class Settlement:
+    """The outcome of one delivery attempt for leased rows of one sink (by seq)."""
+
+    accepted: list[int] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    # seq -> (HTTP status or None, excerpt of the reason)
+    dead: dict[int, tuple[int | None, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    stored: int  # new events committed (duplicates of stored ids are not counted)
+    rejected: int  # refused by reject_new (counted in drops as well)
+
+
+@dataclass(slots=True)
+class Drops:
+    """Events dropped by the capacity policy since the last ``take_drops()``."""
+
+    by_type: dict[str, int] = field(default_factory=dict)
+    first_at: str | None = None
+    last_at: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_type.values())
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    pending: int
+    leased: int
+    dead_letters: int
+    oldest_pending_time: str | None  # event time of the oldest undelivered event
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    events: int
+    size_bytes: int
+    max_size: int
+    sinks: dict[str, SinkStats]
+    dropped_total: int
+
+
+class Buffer(ABC):
+    """See the module docstring for the invariants every implementation keeps."""
+
+    @abstractmethod
+    def open(self, sinks: Sequence[str]) -> None:
+        """Open (create or migrate), reclaim leases, register the sink names."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Idempotent; safe after a failed open."""
+
+    @abstractmethod
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+        """Commit events and detector states (key -> JSON) in one transaction."""
+
+    @abstractmethod
+    def load_states(self) -> dict[str, str]:
+        """Detector states as last committed."""
+
+    @abstractmethod
+    def lease(self, sink: str, limit: int) -> list[LeasedEvent]:
+        """Lease up to ``limit`` of the oldest pending rows of ``sink`` (append order)."""
+
+    @abstractmethod
+    def settle(self, sink: str, settlement: Settlement) -> None:
+        """Apply one attempt's outcome; rows not named stay leased."""
+
+    @abstractmethod
+    def stats(self) -> BufferStats:
+        ...
+
+    @abstractmethod
+    def take_drops(self) -> Drops:
+        """Drops since the last call (then reset)."""
+
+    @abstractmethod
+    def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        ...
+
+    @abstractmethod
+    def replay_dead_letters(self, sink: str | None = None,
+                            ids: Sequence[str] | None = None) -> int:
+        """Return dead letters (all, or those with these event ids) to pending; the count."""
+
+    @abstractmethod
+    def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:
+        """Undelivered rows (pending or leased), oldest first, without leasing them."""

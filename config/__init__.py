@@ -1,0 +1,1 @@
+"""Configuration: the plant engineer's interface (schema, YAML loader, secrets)."""

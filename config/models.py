@@ -1,0 +1,275 @@
+"""The configuration schema (DESIGN section 6).
+
+Strict on purpose: unknown keys are errors, every field has a description (exported as JSON
+Schema for editors), enums instead of booleans, a discriminated union on ``type`` for sources
+and sinks. Validation does no I/O beyond resolving secrets (style rule 4: validate early,
+connect late).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from config.base import Strict, check_id
+from config.secrets import Secret
+from config.units import ByteSize, Duration
+from protocols.modbus.config import ModbusSourceConfig
+
+__all__ = [
+    "AgentSettings",
+    "BufferConfig",
+    "Config",
+    "DowntimeRule",
+    "HealthConfig",
+    "HttpAuth",
+    "HttpSinkConfig",
+    "MachineConfig",
+    "ScrapRule",
+    "SinkConfig",
+    "SourceConfig",
+    "StateRule",
+    "WhenFull",
+]
+
+# --------------------------------------------------------------------------- agent / health
+
+
+class LoopImpl(StrEnum):
+    AUTO = "auto"
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
+class AgentSettings(Strict):
+    id: str = Field(description="This agent's id; sent on every event as the 'agentid' attribute.")
+    site: str = Field(description="Plant/site id; part of every event's source "
+                      "(/sites/{site}/lines/{line}/machines/{machine}).")
+    data_dir: Path = Field(Path("/var/lib/edge-agent"),
+                           description="Directory for the buffer database and other state.")
+    stop_timeout: Duration = Field(10.0, description="How long a stop may take to flush "
+                                   "detections and finish in-flight deliveries.")
+    event_loop: LoopImpl = Field(LoopImpl.AUTO, description="'auto' uses uvloop when installed; "
+                                 "'asyncio' turns it off.")
+
+    @field_validator("id", "site")
+    @classmethod
+    def _ids(cls, v: str) -> str:
+        return check_id(v, "id")
+
+
+class HealthConfig(Strict):
+    listen: str = Field("127.0.0.1:9780", description="HOST:PORT of the health endpoint "
+                        "(/healthz /readyz /status). Keep it on loopback unless a firewall "
+                        "protects it; port 0 picks a free port.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not HOST:PORT (for example 127.0.0.1:9780)")
+        return v
+
+
+# --------------------------------------------------------------------------- sources
+
+
+SourceConfig = Annotated[ModbusSourceConfig, Field(discriminator="type")]
+
+# --------------------------------------------------------------------------- machines
+
+
+class StateName(StrEnum):
+    RUNNING = "running"
+    IDLE = "idle"
+    DOWN = "down"
+    PLANNED = "planned"
+
+
+class StateRule(Strict):
+    tag: str = Field(description="Tag that gives the machine state.")
+    map: dict[str, StateName] | None = Field(None, description="Tag value -> running / idle / "
+                                             "down / planned. Keys are compared as text, so 1 "
+                                             "and '1' are the same.")
+    default: StateName | None = Field(None, description="State for a value not in 'map' "
+                                      "(without it an unmapped value leaves the state unknown).")
+    running_above: float | None = Field(None, description="Numeric tag: running when the value "
+                                        "is above this, otherwise down.")
+
+    @field_validator("map", mode="before")
+    @classmethod
+    def _keys_as_text(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k).strip(): s for k, s in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> StateRule:
+        if (self.map is None) == (self.running_above is None):
+            raise ValueError("give exactly one of 'map' or 'running_above'")
+        if self.default is not None and self.map is None:
+            raise ValueError("'default' goes with 'map'")
+        return self
+
+
+class DowntimeRule(Strict):
+    min_duration: Duration = Field(0.0, description="Stops shorter than this are not reported "
+                                   "as downtime episodes.")
+    reason_tag: str | None = Field(None, description="Tag with the stop reason code; the first "
+                                   "non-zero code seen during the stop is reported.")
+    reasons: dict[str, str] = Field(default_factory=dict, description="Reason code -> text.")
+
+    @field_validator("reasons", mode="before")
+    @classmethod
+    def _keys_as_text(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k).strip(): str(t) for k, t in v.items()}
+        return v
+
+
+class ScrapRule(Strict):
+    counter: str | None = Field(None, description="Monotonic scrap counter tag (rollover at "
+                                "the type's width and resets to zero are handled).")
+    quantity_tag: str | None = Field(None, description="Tag whose every sample is a scrap "
+                                     "quantity (reject messages).")
+    window: Duration = Field(60.0, description="Scrap is summed over this window into one "
+                             "scrap.recorded event.")
+    counter_bits: int | None = Field(None, description="Counter width in bits for rollover "
+                                     "(default: from the tag's type, else 32).")
+    max_step: int | None = Field(None, ge=1, description="An increase larger than this in one "
+                                 "sample is treated as a counter reset, not scrap.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ScrapRule:
+        if (self.counter is None) == (self.quantity_tag is None):
+            raise ValueError("give exactly one of 'counter' or 'quantity_tag'")
+        return self
+
+
+class MachineConfig(Strict):
+    line: str = Field(description="Line id; part of the event source.")
+    state: StateRule = Field(description="How the machine state is derived.")
+    downtime: DowntimeRule = Field(default_factory=DowntimeRule, description="Downtime rules.")
+    scrap: ScrapRule | None = Field(None, description="Scrap counting (optional).")
+    order_tag: str | None = Field(None, description="Tag with the active production order id.")
+
+    @field_validator("line")
+    @classmethod
+    def _line(cls, v: str) -> str:
+        return check_id(v, "line")
+
+    def tag_refs(self) -> list[tuple[str, str]]:
+        """(key path inside the machine, tag id) of every tag this machine reads."""
+        refs = [("state.tag", self.state.tag)]
+        if self.downtime.reason_tag:
+            refs.append(("downtime.reason_tag", self.downtime.reason_tag))
+        if self.scrap and self.scrap.counter:
+            refs.append(("scrap.counter", self.scrap.counter))
+        if self.scrap and self.scrap.quantity_tag:
+            refs.append(("scrap.quantity_tag", self.scrap.quantity_tag))
+        if self.order_tag:
+            refs.append(("order_tag", self.order_tag))
+        return refs
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class SinkMode(StrEnum):
+    SINGLE = "single"
+    BATCH = "batch"
+
+
+class HttpAuth(Strict):
+    bearer_token: Secret | None = Field(None, description="Bearer token, usually "
+                                        "${file:/run/credentials/...} or ${env:NAME}.")
+
+
+class RetryPolicy(Strict):
+    initial_backoff: Duration = Field(1.0, description="First retry delay.")
+    max_backoff: Duration = Field(60.0, description="Longest retry delay (also caps "
+                                  "Retry-After).")
+
+
+class HttpSinkConfig(Strict):
+    type: Literal["http"] = Field(description="HTTP(S) endpoint speaking the delivery contract.")
+    url: str = Field(description="Endpoint URL.")
+    mode: SinkMode = Field(SinkMode.SINGLE, description="'single': one CloudEvent per request; "
+                           "'batch': a JSON array per request.")
+    batch_max_events: int = Field(100, ge=1, le=10000, description="Events per batch request.")
+    timeout: Duration = Field(10.0, description="Timeout of one request (connect, read, write).")
+    auth: HttpAuth = Field(default_factory=HttpAuth, description="Authentication.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra static headers.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"'{v}' is not an http:// or https:// URL")
+        return v
+
+
+SinkConfig = Annotated[HttpSinkConfig, Field(discriminator="type")]
+
+# --------------------------------------------------------------------------- buffer
+
+
+class WhenFull(StrEnum):
+    DROP_OLDEST = "drop_oldest"
+    REJECT_NEW = "reject_new"
+
+
+class Synchronous(StrEnum):
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+class BufferConfig(Strict):
+    path: Path | None = Field(None, description="Buffer database file (default: "
+                              "<data_dir>/buffer.db).")
+    max_size: ByteSize = Field(2 * 2**30, description="Largest size of the buffer file.")
+    when_full: WhenFull = Field(WhenFull.DROP_OLDEST, description="What to drop when max_size "
+                                "is reached; either way a plantedge.data.gap event says what.")
+    synchronous: Synchronous = Field(Synchronous.FULL, description="SQLite synchronous mode; "
+                                     "FULL survives power cuts, NORMAL may lose the last "
+                                     "commits on power loss (never on a crash).")
+    commit_interval: Duration = Field(0.05, description="Group commit window: events detected "
+                                      "within it share one transaction and one fsync.")
+    lease_timeout: Duration = Field(60.0, description="A leased batch not settled within this "
+                                    "is offered again.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(Strict):
+    agent: AgentSettings = Field(description="This agent.")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health endpoint.")
+    sources: dict[str, SourceConfig] = Field(default_factory=dict, description="Devices and "
+                                             "brokers to read, by id.")
+    machines: dict[str, MachineConfig] = Field(default_factory=dict, description="Machines to "
+                                               "watch, by id.")
+    sinks: dict[str, SinkConfig] = Field(default_factory=dict, description="Where events go, "
+                                         "by id.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="Durable buffer.")
+
+    @field_validator("sources", "machines", "sinks")
+    @classmethod
+    def _keys(cls, v: dict[str, object]) -> dict[str, object]:
+        for key in v:
+            check_id(key, "id")
+        return v
+
+    @property
+    def buffer_path(self) -> Path:
+        return self.buffer.path or self.agent.data_dir / "buffer.db"
+
+    def tag_index(self) -> dict[str, str]:
+        """tag id -> source id."""
+        return {tag: sid for sid, src in self.sources.items() for tag in src.tags}

@@ -1,0 +1,74 @@
+"""The southbound interface: what every protocol source provides.
+
+A ``Source`` reads one device (or one broker) and turns what it reads into ``TagSample``s.
+
+Contract (DESIGN style rule 5):
+
+- The constructor does no I/O (validate early, connect late).
+- ``run(out)`` is **one session**: connect, call ``out.connected()`` once the session works,
+  then emit samples until the session breaks. It never returns normally; it ends by raising a
+  ``RetryableError`` (translated from the library's exception with ``raise ... from``) or by
+  being cancelled. The supervisor in ``agent/supervisor.py`` owns reconnect, backoff and
+  log-once; a source does not retry its own connection.
+- Within a session, a tag that cannot be read or decoded is emitted with ``Quality.BAD`` and a
+  ``detail``; the other tags keep flowing. A lost connection marks every tag bad (the supervisor
+  does this with ``bad_samples``), never a guessed value.
+- ``out.emit`` is called on the event loop thread and must not block; it takes a batch.
+- ``probe()`` connects, reads every tag once, disconnects: for ``edge-agent probe``.
+
+States of a supervised source::
+
+    starting --connected()--> up --RetryableError--> down --backoff--> starting
+                                         ^                                |
+                                         +------------connected()---------+
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
+
+from agent.model import Quality, TagSample, utcnow
+
+__all__ = ["SampleSink", "Source", "bad_samples"]
+
+
+class SampleSink(Protocol):
+    def emit(self, samples: Sequence[TagSample]) -> None:
+        """Hand over a batch of samples (non-blocking, event loop thread)."""
+
+    def connected(self) -> None:
+        """The session is established and reading works."""
+
+
+class Source(ABC):
+    """One device or broker. Subclasses live in ``protocols/<name>/source.py``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    @abstractmethod
+    def tag_ids(self) -> list[str]:
+        """The configured tag ids this source produces samples for."""
+
+    @property
+    @abstractmethod
+    def stale_after(self) -> float:
+        """Seconds without a good sample after which a tag counts as stale."""
+
+    @abstractmethod
+    async def run(self, out: SampleSink) -> None:
+        """One session; see the module docstring."""
+
+    @abstractmethod
+    async def probe(self) -> list[TagSample]:
+        """Connect, read every tag once, disconnect. Raises RetryableError if unreachable."""
+
+
+def bad_samples(tags: Sequence[str], detail: str) -> list[TagSample]:
+    """Bad-quality samples for every tag (the session is lost)."""
+    now = utcnow()
+    return [TagSample(tag=t, value=None, quality=Quality.BAD, agent_time=now, detail=detail)
+            for t in tags]
