@@ -1,0 +1,320 @@
+"""The reference central endpoint: the delivery contract (DESIGN section 4) as running code.
+
+``edge-agent receiver --listen HOST:PORT --db FILE [--print]`` serves it; the demo and the tests
+use it, and integrators can read it as the contract's executable example.
+
+- ``POST <any path>`` with ``Content-Type: application/cloudevents+json`` (one event) answers
+  ``201`` (new), ``409`` (already have it: the agent settles it as accepted), ``400`` (not a
+  valid CloudEvent, with a detail). With ``application/cloudevents-batch+json`` (a JSON array)
+  it answers ``207`` with ``{"results": [{"id", "status", "detail"}]}``, one result per item in
+  request order. A body that is not JSON is ``400``; another content type is ``415``.
+- Events are deduplicated by ``(source, id)`` in the receiver's own SQLite file; every duplicate
+  is counted. Each new event is committed before it is answered.
+- ``GET /events[?source=...]`` lists what arrived (arrival order), ``GET /stats`` gives
+  ``{"received": n, "duplicates": n}``.
+
+Fault injection (``receiver.faults``), so tests and integrators can exercise the whole contract
+against a real socket: answer N requests with a status and a Retry-After, commit and then answer
+too late (client timeout, then a deduplicated retry), refuse given ids with 422, demand a bearer
+token (401), refuse batches over a size (413), or refuse a whole batch when one item is bad
+(``atomic_batches``, the all-or-nothing style that makes the agent bisect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.httpserver import HttpServer, Request, Response
+from agent.model import format_time, utcnow
+
+__all__ = ["Faults", "Receiver", "SeenRequest", "run_receiver", "serve_receiver"]
+
+CE_SINGLE = "application/cloudevents+json"
+CE_BATCH = "application/cloudevents-batch+json"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    source TEXT NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, time TEXT,
+    payload TEXT NOT NULL, received_at TEXT NOT NULL, PRIMARY KEY (source, id));
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('duplicates', 0);
+"""
+
+
+@dataclass
+class Faults:
+    """Misbehaviour on demand; every field is safe to change while the receiver runs."""
+
+    status: int | None = None  # answer the next ``count`` POSTs with this status
+    count: int = 0
+    retry_after: str | None = None  # Retry-After header sent with the injected status
+    body: str = '{"error":"injected fault"}'
+    delay_after_commit: float = 0.0  # commit, then wait this long before answering ...
+    delay_count: int = 0  # ... for this many POSTs
+    reject_ids: set[str] = field(default_factory=set)  # these event ids get 422
+    require_token: str | None = None  # 401 unless "Authorization: Bearer <token>"
+    max_batch_events: int | None = None  # a bigger batch gets 413
+    max_event_bytes: int | None = None  # a single event bigger than this gets 413
+    atomic_batches: bool = False  # any bad item refuses the whole batch (422/400), stores none
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    ids: list[str]  # event ids in the body, in order (empty when unreadable)
+    status: int  # what we answered
+
+
+class Receiver:
+    """``await start()`` opens the database and binds (port 0 is fine) and returns the port."""
+
+    def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0, *,
+                 echo: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.db_path = Path(db_path)
+        self._echo = echo
+        self.faults = Faults()
+        self.requests: list[SeenRequest] = []
+        self._server = HttpServer(self._handle, host, port)
+        self._db: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> int:
+        self._db = sqlite3.connect(self.db_path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        try:
+            return await self._server.start()
+        except OSError:
+            self._close_db()
+            raise
+
+    async def aclose(self) -> None:
+        await self._server.aclose()
+        self._close_db()
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    @property
+    def port(self) -> int | None:
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._server.host}:{self._server.port}/events"
+
+    # ------------------------------------------------------------------ fault helpers
+
+    def inject(self, status: int, count: int = 1, retry_after: str | None = None,
+               body: str | None = None) -> None:
+        self.faults.status, self.faults.count, self.faults.retry_after = status, count, retry_after
+        if body is not None:
+            self.faults.body = body
+
+    def inject_commit_then_delay(self, seconds: float, count: int = 1) -> None:
+        self.faults.delay_after_commit, self.faults.delay_count = seconds, count
+
+    # ------------------------------------------------------------------ queries
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("receiver is not started")
+        return self._db
+
+    def stats(self) -> dict[str, int]:
+        db = self._conn()
+        received = db.execute("SELECT count(*) FROM received").fetchone()[0]
+        dups = db.execute("SELECT value FROM counters WHERE name='duplicates'").fetchone()[0]
+        return {"received": int(received), "duplicates": int(dups)}
+
+    def events(self, source: str | None = None) -> list[dict[str, Any]]:
+        """Received CloudEvents (parsed), in arrival order."""
+        sql = "SELECT payload FROM received"
+        args: tuple[str, ...] = ()
+        if source is not None:
+            sql, args = sql + " WHERE source = ?", (source,)
+        rows = self._conn().execute(sql + " ORDER BY rowid", args).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _handle(self, request: Request) -> Response:
+        if request.method in ("GET", "HEAD"):
+            if request.path.rstrip("/") == "/events":
+                return Response.json(self.events(request.query.get("source")))
+            if request.path.rstrip("/") == "/stats":
+                return Response.json(self.stats())
+            return Response.json({"error": "not found"}, 404)
+        if request.method != "POST":
+            return Response.json({"error": "use POST to deliver, GET /events or /stats"}, 405,
+                                 {"Allow": "GET, POST"})
+        response, ids = await self._post(request)
+        self.requests.append(SeenRequest(request.method, request.path, dict(request.headers),
+                                         ids, response.status))
+        return response
+
+    async def _post(self, request: Request) -> tuple[Response, list[str]]:
+        f = self.faults
+        if f.require_token is not None and \
+                request.headers.get("authorization") != f"Bearer {f.require_token}":
+            return Response.json({"error": "missing or wrong bearer token"}, 401), []
+        if f.status is not None and f.count > 0:
+            f.count -= 1
+            headers = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
+            return Response(f.status, f.body.encode(), headers), []
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in (CE_SINGLE, CE_BATCH):
+            return Response.json({"error": f"content type must be {CE_SINGLE} or {CE_BATCH}"},
+                                 415), []
+        try:
+            doc = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Response.json({"error": f"body is not JSON: {exc}"}, 400), []
+        if ctype == CE_SINGLE:
+            response, ids = self._single(doc, len(request.body))
+        else:
+            response, ids = self._batch(doc)
+        if f.delay_after_commit > 0 and f.delay_count > 0:
+            f.delay_count -= 1
+            await asyncio.sleep(f.delay_after_commit)  # committed already: the client times out
+        return response, ids
+
+    def _single(self, doc: Any, size: int) -> tuple[Response, list[str]]:
+        if not isinstance(doc, dict):
+            return Response.json({"error": "expected one CloudEvent (a JSON object)"}, 400), []
+        event_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        ids = [event_id] if event_id else []
+        limit = self.faults.max_event_bytes
+        if limit is not None and size > limit:
+            return Response.json({"id": event_id, "status": 413,
+                                  "detail": f"event larger than {limit} bytes"}, 413), ids
+        status, detail = self._verdict(doc)
+        if status == 201:
+            status, detail = self._store([doc])[0]
+        return Response.json({"id": event_id, "status": status, "detail": detail}, status), ids
+
+    def _batch(self, doc: Any) -> tuple[Response, list[str]]:
+        if not isinstance(doc, list) or not doc:
+            return Response.json({"error": "expected a non-empty JSON array of CloudEvents"},
+                                 400), []
+        ids = [d["id"] for d in doc if isinstance(d, dict) and isinstance(d.get("id"), str)]
+        limit = self.faults.max_batch_events
+        if limit is not None and len(doc) > limit:
+            return Response.json({"error": f"at most {limit} events per batch"}, 413), ids
+        verdicts = [self._verdict(d) for d in doc]
+        if self.faults.atomic_batches:
+            bad = [(d, v) for d, v in zip(doc, verdicts, strict=True) if v[0] != 201]
+            if bad:
+                item, (status, detail) = bad[0]
+                where = item.get("id") if isinstance(item, dict) else None
+                return Response.json({"error": f"event {where}: {detail}"}, status), ids
+        good = [d for d, v in zip(doc, verdicts, strict=True) if v[0] == 201]
+        stored = iter(self._store(good))
+        results = []
+        for item, verdict in zip(doc, verdicts, strict=True):
+            status, detail = next(stored) if verdict[0] == 201 else verdict
+            item_id = item.get("id") if isinstance(item, dict) else None
+            results.append({"id": item_id if isinstance(item_id, str) else None,
+                            "status": status, "detail": detail})
+        return Response.json({"results": results}, 207), ids
+
+    def _verdict(self, doc: Any) -> tuple[int, str]:
+        """(201, "") for an acceptable CloudEvent, else (4xx, why)."""
+        if not isinstance(doc, dict):
+            return 400, "not a JSON object"
+        if doc.get("specversion") != "1.0":
+            return 400, "specversion must be \"1.0\""
+        for attr in ("id", "source", "type"):
+            if not isinstance(doc.get(attr), str) or not doc[attr]:
+                return 400, f"missing or empty '{attr}'"
+        if doc["id"] in self.faults.reject_ids:
+            return 422, f"event {doc['id']} refused by the receiver (reject_ids)"
+        return 201, ""
+
+    def _store(self, docs: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """Insert in one transaction; (201, "") new or (409, ...) duplicate for each."""
+        db = self._conn()
+        now = format_time(utcnow())
+        out: list[tuple[int, str]] = []
+        new: list[dict[str, Any]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for doc in docs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO received (source, id, type, time, payload, "
+                    "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (doc["source"], doc["id"], doc["type"], doc.get("time"),
+                     json.dumps(doc, separators=(",", ":")), now))
+                if cur.rowcount == 1:
+                    out.append((201, ""))
+                    new.append(doc)
+                else:
+                    db.execute("UPDATE counters SET value = value + 1 WHERE name='duplicates'")
+                    out.append((409, "already received"))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if self._echo is not None:
+            for doc in new:
+                self._echo(doc)
+        return out
+
+
+def _print_event(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, separators=(",", ":")), flush=True)
+
+
+async def serve_receiver(listen: str, db: Path, echo: bool,
+                         stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"'{listen}' is not HOST:PORT (for example 127.0.0.1:8080)")
+    stop = stop or asyncio.Event()
+    receiver = Receiver(db, host.strip("[]"), int(port_text),
+                        echo=_print_event if echo else None)
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread: the caller stops us through ``stop``
+    try:
+        port = await receiver.start()
+        print(f"receiver listening on http://{host}:{port}/ (database {db})",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        await receiver.aclose()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def run_receiver(listen: str, db: Path, echo: bool) -> int:
+    """Entry point for ``edge-agent receiver``: serve until SIGINT/SIGTERM; the exit code."""
+    try:
+        asyncio.run(serve_receiver(listen, db, echo))
+    except ValueError as exc:
+        print(f"edge-agent receiver: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"edge-agent receiver: cannot serve on {listen} with {db}: {exc}",
+              file=sys.stderr)
+        return 1
+    return 0

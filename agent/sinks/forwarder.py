@@ -1,0 +1,329 @@
+"""The forwarder: moves one sink's buffered events to it, exactly once, in order.
+
+One forwarder per sink; it is the only leaser of that sink's rows. It leases the oldest rows,
+asks the sink for one attempt at a time and settles every row it leased as accepted or dead,
+retrying the rest. The sink classifies; the forwarder decides (DESIGN section 4)::
+
+                  wake() / poll
+          +------+ ----------> lease ---- rows ----> +------------+
+          | idle |                                   | delivering | <------------------+
+          +------+ <--------- no rows -------------- +------------+                    |
+                                                      |   |   |   \\ ACCEPTED: settle   |
+                          RETRY (408/429/5xx/network) |   |   |    TOO_LARGE/REJECTED:  |
+                                                      v   |   |    split in halves, or  |
+                                               +----------+   |    dead-letter a single |
+                                               | retrying |   |                         |
+                                               +----------+   | HOLD (401/403)          |
+                                    backoff, then the SAME rows v                       |
+                                               again     +------+ reload creds, backoff,|
+                                                         | held | re-probe SAME rows ---+
+                                                         +------+
+
+Invariants:
+
+- Every leased row ends settled as accepted or dead, or stays leased (never dropped): a
+  stop or crash leaves unsettled rows leased and the buffer returns them to pending when it is
+  next opened (or when the lease times out). The receiver deduplicates by event id, so a row
+  delivered but not yet settled at a crash is re-sent and answered 409, which settles it.
+- Retries re-send the same leased rows, in the same order, before anything newer is leased:
+  first deliveries keep detection order per machine. Splits and bisection keep order too (the
+  first half goes first).
+- A rejected single event (or an item rejected inside a 207) is dead-lettered with its status
+  and body excerpt and never goes back into the loop; a rejected batch is bisected to find it.
+- Backoff is exponential with full jitter between ``policy.initial_backoff`` and
+  ``policy.max_backoff``; ``Retry-After`` is a floor, capped at ``max_backoff``. All waits are on
+  the event loop's monotonic clock. A stop interrupts a backoff at once.
+- Leases are not renewed during long retries: this forwarder is the only leaser of its sink and
+  leases nothing new while it holds rows, so an expired lease only matters after a crash, which is
+  exactly when it should be offered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections import deque
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Any, Protocol
+
+from agent.model import format_time, utcnow
+from agent.sinks.backoff import Backoff
+from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
+from buffer.base import LeasedEvent, Settlement
+from config.models import RetryPolicy
+
+__all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLeaseBuffer(Protocol):
+    """What the forwarder needs from the buffer (``buffer.writer.AsyncBuffer`` provides it)."""
+
+    async def lease(self, sink: str, limit: int) -> list[LeasedEvent]: ...
+
+    async def settle(self, sink: str, settlement: Settlement) -> None: ...
+
+
+class ForwarderState(StrEnum):
+    IDLE = "idle"
+    DELIVERING = "delivering"
+    RETRYING = "retrying"
+    HELD = "held"
+
+
+def _outbound(row: LeasedEvent) -> OutboundEvent:
+    try:
+        source = json.loads(row.payload).get("source", "")
+    except (ValueError, AttributeError):
+        source = ""
+    return OutboundEvent(row.id, source if isinstance(source, str) else "", row.payload)
+
+
+def _halves(rows: list[LeasedEvent]) -> tuple[list[LeasedEvent], list[LeasedEvent]]:
+    mid = len(rows) // 2
+    return rows[:mid], rows[mid:]
+
+
+class Forwarder:
+    """Run with ``await run()`` in a task; ``wake()`` after new events are committed;
+    ``status()`` for /status; ``await stop(drain_timeout)`` to end it."""
+
+    def __init__(self, sink: Sink, buffer: AsyncLeaseBuffer, policy: RetryPolicy, *,
+                 lease_batch: int | None = None, rng: random.Random | None = None,
+                 poll_interval: float = 5.0) -> None:
+        self.sink = sink
+        self._buffer = buffer
+        self._policy = policy
+        self._lease_limit = max(1, lease_batch or sink.max_batch)
+        self._backoff = Backoff(policy.initial_backoff, policy.max_backoff, rng)
+        self._poll_interval = poll_interval
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self.state = ForwarderState.IDLE
+        self.last_success: str | None = None
+        self.last_error: str | None = None
+        self.held_reason: str | None = None
+        self.consecutive_failures = 0
+        self.delivered_total = 0
+        self.retried_total = 0
+        self.dead_lettered_total = 0
+
+    # ------------------------------------------------------------------ public surface
+
+    def wake(self) -> None:
+        """New events were committed: lease now instead of at the next poll."""
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": str(self.state),
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
+            "delivered_total": self.delivered_total,
+            "retried_total": self.retried_total,
+            "dead_lettered_total": self.dead_lettered_total,
+            "held_reason": self.held_reason,
+        }
+
+    async def run(self) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"forwarder for sink {self.sink.name} is already running")
+        self._task = asyncio.current_task()
+        name = self.sink.name
+        while not self._stopping.is_set():
+            # Clear before leasing: a wake() during the lease is then not lost.
+            self._wake.clear()
+            try:
+                rows = await self._buffer.lease(name, self._lease_limit)
+            except Exception as exc:
+                await self._failed(f"cannot lease from the buffer: {exc}", None,
+                                   ForwarderState.RETRYING)
+                continue
+            if not rows:
+                self.state = ForwarderState.IDLE
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                continue
+            if self.state is ForwarderState.IDLE:
+                self.state = ForwarderState.DELIVERING
+            await self._drive(rows)
+        self.state = ForwarderState.IDLE
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop after the attempt in flight (and its settlement); a backoff ends at once.
+        Past ``drain_timeout`` the attempt is cancelled; its rows stay leased."""
+        self._stopping.set()
+        self._wake.set()
+        task = self._task
+        if task is None or task.done() or task is asyncio.current_task():
+            return
+        done, _ = await asyncio.wait({task}, timeout=drain_timeout)
+        if not done:
+            log.warning("sink %s: delivery still in flight after %.1fs; abandoning it "
+                        "(its events stay buffered)", self.sink.name, drain_timeout)
+            task.cancel()
+            await asyncio.wait({task})
+
+    # ------------------------------------------------------------------ the delivery loop
+
+    async def _drive(self, rows: list[LeasedEvent]) -> None:
+        """Deliver ``rows`` until each is settled, or until stopping (the rest stay leased)."""
+        size = self.sink.max_batch
+        queue = deque(rows[i:i + size] for i in range(0, len(rows), size))
+        while queue and not self._stopping.is_set():
+            chunk = queue[0]
+            delivery = await self.sink.deliver([_outbound(r) for r in chunk])
+            if delivery.items:
+                rest, stop = await self._per_item(chunk, delivery)
+                if rest:
+                    queue[0] = rest
+                else:
+                    queue.popleft()
+                if stop:
+                    return
+                continue
+            outcome = delivery.outcome
+            if outcome is Outcome.ACCEPTED:
+                if not await self._settle(Settlement(accepted=[r.seq for r in chunk])):
+                    return
+                queue.popleft()
+                self._succeeded()
+            elif outcome is Outcome.RETRY:
+                await self._failed(delivery.detail or "retry", delivery.retry_after,
+                                   ForwarderState.RETRYING, delivery.status)
+            elif outcome is Outcome.HOLD:
+                await self._failed(delivery.detail or "held", None, ForwarderState.HELD,
+                                   delivery.status)
+            elif len(chunk) == 1:  # TOO_LARGE or REJECTED, one event: it is the poison
+                dead = {chunk[0].seq: (delivery.status, delivery.detail)}
+                if not await self._settle(Settlement(dead=dead)):
+                    return
+                queue.popleft()
+                self._dead_lettered(chunk, dead)
+                self._answered()
+            else:  # TOO_LARGE: split; REJECTED: bisect. Either way, halves in order.
+                first, second = _halves(chunk)
+                queue.popleft()
+                queue.appendleft(second)
+                queue.appendleft(first)
+                self._answered()
+
+    async def _per_item(self, chunk: list[LeasedEvent],
+                        delivery: Delivery) -> tuple[list[LeasedEvent], bool]:
+        """Apply a 207: settle accepted and dead items; return (rows left, stop now)."""
+        accepted: list[int] = []
+        dead: dict[int, tuple[int | None, str]] = {}
+        rest: list[LeasedEvent] = []
+        held: str | None = None
+        retry_detail = ""
+        for row in chunk:
+            item = delivery.result_for(row.id)
+            if item.outcome is Outcome.ACCEPTED:
+                accepted.append(row.seq)
+            elif item.outcome in (Outcome.REJECTED, Outcome.TOO_LARGE):
+                # A per-item verdict is already about one event: no bisection needed.
+                dead[row.seq] = (item.status, item.detail)
+            else:
+                rest.append(row)
+                if item.outcome is Outcome.HOLD:
+                    held = held or item.detail or f"HTTP {item.status}"
+                else:
+                    retry_detail = retry_detail or item.detail or f"HTTP {item.status}"
+        if (accepted or dead) and not await self._settle(Settlement(accepted=accepted,
+                                                                     dead=dead)):
+            return chunk, True
+        if dead:
+            self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+        if not rest:
+            self._succeeded()
+            return [], False
+        if accepted:
+            self._mark_success_time()
+        if held is not None:
+            await self._failed(held, None, ForwarderState.HELD, 207)
+        else:
+            await self._failed(f"{len(rest)} of {len(chunk)} events to retry: {retry_detail}",
+                               delivery.retry_after, ForwarderState.RETRYING, 207)
+        return rest, False
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    async def _settle(self, settlement: Settlement) -> bool:
+        """Settle, retrying buffer errors with backoff; False if stopping first (rows stay
+        leased, the receiver's dedup makes the re-send harmless)."""
+        while True:
+            try:
+                # Shielded: a cancelled stop never leaves a half-applied settle behind.
+                await asyncio.shield(self._buffer.settle(self.sink.name, settlement))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("sink %s: cannot settle %d delivered events in the buffer",
+                              self.sink.name, len(settlement.accepted) + len(settlement.dead))
+                self.last_error = f"cannot settle in the buffer: {exc}"
+                if self._stopping.is_set():
+                    return False
+                await self._pause(self._backoff.next_delay())
+                if self._stopping.is_set():
+                    return False
+                continue
+            self.delivered_total += len(settlement.accepted)
+            return True
+
+    def _mark_success_time(self) -> None:
+        self.last_success = format_time(utcnow())
+
+    def _succeeded(self) -> None:
+        self._mark_success_time()
+        self._answered()
+
+    def _answered(self) -> None:
+        """The endpoint gave a definitive answer: it is reachable and we are authorised."""
+        if self.state in (ForwarderState.RETRYING, ForwarderState.HELD):
+            log.info("sink %s recovered after %d failed attempts", self.sink.name,
+                     self.consecutive_failures)
+        self.state = ForwarderState.DELIVERING
+        self.held_reason = None
+        self.consecutive_failures = 0
+        self._backoff.reset()
+
+    def _dead_lettered(self, rows: Sequence[LeasedEvent],
+                       dead: dict[int, tuple[int | None, str]]) -> None:
+        self.dead_lettered_total += len(dead)
+        for row in rows:
+            status, detail = dead[row.seq]
+            log.error("sink %s refused event %s (%s, HTTP %s): moved to dead letters: %s",
+                      self.sink.name, row.id, row.type, status, detail[:200])
+
+    async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
+                      status: int | None = None) -> None:
+        """A retryable or held attempt: log the transition once, then back off."""
+        reason = f"HTTP {status}: {detail}" if status is not None else detail
+        self.last_error = reason
+        self.consecutive_failures += 1
+        self.retried_total += 1
+        if state is ForwarderState.HELD:
+            if self.state is not ForwarderState.HELD:
+                log.error("sink %s is held (%s); events stay buffered until the credentials "
+                          "or permissions are fixed", self.sink.name, reason)
+            self.held_reason = reason
+        elif self.state is not ForwarderState.RETRYING:
+            log.warning("sink %s unavailable (%s); retrying with backoff", self.sink.name, reason)
+        self.state = state
+        await self._pause(self._backoff.next_delay(retry_after))
+        if state is ForwarderState.HELD and not self._stopping.is_set():
+            try:
+                await self.sink.reload_credentials()
+            except Exception:
+                log.exception("sink %s: reloading credentials failed", self.sink.name)
+
+    async def _pause(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)

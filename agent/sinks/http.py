@@ -1,0 +1,244 @@
+"""The HTTP sink: one POST per ``deliver`` call, classified per DESIGN section 4.
+
+Request shapes:
+
+- ``mode: single``: the event's buffered JSON text as the body, ``Content-Type:
+  application/cloudevents+json``, ``Idempotency-Key: <event id>``.
+- ``mode: batch``: a JSON array of the buffered JSON texts, ``Content-Type:
+  application/cloudevents-batch+json``, ``Idempotency-Key`` = lower-case hex SHA-256 of the event
+  ids (in batch order) joined with ``"\\n"`` and UTF-8 encoded. The same rows re-sent after a
+  timeout carry the same key; a split or bisected batch gets a new key (it is a different
+  request), which is fine because the receiver deduplicates by event id as well.
+
+Answer classes (also applied per item of a ``207``)::
+
+    2xx, 409                    ACCEPTED   (409: the receiver already has it)
+    408, 429, 5xx, no answer    RETRY      (Retry-After parsed into seconds)
+    401, 403                    HOLD       (the forwarder calls reload_credentials())
+    413                         TOO_LARGE
+    other 4xx                   REJECTED   (status and up to 500 characters of the body)
+    1xx/3xx (not followed)      HOLD       (misconfigured URL: keep everything, a person acts)
+
+The bearer token is read once and cached; ``reload_credentials()`` re-reads it (the forwarder
+calls it when the sink is held), so a rotated ``${file:...}`` token works without a restart.
+A token that cannot be read holds the sink with the reason instead of sending no credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from config.models import HttpSinkConfig, SinkMode
+from config.secrets import SecretResolutionError
+
+__all__ = ["CE_BATCH", "CE_SINGLE", "HttpSink", "batch_idempotency_key", "parse_retry_after"]
+
+log = logging.getLogger(__name__)
+
+CE_SINGLE = "application/cloudevents+json"
+CE_BATCH = "application/cloudevents-batch+json"
+_EXCERPT = 500
+
+
+def batch_idempotency_key(ids: Sequence[str]) -> str:
+    """SHA-256 hex over the ids joined with newlines (see the module docstring)."""
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date.
+
+    Invalid -> None; negative or a date in the past -> 0.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isnan(seconds) or math.isinf(seconds):
+            return None
+        return max(seconds, 0.0)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
+    return max((when - now).total_seconds(), 0.0)
+
+
+def _classify(status: int) -> Outcome:
+    if 200 <= status < 300 or status == 409:
+        return Outcome.ACCEPTED
+    if status in (408, 429) or 500 <= status < 600:
+        return Outcome.RETRY
+    if status in (401, 403):
+        return Outcome.HOLD
+    if status == 413:
+        return Outcome.TOO_LARGE
+    if 400 <= status < 500:
+        return Outcome.REJECTED
+    return Outcome.HOLD
+
+
+def _excerpt(body: bytes | str) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return text[:_EXCERPT]
+
+
+# When a 207 mixes outcomes, the request-level outcome says the most urgent thing to do next.
+_PRIORITY = [Outcome.HOLD, Outcome.RETRY, Outcome.TOO_LARGE, Outcome.REJECTED, Outcome.ACCEPTED]
+
+
+class HttpSink(Sink):
+    """``deliver`` never raises: every failure is a classified ``Delivery``."""
+
+    def __init__(self, name: str, config: HttpSinkConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+        self._token: str | None = None
+        self._token_error: str | None = None
+        self._token_loaded = False
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.batch_max_events if self.config.mode is SinkMode.BATCH else 1
+
+    async def reload_credentials(self) -> None:
+        self._load_token()
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _load_token(self) -> None:
+        self._token_loaded = True
+        secret = self.config.auth.bearer_token
+        if secret is None:
+            self._token, self._token_error = None, None
+            return
+        try:
+            self._token, self._token_error = secret.reveal(), None
+        except SecretResolutionError as exc:
+            self._token, self._token_error = None, str(exc)
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            # Connection errors are retried by the forwarder with backoff, not by httpx.
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.config.timeout),
+                transport=httpx.AsyncHTTPTransport(retries=0),
+                follow_redirects=False,
+            )
+        return self._client
+
+    def _request_parts(self, events: Sequence[OutboundEvent]) -> tuple[bytes, dict[str, str]]:
+        headers = dict(self.config.headers)
+        if self.config.mode is SinkMode.BATCH:
+            body = ("[" + ",".join(e.payload for e in events) + "]").encode("utf-8")
+            headers["Content-Type"] = CE_BATCH
+            headers["Idempotency-Key"] = batch_idempotency_key([e.id for e in events])
+        else:
+            body = events[0].payload.encode("utf-8")
+            headers["Content-Type"] = CE_SINGLE
+            headers["Idempotency-Key"] = events[0].id
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return body, headers
+
+    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        if not events:
+            return Delivery(Outcome.ACCEPTED, detail="nothing to send")
+        if self.config.mode is SinkMode.SINGLE and len(events) > 1:
+            # A caller bug, not a network problem: refuse without sending anything.
+            return Delivery(Outcome.TOO_LARGE, detail="single mode sends one event per request")
+        if not self._token_loaded:
+            self._load_token()
+        if self._token_error is not None:
+            return Delivery(Outcome.HOLD, detail=f"bearer token unavailable: {self._token_error}")
+        body, headers = self._request_parts(events)
+        try:
+            response = await self._http().post(self.config.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            return Delivery(Outcome.RETRY, detail=f"timeout: {type(exc).__name__}")
+        except httpx.HTTPError as exc:
+            return Delivery(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}"[:_EXCERPT])
+        except Exception as exc:  # never raise out of deliver (Sink contract)
+            log.exception("sink %s: unexpected error while posting", self.name)
+            return Delivery(Outcome.RETRY, detail=f"unexpected {type(exc).__name__}: {exc}"
+                            [:_EXCERPT])
+        return self._classify_response(response, events)
+
+    def _classify_response(self, response: httpx.Response,
+                           events: Sequence[OutboundEvent]) -> Delivery:
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 207:
+            return self._classify_multi(response.content, events, retry_after)
+        outcome = _classify(status)
+        detail = "" if outcome is Outcome.ACCEPTED else _excerpt(response.content)
+        if outcome is Outcome.HOLD and not detail:
+            detail = f"HTTP {status}"
+        return Delivery(outcome, status, detail,
+                        retry_after if outcome is Outcome.RETRY else None)
+
+    def _classify_multi(self, content: bytes, events: Sequence[OutboundEvent],
+                        retry_after: float | None) -> Delivery:
+        results = _parse_multi(content)
+        if results is None:
+            return Delivery(Outcome.RETRY, 207,
+                            f"receiver answered nonsense: {_excerpt(content)}", retry_after)
+        wanted = {e.id for e in events}
+        items: dict[str, ItemResult] = {}
+        for event_id, status, detail in results:
+            if event_id in wanted:
+                items[event_id] = ItemResult(_classify(status), status, detail)
+        for e in events:
+            if e.id not in items:
+                items[e.id] = ItemResult(Outcome.RETRY, None, "missing in 207 answer")
+        present = {r.outcome for r in items.values()}
+        outcome = next(o for o in _PRIORITY if o in present)
+        return Delivery(outcome, 207, "" if outcome is Outcome.ACCEPTED else "per-item results",
+                        retry_after, items)
+
+
+def _parse_multi(content: bytes) -> list[tuple[str, int, str]] | None:
+    """``{"results": [{"id", "status", "detail"?}]}`` -> [(id, status, detail)], else None."""
+    try:
+        doc: Any = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        return None
+    out = []
+    for item in doc["results"]:
+        if not isinstance(item, dict):
+            return None
+        event_id, status = item.get("id"), item.get("status")
+        if not isinstance(event_id, str):
+            continue  # a verdict on something without an id: it cannot be one of ours
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            return None
+        detail = item.get("detail")
+        out.append((event_id, status, _excerpt(str(detail)) if detail is not None else ""))
+    return out
