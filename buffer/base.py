@@ -36,10 +36,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agent.errors import FatalError, RetryableError
+
 __all__ = [
     "AppendResult",
     "Buffer",
+    "BufferCorruptError",
+    "BufferOpenError",
     "BufferStats",
+    "BufferUnavailableError",
     "DeadLetter",
     "Drops",
     "LeasedEvent",
@@ -47,6 +52,18 @@ __all__ = [
     "Settlement",
     "SinkStats",
 ]
+
+
+class BufferCorruptError(FatalError):
+    """The buffer file is not a readable SQLite database (or a page of it is damaged)."""
+
+
+class BufferOpenError(FatalError):
+    """The buffer file cannot be opened at all (permissions, missing directory, read-only fs)."""
+
+
+class BufferUnavailableError(RetryableError):
+    """A storage call failed for a transient reason (lock held too long, I/O error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +188,13 @@ class Buffer(ABC):
     def replay_dead_letters(self, sink: str | None = None,
                             ids: Sequence[str] | None = None) -> int:
         """Return dead letters (all, or those with these event ids) to pending; the count."""
+
+    @abstractmethod
+    def purge_dead_letters(self, sink: str | None = None,
+                           ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters (all, or those with these event ids); the count of rows deleted.
+
+        An event is deleted with its last delivery row."""
 
     @abstractmethod
     def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:

@@ -1,0 +1,125 @@
+"""Schema versions of the SQLite buffer, applied in order with ``PRAGMA user_version``.
+
+Each migration moves the file from ``version - 1`` to ``version`` in one transaction together
+with the ``user_version`` bump, so a crash mid-upgrade leaves the old version intact and the
+next start repeats the step. Steps are plain SQL (or a small function over the connection);
+they keep pending events. A file whose version is newer than ``SCHEMA_VERSION`` is refused
+with ``SchemaTooNewError``: an older agent must never write a schema it does not understand.
+
+Adding a version: append a ``Migration(n + 1, ...)`` below; never edit a released step.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import SchemaTooNewError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    # DDL statements run in order, then ``apply`` (if given) for data changes SQL cannot express.
+    statements: Sequence[str] = ()
+    apply: Callable[[sqlite3.Connection], None] | None = None
+
+
+_V1 = (
+    # seq is AUTOINCREMENT so a seq is never reused after deletes: leases and settlements name
+    # rows by seq, and ordering across a drop or a purge must stay append order.
+    """CREATE TABLE events(
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT NOT NULL UNIQUE,
+        key        TEXT NOT NULL,
+        type       TEXT NOT NULL,
+        time       TEXT NOT NULL,
+        payload    TEXT NOT NULL,
+        created_at TEXT NOT NULL)""",
+    """CREATE TABLE deliveries(
+        sink         TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        state        TEXT NOT NULL CHECK (state IN ('pending', 'leased', 'dead')),
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        leased_until REAL,
+        status       INTEGER,
+        detail       TEXT,
+        failed_at    TEXT,
+        PRIMARY KEY (sink, seq)) WITHOUT ROWID""",
+    "CREATE INDEX deliveries_by_state ON deliveries(sink, state, seq)",
+    # "does this event still have a delivery row?" after a settle, and drops by seq.
+    "CREATE INDEX deliveries_by_seq ON deliveries(seq)",
+    """CREATE TABLE detector_state(
+        key        TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        updated_at TEXT NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE sinks(
+        name     TEXT PRIMARY KEY,
+        added_at TEXT NOT NULL) WITHOUT ROWID""",
+    # Drops not yet reported by take_drops(): durable, so a crash between the drop and the
+    # data-gap event does not lose the fact that something was dropped.
+    """CREATE TABLE drops(
+        type     TEXT PRIMARY KEY,
+        count    INTEGER NOT NULL,
+        first_at TEXT NOT NULL,
+        last_at  TEXT NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE meta(
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL) WITHOUT ROWID""",
+    "INSERT INTO meta(name, value) VALUES ('dropped_total', 0)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _V1),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_version(conn: sqlite3.Connection, path: Path | str) -> int:
+    """The file's schema version; raises ``SchemaTooNewError`` if this code cannot read it."""
+    version = _user_version(conn)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(
+            f"buffer file {path} has schema version {version}, but this agent knows only up to "
+            f"version {SCHEMA_VERSION}: it was written by a newer agent. Upgrade the agent or "
+            f"point buffer.path elsewhere (the file is left untouched).")
+    return version
+
+
+def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
+    """Bring the file up to ``SCHEMA_VERSION``; returns (version found, version now).
+
+    The connection must be in autocommit mode (``isolation_level=None``): each step runs in
+    its own ``BEGIN IMMEDIATE`` transaction.
+    """
+    found = check_version(conn, path)
+    for step in MIGRATIONS:
+        if step.version <= found:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            if _user_version(conn) >= step.version:
+                conn.execute("ROLLBACK")
+                continue
+            for sql in step.statements:
+                conn.execute(sql)
+            if step.apply is not None:
+                step.apply(conn)
+            conn.execute(f"PRAGMA user_version = {int(step.version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return found, _user_version(conn)

@@ -1,0 +1,509 @@
+"""The durable buffer: one SQLite file in WAL mode, one writer connection.
+
+Schema (``migrations.py``, version in ``PRAGMA user_version``)::
+
+    events(seq AUTOINCREMENT, id UNIQUE, key, type, time, payload, created_at)
+       1 ──< deliveries(sink, seq, state, attempts, leased_until, status, detail, failed_at)
+    detector_state(key, state, updated_at)     sinks(name, added_at)
+    drops(type, count, first_at, last_at)      meta(name, value)   -- dropped_total
+
+States of one delivery row (one per event per sink known when the event was appended)::
+
+    pending --lease--> leased --settle accepted--> (row deleted; event deleted with its last row)
+       ^                 |    --settle dead------> dead --replay--> pending   (purge: deleted)
+       |                 |    --settle retry-----> pending (attempts + 1)
+       +--expiry/open----+
+
+Invariants:
+
+- ``append`` is one ``BEGIN IMMEDIATE`` transaction: events (``INSERT OR IGNORE`` on the id,
+  so a re-detected event is neither stored twice nor counted), their delivery rows, the
+  detector states, and any capacity drops commit together or not at all. Group commit: a batch
+  is one transaction and one fsync.
+- ``seq`` is never reused (AUTOINCREMENT), so append order = seq order, across deletes too.
+- A leased row is never deleted before it is settled, and the capacity policy never drops an
+  event that has a leased row. Leases use the process's monotonic clock; they mean nothing to
+  another process, so ``open`` returns every leased row to pending (crash recovery).
+- Sinks: a sink named at ``open`` gets rows only for events appended after it was first
+  registered. A sink removed from the configuration keeps its rows (pending/dead, shown by
+  ``stats``) until purged; nothing is deleted because a config line went away.
+- ``detector_state`` is never dropped by the capacity policy.
+
+Capacity: the size that counts is the live part of the main file,
+``(page_count - freelist_count) * page_size``, read with two cheap pragmas after each append's
+inserts, inside the same transaction. Free pages are reused before the file grows, so the file
+stays within ``max_size`` (plus page granularity and at most one batch); the WAL beside it is
+bounded by ``journal_size_limit`` after each checkpoint. The file is created with
+``auto_vacuum=INCREMENTAL`` and ``incremental_vacuum`` runs when a quarter of it is free, so it
+also shrinks. When over ``max_size``:
+
+- ``drop_oldest`` deletes whole events, oldest first: first those with only pending rows, then
+  (dead letters are kept longest) those holding a dead letter; never one with a leased row.
+  Deletion frees pages with some granularity, so it may drop a few more events than the byte
+  count alone would say; each one is counted.
+- ``reject_new`` removes the newest events of this batch until it fits (the head of the batch
+  is kept in order) and reports them as ``rejected``. The detector states still commit: the
+  detector has moved on, and the drop is reported as a data gap instead.
+
+Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``)
+and ``meta.dropped_total``.
+
+Crash semantics: with ``synchronous=FULL`` a returned ``append``/``settle`` survives a power
+cut; with ``NORMAL`` it survives a process crash but the last commits may be lost on power
+loss. Failures: ``SQLITE_FULL`` rolls the transaction back and raises ``StorageFullError``
+(the connection stays usable; the next call after space returns succeeds); a damaged file
+raises ``BufferCorruptError``; other SQLite errors during work raise ``BufferUnavailableError``
+and at open ``BufferOpenError``.
+
+Threading: one connection (``check_same_thread=False``) used by one thread at a time; the
+runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CLI use
+``SqliteBuffer.attach(path)`` (``mode=ro``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgeAgentError, StorageFullError
+from agent.model import format_time, utcnow
+from buffer.base import (
+    AppendResult,
+    Buffer,
+    BufferCorruptError,
+    BufferOpenError,
+    BufferStats,
+    BufferUnavailableError,
+    DeadLetter,
+    Drops,
+    LeasedEvent,
+    NewEvent,
+    Settlement,
+    SinkStats,
+)
+from buffer.migrations import check_version, migrate
+from config.models import WhenFull
+
+__all__ = ["SqliteBuffer"]
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_WAL_LIMIT = 8 * 2**20  # bytes the WAL is truncated to after a checkpoint
+_IN = "SELECT value FROM json_each(?)"  # a list of seqs as one JSON parameter
+
+
+def _ids(values: Sequence[int] | Sequence[str]) -> str:
+    return json.dumps(list(values))
+
+
+class SqliteBuffer(Buffer):
+    """The production ``Buffer``; see the module docstring for schema, states and invariants."""
+
+    def __init__(self, path: Path | str, max_size: int,
+                 when_full: WhenFull | str = WhenFull.DROP_OLDEST,
+                 synchronous: str = "FULL", lease_timeout: float = 60.0, *,
+                 busy_timeout: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if str(synchronous).upper() not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
+                             f"not {synchronous!r}")
+        if max_size <= 0:
+            raise ValueError(f"max_size must be positive, not {max_size}")
+        self.path = Path(path)
+        self.max_size = int(max_size)
+        self.when_full = WhenFull(when_full)
+        self.synchronous = str(synchronous).upper()
+        self.lease_timeout = float(lease_timeout)
+        self.busy_timeout = float(busy_timeout)
+        self.readonly = False
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._sinks: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self, sinks: Sequence[str]) -> None:
+        self._open(readonly=False)
+        self._sinks = tuple(dict.fromkeys(sinks))
+        now = format_time(utcnow())
+        with self._write("opening"):
+            conn = self._require()
+            conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
+                         "WHERE state = 'leased'")
+            conn.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
+                             [(s, now) for s in self._sinks])
+
+    @classmethod
+    def attach(cls, path: Path | str, *, readonly: bool = True,
+               max_size: int = 2**62) -> SqliteBuffer:
+        """Open an existing file for the CLI while the agent may be running.
+
+        Reclaims no leases and registers no sinks. ``readonly`` (the default) uses a
+        ``mode=ro`` connection for stats/pending/dead letters; ``readonly=False`` allows the
+        short writes of replay/purge (the agent's own connection waits on busy_timeout).
+        """
+        self = cls(path, max_size)
+        self._open(readonly=readonly)
+        return self
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _open(self, readonly: bool) -> None:
+        if self._conn is not None:
+            raise RuntimeError(f"buffer {self.path} is already open")
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise BufferOpenError(f"buffer file {self.path} does not exist")
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False,
+                                       timeout=self.busy_timeout)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=self.busy_timeout)
+        except (OSError, sqlite3.Error) as e:
+            raise BufferOpenError(f"cannot open buffer file {self.path}: {e}") from e
+        try:
+            self._configure(conn, readonly)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _configure(self, conn: sqlite3.Connection, readonly: bool) -> None:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if readonly:
+                check_version(conn, self.path)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return
+            # auto_vacuum only takes effect on a file without tables, i.e. at creation.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise BufferOpenError(f"buffer file {self.path}: cannot use WAL mode "
+                                      f"(journal_mode is {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+            migrate(conn, self.path)
+        except sqlite3.Error as e:
+            raise self._translate(e, "opening", opening=True) from e
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"buffer {self.path} is not open")
+        return self._conn
+
+    def _translate(self, e: sqlite3.Error, what: str, opening: bool = False) -> EdgeAgentError:
+        code = getattr(e, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        if primary == sqlite3.SQLITE_FULL:
+            return StorageFullError(f"buffer {self.path}: disk full while {what}; nothing of "
+                                    f"this call was committed, everything before is kept")
+        if primary in _CORRUPT_CODES:
+            return BufferCorruptError(f"buffer file {self.path} is damaged ({e}) while {what}")
+        if opening:
+            return BufferOpenError(f"cannot open buffer file {self.path}: {e}")
+        return BufferUnavailableError(f"buffer {self.path}: {what} failed: {e}")
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; SQLite errors leave nothing half-done."""
+        conn = self._require()
+        if self.readonly:
+            raise RuntimeError(f"buffer {self.path} is attached read-only; {what} needs a write")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise self._translate(e, what) from e
+
+    def _read(self, what: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._require().execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e, what) from e
+
+    @staticmethod
+    def _pages(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(page_count), int(free), int(page_size)
+
+    def _live_bytes(self, conn: sqlite3.Connection) -> int:
+        page_count, free, page_size = self._pages(conn)
+        return (page_count - free) * page_size
+
+    # ------------------------------------------------------------------ append / states
+
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+        if not events and not states:
+            return AppendResult(0, 0)
+        now = format_time(utcnow())
+        with self._write("appending events") as conn:
+            before = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            live_before = self._live_bytes(conn)
+            cur = conn.executemany(
+                "INSERT OR IGNORE INTO events(id, key, type, time, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.id, e.key, e.type, e.time, e.payload, now) for e in events])
+            inserted = max(cur.rowcount, 0) if events else 0
+            if inserted:
+                for sink in self._sinks:
+                    conn.execute("INSERT INTO deliveries(sink, seq, state, attempts) "
+                                 "SELECT ?, seq, 'pending', 0 FROM events WHERE seq > ?",
+                                 (sink, before))
+            if states:
+                conn.executemany(
+                    "INSERT INTO detector_state(key, state, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET state = excluded.state, "
+                    "updated_at = excluded.updated_at",
+                    [(k, v, now) for k, v in states.items()])
+            lost_new = (self._enforce_capacity(conn, before, inserted, live_before, now)
+                        if inserted else 0)
+        rejected = lost_new if self.when_full is WhenFull.REJECT_NEW else 0
+        return AppendResult(stored=inserted - lost_new, rejected=rejected)
+
+    def _enforce_capacity(self, conn: sqlite3.Connection, before: int, inserted: int,
+                          live_before: int, now: str) -> int:
+        """Apply the when_full policy inside the append transaction; returns how many events
+        of this batch were removed again."""
+        live = self._live_bytes(conn)
+        if live <= self.max_size:
+            return 0
+        # Bytes per event as this batch actually grew the file; each round then learns from
+        # what its deletes freed. Deleting too few only costs another round.
+        per_event = max((live - live_before) / max(inserted, 1), 64.0)
+        lost_new = 0
+        removed: Counter[str] = Counter()
+        while live > self.max_size:
+            victims = self._victims(conn, before, int((live - self.max_size) / per_event) + 1)
+            if not victims:
+                break  # only leased rows left (or nothing): commit over capacity for now
+            seqs = [s for s, _ in victims]
+            conn.execute(f"DELETE FROM deliveries WHERE seq IN ({_IN})", (_ids(seqs),))
+            conn.execute(f"DELETE FROM events WHERE seq IN ({_IN})", (_ids(seqs),))
+            removed.update(t for _, t in victims)
+            lost_new += sum(1 for s in seqs if s > before)
+            now_live = self._live_bytes(conn)
+            # Pages free only when they empty, so a round may free less than its rows' worth;
+            # learn from rounds that freed something, keep the estimate after one that did not.
+            if now_live < live:
+                per_event = max(min(per_event, (live - now_live) / len(seqs)), 64.0)
+            live = now_live
+        self._record_drops(conn, removed, now)
+        return lost_new
+
+    def _victims(self, conn: sqlite3.Connection, before: int, n: int) -> list[tuple[int, str]]:
+        if self.when_full is WhenFull.REJECT_NEW:
+            rows = conn.execute("SELECT seq, type FROM events WHERE seq > ? "
+                                "ORDER BY seq DESC LIMIT ?", (before, n)).fetchall()
+            return [(int(s), str(t)) for s, t in rows]
+        for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
+            rows = conn.execute(
+                "SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
+                f"WHERE d.seq = e.seq AND d.state IN {keep}) ORDER BY seq LIMIT ?",
+                (n,)).fetchall()
+            if rows:
+                return [(int(s), str(t)) for s, t in rows]
+        return []
+
+    @staticmethod
+    def _record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str) -> None:
+        if not removed:
+            return
+        conn.executemany(
+            "INSERT INTO drops(type, count, first_at, last_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(type) DO UPDATE SET count = count + excluded.count, "
+            "last_at = excluded.last_at",
+            [(t, c, now, now) for t, c in removed.items()])
+        conn.execute("UPDATE meta SET value = value + ? WHERE name = 'dropped_total'",
+                     (sum(removed.values()),))
+
+    def load_states(self) -> dict[str, str]:
+        rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
+        return {str(k): str(v) for k, v in rows}
+
+    def take_drops(self) -> Drops:
+        with self._write("taking drop counts") as conn:
+            rows = conn.execute("SELECT type, count, first_at, last_at FROM drops").fetchall()
+            conn.execute("DELETE FROM drops")
+        if not rows:
+            return Drops()
+        return Drops(by_type={str(t): int(c) for t, c, _, _ in rows},
+                     first_at=min(str(r[2]) for r in rows),
+                     last_at=max(str(r[3]) for r in rows))
+
+    # ------------------------------------------------------------------ lease / settle
+
+    def lease(self, sink: str, limit: int) -> list[LeasedEvent]:
+        if limit <= 0:
+            return []
+        now = self._clock()
+        with self._write(f"leasing for sink {sink}") as conn:
+            conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
+                         "WHERE sink = ? AND state = 'leased' AND leased_until <= ?",
+                         (sink, now))
+            rows = conn.execute(
+                "SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts "
+                "FROM deliveries d JOIN events e ON e.seq = d.seq "
+                "WHERE d.sink = ? AND d.state = 'pending' ORDER BY d.seq LIMIT ?",
+                (sink, limit)).fetchall()
+            if rows:
+                conn.execute("UPDATE deliveries SET state = 'leased', leased_until = ? "
+                             f"WHERE sink = ? AND seq IN ({_IN})",
+                             (now + self.lease_timeout, sink, _ids([r[0] for r in rows])))
+        return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a))
+                for s, i, k, t, p, a in rows]
+
+    def settle(self, sink: str, settlement: Settlement) -> None:
+        if not (settlement.accepted or settlement.retry or settlement.dead):
+            return
+        now = format_time(utcnow())
+        with self._write(f"settling for sink {sink}") as conn:
+            if settlement.retry:
+                conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL, "
+                             f"attempts = attempts + 1 WHERE sink = ? AND seq IN ({_IN}) "
+                             "AND state != 'dead'", (sink, _ids(settlement.retry)))
+            if settlement.dead:
+                conn.executemany(
+                    "UPDATE deliveries SET state = 'dead', leased_until = NULL, "
+                    "attempts = attempts + 1, status = ?, detail = ?, failed_at = ? "
+                    "WHERE sink = ? AND seq = ? AND state != 'dead'",
+                    [(st, detail, now, sink, seq)
+                     for seq, (st, detail) in settlement.dead.items()])
+            if settlement.accepted:
+                seqs = _ids(settlement.accepted)
+                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({_IN})",
+                             (sink, seqs))
+                self._delete_orphans(conn, seqs)
+        self._maybe_shrink()
+
+    @staticmethod
+    def _delete_orphans(conn: sqlite3.Connection, seqs_json: str) -> None:
+        conn.execute(f"DELETE FROM events WHERE seq IN ({_IN}) AND NOT EXISTS "
+                     "(SELECT 1 FROM deliveries d WHERE d.seq = events.seq)", (seqs_json,))
+
+    def _maybe_shrink(self) -> None:
+        """Give free pages back to the file system once a quarter of the file is free."""
+        conn = self._require()
+        try:
+            page_count, free, _ = self._pages(conn)
+            if free > 256 and free * 4 > page_count:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+        except sqlite3.Error as e:
+            # Shrinking is housekeeping: a full disk here must not fail a committed settle.
+            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
+                raise self._translate(e, "shrinking the file") from e
+
+    # ------------------------------------------------------------------ dead letters, views
+
+    def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
+        where, params = ("WHERE d.state = 'dead' AND d.sink = ?", [sink]) if sink is not None \
+            else ("WHERE d.state = 'dead'", [])
+        rows = self._read(
+            "listing dead letters",
+            "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
+            f"FROM deliveries d JOIN events e ON e.seq = d.seq {where} "
+            "ORDER BY d.seq, d.sink LIMIT ?", [*params, limit])
+        return [DeadLetter(str(sk), int(s), str(i), str(t), str(p),
+                           None if st is None else int(st), str(dt or ""), str(fa or ""))
+                for sk, s, i, t, p, st, dt, fa in rows]
+
+    def _dead_filter(self, sink: str | None,
+                     ids: Sequence[str] | None) -> tuple[str, list[object]]:
+        where, params = "state = 'dead'", list[object]()
+        if sink is not None:
+            where += " AND sink = ?"
+            params.append(sink)
+        if ids is not None:
+            where += f" AND seq IN (SELECT seq FROM events WHERE id IN ({_IN}))"
+            params.append(_ids(list(ids)))
+        return where, params
+
+    def replay_dead_letters(self, sink: str | None = None,
+                            ids: Sequence[str] | None = None) -> int:
+        where, params = self._dead_filter(sink, ids)
+        with self._write("replaying dead letters") as conn:
+            cur = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
+                               "status = NULL, detail = NULL, failed_at = NULL "
+                               f"WHERE {where}", params)
+            return max(cur.rowcount, 0)
+
+    def purge_dead_letters(self, sink: str | None = None,
+                           ids: Sequence[str] | None = None) -> int:
+        where, params = self._dead_filter(sink, ids)
+        with self._write("purging dead letters") as conn:
+            seqs = [r[0] for r in conn.execute(f"SELECT seq FROM deliveries WHERE {where}",
+                                               params)]
+            cur = conn.execute(f"DELETE FROM deliveries WHERE {where}", params)
+            self._delete_orphans(conn, _ids(seqs))
+            count = max(cur.rowcount, 0)
+        self._maybe_shrink()
+        return count
+
+    def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:
+        """Per sink: its pending and leased rows. Without a sink: each event that still has
+        an undelivered row anywhere, once, with the highest attempt count."""
+        if sink is not None:
+            sql = ("SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts FROM deliveries d "
+                   "JOIN events e ON e.seq = d.seq WHERE d.sink = ? "
+                   "AND d.state IN ('pending', 'leased') ORDER BY d.seq LIMIT ?")
+            params: list[object] = [sink, limit]
+        else:
+            sql = ("SELECT d.seq, e.id, e.key, e.type, e.payload, max(d.attempts) "
+                   "FROM deliveries d JOIN events e ON e.seq = d.seq "
+                   "WHERE d.state IN ('pending', 'leased') GROUP BY d.seq ORDER BY d.seq "
+                   "LIMIT ?")
+            params = [limit]
+        rows = self._read("listing pending events", sql, params)
+        return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a))
+                for s, i, k, t, p, a in rows]
+
+    def stats(self) -> BufferStats:
+        conn = self._require()
+        try:
+            events = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            page_count, _, page_size = self._pages(conn)
+            dropped = conn.execute(
+                "SELECT value FROM meta WHERE name = 'dropped_total'").fetchone()
+            names = dict.fromkeys(self._sinks)
+            names.update(dict.fromkeys(str(r[0]) for r in conn.execute("SELECT name FROM sinks")))
+            sinks = {name: self._sink_stats(conn, name) for name in names}
+        except sqlite3.Error as e:
+            raise self._translate(e, "reading stats") from e
+        return BufferStats(events=events, size_bytes=page_count * page_size,
+                           max_size=self.max_size, sinks=sinks,
+                           dropped_total=int(dropped[0]) if dropped else 0)
+
+    @staticmethod
+    def _sink_stats(conn: sqlite3.Connection, sink: str) -> SinkStats:
+        counts = dict(conn.execute("SELECT state, count(*) FROM deliveries WHERE sink = ? "
+                                   "GROUP BY state", (sink,)).fetchall())
+        oldest = conn.execute(
+            "SELECT e.time FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ? "
+            "AND d.state IN ('pending', 'leased') ORDER BY d.seq LIMIT 1", (sink,)).fetchone()
+        return SinkStats(pending=int(counts.get("pending", 0)),
+                         leased=int(counts.get("leased", 0)),
+                         dead_letters=int(counts.get("dead", 0)),
+                         oldest_pending_time=str(oldest[0]) if oldest else None)
