@@ -70,6 +70,9 @@ class ModbusTag(Strict):
         if self.type in (ModbusType.STRING, ModbusType.BOOL) and (
                 self.scale is not None or self.offset is not None):
             raise ValueError("'scale'/'offset' apply to numeric types only")
+        if self.address + self.register_count > 65536:
+            raise ValueError(f"address {self.address} + {self.register_count} register(s) of "
+                             f"{self.type.value} runs past the last address 65535")
         return self
 
     @property
@@ -99,6 +102,17 @@ class ModbusSourceConfig(Strict):
                                          "long is stale (default: 3 x poll_interval + timeout).")
     backoff: Backoff = Field(default_factory=Backoff, description="Reconnect backoff.")
     tags: dict[str, ModbusTag] = Field(description="Tags by id.", min_length=1)
+
+    @model_validator(mode="after")
+    def _tags_fit_one_read(self) -> ModbusSourceConfig:
+        # A tag is always read in one request so its registers are never torn between reads.
+        too_wide = sorted(tag_id for tag_id, tag in self.tags.items()
+                          if tag.table in (ModbusTable.HOLDING, ModbusTable.INPUT)
+                          and tag.register_count > self.max_registers_per_read)
+        if too_wide:
+            raise ValueError(f"tag(s) {', '.join(too_wide)} need more registers than "
+                             f"max_registers_per_read ({self.max_registers_per_read})")
+        return self
 
     @property
     def effective_stale_after(self) -> float:

@@ -1,0 +1,343 @@
+"""The Modbus TCP source: polls one device and turns its registers into samples.
+
+``run()`` is one session (``protocols/base.py``)::
+
+    connect ──fail──> ConnectionLostError
+       │
+       v
+    poll ──> out.connected() (first poll only) ──> out.emit(batch) ──> sleep to next tick ──┐
+       ^                                                                                    │
+       └────────────────────────────────────────────────────────────────────────────────────┘
+    any read: no answer within ``timeout`` -> PeerTimeoutError; link dropped -> ConnectionLostError
+
+Session rules:
+
+- One pymodbus client per session, created by ``run()`` and closed when it ends. pymodbus's own
+  reconnect is switched off (``reconnect_delay=0``) and its retries too (``retries=0``), so a
+  silent device costs exactly ``timeout`` per session end and the supervisor alone decides when
+  to reconnect. A drop noticed while a request is in flight ends the session at once instead of
+  waiting for the timeout.
+- Ticks are drift-free (``start + k * poll_interval``); a poll that overruns skips the missed
+  ticks instead of bursting to catch up. Every poll emits one batch with every tag.
+- Modbus has no source time: samples carry ``agent_time`` only.
+
+What happens when the device refuses a read (a Modbus exception response):
+
+- A coalesced block that is refused is split: each of its tags is read on its own, so only the
+  tags the device refuses become bad (detail: tag, table, address, exception in words); the
+  others keep flowing in the same poll.
+- Refused tags are remembered and left out of the read plan, their address ranges become
+  barriers that no coalesced read spans; if every tag of a refused block reads fine alone, the
+  block's unused registers become barriers instead. So a device with holes in its map is split
+  once, not on every poll. Remembered tags are re-tried on their own every
+  ``RETRY_REFUSED_EVERY`` polls (they are reported bad with the last refusal in between) and
+  rejoin the plan when the device accepts them again.
+- A value that cannot be decoded (NaN, non-ASCII text) is bad for that poll only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from agent.errors import ConnectionLostError, DecodeError, PeerTimeoutError
+from agent.model import Quality, TagSample, utcnow
+from protocols.base import SampleSink, Source
+from protocols.modbus.codec import decode
+from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTag
+from protocols.modbus.plan import Barrier, ReadBlock, plan
+
+__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource"]
+
+RETRY_REFUSED_EVERY = 10
+# Extra time our own guard gives pymodbus to report its own timeout first.
+_TIMEOUT_GRACE = 0.5
+
+# Modbus exception codes in the words of the Modbus application protocol specification.
+_EXCEPTION_WORDS = {
+    1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+    4: "server device failure", 5: "acknowledge", 6: "server device busy",
+    8: "memory parity error", 10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+_UNIT_NAMES = {ModbusTable.HOLDING: "holding register", ModbusTable.INPUT: "input register",
+               ModbusTable.COIL: "coil", ModbusTable.DISCRETE: "discrete input"}
+
+
+def _quiet_pymodbus() -> None:
+    # pymodbus logs every failed connect and timeout (some at ERROR, with hex dumps); the
+    # supervisor logs session transitions once. Leave alone a level an operator has set.
+    lib_logger = logging.getLogger("pymodbus")
+    if lib_logger.level == logging.NOTSET:
+        lib_logger.setLevel(logging.CRITICAL)
+
+
+def _where(tag: ModbusTag) -> str:
+    n = tag.register_count
+    unit = _UNIT_NAMES[tag.table]
+    return f"{unit} {tag.address}" + (f" ({n} registers)" if n > 1 else "")
+
+
+class ModbusSource(Source):
+    """Polls the tags of one Modbus TCP device; see the module docstring.
+
+    ``ModbusSource(name, config)`` does no I/O. ``await run(out)`` is one session;
+    ``await probe()`` reads every tag once on its own connection.
+    """
+
+    def __init__(self, name: str, config: ModbusSourceConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        # Knowledge about the device's address map outlives a session: a reconnect does not
+        # re-split blocks that were refused before.
+        self._refused: dict[str, str] = {}  # tag id -> detail of the last refusal
+        self._barriers: set[Barrier] = set()
+        self._polls = 0
+        self._blocks = self._plan()
+        _quiet_pymodbus()
+
+    @property
+    def tag_ids(self) -> list[str]:
+        return list(self.config.tags)
+
+    @property
+    def stale_after(self) -> float:
+        return self.config.effective_stale_after
+
+    @property
+    def read_plan(self) -> list[ReadBlock]:
+        """The read requests one poll makes now (without the periodic re-tries)."""
+        return list(self._blocks)
+
+    async def run(self, out: SampleSink) -> None:
+        link = _Link(self.config)
+        try:
+            await link.open()
+            loop = asyncio.get_running_loop()
+            interval = self.config.poll_interval
+            next_tick = loop.time()
+            first = True
+            while True:
+                samples = await self._poll(link)
+                if first:
+                    out.connected()
+                    first = False
+                out.emit(samples)
+                next_tick += interval
+                now = loop.time()
+                if now > next_tick and interval > 0:
+                    next_tick += math.ceil((now - next_tick) / interval) * interval
+                await asyncio.sleep(max(0.0, next_tick - now))
+        finally:
+            link.close()
+
+    async def probe(self) -> list[TagSample]:
+        # A fresh instance: a probe neither uses nor changes the running session's knowledge.
+        prober = ModbusSource(self.name, self.config)
+        link = _Link(self.config)
+        try:
+            await link.open()
+            return await prober._poll(link)
+        finally:
+            link.close()
+
+    def _plan(self) -> list[ReadBlock]:
+        good = {t: tag for t, tag in self.config.tags.items() if t not in self._refused}
+        walls = set(self._barriers)
+        for tag_id in self._refused:
+            tag = self.config.tags[tag_id]
+            walls.add((tag.table, tag.address, tag.register_count))
+        return plan(good, max_registers=self.config.max_registers_per_read,
+                    max_gap=self.config.max_gap, barriers=sorted(walls))
+
+    async def _poll(self, link: _Link) -> list[TagSample]:
+        self._polls += 1
+        samples: dict[str, TagSample] = {}
+        changed = False
+        if self._refused and self._polls % RETRY_REFUSED_EVERY == 0:
+            for tag_id in list(self._refused):
+                if await self._read_alone(link, tag_id, self.config.tags[tag_id], samples):
+                    changed = True
+        for block in self._blocks:
+            data = await link.read(block.table, block.start, block.count)
+            if isinstance(data, Refusal):
+                changed = True
+                await self._split(link, block, data, samples)
+                continue
+            now = utcnow()
+            for tag_id, tag, offset in block.tags:
+                samples[tag_id] = self._decode(tag_id, tag,
+                                               data[offset:offset + tag.register_count], now)
+        for tag_id, detail in self._refused.items():
+            if tag_id not in samples:
+                samples[tag_id] = self._bad(tag_id, detail, utcnow())
+        if changed:
+            self._blocks = self._plan()
+        return [samples[t] for t in self.config.tags if t in samples]
+
+    async def _split(self, link: _Link, block: ReadBlock, refusal: Refusal,
+                     samples: dict[str, TagSample]) -> None:
+        if len(block.tags) == 1:
+            tag_id, tag, _ = block.tags[0]
+            self._refuse(tag_id, tag, refusal, samples)
+            return
+        any_refused = False
+        for tag_id, tag, _ in block.tags:
+            if not await self._read_alone(link, tag_id, tag, samples):
+                any_refused = True
+        if not any_refused:
+            # Each tag reads fine alone: the device refuses the unused registers in between.
+            self._barriers.update(_gaps(block))
+
+    async def _read_alone(self, link: _Link, tag_id: str, tag: ModbusTag,
+                          samples: dict[str, TagSample]) -> bool:
+        """Read one tag on its own; True if the device answered (even if it won't decode)."""
+        data = await link.read(tag.table, tag.address, tag.register_count)
+        if isinstance(data, Refusal):
+            self._refuse(tag_id, tag, data, samples)
+            return False
+        self._refused.pop(tag_id, None)
+        samples[tag_id] = self._decode(tag_id, tag, data, utcnow())
+        return True
+
+    def _refuse(self, tag_id: str, tag: ModbusTag, refusal: Refusal,
+                samples: dict[str, TagSample]) -> None:
+        detail = f"tag {tag_id}: reading {_where(tag)}: {refusal}"
+        self._refused[tag_id] = detail
+        samples[tag_id] = self._bad(tag_id, detail, utcnow())
+
+    def _decode(self, tag_id: str, tag: ModbusTag, data: Sequence[int],
+                now: datetime) -> TagSample:
+        try:
+            value = decode(tag, data)
+        except DecodeError as exc:
+            return self._bad(tag_id, f"tag {tag_id}: {_where(tag)} as {tag.type.value}: {exc}",
+                             now)
+        return TagSample(tag=tag_id, value=value, quality=Quality.GOOD, agent_time=now)
+
+    @staticmethod
+    def _bad(tag_id: str, detail: str, now: datetime) -> TagSample:
+        return TagSample(tag=tag_id, value=None, quality=Quality.BAD, agent_time=now,
+                         detail=detail)
+
+
+def _gaps(block: ReadBlock) -> list[Barrier]:
+    """The addresses of ``block`` that none of its tags covers."""
+    covered = [False] * block.count
+    for _, tag, offset in block.tags:
+        for i in range(offset, offset + tag.register_count):
+            covered[i] = True
+    gaps: list[Barrier] = []
+    i = 0
+    while i < block.count:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < block.count and not covered[j]:
+            j += 1
+        gaps.append((block.table, block.start + i, j - i))
+        i = j
+    return gaps
+
+
+class Refusal:
+    """The device answered a read with a Modbus exception (or an unusable answer)."""
+
+    __slots__ = ("code", "text")
+
+    def __init__(self, text: str, code: int | None = None) -> None:
+        self.code = code
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _swallow(task: asyncio.Future[Any]) -> None:
+    # A request abandoned because the link dropped may still fail later; mark it retrieved.
+    if not task.cancelled():
+        task.exception()
+
+
+class _Link:
+    """One pymodbus client connection: exactly one session, never reconnected."""
+
+    def __init__(self, config: ModbusSourceConfig) -> None:
+        self._where = f"{config.host}:{config.port}"
+        self._unit = config.unit_id
+        self._timeout = config.timeout
+        self._lost = asyncio.Event()
+        self._client = AsyncModbusTcpClient(
+            config.host, port=config.port, timeout=config.timeout, retries=0,
+            reconnect_delay=0, reconnect_delay_max=0, trace_connect=self._on_connection)
+
+    def _on_connection(self, up: bool) -> None:
+        if not up:
+            self._lost.set()
+
+    async def open(self) -> None:
+        try:
+            ok = await self._client.connect()
+        except (ModbusException, OSError) as exc:
+            raise ConnectionLostError(f"cannot connect to Modbus device {self._where}: "
+                                      f"{exc}") from exc
+        if not ok:
+            raise ConnectionLostError(f"cannot connect to Modbus device {self._where}")
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def read(self, table: ModbusTable, start: int, count: int) -> list[int] | Refusal:
+        """Registers (bits as 0/1) or the device's refusal; raises RetryableError otherwise."""
+        if self._lost.is_set() or not self._client.connected:
+            raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
+        c = self._client
+        call = {ModbusTable.HOLDING: c.read_holding_registers,
+                ModbusTable.INPUT: c.read_input_registers,
+                ModbusTable.COIL: c.read_coils,
+                ModbusTable.DISCRETE: c.read_discrete_inputs}[table]
+        request = asyncio.ensure_future(call(start, count=count, device_id=self._unit))
+        request.add_done_callback(_swallow)
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait({request, lost}, timeout=self._timeout + _TIMEOUT_GRACE,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not request.done():
+                request.cancel()
+        if request not in done:
+            if lost in done:
+                raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
+            raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
+                                   f"{self._timeout:g}s")
+        try:
+            response = request.result()
+        except ConnectionException as exc:
+            raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
+        except ModbusIOException as exc:
+            if self._lost.is_set():
+                raise ConnectionLostError(
+                    f"Modbus device {self._where} closed the connection") from exc
+            raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
+                                   f"{self._timeout:g}s") from exc
+        except (ModbusException, OSError) as exc:
+            raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            words = _EXCEPTION_WORDS.get(code, "an unknown exception")
+            return Refusal(f"device answered {words} (Modbus exception {code})", code)
+        values = response.bits if table in (ModbusTable.COIL, ModbusTable.DISCRETE) \
+            else response.registers
+        if len(values) < count:
+            return Refusal(f"device answered {len(values)} values instead of {count}")
+        return [int(v) for v in values[:count]]
