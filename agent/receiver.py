@@ -27,6 +27,7 @@ import json
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class SeenRequest:
     headers: dict[str, str]
     ids: list[str]  # event ids in the body, in order (empty when unreadable)
     status: int  # what we answered
+    at: float  # time.monotonic() when the request arrived
 
 
 class Receiver:
@@ -161,9 +163,10 @@ class Receiver:
         if request.method != "POST":
             return Response.json({"error": "use POST to deliver, GET /events or /stats"}, 405,
                                  {"Allow": "GET, POST"})
+        arrived = time.monotonic()
         response, ids = await self._post(request)
         self.requests.append(SeenRequest(request.method, request.path, dict(request.headers),
-                                         ids, response.status))
+                                         ids, response.status, arrived))
         return response
 
     async def _post(self, request: Request) -> tuple[Response, list[str]]:
