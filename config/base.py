@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from config.units import Duration
 
-__all__ = ["Backoff", "Strict", "check_id"]
+__all__ = ["Backoff", "ComponentId", "Strict", "check_id"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -23,6 +24,15 @@ def check_id(value: str, what: str) -> str:
             f"{what} '{value}' may only contain letters, digits, '.', '_' and '-' "
             "and must start with a letter or digit")
     return value
+
+
+def _component_id(value: str) -> str:
+    return check_id(value, "id")
+
+
+# The key type of the sources/machines/sinks maps: a bad id is reported at the key itself.
+ComponentId = Annotated[str, AfterValidator(_component_id),
+                        WithJsonSchema({"type": "string", "pattern": _ID.pattern})]
 
 
 class Backoff(Strict):

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from config.base import Strict, check_id
+from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
 from config.units import ByteSize, Duration
 from protocols.modbus.config import ModbusSourceConfig
@@ -251,20 +251,13 @@ class BufferConfig(Strict):
 class Config(Strict):
     agent: AgentSettings = Field(description="This agent.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Health endpoint.")
-    sources: dict[str, SourceConfig] = Field(default_factory=dict, description="Devices and "
-                                             "brokers to read, by id.")
-    machines: dict[str, MachineConfig] = Field(default_factory=dict, description="Machines to "
-                                               "watch, by id.")
-    sinks: dict[str, SinkConfig] = Field(default_factory=dict, description="Where events go, "
-                                         "by id.")
+    sources: dict[ComponentId, SourceConfig] = Field(
+        default_factory=dict, description="Devices and brokers to read, by id.")
+    machines: dict[ComponentId, MachineConfig] = Field(
+        default_factory=dict, description="Machines to watch, by id.")
+    sinks: dict[ComponentId, SinkConfig] = Field(
+        default_factory=dict, description="Where events go, by id.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Durable buffer.")
-
-    @field_validator("sources", "machines", "sinks")
-    @classmethod
-    def _keys(cls, v: dict[str, object]) -> dict[str, object]:
-        for key in v:
-            check_id(key, "id")
-        return v
 
     @property
     def buffer_path(self) -> Path:

@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-__all__ = ["ByteSize", "Duration", "format_duration", "parse_duration", "parse_size"]
+__all__ = ["DURATION_PATTERN", "ByteSize", "Duration", "format_duration", "parse_duration",
+           "parse_size"]
+
+# What the JSON Schema says a duration looks like (the parser also accepts spaces around it).
+DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h|d)$"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -56,7 +60,7 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$",
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN,
                     "examples": ["500ms", "5s", "2m"]}),
 ]
 ByteSize = Annotated[
