@@ -29,21 +29,23 @@ Invariants:
   ``stats``) until purged; nothing is deleted because a config line went away.
 - ``detector_state`` is never dropped by the capacity policy.
 
-Capacity: the size that counts is the live part of the main file,
-``(page_count - freelist_count) * page_size``, read with two cheap pragmas after each append's
-inserts, inside the same transaction. Free pages are reused before the file grows, so the file
-stays within ``max_size`` (plus page granularity and at most one batch); the WAL beside it is
-bounded by ``journal_size_limit`` after each checkpoint. The file is created with
-``auto_vacuum=INCREMENTAL`` and ``incremental_vacuum`` runs when a quarter of it is free, so it
-also shrinks. When over ``max_size``:
+Capacity: the size that counts (and that ``stats().size_bytes`` reports) is the live part of
+the main file, ``(page_count - freelist_count) * page_size``, read with cheap pragmas before
+and after each append's inserts, inside the same transaction. Free pages are reused before the
+file grows, so the file stays near ``max_size`` (page granularity, and one batch while it is
+being cut back); the WAL beside it is bounded by ``journal_size_limit`` after each checkpoint.
+The file is created with ``auto_vacuum=INCREMENTAL`` and ``incremental_vacuum`` runs after a
+settle or purge once a quarter of it is free, so it also shrinks. When over ``max_size``:
 
 - ``drop_oldest`` deletes whole events, oldest first: first those with only pending rows, then
-  (dead letters are kept longest) those holding a dead letter; never one with a leased row.
-  Deletion frees pages with some granularity, so it may drop a few more events than the byte
-  count alone would say; each one is counted.
-- ``reject_new`` removes the newest events of this batch until it fits (the head of the batch
-  is kept in order) and reports them as ``rejected``. The detector states still commit: the
-  detector has moved on, and the drop is reported as a data gap instead.
+  (dead letters are kept longest) those holding a dead letter; never one with a leased row (if
+  only leased rows are left, the batch commits over the limit until they settle). Deletion
+  frees pages only as they empty, so it may drop a few more events than the byte count alone
+  would say; each one is counted.
+- ``reject_new`` keeps the longest head of the batch that fits (a savepoint is rolled back and
+  the head re-inserted, so nothing of the rejected tail stays behind) and reports the tail as
+  ``rejected``. The detector states still commit: the detector has moved on, and the drop is
+  reported as a data gap instead.
 
 Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``)
 and ``meta.dropped_total``.
@@ -261,43 +263,80 @@ class SqliteBuffer(Buffer):
             return AppendResult(0, 0)
         now = format_time(utcnow())
         with self._write("appending events") as conn:
-            before = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
             live_before = self._live_bytes(conn)
-            cur = conn.executemany(
-                "INSERT OR IGNORE INTO events(id, key, type, time, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(e.id, e.key, e.type, e.time, e.payload, now) for e in events])
-            inserted = max(cur.rowcount, 0) if events else 0
-            if inserted:
-                for sink in self._sinks:
-                    conn.execute("INSERT INTO deliveries(sink, seq, state, attempts) "
-                                 "SELECT ?, seq, 'pending', 0 FROM events WHERE seq > ?",
-                                 (sink, before))
+            if self.when_full is WhenFull.REJECT_NEW:
+                stored, rejected = self._append_or_reject(conn, events, before, live_before, now)
+            else:
+                inserted = self._insert(conn, events, before, now)
+                lost = self._drop_oldest(conn, before, inserted, live_before, now)
+                stored, rejected = inserted - lost, 0
             if states:
                 conn.executemany(
                     "INSERT INTO detector_state(key, state, updated_at) VALUES (?, ?, ?) "
                     "ON CONFLICT(key) DO UPDATE SET state = excluded.state, "
                     "updated_at = excluded.updated_at",
                     [(k, v, now) for k, v in states.items()])
-            lost_new = (self._enforce_capacity(conn, before, inserted, live_before, now)
-                        if inserted else 0)
-        rejected = lost_new if self.when_full is WhenFull.REJECT_NEW else 0
-        return AppendResult(stored=inserted - lost_new, rejected=rejected)
+        return AppendResult(stored=stored, rejected=rejected)
 
-    def _enforce_capacity(self, conn: sqlite3.Connection, before: int, inserted: int,
-                          live_before: int, now: str) -> int:
-        """Apply the when_full policy inside the append transaction; returns how many events
-        of this batch were removed again."""
+    def _insert(self, conn: sqlite3.Connection, events: Sequence[NewEvent], before: int,
+                now: str) -> int:
+        """Insert new events and their delivery rows; the number of events that were new."""
+        if not events:
+            return 0
+        cur = conn.executemany(
+            "INSERT OR IGNORE INTO events(id, key, type, time, payload, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.id, e.key, e.type, e.time, e.payload, now) for e in events])
+        inserted = max(cur.rowcount, 0)
+        if inserted:
+            for sink in self._sinks:
+                conn.execute("INSERT INTO deliveries(sink, seq, state, attempts) "
+                             "SELECT ?, seq, 'pending', 0 FROM events WHERE seq > ?",
+                             (sink, before))
+        return inserted
+
+    def _append_or_reject(self, conn: sqlite3.Connection, events: Sequence[NewEvent],
+                          before: int, live_before: int, now: str) -> tuple[int, int]:
+        """reject_new: keep the longest head of the batch that fits; (stored, rejected).
+
+        Rolling back to a savepoint restores the pages exactly, so rejected events leave no
+        index fragmentation behind (deleting them again would)."""
+        conn.execute("SAVEPOINT batch")
+        inserted = self._insert(conn, events, before, now)
         live = self._live_bytes(conn)
         if live <= self.max_size:
+            conn.execute("RELEASE batch")
+            return inserted, 0
+        by_id = {e.id: e for e in events}
+        fresh = [by_id[str(i)] for (i,) in conn.execute(
+            "SELECT id FROM events WHERE seq > ? ORDER BY seq", (before,))]
+        per_event = max((live - live_before) / max(inserted, 1), 1.0)
+        keep = min(len(fresh) - 1, max(int((self.max_size - live_before) / per_event), 0))
+        while True:
+            conn.execute("ROLLBACK TO batch")
+            self._insert(conn, fresh[:keep], before, now)
+            if keep == 0 or self._live_bytes(conn) <= self.max_size:
+                break
+            keep -= max(keep // 8, 1)
+        conn.execute("RELEASE batch")
+        self._record_drops(conn, Counter(e.type for e in fresh[keep:]), now)
+        return keep, len(fresh) - keep
+
+    def _drop_oldest(self, conn: sqlite3.Connection, before: int, inserted: int,
+                     live_before: int, now: str) -> int:
+        """drop_oldest, inside the append transaction; returns how many events of this batch
+        had to go as well (when the batch alone is larger than the room there is)."""
+        live = self._live_bytes(conn)
+        if inserted == 0 or live <= self.max_size:
             return 0
         # Bytes per event as this batch actually grew the file; each round then learns from
         # what its deletes freed. Deleting too few only costs another round.
-        per_event = max((live - live_before) / max(inserted, 1), 64.0)
+        per_event = max((live - live_before) / inserted, 64.0)
         lost_new = 0
         removed: Counter[str] = Counter()
         while live > self.max_size:
-            victims = self._victims(conn, before, int((live - self.max_size) / per_event) + 1)
+            victims = self._victims(conn, int((live - self.max_size) / per_event) + 1)
             if not victims:
                 break  # only leased rows left (or nothing): commit over capacity for now
             seqs = [s for s, _ in victims]
@@ -314,11 +353,8 @@ class SqliteBuffer(Buffer):
         self._record_drops(conn, removed, now)
         return lost_new
 
-    def _victims(self, conn: sqlite3.Connection, before: int, n: int) -> list[tuple[int, str]]:
-        if self.when_full is WhenFull.REJECT_NEW:
-            rows = conn.execute("SELECT seq, type FROM events WHERE seq > ? "
-                                "ORDER BY seq DESC LIMIT ?", (before, n)).fetchall()
-            return [(int(s), str(t)) for s, t in rows]
+    @staticmethod
+    def _victims(conn: sqlite3.Connection, n: int) -> list[tuple[int, str]]:
         for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
             rows = conn.execute(
                 "SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
@@ -484,7 +520,7 @@ class SqliteBuffer(Buffer):
         conn = self._require()
         try:
             events = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-            page_count, _, page_size = self._pages(conn)
+            page_count, free, page_size = self._pages(conn)
             dropped = conn.execute(
                 "SELECT value FROM meta WHERE name = 'dropped_total'").fetchone()
             names = dict.fromkeys(self._sinks)
@@ -492,7 +528,7 @@ class SqliteBuffer(Buffer):
             sinks = {name: self._sink_stats(conn, name) for name in names}
         except sqlite3.Error as e:
             raise self._translate(e, "reading stats") from e
-        return BufferStats(events=events, size_bytes=page_count * page_size,
+        return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
                            max_size=self.max_size, sinks=sinks,
                            dropped_total=int(dropped[0]) if dropped else 0)
 
