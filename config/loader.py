@@ -90,6 +90,8 @@ class _Load:
             self._raise()
         for issue in yaml_issues:
             self._add(issue.path, issue.message, issue.mark)
+        # An unsupported value was replaced by None: a type error there would only repeat it.
+        skip = {issue.path for issue in yaml_issues}
         if data is None:
             self._add((), "the configuration is empty; it needs at least an 'agent' section",
                       (1, 1))
@@ -111,8 +113,8 @@ class _Load:
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
                 t = translate(err, data, Config)
-                if t.path in prepared.failed:
-                    continue  # already reported: the reference could not be substituted
+                if t.path in prepared.failed or t.path in skip:
+                    continue  # already reported (a reference or a value we could not read)
                 self._add(t.path, t.message, self._mark(t.anchor))
         self._cross_check(data)
         if self.issues or config is None:
