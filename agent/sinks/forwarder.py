@@ -143,8 +143,10 @@ class Forwarder:
             try:
                 rows = await self._buffer.lease(name, self._lease_limit)
             except Exception as exc:
+                if self.state is not ForwarderState.RETRYING:
+                    log.exception("sink %s: cannot lease events from the buffer", name)
                 await self._failed(f"cannot lease from the buffer: {exc}", None,
-                                   ForwarderState.RETRYING)
+                                   ForwarderState.RETRYING, attempt=False)
                 continue
             if not rows:
                 self.state = ForwarderState.IDLE
@@ -258,6 +260,7 @@ class Forwarder:
     async def _settle(self, settlement: Settlement) -> bool:
         """Settle, retrying buffer errors with backoff; False if stopping first (rows stay
         leased, the receiver's dedup makes the re-send harmless)."""
+        failures = 0
         while True:
             try:
                 # Shielded: a cancelled stop never leaves a half-applied settle behind.
@@ -265,8 +268,11 @@ class Forwarder:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("sink %s: cannot settle %d delivered events in the buffer",
-                              self.sink.name, len(settlement.accepted) + len(settlement.dead))
+                failures += 1
+                if failures == 1:  # log the transition, not every repetition
+                    log.exception("sink %s: cannot settle %d delivered events in the buffer; "
+                                  "retrying", self.sink.name,
+                                  len(settlement.accepted) + len(settlement.dead))
                 self.last_error = f"cannot settle in the buffer: {exc}"
                 if self._stopping.is_set():
                     return False
@@ -274,6 +280,9 @@ class Forwarder:
                 if self._stopping.is_set():
                     return False
                 continue
+            if failures:
+                log.info("sink %s: settled in the buffer after %d failed tries",
+                         self.sink.name, failures)
             self.delivered_total += len(settlement.accepted)
             return True
 
@@ -303,12 +312,14 @@ class Forwarder:
                       self.sink.name, row.id, row.type, status, detail[:200])
 
     async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
-                      status: int | None = None) -> None:
-        """A retryable or held attempt: log the transition once, then back off."""
+                      status: int | None = None, *, attempt: bool = True) -> None:
+        """A retryable or held attempt (or a buffer error when ``attempt`` is False): log the
+        transition once, then back off."""
         reason = f"HTTP {status}: {detail}" if status is not None else detail
         self.last_error = reason
         self.consecutive_failures += 1
-        self.retried_total += 1
+        if attempt:
+            self.retried_total += 1
         if state is ForwarderState.HELD:
             if self.state is not ForwarderState.HELD:
                 log.error("sink %s is held (%s); events stay buffered until the credentials "

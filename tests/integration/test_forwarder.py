@@ -392,3 +392,72 @@ async def test_run_twice_is_refused(receiver, buf, harness):
         await fw.run()
     with contextlib.suppress(Exception):
         await fw.stop(1.0)
+
+
+# ---------------------------------------------------------------------------- buffer trouble
+
+
+class FlakyBuffer:
+    """Passes calls to a real AsyncBuffer, failing the first few leases and settles."""
+
+    def __init__(self, inner, lease_failures, settle_failures):
+        self.inner = inner
+        self.lease_failures = lease_failures
+        self.settle_failures = settle_failures
+
+    async def lease(self, sink, limit):
+        if self.lease_failures:
+            self.lease_failures -= 1
+            raise OSError("disk I/O error (injected)")
+        return await self.inner.lease(sink, limit)
+
+    async def settle(self, sink, settlement):
+        if self.settle_failures:
+            self.settle_failures -= 1
+            raise OSError("database is locked (injected)")
+        await self.inner.settle(sink, settlement)
+
+
+async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harness, caplog):
+    flaky = FlakyBuffer(buf, lease_failures=2, settle_failures=3)
+    fw = harness.start(flaky, receiver.url, mode="batch", batch_max_events=5)
+    events = [new_event(i) for i in range(12)]
+    await append(buf, events, fw)
+    await settled(fw, buf, 12)
+    assert (flaky.lease_failures, flaky.settle_failures) == (0, 0)
+    # Each batch was sent once: a failed settle is retried, not the delivery.
+    assert received_ids(receiver) == [e.id for e in events]
+    assert receiver.stats()["duplicates"] == 0
+    assert fw.status()["retried_total"] == 0  # buffer trouble is not a delivery retry
+    assert "cannot settle" in fw.status()["last_error"]
+    settle_logs = [r for r in caplog.records if "cannot settle" in r.getMessage()]
+    assert len(settle_logs) == 1  # logged once, not per repetition
+
+
+async def test_an_outage_is_logged_once_and_recovery_once(receiver, buf, harness, caplog):
+    caplog.set_level("INFO", logger="agent.sinks.forwarder")
+    fw = harness.start(buf, receiver.url)
+    receiver.inject(503, count=6)
+    await append(buf, [new_event(i) for i in range(3)], fw)
+    await settled(fw, buf, 3)
+    messages = [r.getMessage() for r in caplog.records if r.name == "agent.sinks.forwarder"]
+    assert sum("unavailable" in m for m in messages) == 1
+    assert sum("recovered after 6 failed attempts" in m for m in messages) == 1
+
+
+async def test_lease_batch_larger_than_the_sink_batch_is_chunked(receiver, buf, harness):
+    config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
+                                            "mode": "batch", "batch_max_events": 3})
+    sink = HttpSink("erp", config)
+    fw = Forwarder(sink, buf, FAST, lease_batch=10, poll_interval=3600.0)
+    task = asyncio.create_task(fw.run())
+    try:
+        events = [new_event(i) for i in range(10)]
+        await append(buf, events, fw)
+        await settled(fw, buf, 10)
+        assert [len(r.ids) for r in receiver.requests] == [3, 3, 3, 1]
+        assert received_ids(receiver) == [e.id for e in events]
+    finally:
+        await fw.stop(5.0)
+        await sink.aclose()
+        await task

@@ -2,12 +2,15 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from agent.httpserver import HttpServer, Request, Response
 from agent.receiver import CE_BATCH, CE_SINGLE, Receiver, serve_receiver
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ce(i, source="/sites/s/lines/l/machines/m1", **extra):
@@ -291,3 +294,47 @@ async def test_serve_receiver_until_stopped(tmp_path, capsys):
 async def test_serve_receiver_refuses_a_bad_listen_address(tmp_path):
     with pytest.raises(ValueError, match="HOST:PORT"):
         await serve_receiver("nonsense", tmp_path / "r.db", False, asyncio.Event())
+
+
+async def test_run_receiver_process_stops_cleanly_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys; from pathlib import Path; from agent.receiver import run_receiver; "
+            f"sys.exit(run_receiver('127.0.0.1:{port}', Path(sys.argv[1]), True))")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, str(tmp_path / "r.db"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=REPO)
+    try:
+        banner = await asyncio.wait_for(proc.stderr.readline(), 20)
+        assert f"127.0.0.1:{port}".encode() in banner
+        async with httpx.AsyncClient(timeout=5) as c:
+            r = await c.post(f"http://127.0.0.1:{port}/", content=json.dumps(ce(3)),
+                             headers={"Content-Type": CE_SINGLE})
+            assert r.status_code == 201
+        line = await asyncio.wait_for(proc.stdout.readline(), 5)
+        assert json.loads(line)["id"] == "ev-3"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_run_receiver_reports_a_port_in_use(tmp_path, capsys):
+    import socket
+
+    from agent.receiver import run_receiver
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert run_receiver(f"127.0.0.1:{port}", tmp_path / "r.db", False) == 1
+    assert "cannot serve" in capsys.readouterr().err
