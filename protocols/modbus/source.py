@@ -32,6 +32,9 @@ What happens when the device refuses a read (a Modbus exception response):
   once, not on every poll. Remembered tags are re-tried on their own every
   ``RETRY_REFUSED_EVERY`` polls (they are reported bad with the last refusal in between) and
   rejoin the plan when the device accepts them again.
+- Only answers about the address map (illegal function, address or value; a short answer) are
+  handled that way. Device busy, device failure and the gateway codes are transient: the
+  block's tags are bad for that poll, nothing is split or remembered.
 - A value that cannot be decoded (NaN, non-ASCII text) is bad for that poll only.
 """
 
@@ -54,12 +57,13 @@ from protocols.modbus.codec import decode
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTag
 from protocols.modbus.plan import Barrier, ReadBlock, plan
 
-__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource"]
+__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource", "next_poll_time"]
 
 RETRY_REFUSED_EVERY = 10
 # Extra time our own guard gives pymodbus to report its own timeout first.
 _TIMEOUT_GRACE = 0.5
 
+_MAP_EXCEPTIONS = frozenset({1, 2, 3})
 # Modbus exception codes in the words of the Modbus application protocol specification.
 _EXCEPTION_WORDS = {
     1: "illegal function", 2: "illegal data address", 3: "illegal data value",
@@ -70,6 +74,18 @@ _EXCEPTION_WORDS = {
 
 _UNIT_NAMES = {ModbusTable.HOLDING: "holding register", ModbusTable.INPUT: "input register",
                ModbusTable.COIL: "coil", ModbusTable.DISCRETE: "discrete input"}
+
+
+def next_poll_time(last_tick: float, now: float, interval: float) -> float:
+    """The first tick ``last_tick + k * interval`` (k >= 1) that is not in the past.
+
+    Drift-free: ticks stay on the grid of the first one. A poll that overran skips the missed
+    ticks rather than firing them back to back.
+    """
+    tick = last_tick + interval
+    if now > tick and interval > 0:
+        tick += math.ceil((now - tick) / interval) * interval
+    return tick
 
 
 def _quiet_pymodbus() -> None:
@@ -131,10 +147,8 @@ class ModbusSource(Source):
                     out.connected()
                     first = False
                 out.emit(samples)
-                next_tick += interval
                 now = loop.time()
-                if now > next_tick and interval > 0:
-                    next_tick += math.ceil((now - next_tick) / interval) * interval
+                next_tick = next_poll_time(next_tick, now, interval)
                 await asyncio.sleep(max(0.0, next_tick - now))
         finally:
             link.close()
@@ -169,6 +183,10 @@ class ModbusSource(Source):
         for block in self._blocks:
             data = await link.read(block.table, block.start, block.count)
             if isinstance(data, Refusal):
+                if not data.about_addresses:
+                    # Busy, failing or behind a dead gateway: nothing learnt about the map.
+                    self._refuse_for_now(block, data, samples)
+                    continue
                 changed = True
                 await self._split(link, block, data, samples)
                 continue
@@ -202,11 +220,22 @@ class ModbusSource(Source):
         """Read one tag on its own; True if the device answered (even if it won't decode)."""
         data = await link.read(tag.table, tag.address, tag.register_count)
         if isinstance(data, Refusal):
-            self._refuse(tag_id, tag, data, samples)
+            if data.about_addresses:
+                self._refuse(tag_id, tag, data, samples)
+            else:
+                self._refuse_for_now(ReadBlock(tag.table, tag.address, tag.register_count,
+                                               ((tag_id, tag, 0),)), data, samples)
             return False
         self._refused.pop(tag_id, None)
         samples[tag_id] = self._decode(tag_id, tag, data, utcnow())
         return True
+
+    def _refuse_for_now(self, block: ReadBlock, refusal: Refusal,
+                        samples: dict[str, TagSample]) -> None:
+        now = utcnow()
+        for tag_id, tag, _ in block.tags:
+            samples[tag_id] = self._bad(tag_id, f"tag {tag_id}: reading {_where(tag)}: "
+                                        f"{refusal}", now)
 
     def _refuse(self, tag_id: str, tag: ModbusTag, refusal: Refusal,
                 samples: dict[str, TagSample]) -> None:
@@ -260,6 +289,13 @@ class Refusal:
 
     def __str__(self) -> str:
         return self.text
+
+    @property
+    def about_addresses(self) -> bool:
+        """True when the answer says something about the address map, so splitting the block
+        finds the culprit: illegal function/address/value, or a short answer. Busy, device
+        failure and gateway codes are transient: the block is just bad for this poll."""
+        return self.code is None or self.code in _MAP_EXCEPTIONS
 
 
 def _swallow(task: asyncio.Future[Any]) -> None:

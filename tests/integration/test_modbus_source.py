@@ -15,7 +15,7 @@ from agent.errors import ConnectionLostError, PeerTimeoutError
 from agent.model import Quality, TagSample
 from protocols.modbus import ModbusSimulator, ModbusSource
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable
-from protocols.modbus.source import RETRY_REFUSED_EVERY
+from protocols.modbus.source import RETRY_REFUSED_EVERY, next_poll_time
 
 H, IR, COIL, DI = ModbusTable.HOLDING, ModbusTable.INPUT, ModbusTable.COIL, ModbusTable.DISCRETE
 
@@ -363,3 +363,70 @@ async def test_cancelled_session_closes_its_connection(modbus_sim: ModbusSimulat
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(closed.wait(), timeout=10)
+
+
+async def test_busy_device_makes_the_block_bad_for_that_poll_only(
+        modbus_sim: ModbusSimulator) -> None:
+    cfg = make_config(modbus_sim.port, {"a": {"address": 4}, "b": {"address": 5},
+                                        "c": {"address": 6}})
+    modbus_sim.fail(H, 5, code=6)  # server device busy: says nothing about the address map
+    source = ModbusSource("press", cfg)
+    out = Collector(modbus_sim)
+    async with running(source, out):
+        await wait_until(lambda: len(out.batches) >= 2)
+        for sample in out.by_tag(0).values():
+            assert sample.quality is Quality.BAD
+            assert "server device busy (Modbus exception 6)" in (sample.detail or "")
+        assert out.requests_of_poll(1) == [(H, 4, 3)]  # not split
+        assert out.requests_of_poll(2) == [(H, 4, 3)]
+        modbus_sim.clear_failures()
+        await wait_until(lambda: all(s.good for s in out.by_tag().values()))
+    assert len(source.read_plan) == 1
+
+
+@pytest.mark.parametrize(("last", "now", "expected"), [
+    (10.0, 10.2, 11.0),   # on time: next grid point
+    (10.0, 11.0, 11.0),   # exactly at the next tick: poll now
+    (10.0, 11.5, 12.0),   # overran by half a tick: skip to the next grid point
+    (10.0, 13.2, 14.0),   # overran by several ticks: no burst, stay on the grid
+    (10.0, 9.0, 11.0),
+])
+def test_poll_schedule_is_drift_free_and_skips_missed_ticks(last: float, now: float,
+                                                            expected: float) -> None:
+    assert next_poll_time(last, now, 1.0) == pytest.approx(expected)
+
+
+async def test_simulator_bit_failures_are_exact_and_restart_keeps_values() -> None:
+    sim = ModbusSimulator(size=64)
+    with pytest.raises(RuntimeError, match="not running"):
+        await sim.set_registers(COIL, 0, [1])
+    port = await sim.start()
+    try:
+        assert await sim.start() == port  # already running: same port, no second listener
+        with pytest.raises(ValueError, match="outside"):
+            await sim.set_registers(H, 60, [1, 2, 3, 4, 5])
+        await sim.set_registers(DI, 20, [1, 0, 1])
+        await sim.set_registers(IR, 63, [0xBEEF])
+        sim.fail(COIL, 20)
+        cfg = make_config(port, {
+            "c19": {"table": "coil", "address": 19, "type": "bool"},
+            "c20": {"table": "coil", "address": 20, "type": "bool"},
+            "c21": {"table": "coil", "address": 21, "type": "bool"},
+            "d22": {"table": "discrete", "address": 22, "type": "bool"},
+            "i63": {"table": "input", "address": 63}}, max_gap=0)
+        samples = {s.tag: s for s in await ModbusSource("press", cfg).probe()}
+        # Coil 20 is refused, coils 19 and 21 right beside it are not.
+        assert samples["c19"].good and samples["c21"].good
+        assert samples["c20"].quality is Quality.BAD
+        assert "coil 20" in (samples["c20"].detail or "")
+        assert sim.requests == [(IR, 63, 1), (COIL, 19, 3), (COIL, 19, 1), (COIL, 20, 1),
+                                (COIL, 21, 1), (DI, 22, 1)]
+        assert samples["d22"].value is True and samples["i63"].value == 0xBEEF
+        await sim.stop()
+        await sim.stop()  # idempotent
+        assert not sim.running
+        assert await sim.start() == port
+        assert await sim.get_registers(DI, 20, 3) == [1, 0, 1]
+        assert await sim.get_registers(IR, 63, 1) == [0xBEEF]
+    finally:
+        await sim.stop()
