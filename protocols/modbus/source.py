@@ -15,8 +15,8 @@ Session rules:
 - One pymodbus client per session, created by ``run()`` and closed when it ends. pymodbus's own
   reconnect is switched off (``reconnect_delay=0``) and its retries too (``retries=0``), so a
   silent device costs exactly ``timeout`` per session end and the supervisor alone decides when
-  to reconnect. A drop noticed while a request is in flight ends the session at once instead of
-  waiting for the timeout.
+  to reconnect. A drop noticed while a request is in flight or between polls ends the session
+  at once instead of waiting for the timeout or the next poll.
 - Ticks are drift-free (``start + k * poll_interval``); a poll that overruns skips the missed
   ticks instead of bursting to catch up. Every poll emits one batch with every tag.
 - Modbus has no source time: samples carry ``agent_time`` only.
@@ -149,7 +149,7 @@ class ModbusSource(Source):
                 out.emit(samples)
                 now = loop.time()
                 next_tick = next_poll_time(next_tick, now, interval)
-                await asyncio.sleep(max(0.0, next_tick - now))
+                await link.idle(max(0.0, next_tick - now))
         finally:
             link.close()
 
@@ -331,6 +331,14 @@ class _Link:
 
     def close(self) -> None:
         self._client.close()
+
+    async def idle(self, seconds: float) -> None:
+        """Wait between polls; a drop meanwhile ends the session now, not at the next poll."""
+        try:
+            await asyncio.wait_for(self._lost.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
 
     async def read(self, table: ModbusTable, start: int, count: int) -> list[int] | Refusal:
         """Registers (bits as 0/1) or the device's refusal; raises RetryableError otherwise."""

@@ -430,3 +430,16 @@ async def test_simulator_bit_failures_are_exact_and_restart_keeps_values() -> No
         assert await sim.get_registers(IR, 63, 1) == [0xBEEF]
     finally:
         await sim.stop()
+
+
+async def test_drop_between_polls_ends_the_session_before_the_next_poll(
+        modbus_sim: ModbusSimulator) -> None:
+    # A 30 s poll interval: only noticing the drop while idle can end this within the bound.
+    cfg = make_config(modbus_sim.port, {"state": {"address": 0}}, poll_interval="30s")
+    out = Collector()
+    task = asyncio.create_task(ModbusSource("press", cfg).run(out))
+    await wait_until(lambda: len(out.batches) == 1)
+    await modbus_sim.stop()
+    with pytest.raises(ConnectionLostError, match="closed the connection"):
+        await asyncio.wait_for(task, timeout=10)
+    assert len(out.batches) == 1
