@@ -185,7 +185,7 @@ async def _demo(duration: float, data_dir: Path) -> int:
     text = (DEMO_CONFIG.replace("{data_dir}", str(data_dir / "agent"))
             .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url))
     config = load_config_text(text, "<demo plant>")
-    plant = _Plant(sim, config.sources["plant-sim"])  # type: ignore[arg-type]
+    plant = _Plant(sim, config.sources["plant-sim"])
     stop_plant, stop_agent = asyncio.Event(), asyncio.Event()
     holder: dict[str, Runtime] = {}
     summary: dict[str, int] = {}

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.detect import MachineDetector
-from agent.model import Event, EventType, Quality, TagSample
+from agent.model import Event, Quality, TagSample
 from config.models import MachineConfig
 
 T0 = datetime(2026, 11, 28, 8, 0, 0, tzinfo=UTC)
