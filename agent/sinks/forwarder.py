@@ -98,7 +98,6 @@ class Forwarder:
                  poll_interval: float = 5.0) -> None:
         self.sink = sink
         self._buffer = buffer
-        self._policy = policy
         self._lease_limit = max(1, lease_batch or sink.max_batch)
         self._backoff = Backoff(policy.initial_backoff, policy.max_backoff, rng)
         self._poll_interval = poll_interval
@@ -149,10 +148,14 @@ class Forwarder:
                                    ForwarderState.RETRYING, attempt=False)
                 continue
             if not rows:
+                if self.state is ForwarderState.RETRYING:
+                    self._answered()
                 self.state = ForwarderState.IDLE
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll_interval)
                 continue
+            if self.state is ForwarderState.RETRYING:
+                self._answered()  # only a lease failure leaves us here: the buffer is back
             if self.state is ForwarderState.IDLE:
                 self.state = ForwarderState.DELIVERING
             await self._drive(rows)
@@ -181,7 +184,12 @@ class Forwarder:
         queue = deque(rows[i:i + size] for i in range(0, len(rows), size))
         while queue and not self._stopping.is_set():
             chunk = queue[0]
-            delivery = await self.sink.deliver([_outbound(r) for r in chunk])
+            try:
+                delivery = await self.sink.deliver([_outbound(r) for r in chunk])
+            except Exception as exc:  # a sink broke its contract: keep the rows, back off
+                if self.state is not ForwarderState.RETRYING:
+                    log.exception("sink %s raised from deliver()", self.sink.name)
+                delivery = Delivery(Outcome.RETRY, detail=f"sink error: {exc!r}"[:500])
             if delivery.items:
                 rest, stop = await self._per_item(chunk, delivery)
                 if rest:

@@ -429,6 +429,7 @@ async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harn
     assert received_ids(receiver) == [e.id for e in events]
     assert receiver.stats()["duplicates"] == 0
     assert fw.status()["retried_total"] == 0  # buffer trouble is not a delivery retry
+    assert fw.status()["consecutive_failures"] == 0
     assert "cannot settle" in fw.status()["last_error"]
     settle_logs = [r for r in caplog.records if "cannot settle" in r.getMessage()]
     assert len(settle_logs) == 1  # logged once, not per repetition
@@ -460,4 +461,36 @@ async def test_lease_batch_larger_than_the_sink_batch_is_chunked(receiver, buf, 
     finally:
         await fw.stop(5.0)
         await sink.aclose()
+        await task
+
+
+async def test_a_sink_that_raises_is_treated_as_retry(buf):
+    from agent.sinks.base import Delivery, Outcome, Sink
+
+    class Broken(Sink):
+        def __init__(self):
+            super().__init__("erp")
+            self.calls = []
+
+        @property
+        def max_batch(self):
+            return 5
+
+        async def deliver(self, events):
+            self.calls.append([e.id for e in events])
+            if len(self.calls) <= 2:
+                raise ValueError("bug in a plugin")
+            return Delivery(Outcome.ACCEPTED, 200)
+
+    sink = Broken()
+    fw = Forwarder(sink, buf, FAST, poll_interval=3600.0)
+    task = asyncio.create_task(fw.run())
+    try:
+        await append(buf, [new_event(i) for i in range(3)], fw)
+        await settled(fw, buf, 3)
+        assert sink.calls == [["ev-000", "ev-001", "ev-002"]] * 3
+        assert fw.status()["retried_total"] == 2
+        assert "bug in a plugin" in fw.status()["last_error"]
+    finally:
+        await fw.stop(5.0)
         await task
