@@ -8,7 +8,8 @@ data's ``type``), and:
   ``${file:...}`` becomes absolute (relative to the config file's directory);
 - substitutes ``${env:NAME}`` and ``${file:/path}`` in every other string, whole or embedded
   (``$${`` writes a literal ``${``);
-- makes every relative ``Path`` option absolute, relative to the config file's directory.
+- makes every relative ``Path`` option absolute, relative to the config file's directory
+  (``~`` is the home directory of the user running the agent).
 
 Values under keys the schema does not know are left alone: they are errors anyway.
 """
@@ -204,7 +205,7 @@ class _Preparer:
         return _TOKEN.sub(replace, text)
 
     def _absolute(self, text: str) -> FsPath:
-        p = FsPath(text)
+        p = FsPath(text).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
     def _fail(self, path: Path, message: str) -> None:

@@ -119,7 +119,6 @@ class _Load:
         self._cross_check(data)
         if self.issues or config is None:
             self._raise()
-        assert config is not None
         return config
 
     # ------------------------------------------------------------------ cross-references

@@ -342,6 +342,12 @@ def test_text_without_a_file_resolves_against_base_dir(tmp_path: Path) -> None:
     assert config.agent.data_dir == tmp_path / "var"
 
 
+def test_home_directory_paths_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config_text("agent: {id: a, site: b, data_dir: ~/edge}\n", "/etc/c.yaml")
+    assert config.agent.data_dir == tmp_path / "edge"
+
+
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as info:
