@@ -172,15 +172,18 @@ class MemoryBuffer(Buffer):
 
     def lease(self, sink: str, limit: int) -> list[LeasedEvent]:
         self._check()
+        if limit <= 0:
+            return []
         now = self._clock()
         rows = self._rows.get(sink, {})
+        for row in rows.values():
+            if row.state == "leased" and row.leased_until <= now:
+                row.state = "pending"
         out: list[LeasedEvent] = []
         for seq in sorted(rows):
             if len(out) >= limit:
                 break
             row = rows[seq]
-            if row.state == "leased" and row.leased_until <= now:
-                row.state = "pending"
             if row.state != "pending":
                 continue
             row.state, row.leased_until = "leased", now + self.lease_timeout

@@ -52,10 +52,16 @@ and ``meta.dropped_total``.
 
 Crash semantics: with ``synchronous=FULL`` a returned ``append``/``settle`` survives a power
 cut; with ``NORMAL`` it survives a process crash but the last commits may be lost on power
-loss. Failures: ``SQLITE_FULL`` rolls the transaction back and raises ``StorageFullError``
-(the connection stays usable; the next call after space returns succeeds); a damaged file
-raises ``BufferCorruptError``; other SQLite errors during work raise ``BufferUnavailableError``
-and at open ``BufferOpenError``.
+loss. ``close`` records a clean stop in ``meta``; ``open`` after a stop that did not record
+one (crash, power cut) runs ``PRAGMA quick_check`` before anything else.
+
+Failures: ``SQLITE_FULL`` rolls the transaction back and raises ``StorageFullError`` (the
+connection stays usable; the next call after space returns succeeds; reads keep working). A
+damaged file found at ``open`` (not a database, or ``quick_check`` fails) is moved aside to
+``<file>.corrupt-<UTC timestamp>`` and its readable events and states are copied into a fresh
+file (``salvage.py``); ``degraded_reason`` says so for readiness. Damage met later raises
+``BufferCorruptError`` (fatal: the restart salvages). Other SQLite errors during work raise
+``BufferUnavailableError`` (retryable) and at open ``BufferOpenError``.
 
 Threading: one connection (``check_same_thread=False``) used by one thread at a time; the
 runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CLI use
@@ -65,6 +71,7 @@ runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CL
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections import Counter
@@ -90,9 +97,12 @@ from buffer.base import (
     SinkStats,
 )
 from buffer.migrations import check_version, migrate
+from buffer.salvage import move_aside, read_salvageable
 from config.models import WhenFull
 
 __all__ = ["SqliteBuffer"]
+
+log = logging.getLogger(__name__)
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
@@ -110,7 +120,7 @@ class SqliteBuffer(Buffer):
     def __init__(self, path: Path | str, max_size: int,
                  when_full: WhenFull | str = WhenFull.DROP_OLDEST,
                  synchronous: str = "FULL", lease_timeout: float = 60.0, *,
-                 busy_timeout: float = 5.0,
+                 busy_timeout: float = 5.0, salvage: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if str(synchronous).upper() not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, "
@@ -127,19 +137,69 @@ class SqliteBuffer(Buffer):
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
         self._sinks: tuple[str, ...] = ()
+        self._owner = False  # opened by open() (not attach): records clean stops
+        self._damaged = False  # a corrupt page was met: the next start must check the file
+        self.salvage = salvage
+        # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
+        self.degraded_reason: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def open(self, sinks: Sequence[str]) -> None:
-        self._open(readonly=False)
+        """Create or migrate, check the file after an unclean stop, salvage a damaged file
+        (when ``salvage``), return leases to pending, register the sinks."""
         self._sinks = tuple(dict.fromkeys(sinks))
+        try:
+            self._open(readonly=False)
+            self._check_after_unclean_stop()
+        except BufferCorruptError as e:
+            self.close()
+            if not self.salvage:
+                raise
+            self._salvage(e)
         now = format_time(utcnow())
-        with self._write("opening"):
-            conn = self._require()
+        with self._write("opening") as conn:
             conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
                          "WHERE state = 'leased'")
             conn.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
                              [(s, now) for s in self._sinks])
+            # Cleared here, set by close(): a start that finds 0 follows a crash.
+            conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
+        self._owner = True
+
+    def _check_after_unclean_stop(self) -> None:
+        """After a crash or power cut (no clean close recorded), run ``quick_check`` once:
+        damage found now is salvaged instead of failing later in the middle of a delivery."""
+        conn = self._require()
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'clean_stop'").fetchone()
+            if row is None or row[0]:
+                return
+            result = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.Error as e:
+            raise self._translate(e, "checking the file", opening=True) from e
+        if result != ["ok"]:
+            raise BufferCorruptError(f"buffer file {self.path} is damaged: {'; '.join(result)}")
+
+    def _salvage(self, cause: BufferCorruptError) -> None:
+        try:
+            aside = move_aside(self.path)
+        except OSError as e:
+            raise BufferOpenError(f"buffer file {self.path} is damaged ({cause}) and cannot be "
+                                  f"moved aside: {e}") from e
+        found = read_salvageable(aside)
+        self._open(readonly=False)  # a fresh file
+        now = format_time(utcnow())
+        with self._write("writing salvaged rows") as conn:
+            stored = self._insert(conn, found.events, 0, now)
+            conn.executemany("INSERT INTO detector_state(key, state, updated_at) "
+                             "VALUES (?, ?, ?)", [(k, v, now) for k, v in found.states.items()])
+        self._damaged = False
+        self.degraded_reason = (
+            f"{cause}; moved it to {aside.name} and salvaged {stored} events and "
+            f"{len(found.states)} detector states into a fresh file"
+            + (f"; unreadable: {'; '.join(found.problems)}" if found.problems else ""))
+        log.error("%s", self.degraded_reason)
 
     @classmethod
     def attach(cls, path: Path | str, *, readonly: bool = True,
@@ -156,7 +216,15 @@ class SqliteBuffer(Buffer):
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        owner, self._owner = self._owner, False
+        if conn is None:
+            return
+        try:
+            if owner and not self._damaged:
+                conn.execute("UPDATE meta SET value = 1 WHERE name = 'clean_stop'")
+        except sqlite3.Error:
+            pass  # then the next start checks the file: the safe side
+        finally:
             conn.close()
 
     def _open(self, readonly: bool) -> None:
@@ -216,6 +284,7 @@ class SqliteBuffer(Buffer):
             return StorageFullError(f"buffer {self.path}: disk full while {what}; nothing of "
                                     f"this call was committed, everything before is kept")
         if primary in _CORRUPT_CODES:
+            self._damaged = True
             return BufferCorruptError(f"buffer file {self.path} is damaged ({e}) while {what}")
         if opening:
             return BufferOpenError(f"cannot open buffer file {self.path}: {e}")
@@ -446,7 +515,9 @@ class SqliteBuffer(Buffer):
         try:
             page_count, free, _ = self._pages(conn)
             if free > 256 and free * 4 > page_count:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                # Each step frees one page and a cursor would step once (the pragma returns no
+                # columns); executescript steps it to the end. No transaction is open here.
+                conn.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as e:
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
