@@ -113,6 +113,9 @@ class Forwarder:
         self.retried_total = 0
         self.dead_lettered_total = 0
 
+    def __repr__(self) -> str:
+        return f"Forwarder(sink={self.sink.name!r}, state={self.state.value})"
+
     # ------------------------------------------------------------------ public surface
 
     def wake(self) -> None:

@@ -17,6 +17,8 @@ Answer classes (also applied per item of a ``207``)::
     401, 403                    HOLD       (the forwarder calls reload_credentials())
     413                         TOO_LARGE
     other 4xx                   REJECTED   (status and up to 500 characters of the body)
+    404/405 for the request     HOLD       (wrong URL, not a poison event: bisecting would
+                                            dead-letter everything; per item they are REJECTED)
     1xx/3xx (not followed)      HOLD       (misconfigured URL: keep everything, a person acts)
 
 The bearer token is read once and cached; ``reload_credentials()`` re-reads it (the forwarder
@@ -103,6 +105,9 @@ def _excerpt(body: bytes | str) -> str:
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     return text[:_EXCERPT]
 
+
+# Request-level answers that mean "wrong URL" rather than "bad event" (per item they are verdicts).
+_ENDPOINT_MISSING = (404, 405)
 
 # When a 207 mixes outcomes, the request-level outcome says the most urgent thing to do next.
 _PRIORITY = [Outcome.HOLD, Outcome.RETRY, Outcome.TOO_LARGE, Outcome.REJECTED, Outcome.ACCEPTED]
@@ -196,6 +201,10 @@ class HttpSink(Sink):
         if status == 207:
             return self._classify_multi(response.content, events, retry_after)
         outcome = _classify(status)
+        if status in _ENDPOINT_MISSING:
+            # The URL is wrong, not the events: bisecting would dead-letter every one of them.
+            return Delivery(Outcome.HOLD, status, f"HTTP {status} from {self.config.url}: the "
+                            f"endpoint does not take POSTs here; check the sink url")
         detail = "" if outcome is Outcome.ACCEPTED else _excerpt(response.content)
         if outcome is Outcome.HOLD and not detail:
             detail = f"HTTP {status}"

@@ -134,8 +134,8 @@ async def test_207_nonsense_is_retry(receiver, sinks, body):
     (200, Outcome.ACCEPTED), (202, Outcome.ACCEPTED), (409, Outcome.ACCEPTED),
     (408, Outcome.RETRY), (429, Outcome.RETRY), (500, Outcome.RETRY), (503, Outcome.RETRY),
     (401, Outcome.HOLD), (403, Outcome.HOLD), (413, Outcome.TOO_LARGE),
-    (400, Outcome.REJECTED), (404, Outcome.REJECTED), (422, Outcome.REJECTED),
-    (302, Outcome.HOLD),
+    (400, Outcome.REJECTED), (410, Outcome.REJECTED), (422, Outcome.REJECTED),
+    (302, Outcome.HOLD), (404, Outcome.HOLD), (405, Outcome.HOLD),
 ])
 async def test_status_classes(receiver, sinks, status, outcome):
     sink = sinks(receiver.url)
@@ -218,3 +218,20 @@ async def test_single_mode_refuses_more_than_one_event_without_sending(receiver,
     d = await sink.deliver([event(1), event(2)])
     assert d.outcome is Outcome.TOO_LARGE
     assert receiver.requests == []
+
+
+async def test_404_for_an_item_in_a_207_is_a_rejection(receiver, sinks):
+    sink = sinks(receiver.url, mode="batch")
+    receiver.inject(207, body=json.dumps({"results": [
+        {"id": "ev-1", "status": 404, "detail": "unknown machine"}]}))
+    d = await sink.deliver([event(1)])
+    assert d.result_for("ev-1").outcome is Outcome.REJECTED
+    assert d.result_for("ev-1").detail == "unknown machine"
+
+
+async def test_wrong_url_holds_with_a_clear_reason(receiver, sinks):
+    sink = sinks(receiver.url, mode="batch")
+    receiver.inject(404, body="no such route")
+    d = await sink.deliver([event(1), event(2)])
+    assert d.outcome is Outcome.HOLD
+    assert "check the sink url" in d.detail
