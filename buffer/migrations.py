@@ -41,19 +41,19 @@ _V1 = (
         time       TEXT NOT NULL,
         payload    TEXT NOT NULL,
         created_at TEXT NOT NULL)""",
+    # One b-tree for delivery state: the key (sink, state, seq) makes "oldest pending rows of a
+    # sink" a range scan, and a state change moves the row within the same tree. A separate
+    # index would cost another page write on every append, lease and settle.
     """CREATE TABLE deliveries(
         sink         TEXT NOT NULL,
-        seq          INTEGER NOT NULL,
         state        TEXT NOT NULL CHECK (state IN ('pending', 'leased', 'dead')),
+        seq          INTEGER NOT NULL,
         attempts     INTEGER NOT NULL DEFAULT 0,
         leased_until REAL,
         status       INTEGER,
         detail       TEXT,
         failed_at    TEXT,
-        PRIMARY KEY (sink, seq)) WITHOUT ROWID""",
-    "CREATE INDEX deliveries_by_state ON deliveries(sink, state, seq)",
-    # "does this event still have a delivery row?" after a settle, and drops by seq.
-    "CREATE INDEX deliveries_by_seq ON deliveries(seq)",
+        PRIMARY KEY (sink, state, seq)) WITHOUT ROWID""",
     """CREATE TABLE detector_state(
         key        TEXT PRIMARY KEY,
         state      TEXT NOT NULL,

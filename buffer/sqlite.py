@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections import Counter
@@ -108,6 +109,9 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _WAL_LIMIT = 8 * 2**20  # bytes the WAL is truncated to after a checkpoint
 _IN = "SELECT value FROM json_each(?)"  # a list of seqs as one JSON parameter
+# "Every row of this event" = every (sink, state) prefix of the delivery key with this seq.
+_KNOWN_SINKS = "(SELECT name FROM sinks)"
+_ANY_STATE = "('pending', 'leased', 'dead')"
 
 
 def _ids(values: Sequence[int] | Sequence[str]) -> str:
@@ -138,6 +142,9 @@ class SqliteBuffer(Buffer):
         self._conn: sqlite3.Connection | None = None
         self._sinks: tuple[str, ...] = ()
         self._owner = False  # opened by open() (not attach): records clean stops
+        # Earliest lease deadline per sink handed out by this process (open() resets all
+        # leases, so no other deadlines exist); lease() reclaims only once one has passed.
+        self._expiry: dict[str, float] = {}
         self._damaged = False  # a corrupt page was met: the next start must check the file
         self.salvage = salvage
         # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
@@ -159,13 +166,19 @@ class SqliteBuffer(Buffer):
             self._salvage(e)
         now = format_time(utcnow())
         with self._write("opening") as conn:
+            self._register_sinks(conn, now)
             conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
-                         "WHERE state = 'leased'")
-            conn.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
-                             [(s, now) for s in self._sinks])
+                         f"WHERE sink IN {_KNOWN_SINKS} AND state = 'leased'")
+            self._expiry.clear()
             # Cleared here, set by close(): a start that finds 0 follows a crash.
             conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
         self._owner = True
+
+    def _register_sinks(self, conn: sqlite3.Connection, now: str) -> None:
+        # Every sink that ever had rows stays in ``sinks``: queries that must see all of an
+        # event's rows enumerate it (the delivery key starts with the sink).
+        conn.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
+                         [(s, now) for s in self._sinks])
 
     def _check_after_unclean_stop(self) -> None:
         """After a crash or power cut (no clean close recorded), run ``quick_check`` once:
@@ -191,6 +204,7 @@ class SqliteBuffer(Buffer):
         self._open(readonly=False)  # a fresh file
         now = format_time(utcnow())
         with self._write("writing salvaged rows") as conn:
+            self._register_sinks(conn, now)
             stored = self._insert(conn, found.events, 0, now)
             conn.executemany("INSERT INTO detector_state(key, state, updated_at) "
                              "VALUES (?, ?, ?)", [(k, v, now) for k, v in found.states.items()])
@@ -360,8 +374,8 @@ class SqliteBuffer(Buffer):
         inserted = max(cur.rowcount, 0)
         if inserted:
             for sink in self._sinks:
-                conn.execute("INSERT INTO deliveries(sink, seq, state, attempts) "
-                             "SELECT ?, seq, 'pending', 0 FROM events WHERE seq > ?",
+                conn.execute("INSERT INTO deliveries(sink, state, seq, attempts) "
+                             "SELECT ?, 'pending', seq, 0 FROM events WHERE seq > ?",
                              (sink, before))
         return inserted
 
@@ -409,7 +423,8 @@ class SqliteBuffer(Buffer):
             if not victims:
                 break  # only leased rows left (or nothing): commit over capacity for now
             seqs = [s for s, _ in victims]
-            conn.execute(f"DELETE FROM deliveries WHERE seq IN ({_IN})", (_ids(seqs),))
+            conn.execute(f"DELETE FROM deliveries WHERE sink IN {_KNOWN_SINKS} "
+                         f"AND state IN {_ANY_STATE} AND seq IN ({_IN})", (_ids(seqs),))
             conn.execute(f"DELETE FROM events WHERE seq IN ({_IN})", (_ids(seqs),))
             removed.update(t for _, t in victims)
             lost_new += sum(1 for s in seqs if s > before)
@@ -427,7 +442,8 @@ class SqliteBuffer(Buffer):
         for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
             rows = conn.execute(
                 "SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
-                f"WHERE d.seq = e.seq AND d.state IN {keep}) ORDER BY seq LIMIT ?",
+                f"WHERE d.sink IN {_KNOWN_SINKS} AND d.state IN {keep} AND d.seq = e.seq) "
+                "ORDER BY seq LIMIT ?",
                 (n,)).fetchall()
             if rows:
                 return [(int(s), str(t)) for s, t in rows]
@@ -465,10 +481,11 @@ class SqliteBuffer(Buffer):
         if limit <= 0:
             return []
         now = self._clock()
+        due = self._expiry.get(sink)
+        next_due = due
         with self._write(f"leasing for sink {sink}") as conn:
-            conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
-                         "WHERE sink = ? AND state = 'leased' AND leased_until <= ?",
-                         (sink, now))
+            if due is not None and due <= now:
+                next_due = self._reclaim_expired(conn, sink, now)
             rows = conn.execute(
                 "SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts "
                 "FROM deliveries d JOIN events e ON e.seq = d.seq "
@@ -476,10 +493,28 @@ class SqliteBuffer(Buffer):
                 (sink, limit)).fetchall()
             if rows:
                 conn.execute("UPDATE deliveries SET state = 'leased', leased_until = ? "
-                             f"WHERE sink = ? AND seq IN ({_IN})",
+                             f"WHERE sink = ? AND state = 'pending' AND seq IN ({_IN})",
                              (now + self.lease_timeout, sink, _ids([r[0] for r in rows])))
+                next_due = min(next_due if next_due is not None else math.inf,
+                               now + self.lease_timeout)
+        if next_due is None:
+            self._expiry.pop(sink, None)
+        else:
+            self._expiry[sink] = next_due
         return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a))
                 for s, i, k, t, p, a in rows]
+
+    @staticmethod
+    def _reclaim_expired(conn: sqlite3.Connection, sink: str, now: float) -> float | None:
+        """Expired leases back to pending; returns the next deadline of this sink, if any.
+
+        Only run when a deadline has passed (``_expiry``); both statements scan just the
+        leased rows of the sink (a key range)."""
+        conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
+                     "WHERE sink = ? AND state = 'leased' AND leased_until <= ?", (sink, now))
+        row = conn.execute("SELECT min(leased_until) FROM deliveries "
+                           "WHERE sink = ? AND state = 'leased'", (sink,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def settle(self, sink: str, settlement: Settlement) -> None:
         if not (settlement.accepted or settlement.retry or settlement.dead):
@@ -488,26 +523,28 @@ class SqliteBuffer(Buffer):
         with self._write(f"settling for sink {sink}") as conn:
             if settlement.retry:
                 conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL, "
-                             f"attempts = attempts + 1 WHERE sink = ? AND seq IN ({_IN}) "
-                             "AND state != 'dead'", (sink, _ids(settlement.retry)))
+                             "attempts = attempts + 1 WHERE sink = ? "
+                             f"AND state IN ('pending', 'leased') AND seq IN ({_IN})",
+                             (sink, _ids(settlement.retry)))
             if settlement.dead:
                 conn.executemany(
                     "UPDATE deliveries SET state = 'dead', leased_until = NULL, "
                     "attempts = attempts + 1, status = ?, detail = ?, failed_at = ? "
-                    "WHERE sink = ? AND seq = ? AND state != 'dead'",
+                    "WHERE sink = ? AND state IN ('pending', 'leased') AND seq = ?",
                     [(st, detail, now, sink, seq)
                      for seq, (st, detail) in settlement.dead.items()])
             if settlement.accepted:
                 seqs = _ids(settlement.accepted)
-                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND seq IN ({_IN})",
-                             (sink, seqs))
+                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state IN {_ANY_STATE} "
+                             f"AND seq IN ({_IN})", (sink, seqs))
                 self._delete_orphans(conn, seqs)
         self._maybe_shrink()
 
     @staticmethod
     def _delete_orphans(conn: sqlite3.Connection, seqs_json: str) -> None:
         conn.execute(f"DELETE FROM events WHERE seq IN ({_IN}) AND NOT EXISTS "
-                     "(SELECT 1 FROM deliveries d WHERE d.seq = events.seq)", (seqs_json,))
+                     f"(SELECT 1 FROM deliveries d WHERE d.sink IN {_KNOWN_SINKS} "
+                     f"AND d.state IN {_ANY_STATE} AND d.seq = events.seq)", (seqs_json,))
 
     def _maybe_shrink(self) -> None:
         """Give free pages back to the file system once a quarter of the file is free."""
@@ -526,23 +563,22 @@ class SqliteBuffer(Buffer):
     # ------------------------------------------------------------------ dead letters, views
 
     def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
-        where, params = ("WHERE d.state = 'dead' AND d.sink = ?", [sink]) if sink is not None \
-            else ("WHERE d.state = 'dead'", [])
+        where, params = self._dead_filter(sink, None)
         rows = self._read(
             "listing dead letters",
             "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
-            f"FROM deliveries d JOIN events e ON e.seq = d.seq {where} "
+            f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE {where} "
             "ORDER BY d.seq, d.sink LIMIT ?", [*params, limit])
         return [DeadLetter(str(sk), int(s), str(i), str(t), str(p),
                            None if st is None else int(st), str(dt or ""), str(fa or ""))
                 for sk, s, i, t, p, st, dt, fa in rows]
 
-    def _dead_filter(self, sink: str | None,
-                     ids: Sequence[str] | None) -> tuple[str, list[object]]:
-        where, params = "state = 'dead'", list[object]()
-        if sink is not None:
-            where += " AND sink = ?"
-            params.append(sink)
+    @staticmethod
+    def _dead_filter(sink: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
+        if sink is None:
+            where, params = f"sink IN {_KNOWN_SINKS} AND state = 'dead'", list[object]()
+        else:
+            where, params = "sink = ? AND state = 'dead'", [sink]
         if ids is not None:
             where += f" AND seq IN (SELECT seq FROM events WHERE id IN ({_IN}))"
             params.append(_ids(list(ids)))
@@ -572,20 +608,28 @@ class SqliteBuffer(Buffer):
     def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:
         """Per sink: its pending and leased rows. Without a sink: each event that still has
         an undelivered row anywhere, once, with the highest attempt count."""
-        if sink is not None:
-            sql = ("SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts FROM deliveries d "
-                   "JOIN events e ON e.seq = d.seq WHERE d.sink = ? "
-                   "AND d.state IN ('pending', 'leased') ORDER BY d.seq LIMIT ?")
-            params: list[object] = [sink, limit]
-        else:
-            sql = ("SELECT d.seq, e.id, e.key, e.type, e.payload, max(d.attempts) "
-                   "FROM deliveries d JOIN events e ON e.seq = d.seq "
-                   "WHERE d.state IN ('pending', 'leased') GROUP BY d.seq ORDER BY d.seq "
-                   "LIMIT ?")
-            params = [limit]
-        rows = self._read("listing pending events", sql, params)
-        return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a))
-                for s, i, k, t, p, a in rows]
+        conn = self._require()
+        try:
+            sinks = [sink] if sink is not None else self._all_sinks(conn)
+            attempts: dict[int, int] = {}
+            for name in sinks:
+                for state in ("pending", "leased"):  # two key ranges, each already in order
+                    for seq, n in conn.execute(
+                            "SELECT seq, attempts FROM deliveries WHERE sink = ? AND state = ? "
+                            "ORDER BY seq LIMIT ?", (name, state, limit)):
+                        attempts[seq] = max(attempts.get(seq, 0), int(n))
+            chosen = sorted(attempts)[:max(limit, 0)]
+            rows = conn.execute(f"SELECT seq, id, key, type, payload FROM events "
+                                f"WHERE seq IN ({_IN}) ORDER BY seq", (_ids(chosen),)).fetchall()
+        except sqlite3.Error as e:
+            raise self._translate(e, "listing pending events") from e
+        return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), attempts[s])
+                for s, i, k, t, p in rows]
+
+    def _all_sinks(self, conn: sqlite3.Connection) -> list[str]:
+        names = dict.fromkeys(self._sinks)
+        names.update(dict.fromkeys(str(r[0]) for r in conn.execute("SELECT name FROM sinks")))
+        return list(names)
 
     def stats(self) -> BufferStats:
         conn = self._require()
@@ -594,9 +638,7 @@ class SqliteBuffer(Buffer):
             page_count, free, page_size = self._pages(conn)
             dropped = conn.execute(
                 "SELECT value FROM meta WHERE name = 'dropped_total'").fetchone()
-            names = dict.fromkeys(self._sinks)
-            names.update(dict.fromkeys(str(r[0]) for r in conn.execute("SELECT name FROM sinks")))
-            sinks = {name: self._sink_stats(conn, name) for name in names}
+            sinks = {name: self._sink_stats(conn, name) for name in self._all_sinks(conn)}
         except sqlite3.Error as e:
             raise self._translate(e, "reading stats") from e
         return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
@@ -605,12 +647,16 @@ class SqliteBuffer(Buffer):
 
     @staticmethod
     def _sink_stats(conn: sqlite3.Connection, sink: str) -> SinkStats:
-        counts = dict(conn.execute("SELECT state, count(*) FROM deliveries WHERE sink = ? "
-                                   "GROUP BY state", (sink,)).fetchall())
-        oldest = conn.execute(
-            "SELECT e.time FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ? "
-            "AND d.state IN ('pending', 'leased') ORDER BY d.seq LIMIT 1", (sink,)).fetchone()
-        return SinkStats(pending=int(counts.get("pending", 0)),
-                         leased=int(counts.get("leased", 0)),
-                         dead_letters=int(counts.get("dead", 0)),
-                         oldest_pending_time=str(oldest[0]) if oldest else None)
+        counts, firsts = {}, []
+        for state in ("pending", "leased", "dead"):
+            n, first = conn.execute("SELECT count(*), min(seq) FROM deliveries "
+                                    "WHERE sink = ? AND state = ?", (sink, state)).fetchone()
+            counts[state] = int(n)
+            if first is not None and state != "dead":
+                firsts.append(int(first))
+        oldest = None
+        if firsts:
+            row = conn.execute("SELECT time FROM events WHERE seq = ?", (min(firsts),)).fetchone()
+            oldest = str(row[0]) if row else None
+        return SinkStats(pending=counts["pending"], leased=counts["leased"],
+                         dead_letters=counts["dead"], oldest_pending_time=oldest)

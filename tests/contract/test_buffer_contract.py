@@ -307,18 +307,25 @@ def test_drop_oldest_keeps_newest_and_counts_drops_by_type(make: Factory) -> Non
     assert b.load_states() == {"m1": "state-380"}  # states are never dropped
 
 
-def test_reject_new_keeps_oldest_and_reports_rejected(make: Factory) -> None:
+def test_reject_new_keeps_what_is_stored_and_reports_rejected(make: Factory) -> None:
     b = make(max_size=200_000, when_full="reject_new")
     b.open(SINKS)
     all_events = [ev(i, DOWN if i % 3 else SCRAP, size=1500) for i in range(400)]
     rejected = 0
+    stored: list[str] = []
     for start in range(0, 400, 20):
-        result = b.append(all_events[start:start + 20], {"m1": f"state-{start}"})
+        batch = all_events[start:start + 20]
+        result = b.append(batch, {"m1": f"state-{start}"})
         rejected += result.rejected
         assert result.stored + result.rejected == 20
+        now = ids(b.pending())
+        # Stored events are never removed to make room, and a batch is cut to a head.
+        assert now[:len(stored)] == stored
+        assert now[len(stored):] == [e.id for e in batch[:result.stored]]
+        stored = now
     kept, dropped = _dropped(b, all_events)
     assert dropped and rejected == len(dropped)
-    assert kept == [e.id for e in all_events[:len(kept)]]  # a prefix: the oldest
+    assert kept[:40] == [e.id for e in all_events[:40]]
     assert b.take_drops().by_type == dict(Counter(e.type for e in dropped))
     assert b.stats().size_bytes <= 200_000
     # The states of a rejected batch still commit: the detector has moved on.
