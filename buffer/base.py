@@ -51,6 +51,7 @@ __all__ = [
     "NewEvent",
     "Settlement",
     "SinkStats",
+    "check_batch",
 ]
 
 
@@ -145,6 +146,24 @@ class BufferStats:
     dropped_total: int
 
 
+def check_batch(events: Sequence[NewEvent], states: Mapping[str, str]) -> None:
+    """Refuse malformed input before anything is written: a ``ValueError`` naming the event
+    and field (a bad batch is the caller's bug; retrying it would never succeed)."""
+    for e in events:
+        if not isinstance(e, NewEvent):
+            raise ValueError(f"expected NewEvent, got {type(e).__name__}")
+        for name in ("id", "key", "type", "time", "payload"):
+            value = getattr(e, name)
+            if not isinstance(value, str) or (name == "id" and not value):
+                raise ValueError(f"event {e.id!r}: {name} must be non-empty text"
+                                 if name == "id" else
+                                 f"event {e.id!r}: {name} must be text, not "
+                                 f"{type(value).__name__}")
+    for key, state in states.items():
+        if not isinstance(key, str) or not isinstance(state, str):
+            raise ValueError(f"detector state {key!r}: key and state must be text")
+
+
 class Buffer(ABC):
     """See the module docstring for the invariants every implementation keeps."""
 
@@ -158,7 +177,9 @@ class Buffer(ABC):
 
     @abstractmethod
     def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
-        """Commit events and detector states (key -> JSON) in one transaction."""
+        """Commit events and detector states (key -> JSON) in one transaction.
+
+        Malformed input raises ``ValueError`` (see ``check_batch``) and writes nothing."""
 
     @abstractmethod
     def load_states(self) -> dict[str, str]:

@@ -28,6 +28,7 @@ from buffer.base import (
     NewEvent,
     Settlement,
     SinkStats,
+    check_batch,
 )
 from config.models import WhenFull
 
@@ -105,6 +106,7 @@ class MemoryBuffer(Buffer):
 
     def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
         self._check()
+        check_batch(events, states)
         new: list[int] = []
         for e in events:
             if e.id in self._by_id:

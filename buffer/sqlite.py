@@ -3,7 +3,8 @@
 Schema (``migrations.py``, version in ``PRAGMA user_version``)::
 
     events(seq AUTOINCREMENT, id UNIQUE, key, type, time, payload, created_at)
-       1 ──< deliveries(sink, seq, state, attempts, leased_until, status, detail, failed_at)
+       1 ──< deliveries(sink, state, seq, attempts, leased_until, status, detail, failed_at)
+             key (sink, state, seq): a sink's pending rows in append order are one range
     detector_state(key, state, updated_at)     sinks(name, added_at)
     drops(type, count, first_at, last_at)      meta(name, value)   -- dropped_total
 
@@ -96,6 +97,7 @@ from buffer.base import (
     NewEvent,
     Settlement,
     SinkStats,
+    check_batch,
 )
 from buffer.migrations import check_version, migrate
 from buffer.salvage import move_aside, read_salvageable
@@ -342,6 +344,7 @@ class SqliteBuffer(Buffer):
     # ------------------------------------------------------------------ append / states
 
     def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+        check_batch(events, states)
         if not events and not states:
             return AppendResult(0, 0)
         now = format_time(utcnow())

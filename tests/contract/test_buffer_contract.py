@@ -110,6 +110,20 @@ def test_duplicate_ids_are_ignored_and_not_counted(buf: Buffer) -> None:
     assert buf.stats().events == 3
 
 
+def test_bad_input_is_refused_whole_and_loses_nothing(buf: Buffer) -> None:
+    buf.append([ev(1)], {"m1": "a"})
+    broken = NewEvent(id="e9", key="m1", type=DOWN, time="t", payload=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"e9.*payload"):
+        buf.append([ev(2), broken], {"m1": "b"})
+    with pytest.raises(ValueError, match="id"):
+        buf.append([NewEvent("", "m1", DOWN, "t", "{}")], {})
+    with pytest.raises(ValueError, match="detector state"):
+        buf.append([ev(3)], {"m1": None})  # type: ignore[dict-item]
+    assert ids(buf.pending()) == ["e1"]
+    assert buf.load_states() == {"m1": "a"}
+    assert buf.append([ev(2)], {"m1": "b"}).stored == 1  # still usable
+
+
 def test_each_event_gets_one_row_per_sink(buf: Buffer) -> None:
     buf.append([ev(1), ev(2)], {})
     stats = buf.stats()

@@ -4,7 +4,10 @@ AsyncBuffer writer thread. The shared semantics are in tests/contract/test_buffe
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -329,3 +332,49 @@ async def test_async_buffer_aclose_after_failed_open(path: Path) -> None:
         await buf.open(SINKS)
     await buf.aclose()
     await buf.aclose()
+
+
+# ---------------------------------------------------------------- kill -9
+
+_WRITER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from buffer.base import NewEvent
+from buffer.sqlite import SqliteBuffer
+b = SqliteBuffer(Path(sys.argv[1]), 2**30)
+b.open(["erp"])
+n = 0
+while True:
+    batch = [NewEvent(f"b{n}-{i}", "m1", "t", "x", "p" * 300) for i in range(50)]
+    b.append(batch, {"m1": str(n)})
+    print(n, flush=True)
+    n += 1
+"""
+
+
+def test_kill_9_mid_append_keeps_whole_batches_with_their_state(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), root],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        last = -1
+        while last < 20:  # let it commit a few batches, then kill it mid-stream
+            line = proc.stdout.readline()
+            assert line, "writer died on its own"
+            last = int(line)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    b = SqliteBuffer(path, 2**30)
+    b.open(["erp"])
+    try:
+        state = int(b.load_states()["m1"])
+        assert state >= last  # every acknowledged commit survived
+        got = [r.id for r in b.pending("erp", limit=100_000)]
+        # All batches up to the committed state, each whole, nothing beyond it.
+        assert got == [f"b{n}-{i}" for n in range(state + 1) for i in range(50)]
+    finally:
+        b.close()
