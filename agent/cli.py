@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     rcv.add_argument("--print", dest="echo", action="store_true",
                      help="print every new event as a JSON line")
 
+    rep = sub.add_parser("replay", help="run the configured machines over recorded samples "
+                         "and print the events as JSON lines (no network, no buffer)")
+    rep.add_argument("--config", "-c", required=True, type=Path)
+    rep.add_argument("--samples", required=True, type=Path, help="JSON lines of samples")
+    rep.add_argument("--end", default=None, help="tick once more at this RFC 3339 time "
+                     "(closes scrap windows and announces stops that lasted until then)")
+
+    rec = sub.add_parser("record", help="capture live samples as JSON lines for replay")
+    rec.add_argument("--config", "-c", required=True, type=Path)
+    rec.add_argument("--out", required=True, type=Path)
+    rec.add_argument("--duration", type=float, default=None, help="seconds (default: until "
+                     "Ctrl-C)")
+
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
                       help="seconds to run (default %(default)s)")
@@ -76,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.receiver import run_receiver
 
             return run_receiver(args.listen, args.db, args.echo)
+        if args.command == "replay":
+            return _replay(args.config, args.samples, args.end)
+        if args.command == "record":
+            return _record(args.config, args.out, args.duration)
         if args.command == "demo":
             from agent.demo import run_demo
 
@@ -105,6 +122,44 @@ def _validate(path: Path) -> int:
     config = load_config(path)
     print(f"{path}: valid ({len(config.sources)} source(s), {len(config.machines)} machine(s), "
           f"{len(config.sinks)} sink(s))")
+    return EXIT_OK
+
+
+def _replay(config_path: Path, samples: Path, end: str | None) -> int:
+    from agent.model import parse_time
+    from agent.replay import SampleFileError, read_samples, replay
+    from config.loader import load_config
+
+    config = load_config(config_path)
+    try:
+        end_time = parse_time(end) if end else None
+    except ValueError:
+        print(f"edge-agent replay: --end {end!r} is not an RFC 3339 time", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        for event in replay(config, read_samples(samples), end_time):
+            print(json.dumps(event, separators=(",", ":"), sort_keys=True))
+    except SampleFileError as exc:
+        print(f"edge-agent replay: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"edge-agent replay: cannot read {samples}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _record(config_path: Path, out: Path, duration: float | None) -> int:
+    from agent.app import run_async
+    from agent.replay import record
+    from config.loader import load_config
+
+    config = load_config(config_path)
+    with out.open("w", encoding="utf-8") as f:
+        async def main() -> int:
+            return await record(config, f, duration)
+
+        count = run_async(main, config.agent.event_loop)
+    print(f"recorded {count} sample(s) to {out}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from agent import __version__
 from agent.detect import MachineDetector
+from agent.detect.build import build_detectors
 from agent.errors import EdgeAgentError, StorageFullError
 from agent.model import (
     Event,
@@ -50,7 +51,7 @@ from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
 from config.models import Config
 from protocols.base import Source, bad_samples
-from protocols.registry import build_source, counter_bits
+from protocols.registry import build_source
 
 __all__ = ["Runtime"]
 
@@ -111,6 +112,9 @@ class Runtime:
         self._stopping = False
         self._stopped = False
         self.last_tick_mono = time.monotonic()
+        self._clock_offset = time.time() - time.monotonic()
+        self.clock_jumps = 0
+        self.last_clock_jump: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,20 +149,8 @@ class Runtime:
                  len(self.forwarders))
 
     def _restore(self, states: dict[str, str]) -> None:
-        cfg = self.config
-        tag_source = cfg.tag_index()
-        for mid, mcfg in cfg.machines.items():
-            src_name = tag_source.get(mcfg.state.tag)
-            stale = None
-            bits = 32
-            if src_name is not None:
-                src_cfg = cfg.sources[src_name]
-                stale = src_cfg.effective_stale_after
-                if mcfg.scrap and mcfg.scrap.counter:
-                    bits = counter_bits(cfg.sources[tag_source[mcfg.scrap.counter]],
-                                        mcfg.scrap.counter)
-            det = MachineDetector(mid, mcfg, cfg.agent.site, counter_bits=bits,
-                                  stale_after=stale)
+        self.detectors = build_detectors(self.config)
+        for mid, det in self.detectors.items():
             saved = states.get(mid)
             if saved:
                 try:
@@ -166,7 +158,6 @@ class Runtime:
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("machine %s: saved detector state is unreadable (%s); "
                               "starting it fresh", mid, exc)
-            self.detectors[mid] = det
         agent_state = states.get(_AGENT_STATE_KEY)
         if agent_state and agent_state.isdigit():
             self._agent_sequence = int(agent_state)
@@ -250,9 +241,26 @@ class Runtime:
         while True:
             await asyncio.sleep(_TICK)
             self.last_tick_mono = time.monotonic()
+            self._check_clock()
             now = utcnow()
             for det in self.detectors.values():
                 self._take(det, det.on_tick(now))
+
+    def _check_clock(self) -> None:
+        """Detect a step of the wall clock (NTP correction, manual set) against the monotonic
+        clock; report it in /status and flag what is open so its events say so."""
+        offset = time.time() - time.monotonic()
+        jump = offset - self._clock_offset
+        self._clock_offset = offset
+        if abs(jump) <= self.config.agent.clock_jump_threshold:
+            return
+        self.clock_jumps += 1
+        self.last_clock_jump = {"seconds": round(jump, 3), "at": format_time(utcnow())}
+        log.warning("the system clock jumped by %+.1fs; open downtime episodes and scrap "
+                    "windows are flagged clock_adjusted", jump)
+        for det in self.detectors.values():
+            det.note_clock_jump(jump)
+            self._take(det, [])
 
     # ------------------------------------------------------------------ commits
 
@@ -373,6 +381,9 @@ class Runtime:
             },
             "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
+            "clock": {"state": "adjusted" if self.clock_jumps else "steady",
+                      "jumps": self.clock_jumps, "last_jump": self.last_clock_jump,
+                      "threshold_s": self.config.agent.clock_jump_threshold},
         }
 
     def readiness(self) -> list[str]:

@@ -8,6 +8,7 @@ Machine states and what they mean for downtime episodes::
     running ──leaves running──> down/idle/planned  (episode opens at the sample time;
        ^                              │             category unplanned/idle/planned)
        └──────returns to running──────┘             (episode ends)
+    running ──production counter still for stalled_after──> down, reason "no-output"
     any ──state tag bad, stale or unmapped──> unknown   (signal.lost; an open episode stays
                                                           open and gets had_signal_gap)
     unknown ──good state sample──> its state            (signal.restored)
@@ -16,11 +17,13 @@ Invariants:
 - An episode's ``started`` is emitted once ``min_duration`` has passed (by sample or tick), its
   ``ended`` exactly once after that. Stops shorter than ``min_duration`` are micro-stops: no
   events, counted onto the next ``ended`` as ``microstops``/``microstop_seconds``.
-- A category change inside an episode (down -> planned) ends it and opens a new one.
+- A category change inside an episode (down -> planned) ends it and opens a new one; with
+  ``max_duration`` a long episode is cut into pieces linked by ``continued_from``.
 - Missing data never invents downtime: a machine that was running and then goes silent is
   ``unknown``, and a downtime seen after the gap starts at the first good sample.
 - Event ids are UUIDv5 over (source, type, episode start or scrap window and counter range), so
   the same facts give the same ids after a restart. ``sequence`` is part of the saved state.
+- Durations come from sample times and are never negative.
 - ``snapshot()`` captures everything needed to continue after a restart (the runtime commits it
   in the same transaction as the events it produced).
 """
@@ -29,12 +32,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any
 
-from agent.detect.scrap import ScrapWindow, counter_increase, window_bounds
-from agent.detect.state import derive_state, value_key
+from agent.detect.episode import Episode, episode_data
+from agent.detect.scrap import ScrapTracker
+from agent.detect.state import derive_state, reason_code
 from agent.model import Event, EventType, MachineState, TagSample, event_id, format_time
 from config.models import MachineConfig
 
@@ -43,19 +47,7 @@ __all__ = ["MachineDetector"]
 _CATEGORY = {MachineState.DOWN: "unplanned", MachineState.PLANNED: "planned",
              MachineState.IDLE: "idle"}
 _STATE_VERSION = 1
-
-
-@dataclass(slots=True)
-class _Episode:
-    episode_id: str
-    started_at: datetime
-    category: str
-    reason_code: str | None
-    last_reason_code: str | None
-    order_id: str | None
-    later_order_ids: list[str] = field(default_factory=list)
-    had_signal_gap: bool = False
-    announced: bool = False
+NO_OUTPUT = "no-output"
 
 
 class MachineDetector:
@@ -65,152 +57,239 @@ class MachineDetector:
         self.cfg = cfg
         self.site = site
         self.source = f"/sites/{site}/lines/{cfg.line}/machines/{machine_id}"
-        self.counter_bits = cfg.scrap.counter_bits if cfg.scrap and cfg.scrap.counter_bits \
-            else counter_bits
-        self.stale_after = stale_after
+        self.counter_bits = (cfg.scrap.counter_bits if cfg.scrap and cfg.scrap.counter_bits
+                             else counter_bits)
+        self.stale_after = cfg.stale_after or stale_after
         self.tags = frozenset(tag for _, tag in cfg.tag_refs())
+        # The tag whose quality decides whether the machine's state is known.
+        self.signal_tag = cfg.state.tag or cfg.state.production_counter
         self._reset()
 
     def _reset(self) -> None:
         self.sequence = 0
         self.state = MachineState.UNKNOWN
         self.state_since: datetime | None = None
+        self.base_state = MachineState.UNKNOWN  # from the state tag alone (before stall rule)
+        self.running_since: datetime | None = None
         self.signal = "none"  # none (never seen) | ok | lost
         self.signal_detail: str | None = None
         self.lost_at: datetime | None = None
-        self.episode: _Episode | None = None
+        self.episode: Episode | None = None
         self.order: str | None = None
         self.reason: str | None = None
-        self.counter_last: int | None = None
-        self.window: ScrapWindow | None = None
+        self.prod_last: int | None = None
+        self.prod_moved_at: datetime | None = None
         self.microstops = 0
         self.microstop_seconds = 0.0
-        self.counter_anomalies = 0
+        self.clock_jumps = 0
         self.dirty = False
+        self._out: list[Event] = []
+        self.scrap = (ScrapTracker(self.cfg.scrap, self.counter_bits, self._emit)
+                      if self.cfg.scrap else None)
         # Not persisted: agent-clock bookkeeping for staleness.
         self._last_good_state: datetime | None = None
         self._watch_since: datetime | None = None
 
+    @property
+    def counter_last(self) -> int | None:
+        if self.scrap is None or self.cfg.scrap is None or self.cfg.scrap.counter is None:
+            return None
+        return self.scrap.last.get(self.cfg.scrap.counter)
+
     # ------------------------------------------------------------------ inputs
 
     def on_samples(self, samples: Iterable[TagSample]) -> list[Event]:
-        """Apply a batch: context tags (order, reason) first, then state, then scrap, so a
+        """Apply a batch: context tags (order, reasons) first, then state, then counters, so a
         reason or order read in the same poll as a stop is already known when it opens."""
-        out: list[Event] = []
         mine = [s for s in samples if s.tag in self.tags]
-        if not mine:
-            return out
-        ctx = {self.cfg.order_tag, self.cfg.downtime.reason_tag} - {None}
+        ctx = {self.cfg.order_tag, self.cfg.downtime.reason_tag,
+               self.cfg.scrap.reason_tag if self.cfg.scrap else None} - {None}
         for s in sorted(mine, key=lambda s: (0 if s.tag in ctx else
                                              1 if s.tag == self.cfg.state.tag else 2)):
-            out.extend(self.on_sample(s))
-        return out
+            self._sample(s)
+        return self._drain()
 
     def on_sample(self, s: TagSample) -> list[Event]:
-        out: list[Event] = []
+        if s.tag in self.tags:
+            self._sample(s)
+        return self._drain()
+
+    def _sample(self, s: TagSample) -> None:
         cfg = self.cfg
         if s.tag == cfg.order_tag and s.good:
-            self._on_order(s, out)
+            self._on_order(s)
         if s.tag == cfg.downtime.reason_tag and s.good:
             self._on_reason(s)
-        if s.tag == cfg.state.tag:
-            self._on_state_sample(s, out)
-        if cfg.scrap and s.good and s.tag in (cfg.scrap.counter, cfg.scrap.quantity_tag):
-            self._on_scrap(s, out)
-        if out:
+        if s.tag == self.signal_tag:
+            self._on_state_sample(s)
+        if s.tag == cfg.state.production_counter and s.good:
+            self._on_production(s)
+        if self.scrap is not None and s.good:
+            self.scrap.on_sample(s, self.order)
             self.dirty = True
-        return out
 
     def on_tick(self, now: datetime) -> list[Event]:
-        out: list[Event] = []
         if self._watch_since is None:
             self._watch_since = now
         if self.stale_after is not None and self.signal != "lost":
             seen = self._last_good_state or self._watch_since
             if (now - seen).total_seconds() > self.stale_after and (
                     self.signal == "ok" or self.episode is not None):
-                self._lose_signal(now, f"no sample of {self.cfg.state.tag} for "
-                                  f"{self.stale_after:g}s", out)
-        self._maybe_announce(now, out)
-        if self.window is not None and now >= self.window.end:
-            self._close_window(self.window.end, out)
+                self._lose_signal(now, f"no sample of {self.signal_tag} for "
+                                  f"{self.stale_after:g}s")
+        if self.signal == "ok":
+            self._evaluate(now)
+        self._maybe_announce(now)
+        self._split_long(now)
+        if self.scrap is not None:
+            self.scrap.on_tick(now)
+        return self._drain()
+
+    def note_clock_jump(self, seconds: float) -> None:
+        """The agent's clock jumped; flag what is open so its events say so."""
+        self.clock_jumps += 1
+        if self.episode is not None:
+            self.episode.clock_adjusted = True
+        if self.scrap is not None and self.scrap.window is not None:
+            self.scrap.window.clock_adjusted = True
+        self.dirty = True
+
+    def _drain(self) -> list[Event]:
+        out, self._out = self._out, []
         if out:
             self.dirty = True
         return out
 
     # ------------------------------------------------------------------ state and episodes
 
-    def _on_state_sample(self, s: TagSample, out: list[Event]) -> None:
-        new = derive_state(self.cfg.state, s.value) if s.good else MachineState.UNKNOWN
+    def _on_state_sample(self, s: TagSample) -> None:
+        if self.cfg.state.tag is None:  # only the stall rule decides: a good counter = running
+            new = MachineState.RUNNING if s.good else MachineState.UNKNOWN
+        else:
+            new = derive_state(self.cfg.state, s.value) if s.good else MachineState.UNKNOWN
         if new is MachineState.UNKNOWN:
             why = s.detail or (f"{s.tag} is {s.quality.value}" if not s.good
                                else f"{s.tag} value {s.value!r} is not mapped to a state")
-            self._lose_signal(s.time, why, out)
+            self._lose_signal(s.time, why)
             return
         self._last_good_state = s.agent_time
         if self.signal == "lost":
-            self._emit(out, EventType.SIGNAL_RESTORED, s.time, (format_time(s.time),), {
+            self._emit(EventType.SIGNAL_RESTORED, s.time, (format_time(s.time),), {
                 "lost_at": format_time(self.lost_at) if self.lost_at else None,
                 "restored_at": format_time(s.time), "state": new.value})
             self.lost_at = None
         self.signal, self.signal_detail = "ok", None
-        self._apply_state(new, s.time, out)
-        self._maybe_announce(s.time, out)
+        if new is MachineState.RUNNING and self.base_state is not MachineState.RUNNING:
+            self.running_since = s.time
+        self.base_state = new
+        self._evaluate(s.time)
+        self._maybe_announce(s.time)
+        self._split_long(s.time)
 
-    def _lose_signal(self, t: datetime, detail: str, out: list[Event]) -> None:
+    def _on_production(self, s: TagSample) -> None:
+        v = s.value
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return
+        value = int(v)
+        if self.prod_last is None or value != self.prod_last:
+            if self.prod_last is not None:
+                self.prod_moved_at = s.time
+            self.prod_last = value
+            self.dirty = True
+            if self.signal == "ok":
+                self._evaluate(s.time)
+
+    def _stall_start(self, now: datetime) -> datetime | None:
+        """When output stopped, if the machine counts as stalled at ``now``."""
+        limit = self.cfg.state.stalled_after
+        if limit is None or self.base_state is not MachineState.RUNNING:
+            return None
+        refs = [t for t in (self.prod_moved_at, self.running_since) if t is not None]
+        if not refs:
+            return None
+        ref = max(refs)
+        return ref if (now - ref).total_seconds() >= limit else None
+
+    def _evaluate(self, t: datetime) -> None:
+        stalled_since = self._stall_start(t)
+        if stalled_since is not None:
+            if self.state is not MachineState.DOWN:
+                self._apply_state(MachineState.DOWN, stalled_since, NO_OUTPUT)
+        elif self.base_state is not MachineState.UNKNOWN:
+            self._apply_state(self.base_state, t)
+
+    def _lose_signal(self, t: datetime, detail: str) -> None:
         if self.signal == "lost":
             return
         if self.signal == "ok" or self.episode is not None:
-            self._emit(out, EventType.SIGNAL_LOST, t, (format_time(t),), {
-                "lost_at": format_time(t), "detail": detail,
-                "last_state": self.state.value})
+            self._emit(EventType.SIGNAL_LOST, t, (format_time(t),), {
+                "lost_at": format_time(t), "detail": detail, "last_state": self.state.value})
         self.signal, self.signal_detail, self.lost_at = "lost", detail, t
         self.state, self.state_since = MachineState.UNKNOWN, t
+        self.base_state = MachineState.UNKNOWN
         if self.episode is not None:
             self.episode.had_signal_gap = True
         self.dirty = True
 
-    def _apply_state(self, new: MachineState, t: datetime, out: list[Event]) -> None:
+    def _apply_state(self, new: MachineState, t: datetime, reason: str | None = None) -> None:
         if new == self.state:
             return
+        if self.state_since is not None and t < self.state_since:
+            t = self.state_since  # a source clock that went backwards: never negative
         self.state, self.state_since = new, t
         self.dirty = True
         if new is MachineState.RUNNING:
             if self.episode is not None:
-                self._close_episode(t, out)
+                self._close_episode(t)
             return
         category = _CATEGORY[new]
         if self.episode is not None and self.episode.category != category:
-            self._close_episode(t, out)
+            self._close_episode(t)
         if self.episode is None:
-            self.episode = _Episode(
-                episode_id=event_id(self.source, "episode", format_time(t)), started_at=t,
-                category=category, reason_code=self.reason, last_reason_code=self.reason,
-                order_id=self.order)
+            self._open_episode(t, category, reason or self.reason)
 
-    def _maybe_announce(self, now: datetime, out: list[Event]) -> None:
+    def _open_episode(self, t: datetime, category: str, reason: str | None,
+                      continued_from: str | None = None) -> None:
+        self.episode = Episode(
+            episode_id=event_id(self.source, "episode", format_time(t)), started_at=t,
+            category=category, reason_code=reason, last_reason_code=reason,
+            order_id=self.order, continued_from=continued_from)
+
+    def _maybe_announce(self, now: datetime) -> None:
         ep = self.episode
         if ep is None or ep.announced:
             return
         if (now - ep.started_at).total_seconds() >= self.cfg.downtime.min_duration:
             ep.announced = True
-            self._emit(out, EventType.DOWNTIME_STARTED, ep.started_at,
-                       (format_time(ep.started_at),), self._episode_data(ep))
+            self._emit(EventType.DOWNTIME_STARTED, ep.started_at,
+                       (format_time(ep.started_at),), episode_data(ep, self.cfg.downtime.reasons))
 
-    def _close_episode(self, t: datetime, out: list[Event]) -> None:
+    def _split_long(self, now: datetime) -> None:
+        limit = self.cfg.downtime.max_duration
+        while (limit and self.episode is not None and self.episode.announced
+               and now >= self.episode.started_at + timedelta(seconds=limit)):
+            ep = self.episode
+            cut = ep.started_at + timedelta(seconds=limit)
+            self._close_episode(cut, split=True)
+            self._open_episode(cut, ep.category, ep.last_reason_code, ep.episode_id)
+            assert self.episode is not None
+            self.episode.had_signal_gap = self.signal == "lost"
+            self._maybe_announce(now)
+
+    def _close_episode(self, t: datetime, split: bool = False) -> None:
         ep = self.episode
         assert ep is not None
-        self._maybe_announce(t, out)
-        duration = max(0.0, (t - ep.started_at).total_seconds())
+        self._maybe_announce(t)
+        end = max(t, ep.started_at)
+        duration = (end - ep.started_at).total_seconds()
         if ep.announced:
-            data = self._episode_data(ep)
-            data.update(ended_at=format_time(max(t, ep.started_at)),
-                        duration_seconds=round(duration, 3),
-                        last_reason_code=ep.last_reason_code,
-                        microstops=self.microstops,
+            data = episode_data(ep, self.cfg.downtime.reasons)
+            data.update(ended_at=format_time(end), duration_seconds=round(duration, 3),
+                        last_reason_code=ep.last_reason_code, microstops=self.microstops,
                         microstop_seconds=round(self.microstop_seconds, 3))
-            self._emit(out, EventType.DOWNTIME_ENDED, max(t, ep.started_at),
-                       (format_time(ep.started_at),), data)
+            if split:
+                data["split"] = True
+            self._emit(EventType.DOWNTIME_ENDED, end, (format_time(ep.started_at),), data)
             self.microstops, self.microstop_seconds = 0, 0.0
         else:
             self.microstops += 1
@@ -218,22 +297,8 @@ class MachineDetector:
         self.episode = None
         self.dirty = True
 
-    def _episode_data(self, ep: _Episode) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "episode_id": ep.episode_id, "category": ep.category,
-            "reason_code": ep.reason_code, "started_at": format_time(ep.started_at),
-            "order_id": ep.order_id, "had_signal_gap": ep.had_signal_gap,
-        }
-        text = self.cfg.downtime.reasons.get(ep.reason_code or "")
-        if text:
-            data["reason"] = text
-        if ep.later_order_ids:
-            data["later_order_ids"] = list(ep.later_order_ids)
-        return data
-
     def _on_reason(self, s: TagSample) -> None:
-        code = value_key(s.value)
-        self.reason = None if code in ("", "0", "None") else code
+        self.reason = reason_code(s.value)
         ep = self.episode
         if ep is not None and self.reason is not None:
             if ep.reason_code is None:
@@ -241,9 +306,8 @@ class MachineDetector:
             ep.last_reason_code = self.reason
         self.dirty = True
 
-    def _on_order(self, s: TagSample, out: list[Event]) -> None:
-        order = str(s.value).strip() if s.value is not None else ""
-        new = order or None
+    def _on_order(self, s: TagSample) -> None:
+        new = (str(s.value).strip() if s.value is not None else "") or None
         if new == self.order:
             return
         self.order = new
@@ -251,82 +315,22 @@ class MachineDetector:
         ep = self.episode
         if ep is not None and new and new != ep.order_id and new not in ep.later_order_ids:
             ep.later_order_ids.append(new)
-        if self.window is not None and self.window.quantity > 0:
-            end = max(s.time, self.window.start)
-            self._close_window(end, out)
-
-    # ------------------------------------------------------------------ scrap
-
-    def _on_scrap(self, s: TagSample, out: list[Event]) -> None:
-        scrap = self.cfg.scrap
-        assert scrap is not None
-        v = s.value
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            return
-        if scrap.counter is not None:
-            value = int(v)
-            last, self.counter_last = self.counter_last, value
-            self.dirty = True
-            if last is None:
-                return
-            step = counter_increase(last, value, self.counter_bits, scrap.max_step)
-            if step.kind == "jump":
-                self.counter_anomalies += 1
-            if step.increase > 0:
-                self._add_scrap(s.time, step.increase, last, value, out)
-        elif v > 0:
-            self._add_scrap(s.time, float(v), None, None, out)
-
-    def _add_scrap(self, t: datetime, qty: float, c_from: int | None, c_to: int | None,
-                   out: list[Event]) -> None:
-        assert self.cfg.scrap is not None
-        if self.window is not None and t >= self.window.end:
-            self._close_window(self.window.end, out)
-        if self.window is None:
-            start, end = window_bounds(t, self.cfg.scrap.window)
-            self.window = ScrapWindow(start=start, end=end, order_id=self.order,
-                                      reason_code=self.reason)
-        w = self.window
-        w.quantity += qty
-        if c_from is not None and w.counter_from is None:
-            w.counter_from = c_from
-        if c_to is not None:
-            w.counter_to = c_to
-        self.dirty = True
-
-    def _close_window(self, end: datetime, out: list[Event]) -> None:
-        w = self.window
-        assert w is not None
-        self.window = None
-        if w.quantity <= 0:
-            return
-        data: dict[str, Any] = {
-            "quantity": int(w.quantity) if float(w.quantity).is_integer() else w.quantity,
-            "window_start": format_time(w.start),
-            "window_end": format_time(end), "order_id": w.order_id,
-            "reason_code": w.reason_code,
-        }
-        if w.counter_from is not None:
-            data.update(counter_from=w.counter_from, counter_to=w.counter_to)
-        self._emit(out, EventType.SCRAP_RECORDED, end,
-                   (format_time(w.start), w.counter_from, w.counter_to, data["quantity"]), data)
-        if end < w.end and self.cfg.scrap is not None:
-            # Split at an order change: the rest of the aligned window is a new window.
-            self.window = ScrapWindow(start=end, end=w.end, order_id=self.order,
-                                      reason_code=self.reason)
+        if self.scrap is not None:
+            self.scrap.on_order_change(s.time, new)
 
     # ------------------------------------------------------------------ output and state
 
-    def _emit(self, out: list[Event], type_: EventType, t: datetime, facts: tuple[object, ...],
+    def _emit(self, type_: EventType, t: datetime, facts: tuple[object, ...],
               data: dict[str, Any]) -> None:
         self.sequence += 1
-        body = {"machine": self.machine_id, "line": self.cfg.line, "site": self.site}
+        body: dict[str, Any] = {"machine": self.machine_id, "line": self.cfg.line,
+                                "site": self.site}
         if "order_id" not in data:
-            body["order_id"] = self.order  # type: ignore[assignment]
+            body["order_id"] = self.order
         body.update(data)
-        out.append(Event(id=event_id(self.source, type_.value, *facts), type=type_,
-                         source=self.source, time=t, key=self.machine_id,
-                         sequence=self.sequence, data=body))
+        self._out.append(Event(id=event_id(self.source, type_.value, *facts), type=type_,
+                               source=self.source, time=t, key=self.machine_id,
+                               sequence=self.sequence, data=body))
 
     def snapshot(self) -> str:
         ep = asdict(self.episode) if self.episode else None
@@ -334,14 +338,15 @@ class MachineDetector:
             ep["started_at"] = ep["started_at"].isoformat()
         return json.dumps({
             "v": _STATE_VERSION, "sequence": self.sequence, "state": self.state.value,
-            "state_since": self.state_since.isoformat() if self.state_since else None,
+            "state_since": _iso(self.state_since), "base_state": self.base_state.value,
+            "running_since": _iso(self.running_since),
             "signal": self.signal, "signal_detail": self.signal_detail,
-            "lost_at": self.lost_at.isoformat() if self.lost_at else None,
-            "episode": ep, "order": self.order, "reason": self.reason,
-            "counter_last": self.counter_last,
-            "window": self.window.to_json() if self.window else None,
+            "lost_at": _iso(self.lost_at), "episode": ep, "order": self.order,
+            "reason": self.reason, "prod_last": self.prod_last,
+            "prod_moved_at": _iso(self.prod_moved_at),
+            "scrap": self.scrap.to_json() if self.scrap else None,
             "microstops": self.microstops, "microstop_seconds": self.microstop_seconds,
-            "counter_anomalies": self.counter_anomalies,
+            "clock_jumps": self.clock_jumps,
         }, sort_keys=True)
 
     def restore(self, text: str) -> None:
@@ -354,32 +359,44 @@ class MachineDetector:
         self.sequence = int(d["sequence"])
         self.state = MachineState(d["state"])
         self.state_since = _dt(d.get("state_since"))
+        self.base_state = MachineState(d.get("base_state", d["state"]))
+        self.running_since = _dt(d.get("running_since"))
         self.signal, self.signal_detail = d["signal"], d.get("signal_detail")
         self.lost_at = _dt(d.get("lost_at"))
         if d.get("episode"):
             ep = dict(d["episode"])
             ep["started_at"] = datetime.fromisoformat(ep["started_at"])
-            self.episode = _Episode(**ep)
+            self.episode = Episode(**ep)
         self.order, self.reason = d.get("order"), d.get("reason")
-        self.counter_last = d.get("counter_last")
-        self.window = ScrapWindow.from_json(d["window"]) if d.get("window") else None
+        self.prod_last = d.get("prod_last")
+        self.prod_moved_at = _dt(d.get("prod_moved_at"))
+        if self.scrap is not None and d.get("scrap"):
+            self.scrap.restore(d["scrap"])
         self.microstops = int(d.get("microstops", 0))
         self.microstop_seconds = float(d.get("microstop_seconds", 0.0))
-        self.counter_anomalies = int(d.get("counter_anomalies", 0))
+        self.clock_jumps = int(d.get("clock_jumps", 0))
 
     def status(self) -> dict[str, Any]:
         ep = self.episode
         return {
-            "state": self.state.value,
-            "since": format_time(self.state_since) if self.state_since else None,
+            "state": self.state.value, "since": _fmt(self.state_since),
             "signal": self.signal, "signal_detail": self.signal_detail,
             "order_id": self.order,
             "open_downtime": None if ep is None else {
                 "episode_id": ep.episode_id, "category": ep.category,
                 "started_at": format_time(ep.started_at), "reason_code": ep.reason_code,
                 "reported": ep.announced},
-            "counter_anomalies": self.counter_anomalies,
+            "counter_anomalies": self.scrap.anomalies if self.scrap else 0,
+            "clock_jumps": self.clock_jumps,
         }
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def _fmt(t: datetime | None) -> str | None:
+    return format_time(t) if t else None
 
 
 def _dt(v: object) -> datetime | None:

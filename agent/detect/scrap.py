@@ -7,19 +7,33 @@ Counter arithmetic (``counter_increase``)::
     new <  last, otherwise           reset:    increase = new (counted since the reset)
 
 "Near the top" means the rollover increase is at most ``max_step`` (when configured) or a
-quarter of the counter's range. An increase is never negative.
+quarter of the counter's range. An increase is never negative; a jump is reported (counted in
+``anomalies``), never posted as scrap.
+
+Three ways to count (``ScrapRule``): one scrap ``counter``; ``quantity_tag`` (every good sample
+adds its value: reject messages); ``total_counter`` + ``good_counter`` (scrap is the increase of
+all parts minus the increase of good parts over a window, never below zero).
 
 Windows are aligned to multiples of ``window`` seconds since the epoch, so the same samples give
 the same window boundaries (and event ids) after a restart. A window closes when time passes
-its end or when the production order changes inside it.
+its end, or early when the production order changes inside it (the rest of the aligned window
+becomes a new window for the new order).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-__all__ = ["CounterStep", "ScrapWindow", "counter_increase", "window_bounds"]
+from agent.detect.state import reason_code
+from agent.model import EventType, TagSample, format_time
+from config.models import ScrapRule
+
+__all__ = ["CounterStep", "ScrapTracker", "ScrapWindow", "counter_increase", "window_bounds"]
+
+Emit = Callable[[EventType, datetime, tuple[object, ...], dict[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,25 +74,126 @@ class ScrapWindow:
     quantity: float = 0
     counter_from: int | None = None
     counter_to: int | None = None
+    total: int = 0  # total_counter increase (total/good mode)
+    good: int = 0  # good_counter increase
     order_id: str | None = None
     reason_code: str | None = None
+    clock_adjusted: bool = False
 
-    def to_json(self) -> dict[str, object]:
-        return {"start": self.start.isoformat(), "end": self.end.isoformat(),
-                "quantity": self.quantity, "counter_from": self.counter_from,
-                "counter_to": self.counter_to, "order_id": self.order_id,
-                "reason_code": self.reason_code}
+    @property
+    def scrap(self) -> float:
+        return self.quantity + max(0, self.total - self.good)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["start"], d["end"] = self.start.isoformat(), self.end.isoformat()
+        return d
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> ScrapWindow:
-        def _int(v: object) -> int | None:
-            return int(v) if isinstance(v, int | str) else None
+    def from_json(cls, d: dict[str, Any]) -> ScrapWindow:
+        d = dict(d)
+        d["start"] = datetime.fromisoformat(d["start"])
+        d["end"] = datetime.fromisoformat(d["end"])
+        return cls(**d)
 
-        def _str(v: object) -> str | None:
-            return v if isinstance(v, str) else None
 
-        return cls(start=datetime.fromisoformat(str(d["start"])),
-                   end=datetime.fromisoformat(str(d["end"])),
-                   quantity=float(str(d["quantity"])), counter_from=_int(d.get("counter_from")),
-                   counter_to=_int(d.get("counter_to")), order_id=_str(d.get("order_id")),
-                   reason_code=_str(d.get("reason_code")))
+class ScrapTracker:
+    """Scrap rule of one machine; emits ``scrap.recorded`` through ``emit``."""
+
+    def __init__(self, rule: ScrapRule, bits: int, emit: Emit) -> None:
+        self.rule, self.bits, self._emit = rule, bits, emit
+        self.last: dict[str, int] = {}  # counter tag -> last value
+        self.window: ScrapWindow | None = None
+        self.reason: str | None = None
+        self.anomalies = 0
+
+    def on_sample(self, s: TagSample, order: str | None) -> None:
+        rule, v = self.rule, s.value
+        if s.tag == rule.reason_tag:
+            code = reason_code(v)
+            self.reason = code
+            if self.window is not None and self.window.reason_code is None:
+                self.window.reason_code = code
+            return
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return
+        if s.tag == rule.quantity_tag:
+            if v > 0:
+                self._window(s.time, order).quantity += float(v)
+            return
+        step = self._step(s.tag, int(v))
+        if step is None or step.increase <= 0:
+            return
+        if s.tag == rule.counter:
+            w = self._window(s.time, order)
+            w.quantity += step.increase
+            if w.counter_from is None:
+                w.counter_from = (int(v) - step.increase) % (1 << self.bits)
+            w.counter_to = int(v) % (1 << self.bits)
+        elif s.tag == rule.total_counter:
+            self._window(s.time, order).total += step.increase
+        elif s.tag == rule.good_counter:
+            self._window(s.time, order).good += step.increase
+
+    def _step(self, tag: str, value: int) -> CounterStep | None:
+        last = self.last.get(tag)
+        self.last[tag] = value
+        if last is None:
+            return None  # the first reading is the baseline
+        step = counter_increase(last, value, self.bits, self.rule.max_step)
+        if step.kind == "jump":
+            self.anomalies += 1
+        return step
+
+    def _window(self, t: datetime, order: str | None) -> ScrapWindow:
+        if self.window is not None and t >= self.window.end:
+            self.close(self.window.end)
+        if self.window is None:
+            start, end = window_bounds(t, self.rule.window)
+            self.window = ScrapWindow(start=start, end=end, order_id=order,
+                                      reason_code=self.reason)
+        return self.window
+
+    def on_order_change(self, t: datetime, order: str | None) -> None:
+        w = self.window
+        if w is not None and (w.quantity or w.total or w.good):
+            end = min(max(t, w.start), w.end)
+            self.close(end)
+            if end < w.end:
+                self.window = ScrapWindow(start=end, end=w.end, order_id=order,
+                                          reason_code=self.reason)
+        elif w is not None:
+            w.order_id = order
+
+    def on_tick(self, now: datetime) -> None:
+        if self.window is not None and now >= self.window.end:
+            self.close(self.window.end)
+
+    def close(self, end: datetime) -> None:
+        w, self.window = self.window, None
+        if w is None or w.scrap <= 0:
+            return
+        qty = w.scrap
+        data: dict[str, Any] = {
+            "quantity": int(qty) if float(qty).is_integer() else qty,
+            "window_start": format_time(w.start), "window_end": format_time(end),
+            "order_id": w.order_id, "reason_code": w.reason_code,
+        }
+        if w.counter_from is not None:
+            data.update(counter_from=w.counter_from, counter_to=w.counter_to)
+        if self.rule.total_counter:
+            data.update(total_increase=w.total, good_increase=w.good)
+        if w.clock_adjusted:
+            data["clock_adjusted"] = True
+        self._emit(EventType.SCRAP_RECORDED, end,
+                   (format_time(w.start), w.counter_from, w.counter_to, data["quantity"]), data)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"last": self.last, "window": self.window.to_json() if self.window else None,
+                "reason": self.reason, "anomalies": self.anomalies}
+
+    def restore(self, d: dict[str, Any]) -> None:
+        self.last = {str(k): int(v) for k, v in d.get("last", {}).items()}
+        self.window = ScrapWindow.from_json(d["window"]) if d.get("window") else None
+        self.reason = d.get("reason")
+        self.anomalies = int(d.get("anomalies", 0))

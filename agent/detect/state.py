@@ -5,7 +5,7 @@ from __future__ import annotations
 from agent.model import MachineState, Value
 from config.models import StateRule
 
-__all__ = ["derive_state", "value_key"]
+__all__ = ["derive_state", "reason_code", "value_key"]
 
 
 def value_key(value: Value) -> str:
@@ -19,10 +19,21 @@ def value_key(value: Value) -> str:
 
 def derive_state(rule: StateRule, value: Value) -> MachineState:
     """The state a good sample of the state tag means; UNKNOWN when the rule cannot say."""
-    if rule.running_above is not None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+    for limit, above in ((rule.running_above, True), (rule.running_below, False)):
+        if limit is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
             return MachineState.UNKNOWN
-        return MachineState.RUNNING if value > rule.running_above else MachineState.DOWN
+        running = value > limit if above else value < limit
+        return MachineState.RUNNING if running else MachineState.DOWN
     assert rule.map is not None
     mapped = rule.map.get(value_key(value), rule.default)
     return MachineState.UNKNOWN if mapped is None else MachineState(mapped.value)
+
+
+def reason_code(value: Value) -> str | None:
+    """A reason code as text; 0, empty and missing mean "no reason"."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = value_key(value)
+    return None if text in ("", "0") else text

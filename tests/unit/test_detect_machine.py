@@ -145,3 +145,72 @@ def test_running_above_threshold() -> None:
     det = MachineDetector("m1", cfg, "plant-a")
     ev = feed(det, s("st", 50.0, 0), s("st", 2.5, 1), s("st", 12.0, 30))
     assert types(ev) == ["downtime.started", "downtime.ended"]
+
+
+def test_stall_on_production_counter_is_down_no_output() -> None:
+    cfg = machine(state={"tag": "st", "map": {1: "running", 3: "down"},
+                         "production_counter": "cnt", "stalled_after": "10s"},
+                  scrap=None, downtime={"min_duration": "0s"})
+    det = MachineDetector("m1", cfg, "plant-a")
+    ev = feed(det, s("st", 1, 0), s("cnt", 5, 0), s("cnt", 6, 4), s("st", 1, 9))
+    assert ev == []
+    ev = det.on_tick(T0 + timedelta(seconds=15))
+    assert types(ev) == ["downtime.started"]
+    assert ev[0].data["reason_code"] == "no-output"
+    assert ev[0].time == T0 + timedelta(seconds=4)  # output stopped at the last increase
+    ev = feed(det, s("cnt", 7, 20))
+    assert types(ev) == ["downtime.ended"] and ev[0].data["duration_seconds"] == 16.0
+
+
+def test_running_below() -> None:
+    cfg = machine(state={"tag": "st", "running_below": 5})
+    det = MachineDetector("m1", cfg, "plant-a")
+    ev = feed(det, s("st", 1, 0), s("st", 9, 1), s("st", 2, 20))
+    assert types(ev) == ["downtime.started", "downtime.ended"]
+
+
+def test_total_minus_good_scrap() -> None:
+    cfg = machine(scrap={"total_counter": "tot", "good_counter": "good", "window": "60s"})
+    det = MachineDetector("m1", cfg, "plant-a")
+    ev = feed(det, s("tot", 100, 0), s("good", 90, 0), s("tot", 110, 5), s("good", 97, 5),
+              s("tot", 120, 9), s("good", 107, 9))
+    ev += det.on_tick(T0 + timedelta(seconds=61))
+    assert len(ev) == 1
+    assert ev[0].data["quantity"] == 3  # (120-100) - (107-90)
+    assert ev[0].data["total_increase"] == 20 and ev[0].data["good_increase"] == 17
+
+
+def test_max_step_jump_is_reported_not_scrap() -> None:
+    cfg = machine(scrap={"counter": "cnt", "window": "60s", "max_step": 100})
+    det = MachineDetector("m1", cfg, "plant-a")
+    ev = feed(det, s("cnt", 10, 0), s("cnt", 5000, 1), s("cnt", 5003, 2))
+    ev += det.on_tick(T0 + timedelta(seconds=61))
+    assert sum(e.data["quantity"] for e in ev) == 3
+    assert det.status()["counter_anomalies"] == 1
+
+
+def test_max_duration_splits_long_episodes() -> None:
+    cfg = machine(downtime={"min_duration": "0s", "max_duration": "60s"})
+    det = MachineDetector("m1", cfg, "plant-a")
+    ev = feed(det, s("st", 1, 0), s("st", 3, 10))
+    ev += det.on_tick(T0 + timedelta(seconds=135))
+    ev += feed(det, s("st", 1, 140))
+    assert types(ev) == ["downtime.started", "downtime.ended"] * 3
+    assert [e.data.get("duration_seconds") for e in ev if e.type.value.endswith("ended")] == \
+        [60.0, 60.0, 10.0]
+    assert ev[2].data["continued_from"] == ev[0].data["episode_id"]
+
+
+def test_clock_jump_flags_open_episode() -> None:
+    det = MachineDetector("m1", machine(downtime={"min_duration": "0s"}), "plant-a")
+    feed(det, s("st", 1, 0), s("st", 3, 1))
+    det.note_clock_jump(-3600)
+    ev = feed(det, s("st", 1, 5))
+    assert ev[0].data["clock_adjusted"] is True and det.status()["clock_jumps"] == 1
+
+
+def test_source_clock_going_backwards_never_gives_negative_durations() -> None:
+    det = MachineDetector("m1", machine(downtime={"min_duration": "0s"}), "plant-a")
+    ev = feed(det, s("st", 1, 0), s("st", 3, 10), s("st", 1, 4))
+    assert types(ev) == ["downtime.started", "downtime.ended"]
+    assert ev[1].data["duration_seconds"] == 0.0
