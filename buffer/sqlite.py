@@ -30,26 +30,11 @@ Invariants:
   ``stats``) until purged; nothing is deleted because a config line went away.
 - ``detector_state`` is never dropped by the capacity policy.
 
-Capacity: the size that counts (and that ``stats().size_bytes`` reports) is the live part of
-the main file, ``(page_count - freelist_count) * page_size``, read with cheap pragmas before
-and after each append's inserts, inside the same transaction. Free pages are reused before the
-file grows, so the file stays near ``max_size`` (page granularity, and one batch while it is
-being cut back); the WAL beside it is bounded by ``journal_size_limit`` after each checkpoint.
-The file is created with ``auto_vacuum=INCREMENTAL`` and ``incremental_vacuum`` runs after a
-settle or purge once a quarter of it is free, so it also shrinks. When over ``max_size``:
-
-- ``drop_oldest`` deletes whole events, oldest first: first those with only pending rows, then
-  (dead letters are kept longest) those holding a dead letter; never one with a leased row (if
-  only leased rows are left, the batch commits over the limit until they settle). Deletion
-  frees pages only as they empty, so it may drop a few more events than the byte count alone
-  would say; each one is counted.
-- ``reject_new`` keeps the longest head of the batch that fits (a savepoint is rolled back and
-  the head re-inserted, so nothing of the rejected tail stays behind) and reports the tail as
-  ``rejected``. The detector states still commit: the detector has moved on, and the drop is
-  reported as a data gap instead.
-
-Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``)
-and ``meta.dropped_total``.
+Capacity (``capacity.py``): what counts is the live part of the main file (pages in use);
+``drop_oldest`` deletes the oldest events without leased rows (dead letters last),
+``reject_new`` keeps the head of a batch that fits; both count drops by type, durably. The file
+is created with ``auto_vacuum=INCREMENTAL`` and ``incremental_vacuum`` runs after a settle or
+purge once a quarter of it is free, so it also shrinks.
 
 Crash semantics: with ``synchronous=FULL`` a returned ``append``/``settle`` survives a power
 cut; with ``NORMAL`` it survives a process crash but the last commits may be lost on power
@@ -71,19 +56,18 @@ runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CL
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.errors import EdgeAgentError, StorageFullError
 from agent.model import format_time, utcnow
+from buffer import views
 from buffer.base import (
     AppendResult,
     Buffer,
@@ -96,8 +80,17 @@ from buffer.base import (
     LeasedEvent,
     NewEvent,
     Settlement,
-    SinkStats,
     check_batch,
+)
+from buffer.capacity import (
+    ANY_STATE,
+    IN_JSON,
+    KNOWN_SINKS,
+    append_or_reject,
+    drop_oldest,
+    json_list,
+    live_bytes,
+    page_stats,
 )
 from buffer.migrations import check_version, migrate
 from buffer.salvage import move_aside, read_salvageable
@@ -107,18 +100,10 @@ __all__ = ["SqliteBuffer"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _WAL_LIMIT = 8 * 2**20  # bytes the WAL is truncated to after a checkpoint
-_IN = "SELECT value FROM json_each(?)"  # a list of seqs as one JSON parameter
-# "Every row of this event" = every (sink, state) prefix of the delivery key with this seq.
-_KNOWN_SINKS = "(SELECT name FROM sinks)"
-_ANY_STATE = "('pending', 'leased', 'dead')"
-
-
-def _ids(values: Sequence[int] | Sequence[str]) -> str:
-    return json.dumps(list(values))
-
 
 class SqliteBuffer(Buffer):
     """The production ``Buffer``; see the module docstring for schema, states and invariants."""
@@ -170,7 +155,7 @@ class SqliteBuffer(Buffer):
         with self._write("opening") as conn:
             self._register_sinks(conn, now)
             conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
-                         f"WHERE sink IN {_KNOWN_SINKS} AND state = 'leased'")
+                         f"WHERE sink IN {KNOWN_SINKS} AND state = 'leased'")
             self._expiry.clear()
             # Cleared here, set by close(): a start that finds 0 follows a crash.
             conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
@@ -330,16 +315,11 @@ class SqliteBuffer(Buffer):
         except sqlite3.Error as e:
             raise self._translate(e, what) from e
 
-    @staticmethod
-    def _pages(conn: sqlite3.Connection) -> tuple[int, int, int]:
-        page_count = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        return int(page_count), int(free), int(page_size)
-
-    def _live_bytes(self, conn: sqlite3.Connection) -> int:
-        page_count, free, page_size = self._pages(conn)
-        return (page_count - free) * page_size
+    def _view(self, what: str, query: Callable[..., _T], *args: object) -> _T:
+        try:
+            return query(self._require(), *args)
+        except sqlite3.Error as e:
+            raise self._translate(e, what) from e
 
     # ------------------------------------------------------------------ append / states
 
@@ -350,12 +330,15 @@ class SqliteBuffer(Buffer):
         now = format_time(utcnow())
         with self._write("appending events") as conn:
             before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
-            live_before = self._live_bytes(conn)
+            live_before = live_bytes(conn)
             if self.when_full is WhenFull.REJECT_NEW:
-                stored, rejected = self._append_or_reject(conn, events, before, live_before, now)
+                stored, rejected = append_or_reject(
+                    conn, events, lambda batch: self._insert(conn, batch, before, now),
+                    max_size=self.max_size, before=before, live_before=live_before, now=now)
             else:
                 inserted = self._insert(conn, events, before, now)
-                lost = self._drop_oldest(conn, before, inserted, live_before, now)
+                lost = drop_oldest(conn, max_size=self.max_size, before=before,
+                                   inserted=inserted, live_before=live_before, now=now)
                 stored, rejected = inserted - lost, 0
             if states:
                 conn.executemany(
@@ -381,88 +364,6 @@ class SqliteBuffer(Buffer):
                              "SELECT ?, 'pending', seq, 0 FROM events WHERE seq > ?",
                              (sink, before))
         return inserted
-
-    def _append_or_reject(self, conn: sqlite3.Connection, events: Sequence[NewEvent],
-                          before: int, live_before: int, now: str) -> tuple[int, int]:
-        """reject_new: keep the longest head of the batch that fits; (stored, rejected).
-
-        Rolling back to a savepoint restores the pages exactly, so rejected events leave no
-        index fragmentation behind (deleting them again would)."""
-        conn.execute("SAVEPOINT batch")
-        inserted = self._insert(conn, events, before, now)
-        live = self._live_bytes(conn)
-        if live <= self.max_size:
-            conn.execute("RELEASE batch")
-            return inserted, 0
-        by_id = {e.id: e for e in events}
-        fresh = [by_id[str(i)] for (i,) in conn.execute(
-            "SELECT id FROM events WHERE seq > ? ORDER BY seq", (before,))]
-        per_event = max((live - live_before) / max(inserted, 1), 1.0)
-        keep = min(len(fresh) - 1, max(int((self.max_size - live_before) / per_event), 0))
-        while True:
-            conn.execute("ROLLBACK TO batch")
-            self._insert(conn, fresh[:keep], before, now)
-            if keep == 0 or self._live_bytes(conn) <= self.max_size:
-                break
-            keep -= max(keep // 8, 1)
-        conn.execute("RELEASE batch")
-        self._record_drops(conn, Counter(e.type for e in fresh[keep:]), now)
-        return keep, len(fresh) - keep
-
-    def _drop_oldest(self, conn: sqlite3.Connection, before: int, inserted: int,
-                     live_before: int, now: str) -> int:
-        """drop_oldest, inside the append transaction; returns how many events of this batch
-        had to go as well (when the batch alone is larger than the room there is)."""
-        live = self._live_bytes(conn)
-        if inserted == 0 or live <= self.max_size:
-            return 0
-        # Bytes per event as this batch actually grew the file; each round then learns from
-        # what its deletes freed. Deleting too few only costs another round.
-        per_event = max((live - live_before) / inserted, 64.0)
-        lost_new = 0
-        removed: Counter[str] = Counter()
-        while live > self.max_size:
-            victims = self._victims(conn, int((live - self.max_size) / per_event) + 1)
-            if not victims:
-                break  # only leased rows left (or nothing): commit over capacity for now
-            seqs = [s for s, _ in victims]
-            conn.execute(f"DELETE FROM deliveries WHERE sink IN {_KNOWN_SINKS} "
-                         f"AND state IN {_ANY_STATE} AND seq IN ({_IN})", (_ids(seqs),))
-            conn.execute(f"DELETE FROM events WHERE seq IN ({_IN})", (_ids(seqs),))
-            removed.update(t for _, t in victims)
-            lost_new += sum(1 for s in seqs if s > before)
-            now_live = self._live_bytes(conn)
-            # Pages free only when they empty, so a round may free less than its rows' worth;
-            # learn from rounds that freed something, keep the estimate after one that did not.
-            if now_live < live:
-                per_event = max(min(per_event, (live - now_live) / len(seqs)), 64.0)
-            live = now_live
-        self._record_drops(conn, removed, now)
-        return lost_new
-
-    @staticmethod
-    def _victims(conn: sqlite3.Connection, n: int) -> list[tuple[int, str]]:
-        for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
-            rows = conn.execute(
-                "SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
-                f"WHERE d.sink IN {_KNOWN_SINKS} AND d.state IN {keep} AND d.seq = e.seq) "
-                "ORDER BY seq LIMIT ?",
-                (n,)).fetchall()
-            if rows:
-                return [(int(s), str(t)) for s, t in rows]
-        return []
-
-    @staticmethod
-    def _record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str) -> None:
-        if not removed:
-            return
-        conn.executemany(
-            "INSERT INTO drops(type, count, first_at, last_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(type) DO UPDATE SET count = count + excluded.count, "
-            "last_at = excluded.last_at",
-            [(t, c, now, now) for t, c in removed.items()])
-        conn.execute("UPDATE meta SET value = value + ? WHERE name = 'dropped_total'",
-                     (sum(removed.values()),))
 
     def load_states(self) -> dict[str, str]:
         rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
@@ -496,8 +397,8 @@ class SqliteBuffer(Buffer):
                 (sink, limit)).fetchall()
             if rows:
                 conn.execute("UPDATE deliveries SET state = 'leased', leased_until = ? "
-                             f"WHERE sink = ? AND state = 'pending' AND seq IN ({_IN})",
-                             (now + self.lease_timeout, sink, _ids([r[0] for r in rows])))
+                             f"WHERE sink = ? AND state = 'pending' AND seq IN ({IN_JSON})",
+                             (now + self.lease_timeout, sink, json_list([r[0] for r in rows])))
                 next_due = min(next_due if next_due is not None else math.inf,
                                now + self.lease_timeout)
         if next_due is None:
@@ -527,8 +428,8 @@ class SqliteBuffer(Buffer):
             if settlement.retry:
                 conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL, "
                              "attempts = attempts + 1 WHERE sink = ? "
-                             f"AND state IN ('pending', 'leased') AND seq IN ({_IN})",
-                             (sink, _ids(settlement.retry)))
+                             f"AND state IN ('pending', 'leased') AND seq IN ({IN_JSON})",
+                             (sink, json_list(settlement.retry)))
             if settlement.dead:
                 conn.executemany(
                     "UPDATE deliveries SET state = 'dead', leased_until = NULL, "
@@ -537,23 +438,23 @@ class SqliteBuffer(Buffer):
                     [(st, detail, now, sink, seq)
                      for seq, (st, detail) in settlement.dead.items()])
             if settlement.accepted:
-                seqs = _ids(settlement.accepted)
-                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state IN {_ANY_STATE} "
-                             f"AND seq IN ({_IN})", (sink, seqs))
+                seqs = json_list(settlement.accepted)
+                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state IN {ANY_STATE} "
+                             f"AND seq IN ({IN_JSON})", (sink, seqs))
                 self._delete_orphans(conn, seqs)
         self._maybe_shrink()
 
     @staticmethod
     def _delete_orphans(conn: sqlite3.Connection, seqs_json: str) -> None:
-        conn.execute(f"DELETE FROM events WHERE seq IN ({_IN}) AND NOT EXISTS "
-                     f"(SELECT 1 FROM deliveries d WHERE d.sink IN {_KNOWN_SINKS} "
-                     f"AND d.state IN {_ANY_STATE} AND d.seq = events.seq)", (seqs_json,))
+        conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON}) AND NOT EXISTS "
+                     f"(SELECT 1 FROM deliveries d WHERE d.sink IN {KNOWN_SINKS} "
+                     f"AND d.state IN {ANY_STATE} AND d.seq = events.seq)", (seqs_json,))
 
     def _maybe_shrink(self) -> None:
         """Give free pages back to the file system once a quarter of the file is free."""
         conn = self._require()
         try:
-            page_count, free, _ = self._pages(conn)
+            page_count, free, _ = page_stats(conn)
             if free > 256 and free * 4 > page_count:
                 # Each step frees one page and a cursor would step once (the pragma returns no
                 # columns); executescript steps it to the end. No transaction is open here.
@@ -566,30 +467,11 @@ class SqliteBuffer(Buffer):
     # ------------------------------------------------------------------ dead letters, views
 
     def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
-        where, params = self._dead_filter(sink, None)
-        rows = self._read(
-            "listing dead letters",
-            "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
-            f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE {where} "
-            "ORDER BY d.seq, d.sink LIMIT ?", [*params, limit])
-        return [DeadLetter(str(sk), int(s), str(i), str(t), str(p),
-                           None if st is None else int(st), str(dt or ""), str(fa or ""))
-                for sk, s, i, t, p, st, dt, fa in rows]
-
-    @staticmethod
-    def _dead_filter(sink: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
-        if sink is None:
-            where, params = f"sink IN {_KNOWN_SINKS} AND state = 'dead'", list[object]()
-        else:
-            where, params = "sink = ? AND state = 'dead'", [sink]
-        if ids is not None:
-            where += f" AND seq IN (SELECT seq FROM events WHERE id IN ({_IN}))"
-            params.append(_ids(list(ids)))
-        return where, params
+        return self._view("listing dead letters", views.dead_letters, sink, limit)
 
     def replay_dead_letters(self, sink: str | None = None,
                             ids: Sequence[str] | None = None) -> int:
-        where, params = self._dead_filter(sink, ids)
+        where, params = views.dead_filter(sink, ids)
         with self._write("replaying dead letters") as conn:
             cur = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
                                "status = NULL, detail = NULL, failed_at = NULL "
@@ -598,12 +480,12 @@ class SqliteBuffer(Buffer):
 
     def purge_dead_letters(self, sink: str | None = None,
                            ids: Sequence[str] | None = None) -> int:
-        where, params = self._dead_filter(sink, ids)
+        where, params = views.dead_filter(sink, ids)
         with self._write("purging dead letters") as conn:
             seqs = [r[0] for r in conn.execute(f"SELECT seq FROM deliveries WHERE {where}",
                                                params)]
             cur = conn.execute(f"DELETE FROM deliveries WHERE {where}", params)
-            self._delete_orphans(conn, _ids(seqs))
+            self._delete_orphans(conn, json_list(seqs))
             count = max(cur.rowcount, 0)
         self._maybe_shrink()
         return count
@@ -611,55 +493,21 @@ class SqliteBuffer(Buffer):
     def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:
         """Per sink: its pending and leased rows. Without a sink: each event that still has
         an undelivered row anywhere, once, with the highest attempt count."""
-        conn = self._require()
-        try:
-            sinks = [sink] if sink is not None else self._all_sinks(conn)
-            attempts: dict[int, int] = {}
-            for name in sinks:
-                for state in ("pending", "leased"):  # two key ranges, each already in order
-                    for seq, n in conn.execute(
-                            "SELECT seq, attempts FROM deliveries WHERE sink = ? AND state = ? "
-                            "ORDER BY seq LIMIT ?", (name, state, limit)):
-                        attempts[seq] = max(attempts.get(seq, 0), int(n))
-            chosen = sorted(attempts)[:max(limit, 0)]
-            rows = conn.execute(f"SELECT seq, id, key, type, payload FROM events "
-                                f"WHERE seq IN ({_IN}) ORDER BY seq", (_ids(chosen),)).fetchall()
-        except sqlite3.Error as e:
-            raise self._translate(e, "listing pending events") from e
-        return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), attempts[s])
-                for s, i, k, t, p in rows]
-
-    def _all_sinks(self, conn: sqlite3.Connection) -> list[str]:
-        names = dict.fromkeys(self._sinks)
-        names.update(dict.fromkeys(str(r[0]) for r in conn.execute("SELECT name FROM sinks")))
-        return list(names)
+        sinks = [sink] if sink is not None else self._view(
+            "listing sinks", views.sink_names, self._sinks)
+        return self._view("listing pending events", views.undelivered, sinks, limit)
 
     def stats(self) -> BufferStats:
         conn = self._require()
         try:
             events = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-            page_count, free, page_size = self._pages(conn)
+            page_count, free, page_size = page_stats(conn)
             dropped = conn.execute(
                 "SELECT value FROM meta WHERE name = 'dropped_total'").fetchone()
-            sinks = {name: self._sink_stats(conn, name) for name in self._all_sinks(conn)}
+            sinks = {name: views.sink_stats(conn, name)
+                     for name in views.sink_names(conn, self._sinks)}
         except sqlite3.Error as e:
             raise self._translate(e, "reading stats") from e
         return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
                            max_size=self.max_size, sinks=sinks,
                            dropped_total=int(dropped[0]) if dropped else 0)
-
-    @staticmethod
-    def _sink_stats(conn: sqlite3.Connection, sink: str) -> SinkStats:
-        counts, firsts = {}, []
-        for state in ("pending", "leased", "dead"):
-            n, first = conn.execute("SELECT count(*), min(seq) FROM deliveries "
-                                    "WHERE sink = ? AND state = ?", (sink, state)).fetchone()
-            counts[state] = int(n)
-            if first is not None and state != "dead":
-                firsts.append(int(first))
-        oldest = None
-        if firsts:
-            row = conn.execute("SELECT time FROM events WHERE seq = ?", (min(firsts),)).fetchone()
-            oldest = str(row[0]) if row else None
-        return SinkStats(pending=counts["pending"], leased=counts["leased"],
-                         dead_letters=counts["dead"], oldest_pending_time=oldest)

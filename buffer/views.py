@@ -1,0 +1,81 @@
+"""Read-side queries of the SQLite buffer: dead letters, undelivered rows, statistics.
+
+Pure functions over a connection, shared by the agent's writer connection and the CLI's
+read-only one (``SqliteBuffer.attach``). They only read; translating SQLite errors is the
+caller's job. Each walks key ranges of ``deliveries(sink, state, seq)``, so listing the oldest
+rows never sorts a whole table.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from buffer.base import DeadLetter, LeasedEvent, SinkStats
+from buffer.capacity import IN_JSON, KNOWN_SINKS, json_list
+
+__all__ = ["dead_filter", "dead_letters", "sink_names", "sink_stats", "undelivered"]
+
+
+def sink_names(conn: sqlite3.Connection, configured: Sequence[str]) -> list[str]:
+    """The configured sinks first, then any other sink that ever had rows."""
+    names = dict.fromkeys(configured)
+    names.update(dict.fromkeys(str(r[0]) for r in conn.execute("SELECT name FROM sinks")))
+    return list(names)
+
+
+def dead_filter(sink: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
+    """A WHERE clause on ``deliveries`` selecting dead letters (of one sink, with these ids)."""
+    if sink is None:
+        where, params = f"sink IN {KNOWN_SINKS} AND state = 'dead'", list[object]()
+    else:
+        where, params = "sink = ? AND state = 'dead'", [sink]
+    if ids is not None:
+        where += f" AND seq IN (SELECT seq FROM events WHERE id IN ({IN_JSON}))"
+        params.append(json_list(list(ids)))
+    return where, params
+
+
+def dead_letters(conn: sqlite3.Connection, sink: str | None, limit: int) -> list[DeadLetter]:
+    where, params = dead_filter(sink, None)
+    rows = conn.execute(
+        "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
+        f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE {where} "
+        "ORDER BY d.seq, d.sink LIMIT ?", [*params, limit]).fetchall()
+    return [DeadLetter(str(sk), int(s), str(i), str(t), str(p),
+                       None if st is None else int(st), str(dt or ""), str(fa or ""))
+            for sk, s, i, t, p, st, dt, fa in rows]
+
+
+def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],
+                limit: int) -> list[LeasedEvent]:
+    """Pending and leased rows of these sinks, oldest first, each event once (with the
+    highest attempt count among its rows)."""
+    attempts: dict[int, int] = {}
+    for name in sinks:
+        for state in ("pending", "leased"):  # two key ranges, each already in seq order
+            for seq, n in conn.execute("SELECT seq, attempts FROM deliveries WHERE sink = ? "
+                                       "AND state = ? ORDER BY seq LIMIT ?",
+                                       (name, state, limit)):
+                attempts[seq] = max(attempts.get(seq, 0), int(n))
+    chosen = sorted(attempts)[:max(limit, 0)]
+    rows = conn.execute(f"SELECT seq, id, key, type, payload FROM events "
+                        f"WHERE seq IN ({IN_JSON}) ORDER BY seq", (json_list(chosen),))
+    return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), attempts[s])
+            for s, i, k, t, p in rows]
+
+
+def sink_stats(conn: sqlite3.Connection, sink: str) -> SinkStats:
+    counts, firsts = {}, []
+    for state in ("pending", "leased", "dead"):
+        n, first = conn.execute("SELECT count(*), min(seq) FROM deliveries "
+                                "WHERE sink = ? AND state = ?", (sink, state)).fetchone()
+        counts[state] = int(n)
+        if first is not None and state != "dead":
+            firsts.append(int(first))
+    oldest = None
+    if firsts:
+        row = conn.execute("SELECT time FROM events WHERE seq = ?", (min(firsts),)).fetchone()
+        oldest = str(row[0]) if row else None
+    return SinkStats(pending=counts["pending"], leased=counts["leased"],
+                     dead_letters=counts["dead"], oldest_pending_time=oldest)
