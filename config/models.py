@@ -19,6 +19,7 @@ from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
 from config.units import ByteSize, Duration
 from protocols.modbus.config import ModbusSourceConfig
+from protocols.opcua.config import OpcuaSourceConfig
 
 __all__ = [
     "AgentSettings",
@@ -82,7 +83,7 @@ class HealthConfig(Strict):
 # --------------------------------------------------------------------------- sources
 
 
-SourceConfig = Annotated[ModbusSourceConfig, Field(discriminator="type")]
+SourceConfig = Annotated[ModbusSourceConfig | OpcuaSourceConfig, Field(discriminator="type")]
 
 # --------------------------------------------------------------------------- machines
 

@@ -18,6 +18,10 @@ def build_source(name: str, config: Any) -> Source:
         from protocols.modbus.source import ModbusSource
 
         return ModbusSource(name, config)
+    if config.type == "opcua":
+        from protocols.opcua.source import OpcuaSource
+
+        return OpcuaSource(name, config)
     raise ValueError(f"source {name}: no implementation for type {config.type!r}")
 
 

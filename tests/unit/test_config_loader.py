@@ -173,16 +173,17 @@ def test_model_rule_error_has_no_pydantic_noise() -> None:
 
 
 def test_unknown_source_type() -> None:
-    text = BASE.replace("type: modbus", "type: opcua")
+    text = BASE.replace("type: modbus", "type: profibus")
     assert errors(text) == [
-        "cfg.yaml:4:5: sources.press-plc.type: unknown type 'opcua'; expected 'modbus'"]
+        "cfg.yaml:4:5: sources.press-plc.type: unknown type 'profibus'; expected "
+        "'modbus', 'opcua'"]
 
 
 def test_missing_source_type() -> None:
     text = BASE.replace("    type: modbus\n", "")
     assert errors(text) == [
         "cfg.yaml:3:3: sources.press-plc.type: required key 'type' is missing (one of "
-        "'modbus')"]
+        "'modbus', 'opcua')"]
 
 
 def test_bad_component_id_is_reported_at_the_key() -> None:

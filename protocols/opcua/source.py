@@ -1,0 +1,280 @@
+"""The OPC UA source: one supervised session per endpoint, subscribe or poll mode.
+
+``run()`` is one session (``protocols/base.py``)::
+
+    open client ──> resolve node ids (nsu= against this server's NamespaceArray)
+        │             unknown namespace / bad syntax -> that tag bad, the rest go on
+        v
+    read every tag once ──> out.connected(), emit          (also after every reconnect: the
+        │                                                   values that changed while we were
+        v                                                   away are seen at once)
+    subscribe: monitored items in chunks; a refused node -> that tag bad
+               consume notifications (one task, no awaits on I/O), emit in batches;
+               re-emit the last values every refresh period while keep-alives arrive
+    poll:      read in chunks every poll_interval (drift-free ticks)
+        │
+    lost / silent subscription / timeout ──> ConnectionLostError / PeerTimeoutError
+                                             (the supervisor rebuilds everything with backoff)
+
+Samples: the server's status code maps to quality (Bad -> bad, Uncertain -> uncertain), the
+server's source timestamp (or server timestamp, or none: ``timestamp``) becomes
+``source_time``. A value of the wrong type (tag ``type``) or a non-scalar is bad, with a
+detail naming the tag and the node.
+
+Why re-emit in subscribe mode: a subscription reports changes only, while detection counts a
+tag as stale when no good sample arrived for ``stale_after``. As long as the session proves
+alive (keep-alives, server state reads), an unchanged value is still the current value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from asyncua import ua
+from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
+
+from agent.model import Quality, TagSample, Value, utcnow
+from protocols.base import SampleSink, Source
+from protocols.modbus.source import next_poll_time
+from protocols.opcua.config import OpcuaMode, OpcuaSourceConfig, OpcuaValueType, TimestampChoice
+from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
+from protocols.opcua.session import Session, quiet_asyncua
+
+__all__ = ["OpcuaSource", "to_sample"]
+
+# Batches handed to detection at most this large (keeps one emit short under bursts).
+_MAX_BATCH = 5000
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    if t is None:
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _convert(raw: Any, expected: OpcuaValueType | None) -> tuple[Value, str | None]:
+    """(value, None) or (None, why it is not usable)."""
+    if isinstance(raw, ua.LocalizedText):
+        raw = raw.Text
+    if isinstance(raw, list | tuple):
+        return None, f"an array of {len(raw)} values, not a single value"
+    if raw is not None and not isinstance(raw, bool | int | float | str):
+        return None, f"a {type(raw).__name__}, not a number, boolean or text"
+    if expected is None or raw is None:
+        return raw, None
+    if expected is OpcuaValueType.BOOL and isinstance(raw, bool):
+        return raw, None
+    if expected is OpcuaValueType.INT and isinstance(raw, int) and not isinstance(raw, bool):
+        return raw, None
+    if expected is OpcuaValueType.FLOAT and isinstance(raw, int | float) \
+            and not isinstance(raw, bool):
+        return float(raw), None
+    if expected is OpcuaValueType.STRING and isinstance(raw, str):
+        return raw, None
+    return None, f"{type(raw).__name__} value {raw!r}, but the tag expects {expected.value}"
+
+
+def to_sample(tag_id: str, node: str, dv: Any, expected: OpcuaValueType | None,
+              timestamp: TimestampChoice, now: datetime) -> TagSample:
+    """One DataValue as a TagSample (see the module docstring for the mapping)."""
+    status = dv.StatusCode if dv.StatusCode is not None else ua.StatusCode()
+    if timestamp is TimestampChoice.SOURCE:
+        t = _aware(dv.SourceTimestamp) or _aware(dv.ServerTimestamp)
+    elif timestamp is TimestampChoice.SERVER:
+        t = _aware(dv.ServerTimestamp) or _aware(dv.SourceTimestamp)
+    else:
+        t = None
+    if status.is_bad():
+        return TagSample(tag_id, None, Quality.BAD, now, t,
+                         f"tag {tag_id} (node {node}): {status.name}"
+                         + (f": {status.doc}" if status.doc else ""))
+    raw = dv.Value.Value if dv.Value is not None else None
+    value, problem = _convert(raw, expected)
+    if problem is not None:
+        return TagSample(tag_id, None, Quality.BAD, now, t,
+                         f"tag {tag_id} (node {node}): the node delivers {problem}")
+    if status.is_uncertain():
+        return TagSample(tag_id, value, Quality.UNCERTAIN, now, t,
+                         f"tag {tag_id} (node {node}): {status.name}")
+    if value is None:
+        return TagSample(tag_id, None, Quality.BAD, now, t,
+                         f"tag {tag_id} (node {node}): the node has no value")
+    return TagSample(tag_id, value, Quality.GOOD, now, t)
+
+
+class OpcuaSource(Source):
+    """Reads the tags of one OPC UA server; see the module docstring.
+
+    ``OpcuaSource(name, config)`` does no I/O; ``await run(out)`` is one session;
+    ``await probe()`` reads every tag once on its own session.
+    """
+
+    def __init__(self, name: str, config: OpcuaSourceConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self._parsed = {t: parse_node_id(tag.node) for t, tag in config.tags.items()}
+        self._last: dict[str, TagSample] = {}
+        quiet_asyncua()
+
+    @property
+    def tag_ids(self) -> list[str]:
+        return list(self.config.tags)
+
+    @property
+    def stale_after(self) -> float:
+        return self.config.effective_stale_after
+
+    # ------------------------------------------------------------------ sessions
+
+    async def run(self, out: SampleSink) -> None:
+        session = Session(self.name, self.config)
+        try:
+            await session.open()
+            resolved, bad = self._resolve(session)
+            first = self._read_samples(resolved, bad, await session.read(
+                [n for n, _ in resolved.values()]))
+            out.connected()
+            self._emit(out, first)
+            if self.config.mode is OpcuaMode.POLL:
+                await self._poll(session, resolved, bad, out)
+            else:
+                await self._subscribe(session, resolved, out)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(session.close())
+
+    async def probe(self) -> list[TagSample]:
+        session = Session(self.name, self.config)
+        try:
+            await session.open()
+            resolved, bad = self._resolve(session)
+            return self._read_samples(resolved, bad, await session.read(
+                [n for n, _ in resolved.values()]))
+        finally:
+            await session.close()
+
+    def _resolve(self, session: Session) -> tuple[dict[str, tuple[Any, str]], list[TagSample]]:
+        """tag id -> (NodeId, node text) for the tags this server can have; bad samples for
+        the others (a namespace URI the server does not know)."""
+        resolved: dict[str, tuple[Any, str]] = {}
+        bad: list[TagSample] = []
+        now = utcnow()
+        for tag_id, tag in self.config.tags.items():
+            try:
+                resolved[tag_id] = (self._parsed[tag_id].resolve(session.namespaces), tag.node)
+            except UnknownNamespaceError as exc:
+                bad.append(TagSample(tag_id, None, Quality.BAD, now, None,
+                                     f"tag {tag_id} (node {tag.node}): {exc}"))
+        return resolved, bad
+
+    def _read_samples(self, resolved: dict[str, tuple[Any, str]], bad: list[TagSample],
+                      values: Sequence[Any]) -> list[TagSample]:
+        now = utcnow()
+        cfg = self.config
+        samples = list(bad)
+        for (tag_id, (_, node)), dv in zip(resolved.items(), values, strict=True):
+            samples.append(to_sample(tag_id, node, dv, cfg.tags[tag_id].type, cfg.timestamp,
+                                     now))
+        return samples
+
+    def _emit(self, out: SampleSink, samples: list[TagSample]) -> None:
+        if not samples:
+            return
+        for s in samples:
+            self._last[s.tag] = s
+        out.emit(samples)
+
+    # ------------------------------------------------------------------ poll mode
+
+    async def _poll(self, session: Session, resolved: dict[str, tuple[Any, str]],
+                    bad: list[TagSample], out: SampleSink) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.poll_interval
+        next_tick = loop.time()
+        node_ids = [n for n, _ in resolved.values()]
+        while True:
+            now = loop.time()
+            next_tick = next_poll_time(next_tick, now, interval)
+            await session.wait_lost(next_tick - now)
+            self._emit(out, self._read_samples(resolved, bad, await session.read(node_ids)))
+
+    # ------------------------------------------------------------------ subscribe mode
+
+    async def _subscribe(self, session: Session, resolved: dict[str, tuple[Any, str]],
+                         out: SampleSink) -> None:
+        cfg = self.config
+        tags = list(resolved)
+        handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
+        by_handle: dict[int, tuple[str, str]] = {}
+        refused: list[TagSample] = []
+        now = utcnow()
+        for tag_id, handle in zip(tags, handles, strict=True):
+            node = resolved[tag_id][1]
+            if isinstance(handle, str):
+                refused.append(TagSample(tag_id, None, Quality.BAD, now, None,
+                                         f"tag {tag_id} (node {node}): the server refused to "
+                                         f"monitor it: {handle}"))
+            else:
+                by_handle[handle] = (tag_id, node)
+        self._emit(out, refused)
+        sub = session.subscription
+        assert sub is not None
+        # Draining the iterator's queue directly: one wait per burst instead of one per value.
+        queue = sub._event_queue
+        assert queue is not None
+        refresh = max(0.5, min(10.0, self.stale_after / 3))
+        next_refresh = time.monotonic() + refresh
+        check = min(0.5, cfg.publishing_interval)
+        while True:
+            session.check_alive()
+            try:
+                event = await sub.next_event(timeout=check)
+            except StopAsyncIteration:
+                session.lose(f"{session.where}: the subscription was closed")
+                session.raise_if_lost()
+                return
+            batch: list[TagSample] = []
+            while event is not None:
+                self._take(event, by_handle, batch, session)
+                if len(batch) >= _MAX_BATCH:
+                    break
+                try:
+                    event = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if event is None:  # the end-of-subscription marker
+                    session.lose(f"{session.where}: the subscription was closed")
+            session.raise_if_lost()
+            self._emit(out, batch)
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + refresh
+                self._refresh(out)
+
+    def _take(self, event: Any, by_handle: dict[int, tuple[str, str]],
+              batch: list[TagSample], session: Session) -> None:
+        if isinstance(event, DataChangeEvent):
+            handle = event.data.subscription_data.client_handle
+            known = by_handle.get(handle) if handle is not None else None
+            if known is None:
+                return
+            tag_id, node = known
+            cfg = self.config
+            batch.append(to_sample(tag_id, node, event.data.monitored_item.Value,
+                                   cfg.tags[tag_id].type, cfg.timestamp, utcnow()))
+        elif isinstance(event, StatusChangeEvent):
+            status = event.notification.Status
+            if status is not None and not status.is_good():
+                session.lose(f"{session.where}: the subscription ended ({status.name})")
+
+    def _refresh(self, out: SampleSink) -> None:
+        """Re-emit the last value of every tag with a new agent time (see module docstring)."""
+        now = utcnow()
+        again = [TagSample(s.tag, s.value, s.quality, now, s.source_time, s.detail)
+                 for s in self._last.values()]
+        if again:
+            out.emit(again)
