@@ -58,6 +58,37 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--duration", type=float, default=None, help="seconds (default: until "
                      "Ctrl-C)")
 
+    prb = sub.add_parser("probe", help="connect each configured source, read every tag once "
+                         "and print value, type, quality and timestamp")
+    prb.add_argument("--config", "-c", required=True, type=Path)
+    prb.add_argument("source", nargs="*", help="source id(s) (default: all)")
+    prb.add_argument("--timeout", type=float, default=30.0,
+                     help="seconds per source (default %(default)s)")
+
+    brw = sub.add_parser("browse", help="list an OPC UA server's nodes (browse name, node id, "
+                         "data type)")
+    where = brw.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="opc.tcp://HOST:PORT (policy None, anonymous)")
+    where.add_argument("--config", "-c", type=Path,
+                       help="use the endpoint, security and login of an opcua source")
+    brw.add_argument("--source", help="with --config: the opcua source id (default: the "
+                     "only one)")
+    brw.add_argument("--node", default="i=85", help="start node (default: Objects, i=85)")
+    brw.add_argument("--depth", type=int, default=2, help="levels (default %(default)s)")
+
+    ua_cmd = sub.add_parser("opcua", help="OPC UA helpers")
+    ua_sub = ua_cmd.add_subparsers(dest="opcua_command", metavar="ACTION")
+    gen = ua_sub.add_parser("gen-cert", help="create this agent's OPC UA application "
+                            "certificate and key, and print how to trust it")
+    gen.add_argument("--dir", type=Path, default=Path("pki"),
+                     help="output directory (default %(default)s)")
+    gen.add_argument("--application-uri", default=None,
+                     help="application URI (default urn:<hostname>:plant-edge-agent)")
+    gen.add_argument("--hostname", action="append", default=None,
+                     help="DNS name in the certificate (repeatable; default this host)")
+    gen.add_argument("--days", type=int, default=730, help="validity (default %(default)s)")
+    gen.add_argument("--force", action="store_true", help="replace existing files")
+
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
                       help="seconds to run (default %(default)s)")
@@ -93,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args.config, args.samples, args.end)
         if args.command == "record":
             return _record(args.config, args.out, args.duration)
+        if args.command == "probe":
+            return _probe(args.config, args.source, args.timeout)
+        if args.command == "browse":
+            return _browse(args)
+        if args.command == "opcua":
+            if args.opcua_command != "gen-cert":
+                print("usage: edge-agent opcua gen-cert [--dir DIR]", file=sys.stderr)
+                return EXIT_INVALID
+            return _gen_cert(args)
         if args.command == "demo":
             from agent.demo import run_demo
 
@@ -169,6 +209,90 @@ def _run(path: Path) -> int:
 
     config = load_config(path)
     return run_agent(config, config_hash(config))
+
+
+def _probe(path: Path, only: list[str], timeout: float) -> int:
+    import asyncio
+
+    from agent.probe import format_results, probe_sources
+    from config.loader import load_config
+
+    config = load_config(path)
+    try:
+        results = asyncio.run(probe_sources(config, only or None, timeout))
+    except KeyError as exc:
+        print(f"edge-agent: no source {exc} in {path} (sources: "
+              f"{', '.join(config.sources) or 'none'})", file=sys.stderr)
+        return EXIT_INVALID
+    print(format_results(results))
+    return EXIT_FAILURE if any(r.error for r in results) else EXIT_OK
+
+
+def _browse(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.errors import RetryableError
+    from protocols.opcua.browse import browse, endpoint_config
+    from protocols.opcua.config import OpcuaSourceConfig
+
+    if args.endpoint:
+        try:
+            cfg = endpoint_config(args.endpoint)
+        except ValueError as exc:
+            print(f"edge-agent: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        from config.loader import load_config
+
+        config = load_config(args.config)
+        ua_sources = {n: s for n, s in config.sources.items() if isinstance(s, OpcuaSourceConfig)}
+        name = args.source or (next(iter(ua_sources)) if len(ua_sources) == 1 else None)
+        if name not in ua_sources:
+            print(f"edge-agent: name an opcua source with --source (opcua sources: "
+                  f"{', '.join(ua_sources) or 'none'})", file=sys.stderr)
+            return EXIT_INVALID
+        cfg = ua_sources[name]
+    try:
+        rows = asyncio.run(browse(cfg, args.node, args.depth))
+    except ValueError as exc:
+        print(f"edge-agent: --node: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except RetryableError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    width = max([len("  " * r.depth + r.browse_name) for r in rows] + [11])
+    print(f"{'BROWSE NAME'.ljust(width)}  {'CLASS':<8}  {'DATA TYPE':<14}  NODE ID")
+    for r in rows:
+        print(f"{('  ' * r.depth + r.browse_name).ljust(width)}  {r.node_class:<8}  "
+              f"{r.data_type:<14}  {r.node_id}")
+    return EXIT_OK
+
+
+def _gen_cert(args: argparse.Namespace) -> int:
+    import socket
+
+    from protocols.opcua.security import generate_certificate
+
+    host = socket.gethostname()
+    uri = args.application_uri or f"urn:{host}:plant-edge-agent"
+    files = generate_certificate(args.dir, uri, hostnames=args.hostname or [host],
+                                 days=args.days, overwrite=args.force)
+    print(f"""certificate: {files.certificate}
+private key: {files.private_key} (keep it secret: readable by the agent's user only)
+application URI: {files.application_uri}
+SHA-256 fingerprint: {files.fingerprint}
+
+In the source's configuration:
+    security: {{policy: Basic256Sha256, mode: SignAndEncrypt,
+               certificate: {files.certificate}, private_key: {files.private_key},
+               trust: {args.dir / "trusted"}/}}
+
+On the OPC UA server, trust this certificate: copy {files.certificate.name} into the server's
+trusted client certificates (often pki/trusted/certs/), or connect once and move it from the
+server's rejected list to the trusted list; check the fingerprint above.
+Put the server's own certificate into {args.dir / "trusted"}/ so the agent trusts the server.""")
+    (args.dir / "trusted").mkdir(parents=True, exist_ok=True)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

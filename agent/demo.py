@@ -185,7 +185,9 @@ async def _demo(duration: float, data_dir: Path) -> int:
     text = (DEMO_CONFIG.replace("{data_dir}", str(data_dir / "agent"))
             .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url))
     config = load_config_text(text, "<demo plant>")
-    plant = _Plant(sim, config.sources["plant-sim"])
+    plant_cfg = config.sources["plant-sim"]
+    assert isinstance(plant_cfg, ModbusSourceConfig)
+    plant = _Plant(sim, plant_cfg)
     stop_plant, stop_agent = asyncio.Event(), asyncio.Event()
     holder: dict[str, Runtime] = {}
     summary: dict[str, int] = {}
