@@ -26,14 +26,17 @@ __all__ = [
     "BufferConfig",
     "Config",
     "DowntimeRule",
+    "FleetConfig",
     "HealthConfig",
     "HttpAuth",
     "HttpSinkConfig",
     "MachineConfig",
+    "OAuth2Config",
     "ScrapRule",
     "SinkConfig",
     "SourceConfig",
     "StateRule",
+    "TlsConfig",
     "WhenFull",
 ]
 
@@ -78,6 +81,13 @@ class HealthConfig(Strict):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"'{v}' is not HOST:PORT (for example 127.0.0.1:9780)")
         return v
+
+    max_pending_age: Duration = Field(3600.0, description="/readyz degrades when a sink's "
+                                      "oldest undelivered event is older than this.")
+    min_disk_free: ByteSize = Field(100 * 2**20, description="/readyz degrades when the file "
+                                    "system of the data directory has less free space.")
+    buffer_full_ratio: float = Field(0.9, gt=0, le=1, description="/readyz degrades when the "
+                                     "buffer file reaches this fraction of buffer.max_size.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -233,9 +243,50 @@ class SinkMode(StrEnum):
     BATCH = "batch"
 
 
+class OAuth2Config(Strict):
+    token_url: str = Field(description="OAuth2 token endpoint (client-credentials grant).")
+    client_id: str = Field(description="OAuth2 client id.")
+    client_secret: Secret = Field(description="OAuth2 client secret, usually "
+                                  "${file:/run/credentials/...}.")
+    scope: str | None = Field(None, description="Space-separated scopes to ask for.")
+    refresh_before: Duration = Field(30.0, description="Fetch a new token this long before "
+                                     "the cached one expires.")
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"'{v}' is not an http:// or https:// URL")
+        return v
+
+
 class HttpAuth(Strict):
     bearer_token: Secret | None = Field(None, description="Bearer token, usually "
                                         "${file:/run/credentials/...} or ${env:NAME}.")
+    oauth2: OAuth2Config | None = Field(None, description="OAuth2 client credentials: the "
+                                        "token is fetched, cached and refreshed before expiry; "
+                                        "a 401 triggers one refresh.")
+
+    @model_validator(mode="after")
+    def _one(self) -> HttpAuth:
+        if self.bearer_token is not None and self.oauth2 is not None:
+            raise ValueError("give either 'bearer_token' or 'oauth2', not both")
+        return self
+
+
+class TlsConfig(Strict):
+    verify: bool = Field(True, description="Verify the server certificate (default true; "
+                         "turning it off is for lab tests only).")
+    ca_file: Path | None = Field(None, description="PEM file of the CA(s) to trust instead of "
+                                 "the system store (a private plant CA).")
+    client_cert: Path | None = Field(None, description="PEM client certificate for mutual TLS.")
+    client_key: Path | None = Field(None, description="PEM private key of client_cert.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("'client_key' needs 'client_cert'")
+        return self
 
 
 class RetryPolicy(Strict):
@@ -254,6 +305,8 @@ class HttpSinkConfig(Strict):
     auth: HttpAuth = Field(default_factory=HttpAuth, description="Authentication.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra static headers.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for https:// URLs: "
+                           "custom CA, client certificate (mutual TLS).")
 
     @field_validator("url")
     @classmethod
@@ -293,6 +346,26 @@ class BufferConfig(Strict):
                                     "is offered again.")
 
 
+# --------------------------------------------------------------------------- fleet
+
+
+class FleetConfig(Strict):
+    url: str = Field(description="Central URL that receives a heartbeat POST (agent id, site, "
+                     "version, config hash, uptime, buffer stats, component states).")
+    interval: Duration = Field(60.0, description="Time between heartbeats.")
+    timeout: Duration = Field(10.0, description="Timeout of one heartbeat request.")
+    auth: HttpAuth = Field(default_factory=HttpAuth, description="Authentication.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for https:// URLs.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra static headers.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"'{v}' is not an http:// or https:// URL")
+        return v
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -306,6 +379,8 @@ class Config(Strict):
     sinks: dict[ComponentId, SinkConfig] = Field(
         default_factory=dict, description="Where events go, by id.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Durable buffer.")
+    fleet: FleetConfig | None = Field(None, description="Optional fleet heartbeat to a central "
+                                      "URL; its failures never affect event delivery.")
 
     @property
     def buffer_path(self) -> Path:
