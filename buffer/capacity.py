@@ -28,6 +28,7 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from buffer.base import NewEvent
 
@@ -35,6 +36,7 @@ __all__ = [
     "ANY_STATE",
     "IN_JSON",
     "KNOWN_SINKS",
+    "Dropped",
     "append_or_reject",
     "drop_oldest",
     "json_list",
@@ -109,28 +111,40 @@ def append_or_reject(conn: sqlite3.Connection, events: Sequence[NewEvent],
     return keep, len(fresh) - keep
 
 
+@dataclass(slots=True)
+class Dropped:
+    """What ``drop_oldest`` deleted: events, of which ``new`` from this very batch (when the
+    batch alone is larger than the room there is), and delivery rows by (sink, state)."""
+
+    events: int = 0
+    new: int = 0
+    rows: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
 def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserted: int,
-                live_before: int, now: str) -> int:
-    """drop_oldest after the batch is inserted; returns how many events of this batch had to
-    go as well (when the batch alone is larger than the room there is)."""
+                live_before: int, now: str) -> Dropped:
+    """drop_oldest after the batch is inserted (``before``: the highest seq before it)."""
+    dropped = Dropped()
     live = live_bytes(conn)
     if inserted == 0 or live <= max_size:
-        return 0
+        return dropped
     # Bytes per event as this batch actually grew the file; each round then learns from what
     # its deletes freed. Deleting too few only costs another round.
     per_event = max((live - live_before) / inserted, 64.0)
-    lost_new = 0
     removed: Counter[str] = Counter()
     while live > max_size:
         victims = _victims(conn, int((live - max_size) / per_event) + 1)
         if not victims:
             break  # only leased rows left (or nothing): commit over capacity for now
         seqs = json_list([s for s, _ in victims])
-        conn.execute(f"DELETE FROM deliveries WHERE sink IN {KNOWN_SINKS} "
-                     f"AND state IN {ANY_STATE} AND seq IN ({IN_JSON})", (seqs,))
+        rows = conn.execute(f"DELETE FROM deliveries WHERE sink IN {KNOWN_SINKS} AND state "
+                            f"IN {ANY_STATE} AND seq IN ({IN_JSON}) RETURNING sink, state",
+                            (seqs,)).fetchall()
+        dropped.rows.update((str(sink), str(state)) for sink, state in rows)
         conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON})", (seqs,))
         removed.update(t for _, t in victims)
-        lost_new += sum(1 for s, _ in victims if s > before)
+        dropped.events += len(victims)
+        dropped.new += sum(1 for s, _ in victims if s > before)
         now_live = live_bytes(conn)
         # Pages free only when they empty, so a round may free less than its rows' worth;
         # learn from rounds that freed something, keep the estimate after one that did not.
@@ -138,7 +152,7 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
             per_event = max(min(per_event, (live - now_live) / len(victims)), 64.0)
         live = now_live
     record_drops(conn, removed, now)
-    return lost_new
+    return dropped
 
 
 def _victims(conn: sqlite3.Connection, n: int) -> list[tuple[int, str]]:

@@ -60,6 +60,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,6 +134,13 @@ class SqliteBuffer(Buffer):
         # leases, so no other deadlines exist); lease() reclaims only once one has passed.
         self._expiry: dict[str, float] = {}
         self._damaged = False  # a corrupt page was met: the next start must check the file
+        # Row counts by (sink, state) and the event count, kept in step with every commit so
+        # stats() scans nothing (None when not opened by open(): stats() then counts rows).
+        # Changes collect in the _delta fields during a transaction, applied after COMMIT.
+        self._counts: Counter[tuple[str, str]] | None = None
+        self._events = 0
+        self._delta: Counter[tuple[str, str]] = Counter()
+        self._delta_events = 0
         self.salvage = salvage
         # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
         self.degraded_reason: str | None = None
@@ -160,6 +168,19 @@ class SqliteBuffer(Buffer):
             # Cleared here, set by close(): a start that finds 0 follows a crash.
             conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
         self._owner = True
+        self._load_counts()
+
+    def _load_counts(self) -> None:
+        """Count rows once at open (a scan); from here on each commit adjusts the counts."""
+        conn = self._require()
+        try:
+            rows = conn.execute("SELECT sink, state, count(*) FROM deliveries "
+                                "GROUP BY sink, state").fetchall()
+            events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        except sqlite3.Error as e:
+            raise self._translate(e, "counting rows", opening=True) from e
+        self._counts = Counter({(str(k), str(st)): int(n) for k, st, n in rows})
+        self._events = int(events)
 
     def _register_sinks(self, conn: sqlite3.Connection, now: str) -> None:
         # Every sink that ever had rows stays in ``sinks``: queries that must see all of an
@@ -216,6 +237,7 @@ class SqliteBuffer(Buffer):
         return self
 
     def close(self) -> None:
+        self._counts = None
         conn, self._conn = self._conn, None
         owner, self._owner = self._owner, False
         if conn is None:
@@ -297,11 +319,16 @@ class SqliteBuffer(Buffer):
         conn = self._require()
         if self.readonly:
             raise RuntimeError(f"buffer {self.path} is attached read-only; {what} needs a write")
+        self._delta.clear()
+        self._delta_events = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if self._counts is not None:
+                    self._counts.update(self._delta)
+                    self._events += self._delta_events
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -314,6 +341,14 @@ class SqliteBuffer(Buffer):
             return self._require().execute(sql, params).fetchall()
         except sqlite3.Error as e:
             raise self._translate(e, what) from e
+
+    def _move(self, sink: str, src: str | None, dst: str | None, n: int) -> None:
+        """Count ``n`` rows of ``sink`` moving from state ``src`` to ``dst`` (None: created
+        or deleted) in the open transaction."""
+        if src is not None:
+            self._delta[(sink, src)] -= n
+        if dst is not None:
+            self._delta[(sink, dst)] += n
 
     def _view(self, what: str, query: Callable[..., _T], *args: object) -> _T:
         try:
@@ -335,11 +370,15 @@ class SqliteBuffer(Buffer):
                 stored, rejected = append_or_reject(
                     conn, events, lambda batch: self._insert(conn, batch, before, now),
                     max_size=self.max_size, before=before, live_before=live_before, now=now)
+                self._count_new(stored)
             else:
                 inserted = self._insert(conn, events, before, now)
-                lost = drop_oldest(conn, max_size=self.max_size, before=before,
-                                   inserted=inserted, live_before=live_before, now=now)
-                stored, rejected = inserted - lost, 0
+                self._count_new(inserted)
+                dropped = drop_oldest(conn, max_size=self.max_size, before=before,
+                                      inserted=inserted, live_before=live_before, now=now)
+                self._delta_events -= dropped.events
+                self._delta.subtract(dropped.rows)
+                stored, rejected = inserted - dropped.new, 0
             if states:
                 conn.executemany(
                     "INSERT INTO detector_state(key, state, updated_at) VALUES (?, ?, ?) "
@@ -365,6 +404,11 @@ class SqliteBuffer(Buffer):
                              (sink, before))
         return inserted
 
+    def _count_new(self, n: int) -> None:
+        self._delta_events += n
+        for sink in self._sinks:
+            self._move(sink, None, "pending", n)
+
     def load_states(self) -> dict[str, str]:
         rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
         return {str(k): str(v) for k, v in rows}
@@ -389,16 +433,18 @@ class SqliteBuffer(Buffer):
         next_due = due
         with self._write(f"leasing for sink {sink}") as conn:
             if due is not None and due <= now:
-                next_due = self._reclaim_expired(conn, sink, now)
+                next_due = self._reclaim_expired(sink, now)
             rows = conn.execute(
                 "SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts "
                 "FROM deliveries d JOIN events e ON e.seq = d.seq "
                 "WHERE d.sink = ? AND d.state = 'pending' ORDER BY d.seq LIMIT ?",
                 (sink, limit)).fetchall()
             if rows:
-                conn.execute("UPDATE deliveries SET state = 'leased', leased_until = ? "
-                             f"WHERE sink = ? AND state = 'pending' AND seq IN ({IN_JSON})",
-                             (now + self.lease_timeout, sink, json_list([r[0] for r in rows])))
+                cur = conn.execute(
+                    "UPDATE deliveries SET state = 'leased', leased_until = ? "
+                    f"WHERE sink = ? AND state = 'pending' AND seq IN ({IN_JSON})",
+                    (now + self.lease_timeout, sink, json_list([r[0] for r in rows])))
+                self._move(sink, "pending", "leased", cur.rowcount)
                 next_due = min(next_due if next_due is not None else math.inf,
                                now + self.lease_timeout)
         if next_due is None:
@@ -408,14 +454,16 @@ class SqliteBuffer(Buffer):
         return [LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a))
                 for s, i, k, t, p, a in rows]
 
-    @staticmethod
-    def _reclaim_expired(conn: sqlite3.Connection, sink: str, now: float) -> float | None:
+    def _reclaim_expired(self, sink: str, now: float) -> float | None:
         """Expired leases back to pending; returns the next deadline of this sink, if any.
 
         Only run when a deadline has passed (``_expiry``); both statements scan just the
         leased rows of the sink (a key range)."""
-        conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
-                     "WHERE sink = ? AND state = 'leased' AND leased_until <= ?", (sink, now))
+        conn = self._require()
+        cur = conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL "
+                           "WHERE sink = ? AND state = 'leased' AND leased_until <= ?",
+                           (sink, now))
+        self._move(sink, "leased", "pending", cur.rowcount)
         row = conn.execute("SELECT min(leased_until) FROM deliveries "
                            "WHERE sink = ? AND state = 'leased'", (sink,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
@@ -425,30 +473,40 @@ class SqliteBuffer(Buffer):
             return
         now = format_time(utcnow())
         with self._write(f"settling for sink {sink}") as conn:
+            # One statement per source state, so each rowcount says which counts move. A row
+            # whose lease expired (pending again) is settled all the same.
             if settlement.retry:
-                conn.execute("UPDATE deliveries SET state = 'pending', leased_until = NULL, "
-                             "attempts = attempts + 1 WHERE sink = ? "
-                             f"AND state IN ('pending', 'leased') AND seq IN ({IN_JSON})",
-                             (sink, json_list(settlement.retry)))
+                retry = json_list(settlement.retry)
+                for state in ("pending", "leased"):  # pending first: it is the target state
+                    cur = conn.execute(
+                        "UPDATE deliveries SET state = 'pending', leased_until = NULL, "
+                        "attempts = attempts + 1 WHERE sink = ? AND state = ? "
+                        f"AND seq IN ({IN_JSON})", (sink, state, retry))
+                    self._move(sink, state, "pending", cur.rowcount)
             if settlement.dead:
-                conn.executemany(
-                    "UPDATE deliveries SET state = 'dead', leased_until = NULL, "
-                    "attempts = attempts + 1, status = ?, detail = ?, failed_at = ? "
-                    "WHERE sink = ? AND state IN ('pending', 'leased') AND seq = ?",
-                    [(st, detail, now, sink, seq)
-                     for seq, (st, detail) in settlement.dead.items()])
+                for state in ("leased", "pending"):
+                    cur = conn.executemany(
+                        "UPDATE deliveries SET state = 'dead', leased_until = NULL, "
+                        "attempts = attempts + 1, status = ?, detail = ?, failed_at = ? "
+                        "WHERE sink = ? AND state = ? AND seq = ?",
+                        [(st, detail, now, sink, state, seq)
+                         for seq, (st, detail) in settlement.dead.items()])
+                    self._move(sink, state, "dead", cur.rowcount)
             if settlement.accepted:
                 seqs = json_list(settlement.accepted)
-                conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state IN {ANY_STATE} "
-                             f"AND seq IN ({IN_JSON})", (sink, seqs))
+                gone = conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state IN "
+                                    f"{ANY_STATE} AND seq IN ({IN_JSON}) RETURNING state",
+                                    (sink, seqs)).fetchall()
+                for (state,) in gone:
+                    self._move(sink, str(state), None, 1)
                 self._delete_orphans(conn, seqs)
         self._maybe_shrink()
 
-    @staticmethod
-    def _delete_orphans(conn: sqlite3.Connection, seqs_json: str) -> None:
-        conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON}) AND NOT EXISTS "
-                     f"(SELECT 1 FROM deliveries d WHERE d.sink IN {KNOWN_SINKS} "
-                     f"AND d.state IN {ANY_STATE} AND d.seq = events.seq)", (seqs_json,))
+    def _delete_orphans(self, conn: sqlite3.Connection, seqs_json: str) -> None:
+        cur = conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON}) AND NOT EXISTS "
+                           f"(SELECT 1 FROM deliveries d WHERE d.sink IN {KNOWN_SINKS} "
+                           f"AND d.state IN {ANY_STATE} AND d.seq = events.seq)", (seqs_json,))
+        self._delta_events -= cur.rowcount
 
     def _maybe_shrink(self) -> None:
         """Give free pages back to the file system once a quarter of the file is free."""
@@ -473,22 +531,24 @@ class SqliteBuffer(Buffer):
                             ids: Sequence[str] | None = None) -> int:
         where, params = views.dead_filter(sink, ids)
         with self._write("replaying dead letters") as conn:
-            cur = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
-                               "status = NULL, detail = NULL, failed_at = NULL "
-                               f"WHERE {where}", params)
-            return max(cur.rowcount, 0)
+            moved = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
+                                 "status = NULL, detail = NULL, failed_at = NULL "
+                                 f"WHERE {where} RETURNING sink", params).fetchall()
+            for (name,) in moved:
+                self._move(str(name), "dead", "pending", 1)
+        return len(moved)
 
     def purge_dead_letters(self, sink: str | None = None,
                            ids: Sequence[str] | None = None) -> int:
         where, params = views.dead_filter(sink, ids)
         with self._write("purging dead letters") as conn:
-            seqs = [r[0] for r in conn.execute(f"SELECT seq FROM deliveries WHERE {where}",
-                                               params)]
-            cur = conn.execute(f"DELETE FROM deliveries WHERE {where}", params)
-            self._delete_orphans(conn, json_list(seqs))
-            count = max(cur.rowcount, 0)
+            gone = conn.execute(f"DELETE FROM deliveries WHERE {where} RETURNING sink, seq",
+                                params).fetchall()
+            for name, _ in gone:
+                self._move(str(name), "dead", None, 1)
+            self._delete_orphans(conn, json_list([seq for _, seq in gone]))
         self._maybe_shrink()
-        return count
+        return len(gone)
 
     def pending(self, sink: str | None = None, limit: int = 1000) -> list[LeasedEvent]:
         """Per sink: its pending and leased rows. Without a sink: each event that still has
@@ -500,11 +560,14 @@ class SqliteBuffer(Buffer):
     def stats(self) -> BufferStats:
         conn = self._require()
         try:
-            events = int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            counts = self._counts
+            events = self._events if counts is not None else int(
+                conn.execute("SELECT count(*) FROM events").fetchone()[0])
             page_count, free, page_size = page_stats(conn)
             dropped = conn.execute(
                 "SELECT value FROM meta WHERE name = 'dropped_total'").fetchone()
-            sinks = {name: views.sink_stats(conn, name)
+            sinks = {name: views.sink_stats(conn, name, None if counts is None else {
+                         st: counts[(name, st)] for st in ("pending", "leased", "dead")})
                      for name in views.sink_names(conn, self._sinks)}
         except sqlite3.Error as e:
             raise self._translate(e, "reading stats") from e

@@ -65,14 +65,18 @@ def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],
             for s, i, k, t, p in rows]
 
 
-def sink_stats(conn: sqlite3.Connection, sink: str) -> SinkStats:
-    counts, firsts = {}, []
-    for state in ("pending", "leased", "dead"):
-        n, first = conn.execute("SELECT count(*), min(seq) FROM deliveries "
-                                "WHERE sink = ? AND state = ?", (sink, state)).fetchone()
-        counts[state] = int(n)
-        if first is not None and state != "dead":
-            firsts.append(int(first))
+def sink_stats(conn: sqlite3.Connection, sink: str,
+               counts: dict[str, int] | None = None) -> SinkStats:
+    """Counts by state (counted here unless given) and the time of the oldest undelivered
+    event (the first key of the pending and leased ranges: no scan)."""
+    if counts is None:
+        counts = {state: int(conn.execute("SELECT count(*) FROM deliveries WHERE sink = ? "
+                                          "AND state = ?", (sink, state)).fetchone()[0])
+                  for state in ("pending", "leased", "dead")}
+    firsts = [int(first) for state in ("pending", "leased")
+              if (first := conn.execute("SELECT min(seq) FROM deliveries WHERE sink = ? "
+                                        "AND state = ?", (sink, state)).fetchone()[0])
+              is not None]
     oldest = None
     if firsts:
         row = conn.execute("SELECT time FROM events WHERE seq = ?", (min(firsts),)).fetchone()

@@ -514,6 +514,9 @@ def test_sqlite_behaves_like_the_reference(ops: list[tuple]) -> None:
         pair: list[Buffer] = [memory, sqlite]
         for b in pair:
             b.open(SINKS)
+        # A second, read-only connection counts rows from scratch: the writer's running
+        # counts (what its stats() reports) must agree with it after every step.
+        counted = SqliteBuffer.attach(path, max_size=2**40)
         # Seqs may differ (SQLite can skip a seq on an ignored duplicate); ids must not.
         leased: list[dict[str, list]] = [{s: [] for s in SINKS} for _ in pair]
         try:
@@ -543,6 +546,8 @@ def test_sqlite_behaves_like_the_reference(ops: list[tuple]) -> None:
                         b.open(SINKS)
                 a, s = _observe(memory), _observe(sqlite)
                 assert a == s, f"after step {step} {op}"
+                assert sqlite.stats() == counted.stats(), f"counts after step {step} {op}"
         finally:
+            counted.close()
             for b in pair:
                 b.close()

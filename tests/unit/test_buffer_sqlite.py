@@ -259,6 +259,24 @@ def test_drops_survive_a_restart_until_taken(path: Path) -> None:
     b2.close()
 
 
+def test_running_counts_match_a_recount_through_drops(path: Path) -> None:
+    b = _opened(path, max_size=150_000)
+    counted = SqliteBuffer.attach(path, max_size=150_000)  # counts rows on every call
+    try:
+        b.append([ev(i, size=1500) for i in range(20)], {})
+        leased = b.lease("erp", 6)
+        b.settle("erp", Settlement(dead={leased[0].seq: (400, "x")}, retry=[leased[1].seq],
+                                   accepted=[leased[2].seq]))
+        for start in range(20, 300, 20):
+            b.append([ev(i, size=1500) for i in range(start, start + 20)], {})
+            assert b.stats() == counted.stats()
+        assert b.stats().dropped_total > 0
+        assert b.replay_dead_letters() == 1 and b.stats() == counted.stats()
+    finally:
+        counted.close()
+        b.close()
+
+
 # ---------------------------------------------------------------- AsyncBuffer
 
 class _ThreadRecorder(MemoryBuffer):
