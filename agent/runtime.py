@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from agent import __version__
 from agent.detect import MachineDetector
 from agent.detect.build import build_detectors
 from agent.errors import EdgeAgentError, StorageFullError
+from agent.metrics import Metrics
 from agent.model import (
     Event,
     EventType,
@@ -108,6 +110,9 @@ class Runtime:
         self.storage_error: str | None = None
         self.started_at = time.time()
         self.events_detected: dict[str, int] = {}
+        self.events_by_machine: dict[tuple[str, str], int] = {}
+        self.metrics = Metrics(self)
+        self.last_reload: dict[str, Any] | None = None
         self.committed_total = 0
         self._stopping = False
         self._stopped = False
@@ -126,7 +131,8 @@ class Runtime:
         for name, sink_cfg in cfg.sinks.items():
             sink = HttpSink(name, sink_cfg)
             self._sinks.append(sink)
-            self.forwarders[name] = Forwarder(sink, self.buffer, sink_cfg.retry)
+            self.forwarders[name] = Forwarder(self.metrics.instrument(sink), self.buffer,
+                                              sink_cfg.retry)
         for fw in self.forwarders.values():
             self._fw_tasks.append(asyncio.create_task(fw.run(), name=f"forwarder:{fw}"))
         states = await self.buffer.load_states()
@@ -136,7 +142,10 @@ class Runtime:
             source = build_source(name, src_cfg)
             sup = Supervisor("source", name, self._session(name), backoff=Backoff(
                 src_cfg.backoff.initial, src_cfg.backoff.max),
-                watchdog=max(10.0, 4 * source.stale_after))
+                # A source whose tags never go stale (MQTT by default: a quiet topic is not a
+                # dead machine) has no watchdog either.
+                watchdog=None if math.isinf(source.stale_after)
+                else max(10.0, 4 * source.stale_after))
             self.sources[name] = _SourceInfo(source, sup)
         for det in self.detectors.values():
             for tag in det.tags:
@@ -232,6 +241,8 @@ class Runtime:
         if events:
             for e in events:
                 self.events_detected[e.type.value] = self.events_detected.get(e.type.value, 0) + 1
+                key = (det.machine_id, e.type.value)
+                self.events_by_machine[key] = self.events_by_machine.get(key, 0) + 1
             self._queue.extend(events)
             self._commit_wakeup.set()
         elif det.dirty:

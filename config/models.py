@@ -19,6 +19,7 @@ from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
 from config.units import ByteSize, Duration
 from protocols.modbus.config import ModbusSourceConfig
+from protocols.mqtt.config import MqttSourceConfig
 from protocols.opcua.config import OpcuaSourceConfig
 
 __all__ = [
@@ -93,7 +94,8 @@ class HealthConfig(Strict):
 # --------------------------------------------------------------------------- sources
 
 
-SourceConfig = Annotated[ModbusSourceConfig | OpcuaSourceConfig, Field(discriminator="type")]
+SourceConfig = Annotated[ModbusSourceConfig | OpcuaSourceConfig | MqttSourceConfig,
+                         Field(discriminator="type")]
 
 # --------------------------------------------------------------------------- machines
 

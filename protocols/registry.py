@@ -22,6 +22,10 @@ def build_source(name: str, config: Any) -> Source:
         from protocols.opcua.source import OpcuaSource
 
         return OpcuaSource(name, config)
+    if config.type == "mqtt":
+        from protocols.mqtt.source import MqttSource
+
+        return MqttSource(name, config)
     raise ValueError(f"source {name}: no implementation for type {config.type!r}")
 
 

@@ -177,14 +177,14 @@ def test_unknown_source_type() -> None:
     text = BASE.replace("type: modbus", "type: profibus")
     assert errors(text) == [
         "cfg.yaml:4:5: sources.press-plc.type: unknown type 'profibus'; expected "
-        "'modbus', 'opcua'"]
+        "'modbus', 'opcua', 'mqtt'"]
 
 
 def test_missing_source_type() -> None:
     text = BASE.replace("    type: modbus\n", "")
     assert errors(text) == [
         "cfg.yaml:3:3: sources.press-plc.type: required key 'type' is missing (one of "
-        "'modbus', 'opcua')"]
+        "'modbus', 'opcua', 'mqtt')"]
 
 
 def test_bad_component_id_is_reported_at_the_key() -> None:

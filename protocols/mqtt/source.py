@@ -1,0 +1,286 @@
+"""The MQTT source: subscribes to a broker and turns messages into samples.
+
+``run()`` is one session (``protocols/base.py``)::
+
+    PahoConnection.open() ── CONNACK ok, subscriptions sent ──> out.connected()
+        │                                                          │
+        │ refused / unreachable / TLS check failed                 v
+        └──> ConnectionLostError          messages ──> samples ──> out.emit(batch per read burst)
+                                                   │
+                             broker gone, keep-alive expired ──> ConnectionLostError
+
+Session rules:
+- A persistent session (default) keeps the broker queueing QoS 1 messages while the agent is
+  away; they arrive right after the next CONNACK, before anything new. Subscriptions are sent
+  again on every CONNACK anyway (the broker may have lost the session).
+- Each message gives one sample per matching tag (so each reject message is one scrap
+  quantity). Messages are read and emitted on the event loop thread, in broker order.
+- A message that does not decode (not JSON, wrong type, over ``max_payload``, binary) gives the
+  tags it was for a bad sample; it is counted per topic (``decode_errors``) and logged once per
+  topic with an excerpt. Other messages keep flowing.
+- Sparkplug B topics go to a ``SparkplugTracker`` (births, aliases, seq, deaths, rebirth
+  requests), a new one per session.
+- Staleness: MQTT samples come only when something is published, so ``stale_after`` is off
+  unless configured; ``stale_after`` is then ``inf`` for the runtime (no watchdog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import paho.mqtt.client as mqtt
+
+from agent.errors import DecodeError
+from agent.model import Quality, TagSample, utcnow
+from protocols.base import SampleSink, Source
+from protocols.mqtt.bridge import PahoConnection
+from protocols.mqtt.config import MqttSourceConfig, SessionMode, SparkplugTag, TopicTag
+from protocols.mqtt.payload import Message, TopicReader, excerpt
+from protocols.mqtt.sparkplug import NAMESPACE, parse_topic, rebirth_request
+from protocols.mqtt.sparkplug_host import SparkplugTracker
+
+__all__ = ["MqttSource", "topic_matches"]
+
+log = logging.getLogger("edge_agent.mqtt")
+
+# Bounds on per-topic bookkeeping: wildcard subscriptions can see unbounded topic names.
+_MAX_TRACKED_TOPICS = 1000
+_MAX_CACHED_ROUTES = 10000
+_PROBE_WAIT = 2.0
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching: '+' one level, '#' the rest (and the parent); '$...' topics are not
+    matched by a leading wildcard."""
+    return _match(topic_filter.split("/"), topic.split("/"))
+
+
+def _match(flt: Sequence[str], levels: Sequence[str]) -> bool:
+    if levels and levels[0].startswith("$") and flt and flt[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(flt):
+        if f == "#":
+            return True
+        if i >= len(levels):
+            return False
+        if f != "+" and f != levels[i]:
+            return False
+    return len(flt) == len(levels)
+
+
+class _Router:
+    """Topic -> the readers of the ``topic`` tags whose filter matches it."""
+
+    def __init__(self, tags: dict[str, TopicTag]) -> None:
+        self.exact: dict[str, list[TopicReader]] = {}
+        self.wild: list[tuple[list[str], list[TopicReader]]] = []
+        by_filter: dict[str, list[TopicReader]] = {}
+        for tag_id, tag in tags.items():
+            by_filter.setdefault(tag.topic, []).append(TopicReader.of(tag_id, tag))
+        for flt, readers in by_filter.items():
+            if "+" in flt or "#" in flt:
+                self.wild.append((flt.split("/"), readers))
+            else:
+                self.exact[flt] = readers
+        self._cache: dict[str, list[TopicReader]] = {}
+
+    def readers(self, topic: str) -> list[TopicReader]:
+        if not self.wild:
+            return self.exact.get(topic, [])
+        found = self._cache.get(topic)
+        if found is None:
+            found = list(self.exact.get(topic, []))
+            levels = topic.split("/")
+            for flt, readers in self.wild:
+                if _match(flt, levels):
+                    found.extend(readers)
+            if len(self._cache) >= _MAX_CACHED_ROUTES:
+                self._cache.clear()
+            self._cache[topic] = found
+        return found
+
+
+class MqttSource(Source):
+    """Subscribes to the tags of one broker; see the module docstring.
+
+    ``MqttSource(name, config)`` does no I/O. ``await run(out)`` is one session;
+    ``await probe()`` collects what arrives (retained values, births) for a moment.
+    """
+
+    def __init__(self, name: str, config: MqttSourceConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        topic_tags = {t: c for t, c in config.tags.items() if isinstance(c, TopicTag)}
+        self._spb_tags = {t: c for t, c in config.tags.items() if isinstance(c, SparkplugTag)}
+        self._router = _Router(topic_tags)
+        self._subscriptions: dict[str, int] = {}
+        for tag in topic_tags.values():
+            self._subscriptions[tag.topic] = max(tag.qos, self._subscriptions.get(tag.topic, 0))
+        qos_of = {t: c.qos for t, c in self._spb_tags.items()}
+        for flt, qos in SparkplugTracker(self._spb_tags).subscriptions(qos_of).items():
+            self._subscriptions[flt] = max(qos, self._subscriptions.get(flt, 0))
+        self._tags_of_filter: dict[str, list[str]] = {}
+        for tag_id, c in config.tags.items():
+            flt = c.topic if isinstance(c, TopicTag) else f"{NAMESPACE}/{c.group}/+/{c.node}/#"
+            self._tags_of_filter.setdefault(flt, []).append(tag_id)
+        self.decode_errors: dict[str, int] = {}  # topic -> messages that did not decode
+        self.messages_total = 0
+        self.rebirth_requests = 0
+        self._logged_topics: set[str] = set()
+        self._pending: list[TagSample] = []
+        self._tracker = SparkplugTracker(self._spb_tags)
+        self._conn: PahoConnection | None = None
+
+    @property
+    def tag_ids(self) -> list[str]:
+        return list(self.config.tags)
+
+    @property
+    def stale_after(self) -> float:
+        return self.config.stale_after if self.config.stale_after is not None else math.inf
+
+    @property
+    def subscriptions(self) -> dict[str, int]:
+        """Topic filter -> QoS, as sent to the broker on every CONNACK."""
+        return dict(self._subscriptions)
+
+    async def run(self, out: SampleSink) -> None:
+        self._tracker = SparkplugTracker(self._spb_tags)
+        self._pending = []
+
+        def emit() -> None:
+            if self._pending:
+                batch, self._pending = self._pending, []
+                out.emit(batch)
+
+        def refused(topics: dict[str, str]) -> None:
+            for flt, why in topics.items():
+                detail = f"broker refused the subscription to {flt}: {why}"
+                log.warning("source %s: %s", self.name, detail)
+                self._bad(self._tags_of_filter.get(flt, []), detail)
+            emit()
+
+        conn = PahoConnection(self.config, self._subscriptions, self._on_message, emit,
+                              refused)
+        self._conn = conn
+        try:
+            await conn.open()
+            out.connected()
+            emit()
+            await conn.closed()
+        finally:
+            emit()
+            self._conn = None
+            conn.close()
+
+    async def probe(self) -> list[TagSample]:
+        """Connect with a clean session under a separate client id, wait briefly for retained
+        values and births, disconnect. Tags without a message are reported uncertain."""
+        config = self.config.model_copy(update={
+            "client_id": f"{self.config.client_id}-probe", "session": SessionMode.CLEAN})
+        prober = MqttSource(self.name, config)
+        seen: dict[str, TagSample] = {}
+
+        class _Collect:
+            def emit(self, samples: Sequence[TagSample]) -> None:
+                for s in samples:
+                    seen[s.tag] = s
+
+            def connected(self) -> None:
+                pass
+
+        task = asyncio.ensure_future(prober.run(_Collect()))
+        try:
+            done, _ = await asyncio.wait([task], timeout=_PROBE_WAIT
+                                         + self.config.connect_timeout)
+            if task in done:
+                task.result()  # raises the session's RetryableError
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        now = utcnow()
+        return [seen.get(t) or TagSample(tag=t, value=None, quality=Quality.UNCERTAIN,
+                                         agent_time=now, detail="no message within "
+                                         f"{_PROBE_WAIT:g}s (not retained?)")
+                for t in self.config.tags]
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        self.messages_total += 1
+        topic = msg.topic
+        data = msg.payload
+        now = utcnow()
+        if self._spb_tags and topic.startswith(NAMESPACE):
+            spb = parse_topic(topic)
+            if spb is not None and self._tracker.watches(spb):
+                if len(data) > self.config.max_payload:
+                    self._rejected(topic, data, f"payload of {len(data)} bytes is over "
+                                   f"max_payload ({self.config.max_payload})")
+                    return
+                result = self._tracker.on_message(spb, data, now, time.monotonic())
+                self._pending.extend(result.samples)
+                if result.problem:
+                    self._note_problem(topic, data, result.problem)
+                if result.rebirth is not None:
+                    self._request_rebirth(*result.rebirth)
+                return
+        readers = self._router.readers(topic)
+        if not readers:
+            return
+        if len(data) > self.config.max_payload:
+            detail = (f"payload of {len(data)} bytes is over max_payload "
+                      f"({self.config.max_payload})")
+            self._note_problem(topic, data, detail)
+            self._bad([r.tag for r in readers], f"{topic}: {detail}")
+            return
+        message = Message(data)
+        pending = self._pending
+        for r in readers:
+            try:
+                value, source_time = r.read(message)
+            except DecodeError as exc:
+                self._note_problem(topic, data, str(exc))
+                pending.append(TagSample(tag=r.tag, value=None, quality=Quality.BAD,
+                                         agent_time=now, detail=f"{topic}: {exc}"))
+                continue
+            pending.append(TagSample(tag=r.tag, value=value, quality=Quality.GOOD,
+                                     agent_time=now, source_time=source_time))
+
+    def _rejected(self, topic: str, data: bytes | bytearray, detail: str) -> None:
+        self._note_problem(topic, data, detail)
+        spb = parse_topic(topic)
+        if spb is not None:
+            tags = [t for t, c in self._spb_tags.items() if c.group == spb.group
+                    and c.node == spb.node and c.device == spb.device]
+            self._bad(tags, f"{topic}: {detail}")
+
+    def _note_problem(self, topic: str, data: bytes | bytearray, detail: str) -> None:
+        if topic in self.decode_errors or len(self.decode_errors) < _MAX_TRACKED_TOPICS:
+            key = topic
+        else:
+            key = "(other topics)"
+        self.decode_errors[key] = self.decode_errors.get(key, 0) + 1
+        if key not in self._logged_topics:
+            self._logged_topics.add(key)
+            log.warning("source %s: a message on %s cannot be used: %s; payload %s (further "
+                        "problems on this topic are counted, not logged)", self.name, topic,
+                        detail, excerpt(data), extra={"component": self.name, "topic": topic})
+
+    def _request_rebirth(self, group: str, node: str) -> None:
+        if self.config.sparkplug_rebirth != "request" or self._conn is None:
+            return
+        self.rebirth_requests += 1
+        log.info("source %s: asking Sparkplug edge node %s/%s to rebirth", self.name, group,
+                 node)
+        self._conn.publish(f"{NAMESPACE}/{group}/NCMD/{node}",
+                           rebirth_request(int(time.time() * 1000)), qos=0)
+
+    def _bad(self, tags: Sequence[str], detail: str) -> None:
+        now = utcnow()
+        self._pending.extend(TagSample(tag=tag, value=None, quality=Quality.BAD,
+                                       agent_time=now, detail=detail) for tag in tags)
