@@ -1,22 +1,110 @@
-"""The local health endpoint: /healthz, /readyz, /status (JSON).
+"""The local health endpoint: /healthz, /readyz, /status (JSON) and /metrics (Prometheus).
 
-- ``/healthz``: 200 while the event loop turns (the ticker ran recently); 503 otherwise.
-- ``/readyz``: 200 when the buffer commits and no sink is held; else 503 with the reasons.
-- ``/status``: the runtime's status document (never contains secrets).
+- ``/healthz``: 200 while the event loop turns (the ticker ran recently); 503 otherwise. This is
+  what a container HEALTHCHECK or a liveness probe asks: "restart me if this fails".
+- ``/readyz``: 200 when the agent does its job; else 503 with every reason as JSON
+  (``{"status": "not ready", "reasons": [...]}``). Reasons (``readiness()``):
+
+  ========================  ===========================================================
+  buffer commits fail       ``runtime.storage_error`` (disk full, I/O error)
+  a sink is held            401/403 from the endpoint: credentials or permissions
+  a source is stale         no good sample for longer than its stale limit
+  delivery falls behind     a sink's oldest pending event is older than
+                            ``health.max_pending_age``
+  disk headroom             free space of the data directory below ``health.min_disk_free``
+  buffer near capacity      buffer file at ``health.buffer_full_ratio`` of ``max_size``
+  ========================  ===========================================================
+
+- ``/status``: the runtime's status document plus version, readiness, disk headroom and the
+  last reload (never contains secrets: they serialise as their references).
+- ``/metrics``: see ``agent/metrics.py``.
 
 Bound to 127.0.0.1 by default (config ``health.listen``): it is not meant for the plant network.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from typing import Any
 
+from agent import __version__
 from agent.httpserver import HttpServer, Request, Response
-from agent.runtime import Runtime
+from agent.metrics import CONTENT_TYPE
+from agent.runtime import Runtime, _age
+from buffer.base import BufferStats
 
-__all__ = ["HealthServer"]
+__all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readiness",
+           "status_document"]
 
-_LOOP_STALL = 5.0
+LOOP_STALL = 5.0
+_ENDPOINTS = ["/healthz", "/readyz", "/status", "/metrics"]
+
+
+def loop_alive(runtime: Runtime) -> bool:
+    return time.monotonic() - runtime.last_tick_mono <= LOOP_STALL
+
+
+def disk_headroom(runtime: Runtime) -> dict[str, Any]:
+    """Free/total bytes of the file system that holds the buffer."""
+    path = runtime.config.buffer_path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as exc:
+        return {"path": str(path), "free_bytes": None, "total_bytes": None,
+                "error": exc.strerror or str(exc)}
+    return {"path": str(path), "free_bytes": usage.free, "total_bytes": usage.total}
+
+
+async def readiness(runtime: Runtime, stats: BufferStats | None = None,
+                    disk: dict[str, Any] | None = None) -> list[str]:
+    """Every reason the agent is not ready (empty when ready); see the module docstring."""
+    reasons = list(runtime.readiness())
+    limits = runtime.config.health
+    now = time.monotonic()
+    for name, info in runtime.sources.items():
+        limit = info.source.stale_after
+        last = info.last_good_mono
+        # Before the first good sample, count from the start (the grace period is the limit).
+        age = (now - last) if last is not None else time.time() - runtime.started_at
+        if age > limit:
+            seen = "never had a good sample" if last is None else \
+                f"no good sample for {age:.0f}s"
+            reasons.append(f"source {name} is stale: {seen} (limit {limit:g}s)")
+    if stats is None:
+        try:
+            stats = await runtime.buffer.stats()
+        except Exception as exc:  # a broken buffer is a reason, not a crash of the endpoint
+            reasons.append(f"buffer: cannot read its statistics: {exc}")
+    if stats is not None:
+        for name, s in stats.sinks.items():
+            age_s = _age(s.oldest_pending_time)
+            if age_s is not None and age_s > limits.max_pending_age:
+                reasons.append(f"sink {name} falls behind: oldest pending event is {age_s:.0f}s "
+                               f"old (limit {limits.max_pending_age:g}s)")
+        if stats.max_size and stats.size_bytes >= limits.buffer_full_ratio * stats.max_size:
+            reasons.append(f"buffer near capacity: {stats.size_bytes} of {stats.max_size} bytes "
+                           f"(limit {limits.buffer_full_ratio:.0%})")
+    disk = disk if disk is not None else disk_headroom(runtime)
+    free = disk.get("free_bytes")
+    if free is None:
+        reasons.append(f"disk: cannot read free space of {disk['path']}: {disk.get('error')}")
+    elif free < limits.min_disk_free:
+        reasons.append(f"disk headroom low: {free} bytes free in {disk['path']} "
+                       f"(limit {limits.min_disk_free})")
+    return reasons
+
+
+async def status_document(runtime: Runtime) -> dict[str, Any]:
+    doc = await runtime.status()
+    disk = disk_headroom(runtime)
+    reasons = await readiness(runtime, disk=disk)
+    doc["version"] = __version__
+    doc["disk"] = disk
+    doc["ready"] = not reasons
+    doc["readiness_reasons"] = reasons
+    doc["last_reload"] = getattr(runtime, "last_reload", None)
+    return doc
 
 
 class HealthServer:
@@ -38,16 +126,25 @@ class HealthServer:
             return Response.json({"error": "method not allowed"}, 405)
         rt = self._runtime
         if req.path == "/healthz":
-            stalled = time.monotonic() - rt.last_tick_mono
-            if stalled > _LOOP_STALL:
+            if not loop_alive(rt):
+                stalled = time.monotonic() - rt.last_tick_mono
                 return Response.json({"status": "stalled", "tick_age_s": round(stalled, 1)}, 503)
             return Response.json({"status": "ok"})
         if req.path == "/readyz":
-            reasons = rt.readiness()
+            reasons = await readiness(rt)
             if reasons:
                 return Response.json({"status": "not ready", "reasons": reasons}, 503)
             return Response.json({"status": "ready"})
         if req.path == "/status":
-            return Response.json(await rt.status())
-        return Response.json({"error": "not found",
-                              "endpoints": ["/healthz", "/readyz", "/status"]}, 404)
+            return Response.json(await status_document(rt))
+        if req.path == "/metrics":
+            stats: BufferStats | None
+            try:
+                stats = await rt.buffer.stats()
+            except Exception:
+                stats = None  # readiness() below says why; the other metrics still count
+            disk = disk_headroom(rt)
+            reasons = await readiness(rt, stats, disk)
+            body = rt.metrics.render(stats, ready=not reasons, disk_free=disk.get("free_bytes"))
+            return Response(200, body, {}, CONTENT_TYPE)
+        return Response.json({"error": "not found", "endpoints": _ENDPOINTS}, 404)

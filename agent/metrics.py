@@ -1,0 +1,193 @@
+"""Prometheus metrics of one runtime (served as ``/metrics`` by the health endpoint).
+
+Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels only
+``source``, ``machine``, ``sink`` and ``type``, all bounded by the configuration or by an enum)::
+
+    edge_agent_samples_received_total{source}          samples handed over by a source
+    edge_agent_samples_bad_total{source}               of those, bad or uncertain quality
+    edge_agent_source_up{source}                       1 while the session is up, else 0
+    edge_agent_events_detected_total{machine,type}     events detected (type: downtime.started..)
+    edge_agent_events_delivered_total{sink}            events the sink accepted
+    edge_agent_delivery_retries_total{sink}            failed attempts that will be retried
+    edge_agent_events_dead_lettered_total{sink}        events moved to the dead-letter table
+    edge_agent_delivery_attempts_total{sink,type}      attempts by outcome (accepted, retry, ..)
+    edge_agent_delivery_duration_seconds{sink}         histogram of one delivery attempt
+    edge_agent_sink_held{sink}                         1 while the sink is held (401/403)
+    edge_agent_buffer_pending_events{sink}             events waiting for the sink
+    edge_agent_buffer_oldest_pending_age_seconds{sink} age of the oldest of them
+    edge_agent_buffer_dead_letters{sink}               events in the dead-letter table
+    edge_agent_buffer_size_bytes / _max_size_bytes     buffer file size and its limit
+    edge_agent_buffer_dropped_events_total             events dropped by the capacity policy
+    edge_agent_disk_free_bytes                         free space where the buffer lives
+    edge_agent_ready                                   1 when /readyz answers 200
+    edge_agent_uptime_seconds                          since the runtime was created
+
+Most values are read from the runtime when scraped (one registry per runtime, never the
+process-global default registry, so several runtimes in one test process do not collide); only
+the attempt counter and the latency histogram are observed as they happen, by
+``InstrumentedSink`` wrapped around each sink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.sinks.base import Delivery, OutboundEvent, Sink
+from buffer.base import BufferStats
+
+if TYPE_CHECKING:
+    from agent.runtime import Runtime
+
+__all__ = ["CONTENT_TYPE", "InstrumentedSink", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# An attempt is one HTTP request: milliseconds on a LAN, up to the sink timeout when it hangs.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The registry of one runtime; ``await render()`` gives the Prometheus text."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.delivery_seconds = Histogram(
+            "edge_agent_delivery_duration_seconds", "Duration of one delivery attempt.",
+            ["sink"], registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.delivery_attempts = Counter(
+            "edge_agent_delivery_attempts", "Delivery attempts by outcome.", ["sink", "type"],
+            registry=self.registry)
+        self._snapshot = _RuntimeCollector(runtime)
+        self.registry.register(self._snapshot)
+
+    def instrument(self, sink: Sink) -> InstrumentedSink:
+        return InstrumentedSink(sink, self)
+
+    def render(self, stats: BufferStats | None = None, *, ready: bool | None = None,
+                     disk_free: int | None = None) -> bytes:
+        """Scrape: ``stats``/``ready``/``disk_free`` are the values the health endpoint just
+        computed (so one scrape reads the buffer once); ``None`` leaves those families out."""
+        snap = self._snapshot
+        snap.stats = stats
+        snap.ready, snap.disk_free = ready, disk_free
+        try:
+            return generate_latest(self.registry)
+        finally:
+            snap.stats = None
+
+
+class InstrumentedSink(Sink):
+    """Delegates to a sink, timing each attempt and counting its outcome."""
+
+    def __init__(self, inner: Sink, metrics: Metrics) -> None:
+        super().__init__(inner.name)
+        self.inner = inner
+        self._latency = metrics.delivery_seconds.labels(sink=inner.name)
+        self._attempts = metrics.delivery_attempts
+
+    @property
+    def max_batch(self) -> int:
+        return self.inner.max_batch
+
+    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        started = time.monotonic()
+        delivery = await self.inner.deliver(events)
+        self._latency.observe(time.monotonic() - started)
+        self._attempts.labels(sink=self.name, type=delivery.outcome.value).inc()
+        return delivery
+
+    async def reload_credentials(self) -> None:
+        await self.inner.reload_credentials()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.stats: BufferStats | None = None
+        self.ready: bool | None = None
+        self.disk_free: int | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # values exist only at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        received = CounterMetricFamily("edge_agent_samples_received",
+                                       "Samples received from a source.", labels=["source"])
+        bad = CounterMetricFamily("edge_agent_samples_bad",
+                                  "Samples of bad or uncertain quality.", labels=["source"])
+        up = GaugeMetricFamily("edge_agent_source_up", "1 while the source session is up.",
+                               labels=["source"])
+        for name, info in rt.sources.items():
+            received.add_metric([name], info.samples_total)
+            bad.add_metric([name], info.bad_total)
+            up.add_metric([name], 1.0 if info.supervisor.state == "up" else 0.0)
+        yield from (received, bad, up)
+
+        detected = CounterMetricFamily("edge_agent_events_detected", "Events detected.",
+                                       labels=["machine", "type"])
+        for (machine, etype), n in sorted(rt.events_by_machine.items()):
+            detected.add_metric([machine, etype.removeprefix("plantedge.")], n)
+        yield detected
+
+        delivered = CounterMetricFamily("edge_agent_events_delivered",
+                                        "Events accepted by the sink.", labels=["sink"])
+        retries = CounterMetricFamily("edge_agent_delivery_retries",
+                                      "Failed delivery attempts that will be retried.",
+                                      labels=["sink"])
+        dead = CounterMetricFamily("edge_agent_events_dead_lettered",
+                                   "Events moved to the dead-letter table.", labels=["sink"])
+        held = GaugeMetricFamily("edge_agent_sink_held", "1 while the sink is held (401/403).",
+                                 labels=["sink"])
+        for name, fw in rt.forwarders.items():
+            delivered.add_metric([name], fw.delivered_total)
+            retries.add_metric([name], fw.retried_total)
+            dead.add_metric([name], fw.dead_lettered_total)
+            held.add_metric([name], 1.0 if fw.held_reason is not None
+                            and str(fw.state) == "held" else 0.0)
+        yield from (delivered, retries, dead, held)
+
+        if self.stats is not None:
+            yield from _buffer_metrics(self.stats)
+        if self.disk_free is not None:
+            yield GaugeMetricFamily("edge_agent_disk_free_bytes",
+                                    "Free space on the file system of the buffer.",
+                                    value=self.disk_free)
+        if self.ready is not None:
+            yield GaugeMetricFamily("edge_agent_ready", "1 when /readyz answers 200.",
+                                    value=1.0 if self.ready else 0.0)
+        yield GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since the agent started.",
+                                value=max(0.0, time.time() - rt.started_at))
+
+
+def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:
+    from agent.runtime import _age  # the runtime's own age rule, so /status and metrics agree
+
+    pending = GaugeMetricFamily("edge_agent_buffer_pending_events",
+                                "Events waiting for delivery to the sink.", labels=["sink"])
+    oldest = GaugeMetricFamily("edge_agent_buffer_oldest_pending_age_seconds",
+                               "Age of the oldest event waiting for the sink (0 when none).",
+                               labels=["sink"])
+    dead = GaugeMetricFamily("edge_agent_buffer_dead_letters",
+                             "Events in the dead-letter table.", labels=["sink"])
+    for name, s in stats.sinks.items():
+        pending.add_metric([name], s.pending + s.leased)
+        oldest.add_metric([name], _age(s.oldest_pending_time) or 0.0)
+        dead.add_metric([name], s.dead_letters)
+    yield from (pending, oldest, dead)
+    yield GaugeMetricFamily("edge_agent_buffer_size_bytes", "Size of the buffer file.",
+                            value=stats.size_bytes)
+    yield GaugeMetricFamily("edge_agent_buffer_max_size_bytes", "Configured buffer limit.",
+                            value=stats.max_size)
+    yield CounterMetricFamily("edge_agent_buffer_dropped_events",
+                              "Events dropped by the buffer's capacity policy.",
+                              value=stats.dropped_total)
