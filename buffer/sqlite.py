@@ -6,7 +6,7 @@ Schema (``migrations.py``, version in ``PRAGMA user_version``)::
        1 ──< deliveries(sink, state, seq, attempts, leased_until, status, detail, failed_at)
              key (sink, state, seq): a sink's pending rows in append order are one range
     detector_state(key, state, updated_at)     sinks(name, added_at)
-    drops(type, count, first_at, last_at)      meta(name, value)   -- dropped_total
+    drops(type, count, first_at, last_at)      meta(name, value)   -- dropped_total, clean_stop
 
 States of one delivery row (one per event per sink known when the event was appended)::
 
@@ -48,6 +48,10 @@ damaged file found at ``open`` (not a database, or ``quick_check`` fails) is mov
 file (``salvage.py``); ``degraded_reason`` says so for readiness. Damage met later raises
 ``BufferCorruptError`` (fatal: the restart salvages). Other SQLite errors during work raise
 ``BufferUnavailableError`` (retryable) and at open ``BufferOpenError``.
+
+Statistics: ``open`` counts rows once; afterwards each committed transaction adjusts running
+counts by its statements' row counts, so ``stats()`` (called for every /status) scans nothing.
+``attach`` connections count from scratch.
 
 Threading: one connection (``check_same_thread=False``) used by one thread at a time; the
 runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CLI use
@@ -105,6 +109,7 @@ _T = TypeVar("_T")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _WAL_LIMIT = 8 * 2**20  # bytes the WAL is truncated to after a checkpoint
+
 
 class SqliteBuffer(Buffer):
     """The production ``Buffer``; see the module docstring for schema, states and invariants."""
