@@ -27,7 +27,8 @@ Invariants:
   another process, so ``open`` returns every leased row to pending (crash recovery).
 - Sinks: a sink named at ``open`` gets rows only for events appended after it was first
   registered. A sink removed from the configuration keeps its rows (pending/dead, shown by
-  ``stats``) until purged; nothing is deleted because a config line went away.
+  ``stats``) until purged; nothing is deleted because a config line went away. With no sink
+  at all, events are kept (there is nobody to deliver them to) until capacity drops them.
 - ``detector_state`` is never dropped by the capacity policy.
 
 Capacity (``capacity.py``): what counts is the live part of the main file (pages in use);
