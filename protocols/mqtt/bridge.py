@@ -228,7 +228,17 @@ class PahoConnection:
         self.session_present = bool(getattr(flags, "session_present", False))
         # Subscribing here, on every CONNACK, is what brings subscriptions back after a
         # reconnect, whatever the broker kept of the session.
-        if self._subscriptions:
+        if self._config.protocol is MqttProtocol.V5:
+            # One SUBSCRIBE per filter, each with its own subscription identifier: a broker
+            # that sends one copy per matching subscription (Mosquitto does) tags each copy,
+            # so overlapping filters never count one message twice.
+            for number, (topic, qos) in enumerate(self._subscriptions.items(), start=1):
+                props = Properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = number
+                _result, mid = client.subscribe(topic, qos, properties=props)
+                if mid is not None:
+                    self._pending_subs[mid] = [topic]
+        elif self._subscriptions:
             topics = list(self._subscriptions.items())
             _result, mid = client.subscribe(topics)
             if mid is not None:
@@ -248,10 +258,15 @@ class PahoConnection:
         self._messages += 1
         self._on_message(msg)
 
-    def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
+    def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any,
                            rc: ReasonCode, _props: Any) -> None:
-        self._fail(f"MQTT broker {self._where} closed the connection ({_reason(rc)})",
-                   self._lost)
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            why = f"MQTT broker {self._where} ended the session: {_reason(rc)}"
+        elif self._connack.done():
+            why = f"connection to MQTT broker {self._where} lost"
+        else:
+            why = f"MQTT broker {self._where} closed the connection before CONNACK"
+        self._fail(why, self._lost)
 
     def _handle_socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         self._unregister(sock)

@@ -38,7 +38,13 @@ from agent.errors import DecodeError
 from agent.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source
 from protocols.mqtt.bridge import PahoConnection
-from protocols.mqtt.config import MqttSourceConfig, SessionMode, SparkplugTag, TopicTag
+from protocols.mqtt.config import (
+    MqttProtocol,
+    MqttSourceConfig,
+    SessionMode,
+    SparkplugTag,
+    TopicTag,
+)
 from protocols.mqtt.payload import Message, TopicReader, excerpt
 from protocols.mqtt.sparkplug import NAMESPACE, parse_topic, rebirth_request
 from protocols.mqtt.sparkplug_host import SparkplugTracker
@@ -81,6 +87,7 @@ class _Router:
         by_filter: dict[str, list[TopicReader]] = {}
         for tag_id, tag in tags.items():
             by_filter.setdefault(tag.topic, []).append(TopicReader.of(tag_id, tag))
+        self.by_filter = by_filter
         for flt, readers in by_filter.items():
             if "+" in flt or "#" in flt:
                 self.wild.append((flt.split("/"), readers))
@@ -88,7 +95,18 @@ class _Router:
                 self.exact[flt] = readers
         self._cache: dict[str, list[TopicReader]] = {}
 
+    def readers_of(self, filters: Sequence[str]) -> list[TopicReader]:
+        """The readers of the subscriptions a message came through (MQTT 5 identifiers)."""
+        if len(filters) == 1:
+            return self.by_filter.get(filters[0], [])
+        seen: dict[str, TopicReader] = {}
+        for f in filters:
+            for r in self.by_filter.get(f, []):
+                seen.setdefault(r.tag, r)
+        return list(seen.values())
+
     def readers(self, topic: str) -> list[TopicReader]:
+        """The readers of every filter matching ``topic`` (when the broker does not say)."""
         if not self.wild:
             return self.exact.get(topic, [])
         found = self._cache.get(topic)
@@ -123,6 +141,11 @@ class MqttSource(Source):
         qos_of = {t: c.qos for t, c in self._spb_tags.items()}
         for flt, qos in SparkplugTracker(self._spb_tags).subscriptions(qos_of).items():
             self._subscriptions[flt] = max(qos, self._subscriptions.get(flt, 0))
+        self._spb_filters = frozenset(self._subscriptions) - set(self._router.by_filter)
+        # MQTT 5: subscription identifier n is the n-th filter (see PahoConnection).
+        self._filter_of_id: dict[int, str] | None = None
+        if config.protocol is MqttProtocol.V5:
+            self._filter_of_id = dict(enumerate(self._subscriptions, start=1))
         self._tags_of_filter: dict[str, list[str]] = {}
         for tag_id, c in config.tags.items():
             flt = c.topic if isinstance(c, TopicTag) else f"{NAMESPACE}/{c.group}/+/{c.node}/#"
@@ -215,7 +238,9 @@ class MqttSource(Source):
         topic = msg.topic
         data = msg.payload
         now = utcnow()
-        if self._spb_tags and topic.startswith(NAMESPACE):
+        filters = self._filters(msg)
+        if self._spb_tags and topic.startswith(NAMESPACE) and (
+                filters is None or not self._spb_filters.isdisjoint(filters)):
             spb = parse_topic(topic)
             if spb is not None and self._tracker.watches(spb):
                 if len(data) > self.config.max_payload:
@@ -229,7 +254,8 @@ class MqttSource(Source):
                 if result.rebirth is not None:
                     self._request_rebirth(*result.rebirth)
                 return
-        readers = self._router.readers(topic)
+        readers = self._router.readers(topic) if filters is None \
+            else self._router.readers_of(filters)
         if not readers:
             return
         if len(data) > self.config.max_payload:
@@ -250,6 +276,16 @@ class MqttSource(Source):
                 continue
             pending.append(TagSample(tag=r.tag, value=value, quality=Quality.GOOD,
                                      agent_time=now, source_time=source_time))
+
+    def _filters(self, msg: mqtt.MQTTMessage) -> list[str] | None:
+        """The filters a message was delivered for, when the broker tells (MQTT 5)."""
+        if self._filter_of_id is None:
+            return None
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None)
+        if not ids:
+            return None
+        found = [self._filter_of_id[i] for i in ids if i in self._filter_of_id]
+        return found or None
 
     def _rejected(self, topic: str, data: bytes | bytearray, detail: str) -> None:
         self._note_problem(topic, data, detail)
