@@ -7,6 +7,11 @@ The demo plant is one Modbus TCP device (the embedded simulator) holding three m
 - ``press-3``: no state code, only a speed (float32): running above 10 strokes/min;
 - ``oven-2``: a state code and a 16-bit scrap counter that starts near 65535, so it rolls over.
 
+and an OPC UA server (embedded asyncua) with one more machine, read by subscription:
+
+- ``packer-4``: state code, reason code, scrap counter and order as OPC UA variables, addressed
+  with ``nsu=`` node ids.
+
 A fixed script (repeating every 30 s) stops and restarts them and makes scrap; the agent reads
 the device, detects episodes and scrap, buffers them in SQLite and delivers them to the
 receiver, which prints each event once. It ends with ``delivered=N pending=N dead_letters=N``.
@@ -31,6 +36,7 @@ from agent.runtime import Runtime
 from config.loader import config_hash, load_config_text
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.simulator import ModbusSimulator
+from protocols.opcua.testserver import OpcuaTestServer
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
@@ -55,6 +61,16 @@ sources:
       press.order:   {table: holding, address: 30, type: string, length: 8}
       oven.state:    {table: holding, address: 40, type: uint16}
       oven.scrap:    {table: holding, address: 41, type: uint16}
+  packer-plc:
+    type: opcua
+    endpoint: "{opcua_endpoint}"
+    mode: subscribe
+    publishing_interval: 200ms
+    tags:
+      packer.state:  {node: "nsu={opcua_ns};s=Packer.State", type: int}
+      packer.reason: {node: "nsu={opcua_ns};s=Packer.Reason", type: int}
+      packer.scrap:  {node: "nsu={opcua_ns};s=Packer.Scrap", type: int}
+      packer.order:  {node: "nsu={opcua_ns};s=Packer.Order", type: string}
 machines:
   filler-1:
     line: line-1
@@ -75,6 +91,15 @@ machines:
     line: line-2
     state: {tag: oven.state, map: {1: running, 3: down, 4: planned}}
     scrap: {counter: oven.scrap, window: 5s}
+  packer-4:
+    line: line-3
+    state: {tag: packer.state, map: {1: running, 3: down, 4: planned}}
+    downtime:
+      min_duration: 2s
+      reason_tag: packer.reason
+      reasons: {21: Film break}
+    scrap: {counter: packer.scrap, window: 5s}
+    order_tag: packer.order
 sinks:
   central:
     type: http
@@ -103,19 +128,30 @@ _SCRIPT: list[tuple[float, str, dict[str, Any]]] = [
     (17.0, "filler", {"order": "PO-1002"}),
     (19.0, "filler", {"state": 4}),           # planned: changeover
     (25.0, "filler", {"state": 1}),
+    (0.0, "packer", {"state": 1, "reason": 0, "order": "PO-3001"}),
+    (4.0, "packer", {"state": 3, "reason": 21}),
+    (10.0, "packer", {"state": 1, "reason": 0}),
 ]
+
+_PACKER_NODES = {"packer.state": "Packer.State", "packer.reason": "Packer.Reason",
+                 "packer.scrap": "Packer.Scrap", "packer.order": "Packer.Order"}
+
 
 
 class _Plant:
     """Drives the simulator through the script and makes scrap while machines run."""
 
-    def __init__(self, sim: ModbusSimulator, cfg: ModbusSourceConfig) -> None:
-        self.sim, self.tags = sim, cfg.tags
+    def __init__(self, sim: ModbusSimulator, cfg: ModbusSourceConfig,
+                 opcua: OpcuaTestServer) -> None:
+        self.sim, self.tags, self.opcua = sim, cfg.tags, opcua
         self.rng = random.Random(7)
-        self.counters = {"filler": 1000, "press": 0, "oven": 65530}
-        self.running = {"filler": True, "press": True, "oven": True}
+        self.counters = {"filler": 1000, "press": 0, "oven": 65530, "packer": 500}
+        self.running = {"filler": True, "press": True, "oven": True, "packer": True}
 
     async def set(self, tag: str, value: object) -> None:
+        if tag in _PACKER_NODES:
+            await self.opcua.set(_PACKER_NODES[tag], value)
+            return
         await self.sim.set_value(self.tags[tag], value)
 
     async def apply(self, machine: str, change: dict[str, Any]) -> None:
@@ -131,12 +167,13 @@ class _Plant:
         for machine, running in self.running.items():
             if running and self.rng.random() < 0.5:
                 self.counters[machine] += self.rng.randint(1, 3)
-                width = 65536 if machine == "oven" else 2**32
+                width = 65536 if machine == "oven" else 2**31 if machine == "packer" else 2**32
                 await self.set(f"{machine}.scrap", self.counters[machine] % width)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.set("filler.scrap", self.counters["filler"])
         await self.set("oven.scrap", self.counters["oven"])
+        await self.set("packer.scrap", self.counters["packer"])
         script = sorted(_SCRIPT, key=lambda s: s[0])
         t0 = time.monotonic()
         cycle, i, next_scrap = 0, 0, 0.5
@@ -179,22 +216,27 @@ def _describe(doc: dict[str, Any]) -> str:
 async def _demo(duration: float, data_dir: Path) -> int:
     sim = ModbusSimulator(size=100)
     modbus_port = await sim.start()
+    opcua = OpcuaTestServer({"Packer.State": 1, "Packer.Reason": 0, "Packer.Scrap": 0,
+                             "Packer.Order": ""}, namespace="urn:demo-plant:packer")
+    await opcua.start()
     receiver = Receiver(data_dir / "receiver.db",
                         echo=lambda doc: print(_describe(doc), flush=True))
     await receiver.start()
     text = (DEMO_CONFIG.replace("{data_dir}", str(data_dir / "agent"))
-            .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url))
+            .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url)
+            .replace("{opcua_endpoint}", opcua.endpoint).replace("{opcua_ns}", opcua.namespace))
     config = load_config_text(text, "<demo plant>")
     plant_cfg = config.sources["plant-sim"]
     assert isinstance(plant_cfg, ModbusSourceConfig)
-    plant = _Plant(sim, plant_cfg)
+    plant = _Plant(sim, plant_cfg, opcua)
     stop_plant, stop_agent = asyncio.Event(), asyncio.Event()
     holder: dict[str, Runtime] = {}
     summary: dict[str, int] = {}
 
     async def ready(runtime: Runtime, port: int) -> None:
         holder["rt"] = runtime
-        print(f"demo: Modbus simulator on 127.0.0.1:{modbus_port}, receiver at {receiver.url}, "
+        print(f"demo: Modbus simulator on 127.0.0.1:{modbus_port}, OPC UA server at "
+              f"{opcua.endpoint}, receiver at {receiver.url}, "
               f"agent status at http://127.0.0.1:{port}/status", flush=True)
         print(f"demo: running for {duration:g}s; events appear as the receiver gets them\n",
               flush=True)
@@ -228,6 +270,7 @@ async def _demo(duration: float, data_dir: Path) -> int:
         summary["delivered"] = receiver.stats()["received"]
         await receiver.aclose()
         await sim.stop()
+        await opcua.stop()
     print(f"\ndelivered={summary.get('delivered', 0)} pending={summary.get('pending', 0)} "
           f"dead_letters={summary.get('dead_letters', 0)}", flush=True)
     return 0 if summary.get("delivered", 0) > 0 and summary.get("pending", 1) == 0 else 1

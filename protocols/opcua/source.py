@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -46,6 +47,8 @@ from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
 
 __all__ = ["OpcuaSource", "to_sample"]
+
+log = logging.getLogger("edge_agent.opcua")
 
 # Batches handed to detection at most this large (keeps one emit short under bursts).
 _MAX_BATCH = 5000
@@ -120,6 +123,10 @@ class OpcuaSource(Source):
         self._parsed = {t: parse_node_id(tag.node) for t, tag in config.tags.items()}
         self._last: dict[str, TagSample] = {}
         quiet_asyncua()
+        if config.security is None or config.security.policy.value == "None":
+            log.info("source %s connects to %s with security policy None (no signing, no "
+                     "encryption); add a 'security' block to use Basic256Sha256 or stronger",
+                     name, config.endpoint, extra={"component": name})
 
     @property
     def tag_ids(self) -> list[str]:
