@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
-from agent.health import HealthServer
+from agent.fleet import run_fleet
+from agent.health import HealthServer, loop_alive
+from agent.notify import Notifier, run_watchdog
+from agent.reload import ReloadRequests
 from agent.runtime import Runtime
 from config.models import Config, LoopImpl
 
@@ -19,24 +24,62 @@ log = logging.getLogger("edge_agent")
 
 
 async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
-                on_ready: Callable[[Runtime, int], Awaitable[None] | None] | None = None) -> None:
-    """Start the runtime and the health endpoint, wait for ``stop``, shut down in order."""
+                on_ready: Callable[[Runtime, int], Awaitable[None] | None] | None = None,
+                *, config_path: Path | None = None) -> None:
+    """Start the runtime and the health endpoint, wait for ``stop``, shut down in order.
+
+    Around them (issue 7): systemd notify (READY, WATCHDOG while healthy, STATUS, STOPPING),
+    the optional fleet heartbeat, and SIGHUP re-reading ``config_path`` (live reload).
+    """
     runtime = Runtime(config, config_hash=config_hash)
     health = HealthServer(runtime, config.health.listen)
+    notifier = Notifier()
+    helpers: list[asyncio.Task[None]] = []
+    reloads = ReloadRequests(runtime, config_path) if config_path is not None else None
+    loop = asyncio.get_running_loop()
     try:
         await runtime.start()
         port = await health.start()
         log.info("health endpoint on http://%s:%d/status",
                  config.health.listen.rpartition(":")[0], port)
+        notifier.ready(_summary(runtime))
+        helpers.append(asyncio.create_task(run_watchdog(
+            notifier, lambda: _healthy(runtime), lambda: _summary(runtime)), name="watchdog"))
+        helpers.append(asyncio.create_task(run_fleet(runtime), name="fleet"))
+        if reloads is not None and sys.platform != "win32":
+            loop.add_signal_handler(signal.SIGHUP, reloads.request)
         if on_ready is not None:
             maybe = on_ready(runtime, port)
             if maybe is not None:
                 await maybe
         await stop.wait()
-        log.info("stopping (draining for up to %.0fs)", config.agent.stop_timeout)
+        log.info("stopping (draining for up to %.0fs)", runtime.config.agent.stop_timeout)
     finally:
+        notifier.stopping()
+        if reloads is not None and sys.platform != "win32":
+            loop.remove_signal_handler(signal.SIGHUP)
+            await reloads.aclose()
+        for task in helpers:
+            task.cancel()
+        for task in helpers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await health.aclose()
         await runtime.stop()
+        notifier.close()
+
+
+def _healthy(runtime: Runtime) -> bool:
+    """What the systemd watchdog guards: the loop turns and the buffer commits."""
+    return loop_alive(runtime) and runtime.storage_error is None
+
+
+def _summary(runtime: Runtime) -> str:
+    up = sum(1 for i in runtime.sources.values() if i.supervisor.state == "up")
+    sinks = ", ".join(f"{n} {fw.state}" for n, fw in runtime.forwarders.items()) or "none"
+    buffer = "buffer ok" if runtime.storage_error is None else \
+        f"buffer FAILING: {runtime.storage_error}"
+    return f"{up}/{len(runtime.sources)} sources up; sinks: {sinks}; {buffer}"
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, int]],
@@ -53,13 +96,13 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]],
     return asyncio.run(main())
 
 
-def run_agent(config: Config, config_hash: str | None) -> int:
+def run_agent(config: Config, config_hash: str | None, config_path: Path | None = None) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, config_hash, stop)
+        await serve(config, config_hash, stop, config_path=config_path)
         return 0
 
     return run_async(main, config.agent.event_loop)

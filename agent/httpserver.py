@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -88,8 +89,10 @@ class HttpServer:
 
     def __init__(self, handler: Handler, host: str, port: int, *,
                  max_body_bytes: int = 16 * 2**20, max_header_bytes: int = 64 * 2**10,
-                 header_timeout: float = 10.0, idle_timeout: float = 75.0) -> None:
+                 header_timeout: float = 10.0, idle_timeout: float = 75.0,
+                 ssl: ssl.SSLContext | None = None) -> None:
         self._handler = handler
+        self._ssl = ssl  # a server context makes it HTTPS (tests: TLS and mutual TLS sinks)
         self.host = host
         self._requested_port = port
         self.port: int | None = None
@@ -106,7 +109,7 @@ class HttpServer:
             raise RuntimeError("HttpServer already started")
         self._server = await asyncio.start_server(
             self._serve_connection, self.host, self._requested_port,
-            limit=self._max_header_bytes, reuse_address=True)
+            limit=self._max_header_bytes, reuse_address=True, ssl=self._ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

@@ -201,6 +201,13 @@ class Runtime:
         await self.buffer.aclose()
         log.info("agent %s stopped", self.config.agent.id)
 
+    async def reload(self, config: Config, config_hash: str | None = None) -> list[str]:
+        """Apply a new configuration while running (rules in agent/reload.py); returns the
+        components that changed."""
+        from agent.reload import apply_config
+
+        return await apply_config(self, config, config_hash)
+
     # ------------------------------------------------------------------ sources
 
     def _session(self, name: str) -> Any:

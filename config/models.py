@@ -245,6 +245,11 @@ class SinkMode(StrEnum):
     BATCH = "batch"
 
 
+class OAuth2ClientAuth(StrEnum):
+    BASIC = "basic"
+    POST = "post"
+
+
 class OAuth2Config(Strict):
     token_url: str = Field(description="OAuth2 token endpoint (client-credentials grant).")
     client_id: str = Field(description="OAuth2 client id.")
@@ -253,6 +258,10 @@ class OAuth2Config(Strict):
     scope: str | None = Field(None, description="Space-separated scopes to ask for.")
     refresh_before: Duration = Field(30.0, description="Fetch a new token this long before "
                                      "the cached one expires.")
+    client_auth: OAuth2ClientAuth = Field(OAuth2ClientAuth.BASIC, description="How the "
+                                          "client authenticates to the token endpoint: 'basic' "
+                                          "(HTTP Basic, the RFC default) or 'post' (id and "
+                                          "secret in the form body).")
 
     @field_validator("token_url")
     @classmethod

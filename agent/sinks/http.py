@@ -24,6 +24,14 @@ Answer classes (also applied per item of a ``207``)::
 The bearer token is read once and cached; ``reload_credentials()`` re-reads it (the forwarder
 calls it when the sink is held), so a rotated ``${file:...}`` token works without a restart.
 A token that cannot be read holds the sink with the reason instead of sending no credentials.
+
+With ``auth.oauth2`` the token comes from ``agent/sinks/oauth.py`` (cached, refreshed before
+expiry). A 401 answer triggers exactly one token refresh and one resend of the same request
+(same Idempotency-Key, so harmless); a second 401 holds the sink. A token endpoint that refuses
+the client credentials holds the sink; one that cannot be reached is a retry.
+
+TLS (``tls:``, ``agent/sinks/tls.py``): verification on by default, a private CA, a client
+certificate for mutual TLS. TLS files that cannot be loaded hold the sink with the reason.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from typing import Any
 import httpx
 
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
+from agent.sinks.tls import TlsSetupError, client_context
 from config.models import HttpSinkConfig, SinkMode
 from config.secrets import SecretResolutionError
 
@@ -123,6 +133,7 @@ class HttpSink(Sink):
         self._token: str | None = None
         self._token_error: str | None = None
         self._token_loaded = False
+        self._oauth = OAuth2Token(config.auth.oauth2) if config.auth.oauth2 else None
 
     @property
     def max_batch(self) -> int:
@@ -130,6 +141,12 @@ class HttpSink(Sink):
 
     async def reload_credentials(self) -> None:
         self._load_token()
+        if self._oauth is not None:
+            self._oauth.invalidate()
+        if self._client is None:
+            return
+        # TLS files may have been fixed or rotated too: build the client again on next use.
+        await self.aclose()
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -149,10 +166,11 @@ class HttpSink(Sink):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            verify = client_context(self.config.tls, f"sink {self.name}")
             # Connection errors are retried by the forwarder with backoff, not by httpx.
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.timeout),
-                transport=httpx.AsyncHTTPTransport(retries=0),
+                transport=httpx.AsyncHTTPTransport(retries=0, verify=verify),
                 follow_redirects=False,
             )
         return self._client
@@ -183,7 +201,20 @@ class HttpSink(Sink):
             return Delivery(Outcome.HOLD, detail=f"bearer token unavailable: {self._token_error}")
         body, headers = self._request_parts(events)
         try:
-            response = await self._http().post(self.config.url, content=body, headers=headers)
+            http = self._http()
+            if self._oauth is not None:
+                headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
+            response = await http.post(self.config.url, content=body, headers=headers)
+            if response.status_code == 401 and self._oauth is not None:
+                self._oauth.invalidate()  # one refresh, one resend; a second 401 holds
+                headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
+                response = await http.post(self.config.url, content=body, headers=headers)
+        except TlsSetupError as exc:
+            return Delivery(Outcome.HOLD, detail=str(exc))
+        except OAuth2RejectedError as exc:
+            return Delivery(Outcome.HOLD, detail=str(exc))
+        except OAuth2UnavailableError as exc:
+            return Delivery(Outcome.RETRY, detail=str(exc))
         except httpx.TimeoutException as exc:
             return Delivery(Outcome.RETRY, detail=f"timeout: {type(exc).__name__}")
         except httpx.HTTPError as exc:
