@@ -390,6 +390,7 @@ class Runtime:
                 "max_size": stats.max_size,
                 "dropped_total": stats.dropped_total,
                 "storage_error": self.storage_error,
+                "degraded_reason": getattr(self.buffer.buffer, "degraded_reason", None),
                 "uncommitted": len(self._queue),
                 "sinks": {name: {"pending": s.pending, "leased": s.leased,
                                  "dead_letters": s.dead_letters,
@@ -409,6 +410,9 @@ class Runtime:
         reasons = []
         if self.storage_error:
             reasons.append(f"buffer: {self.storage_error}")
+        degraded = getattr(self.buffer.buffer, "degraded_reason", None)
+        if degraded:
+            reasons.append(f"buffer degraded: {degraded}")
         for name, fw in self.forwarders.items():
             st = fw.status()
             if st.get("state") == "held":
