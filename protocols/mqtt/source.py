@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import DecodeError
+from agent.errors import DecodeError, PeerTimeoutError
 from agent.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source
 from protocols.mqtt.bridge import PahoConnection
@@ -157,6 +157,7 @@ class MqttSource(Source):
         self._pending: list[TagSample] = []
         self._tracker = SparkplugTracker(self._spb_tags)
         self._conn: PahoConnection | None = None
+        self.probe_wait = _PROBE_WAIT
 
     @property
     def tag_ids(self) -> list[str]:
@@ -201,34 +202,50 @@ class MqttSource(Source):
             conn.close()
 
     async def probe(self) -> list[TagSample]:
-        """Connect with a clean session under a separate client id, wait briefly for retained
-        values and births, disconnect. Tags without a message are reported uncertain."""
+        """Connect with a clean session under a separate client id, collect retained values
+        and births for ``probe_wait`` seconds (less once every tag has one), disconnect.
+        Tags without a message are reported uncertain."""
         config = self.config.model_copy(update={
             "client_id": f"{self.config.client_id}-probe", "session": SessionMode.CLEAN})
         prober = MqttSource(self.name, config)
         seen: dict[str, TagSample] = {}
+        up = asyncio.Event()
+        complete = asyncio.Event()
+        wanted = len(self.config.tags)
 
         class _Collect:
             def emit(self, samples: Sequence[TagSample]) -> None:
                 for s in samples:
                     seen[s.tag] = s
+                if len(seen) == wanted:
+                    complete.set()
 
             def connected(self) -> None:
-                pass
+                up.set()
 
         task = asyncio.ensure_future(prober.run(_Collect()))
         try:
-            done, _ = await asyncio.wait([task], timeout=_PROBE_WAIT
-                                         + self.config.connect_timeout)
-            if task in done:
-                task.result()  # raises the session's RetryableError
+            for event, within in ((up, self.config.connect_timeout),
+                                  (complete, self.probe_wait)):
+                waiter = asyncio.ensure_future(event.wait())
+                done, _ = await asyncio.wait([task, waiter], timeout=within,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if task in done:
+                    task.result()  # raises the session's RetryableError
+                if waiter not in done:
+                    break
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        if not up.is_set():
+            raise PeerTimeoutError(f"MQTT broker {self.config.host}:{self.config.port} did "
+                                   f"not accept the connection within "
+                                   f"{self.config.connect_timeout:g}s")
         now = utcnow()
         return [seen.get(t) or TagSample(tag=t, value=None, quality=Quality.UNCERTAIN,
                                          agent_time=now, detail="no message within "
-                                         f"{_PROBE_WAIT:g}s (not retained?)")
+                                         f"{self.probe_wait:g}s (not retained?)")
                 for t in self.config.tags]
 
     # ------------------------------------------------------------------ messages

@@ -317,7 +317,9 @@ async def test_probe_reports_retained_values_and_silent_tags(broker: MosquittoBr
     publisher.publish("oven/status", json.dumps({"state": "RUNNING"}), retain=True)
     cfg = make_config(broker.url, {"state": {"topic": "oven/status", "value": "$.state"},
                                    "reject": {"topic": "oven/reject"}})
-    samples = {s.tag: s for s in await MqttSource("b", cfg).probe()}
+    source = MqttSource("b", cfg)
+    source.probe_wait = 0.5
+    samples = {s.tag: s for s in await source.probe()}
     assert samples["state"].value == "RUNNING" and samples["state"].good
     assert samples["reject"].quality is Quality.UNCERTAIN
     assert "no message" in (samples["reject"].detail or "")
