@@ -89,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--days", type=int, default=730, help="validity (default %(default)s)")
     gen.add_argument("--force", action="store_true", help="replace existing files")
 
+    st = sub.add_parser("status", help="show a running agent's /status as a table "
+                        "(exit 0 ready, 1 not ready or not reachable)")
+    st.add_argument("--config", "-c", type=Path, default=None,
+                    help="take the health address from this file's health.listen")
+    st.add_argument("--url", default=None, help="health endpoint, e.g. http://127.0.0.1:9780")
+    st.add_argument("--json", action="store_true", help="print the raw JSON document")
+
+    rl = sub.add_parser("reload", help="make a running agent re-read its configuration "
+                        "(SIGHUP) and report the outcome (exit 0 applied, 2 rejected)")
+    rl.add_argument("--config", "-c", type=Path, default=None,
+                    help="take the health address from this file's health.listen")
+    rl.add_argument("--url", default=None, help="health endpoint, e.g. http://127.0.0.1:9780")
+    rl.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the outcome (default %(default)s)")
+
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
                       help="seconds to run (default %(default)s)")
@@ -133,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("usage: edge-agent opcua gen-cert [--dir DIR]", file=sys.stderr)
                 return EXIT_INVALID
             return _gen_cert(args)
+        if args.command in ("status", "reload"):
+            from agent.status_cli import health_url, reload_main, status_main
+
+            base = health_url(args.config, args.url)
+            if args.command == "status":
+                return status_main(base, args.json)
+            return reload_main(base, args.timeout)
         if args.command == "demo":
             from agent.demo import run_demo
 
@@ -208,7 +230,7 @@ def _run(path: Path) -> int:
     from config.loader import config_hash, load_config
 
     config = load_config(path)
-    return run_agent(config, config_hash(config))
+    return run_agent(config, config_hash(config), path)
 
 
 def _probe(path: Path, only: list[str], timeout: float) -> int:

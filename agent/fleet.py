@@ -48,7 +48,7 @@ async def heartbeat_document(runtime: Runtime) -> dict[str, Any]:
     buf = st["buffer"]
     return {
         "kind": "plantedge.agent.heartbeat",
-        "agent": st["agent"], "site": st["site"], "version": st["version"],
+        "agent": st["agent_id"], "site": st["site"], "version": st["version"],
         "config_hash": st["config_hash"], "uptime_s": st["uptime_s"],
         "sent_at": format_time(utcnow()),
         "ready": st["ready"], "reasons": st["readiness_reasons"],
