@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import __version__
+from agent import __version__, failpoints
 from agent.detect import MachineDetector
 from agent.detect.build import build_detectors
 from agent.errors import EdgeAgentError, StorageFullError
@@ -324,6 +324,7 @@ class Runtime:
         rows = [NewEvent(id=e.id, key=e.key, type=e.type.value, time=format_time(e.time),
                          payload=e.to_json(agent_id)) for e in events]
         try:
+            failpoints.hit("before_commit")
             await self.buffer.append(rows, states)
         except BaseException:
             # Nothing committed: put everything back in front, in order, and retry later.
@@ -333,6 +334,7 @@ class Runtime:
                 self.detectors[mid].dirty = True
             raise
         self.committed_total += len(rows)
+        failpoints.hit("after_commit")
         drops = await self.buffer.take_drops()
         if drops.total:
             self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at)

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Protocol
 
+from agent import failpoints
 from agent.model import format_time, utcnow
 from agent.sinks.backoff import Backoff
 from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
@@ -271,6 +272,8 @@ class Forwarder:
     async def _settle(self, settlement: Settlement) -> bool:
         """Settle, retrying buffer errors with backoff; False if stopping first (rows stay
         leased, the receiver's dedup makes the re-send harmless)."""
+        if settlement.accepted:
+            failpoints.hit("after_2xx_before_settle")
         failures = 0
         while True:
             try:
