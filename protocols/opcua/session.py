@@ -283,7 +283,7 @@ class Session:
         p = sub.parameters
         period = p.RequestedPublishingInterval / 1000 * max(1, p.RequestedMaxKeepAliveCount)
         silent = time.monotonic() - sub.last_publish_at
-        if silent > period * _SILENCE_MARGIN + 0.5:
+        if silent > period * _SILENCE_MARGIN:
             self.lose(f"{self.where}: the subscription has been silent for {silent:.1f}s "
                       f"(keep-alive expected every {period:g}s)")
             self.raise_if_lost()

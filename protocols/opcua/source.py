@@ -236,7 +236,8 @@ class OpcuaSource(Source):
         assert queue is not None
         refresh = max(0.5, min(10.0, self.stale_after / 3))
         next_refresh = time.monotonic() + refresh
-        check = min(0.5, cfg.publishing_interval)
+        # Often enough that our silence check beats asyncua's own stale watchdog (see session).
+        check = min(0.25, cfg.publishing_interval)
         while True:
             session.check_alive()
             try:

@@ -190,6 +190,13 @@ class OpcuaTestServer:
         self._values[name] = dv
         await self._server.write_attribute_value(self._nodes[name], dv)
 
+    async def freeze_subscriptions(self) -> None:
+        """Stop publishing on every existing subscription (no data, no keep-alives) while
+        sessions, reads and the socket keep working: a server that looks alive but is not."""
+        assert self._server is not None, "server not started"
+        for sub in list(self._server.iserver.subscription_service.subscriptions.values()):
+            await sub.stop()
+
     async def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:

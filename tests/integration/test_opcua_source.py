@@ -16,6 +16,7 @@ import pytest_asyncio
 from asyncua import ua
 from support import wait_until
 
+from agent.errors import ConnectionLostError
 from agent.model import Quality, TagSample
 from agent.receiver import Receiver
 from agent.runtime import Runtime
@@ -259,6 +260,23 @@ async def test_many_tags_respect_the_servers_operation_limits(
         assert 0 < server.largest_create <= LIMIT
 
 
+async def test_a_subscription_that_goes_silent_ends_the_session(
+        server: OpcuaTestServer) -> None:
+    import asyncio
+
+    cfg = source_config(server, {"g": {"node": server.node("Mixed.Good")}},
+                        publishing_interval="100ms", keepalive_interval="500ms")
+    out = Collect()
+    task = _start(OpcuaSource("silent", cfg), out)
+    try:
+        await wait_until(lambda: out.up == 1 and out.last("g") is not None, what="first value")
+        await server.freeze_subscriptions()  # reads still work: only publishing stops
+        with pytest.raises(ConnectionLostError, match="subscription has been silent"):
+            await asyncio.wait_for(asyncio.shield(task), 10)
+    finally:
+        await _stop(task)
+
+
 async def test_probe_reads_every_tag_once(server: OpcuaTestServer) -> None:
     cfg = source_config(server, {"good": {"node": server.node("Mixed.Good")},
                                  "missing": {"node": server.node("Mixed.Nope")}})
@@ -286,5 +304,5 @@ async def _stop(task: Any) -> None:
     import contextlib
 
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
         await task
