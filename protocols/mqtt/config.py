@@ -14,7 +14,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from config.base import Backoff, Strict
 from config.secrets import Secret
@@ -188,6 +197,26 @@ class MqttSourceConfig(Strict):
                                          "message for 4x this long is also restarted.")
     backoff: Backoff = Field(default_factory=Backoff, description="Reconnect backoff.")
     tags: dict[str, MqttTag] = Field(min_length=1, description="Tags by id.")
+
+    @field_validator("tags", mode="wrap")
+    @classmethod
+    def _tag_errors_without_union_tag(cls, v: Any, handler: ValidatorFunctionWrapHandler
+                                      ) -> Any:
+        # Pydantic puts the union member ('topic') into the location of an error, which for a
+        # tag without a 'type' key would read "tags.x.topic.topic". Drop it there.
+        try:
+            return handler(v)
+        except ValidationError as exc:
+            errors: list[InitErrorDetails] = []
+            for err in exc.errors():
+                loc = list(err["loc"])
+                tag = v.get(loc[0]) if isinstance(v, dict) and loc else None
+                if len(loc) > 1 and loc[1] == "topic" and isinstance(tag, dict) \
+                        and "type" not in tag:
+                    del loc[1]
+                errors.append(InitErrorDetails(type=err["type"], loc=tuple(loc),
+                                               input=err["input"], ctx=err.get("ctx", {})))
+            raise ValidationError.from_exception_data(exc.title, errors) from None
 
     @field_validator("protocol", mode="before")
     @classmethod
