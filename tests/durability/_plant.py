@@ -42,9 +42,9 @@ def write_config(path: Path, data_dir: Path, modbus_port: int, sink_url: str,
                  health_port: int | None = None, *, batch: int = 5, sink_extra: str = "",
                  buffer: str = "commit_interval: 5ms", stop_timeout: str = "5s",
                  retry: str = "{initial_backoff: 20ms, max_backoff: 200ms}",
-                 scrap_window: str = "300ms") -> Path:
-    """The agent configuration for the plant; ``sink_extra`` and ``buffer`` are YAML flow
-    fragments (``sink_extra`` starts with ``, `` when given)."""
+                 scrap_window: str = "300ms", health: str = "") -> Path:
+    """The agent configuration for the plant; ``buffer`` and ``health`` are YAML flow-map
+    fragments, ``sink_extra`` block lines of the sink."""
     tags, machines = [], []
     for m, base in MACHINES.items():
         tags += [f"      {m}.state: {{table: holding, address: {base}, type: uint16}}",
@@ -57,7 +57,7 @@ def write_config(path: Path, data_dir: Path, modbus_port: int, sink_url: str,
     listen = f"127.0.0.1:{health_port}" if health_port is not None else "127.0.0.1:0"
     path.write_text("\n".join([
         f'agent: {{id: dur-edge, site: s1, data_dir: "{data_dir}", stop_timeout: {stop_timeout}}}',
-        f'health: {{listen: "{listen}"}}',
+        f'health: {{listen: "{listen}"{", " + health if health else ""}}}',
         "sources:", "  plc:", "    type: modbus", "    host: 127.0.0.1",
         f"    port: {modbus_port}", "    poll_interval: 30ms", "    timeout: 500ms",
         "    backoff: {initial: 50ms, max: 500ms}",
