@@ -79,6 +79,8 @@ class MachineDetector:
         self.reason: str | None = None
         self.prod_last: int | None = None
         self.prod_moved_at: datetime | None = None
+        self.prod_blind = False
+        self.bad_inputs: dict[str, str] = {}  # tags the state depends on that are bad now
         self.microstops = 0
         self.microstop_seconds = 0.0
         self.clock_jumps = 0
@@ -120,9 +122,9 @@ class MachineDetector:
             self._on_order(s)
         if s.tag == cfg.downtime.reason_tag and s.good:
             self._on_reason(s)
-        if s.tag == self.signal_tag:
+        if s.tag == cfg.state.tag:
             self._on_state_sample(s)
-        if s.tag == cfg.state.production_counter and s.good:
+        if s.tag == cfg.state.production_counter:
             self._on_production(s)
         if self.scrap is not None and s.good:
             self.scrap.on_sample(s, self.order)
@@ -133,8 +135,7 @@ class MachineDetector:
             self._watch_since = now
         if self.stale_after is not None and self.signal != "lost":
             seen = self._last_good_state or self._watch_since
-            if (now - seen).total_seconds() > self.stale_after and (
-                    self.signal == "ok" or self.episode is not None):
+            if (now - seen).total_seconds() > self.stale_after:
                 self._lose_signal(now, f"no sample of {self.signal_tag} for "
                                   f"{self.stale_after:g}s")
         if self.signal == "ok":
@@ -163,46 +164,70 @@ class MachineDetector:
     # ------------------------------------------------------------------ state and episodes
 
     def _on_state_sample(self, s: TagSample) -> None:
-        if self.cfg.state.tag is None:  # only the stall rule decides: a good counter = running
-            new = MachineState.RUNNING if s.good else MachineState.UNKNOWN
-        else:
-            new = derive_state(self.cfg.state, s.value) if s.good else MachineState.UNKNOWN
+        if self.cfg.state.tag is None:
+            return  # only the stall rule decides: _on_production handles the counter
+        new = derive_state(self.cfg.state, s.value) if s.good else MachineState.UNKNOWN
         if new is MachineState.UNKNOWN:
-            why = s.detail or (f"{s.tag} is {s.quality.value}" if not s.good
-                               else f"{s.tag} value {s.value!r} is not mapped to a state")
-            self._lose_signal(s.time, why)
+            self.base_state = MachineState.UNKNOWN
+            self._input_bad(s, s.detail or (
+                f"{s.tag} is {s.quality.value}" if not s.good
+                else f"{s.tag} value {s.value!r} is not mapped to a state"))
             return
-        self._last_good_state = s.agent_time
-        if self.signal == "lost":
-            self._emit(EventType.SIGNAL_RESTORED, s.time, (format_time(s.time),), {
-                "lost_at": format_time(self.lost_at) if self.lost_at else None,
-                "restored_at": format_time(s.time), "state": new.value})
-            self.lost_at = None
-        self.signal, self.signal_detail = "ok", None
         if new is MachineState.RUNNING and self.base_state is not MachineState.RUNNING:
             self.running_since = s.time
         self.base_state = new
+        self._input_good(s, new)
+
+    def _on_production(self, s: TagSample) -> None:
+        v = s.value
+        if not s.good or isinstance(v, bool) or not isinstance(v, int | float):
+            # Output cannot be seen: the stall rule cannot be judged, so the state is unknown
+            # (never a stall invented from missing data).
+            self.prod_blind = True
+            self._input_bad(s, s.detail or f"{s.tag} is {s.quality.value}")
+            return
+        value = int(v)
+        if self.prod_blind:
+            # Seen again: whatever happened while blind is unknown, so the stall clock
+            # restarts now instead of counting the blind time as "no output".
+            self.prod_blind = False
+            self.prod_moved_at = s.time
+        if self.prod_last is not None and value != self.prod_last:
+            self.prod_moved_at = s.time
+        self.prod_last = value
+        self.dirty = True
+        if self.cfg.state.tag is None:
+            if self.base_state is not MachineState.RUNNING:
+                self.running_since = s.time
+            self.base_state = MachineState.RUNNING
+        self._input_good(s, self.base_state)
+
+    def _input_bad(self, s: TagSample, why: str) -> None:
+        self.bad_inputs[s.tag] = why
+        self._lose_signal(s.time, why)
+
+    def _input_good(self, s: TagSample, state: MachineState) -> None:
+        """A good sample of a tag the state depends on: restore the signal when every such tag
+        is good again, then re-evaluate the state at this sample's time."""
+        self.bad_inputs.pop(s.tag, None)
+        if s.tag == self.signal_tag:
+            self._last_good_state = s.agent_time
+        if self.bad_inputs or state is MachineState.UNKNOWN:
+            return
+        if self.signal == "lost":
+            self._emit(EventType.SIGNAL_RESTORED, s.time, (format_time(s.time),), {
+                "lost_at": format_time(self.lost_at) if self.lost_at else None,
+                "restored_at": format_time(s.time), "state": state.value})
+            self.lost_at = None
+        self.signal, self.signal_detail = "ok", None
         self._evaluate(s.time)
         self._maybe_announce(s.time)
         self._split_long(s.time)
 
-    def _on_production(self, s: TagSample) -> None:
-        v = s.value
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            return
-        value = int(v)
-        if self.prod_last is None or value != self.prod_last:
-            if self.prod_last is not None:
-                self.prod_moved_at = s.time
-            self.prod_last = value
-            self.dirty = True
-            if self.signal == "ok":
-                self._evaluate(s.time)
-
     def _stall_start(self, now: datetime) -> datetime | None:
         """When output stopped, if the machine counts as stalled at ``now``."""
         limit = self.cfg.state.stalled_after
-        if limit is None or self.base_state is not MachineState.RUNNING:
+        if limit is None or self.prod_blind or self.base_state is not MachineState.RUNNING:
             return None
         refs = [t for t in (self.prod_moved_at, self.running_since) if t is not None]
         if not refs:
@@ -221,12 +246,10 @@ class MachineDetector:
     def _lose_signal(self, t: datetime, detail: str) -> None:
         if self.signal == "lost":
             return
-        if self.signal == "ok" or self.episode is not None:
-            self._emit(EventType.SIGNAL_LOST, t, (format_time(t),), {
-                "lost_at": format_time(t), "detail": detail, "last_state": self.state.value})
+        self._emit(EventType.SIGNAL_LOST, t, (format_time(t),), {
+            "lost_at": format_time(t), "detail": detail, "last_state": self.state.value})
         self.signal, self.signal_detail, self.lost_at = "lost", detail, t
         self.state, self.state_since = MachineState.UNKNOWN, t
-        self.base_state = MachineState.UNKNOWN
         if self.episode is not None:
             self.episode.had_signal_gap = True
         self.dirty = True
@@ -250,8 +273,11 @@ class MachineDetector:
 
     def _open_episode(self, t: datetime, category: str, reason: str | None,
                       continued_from: str | None = None) -> None:
+        # The sequence number makes two episodes clamped to the same start (a source clock
+        # stepping back) distinct, and is itself restored with the state after a restart.
         self.episode = Episode(
-            episode_id=event_id(self.source, "episode", format_time(t)), started_at=t,
+            episode_id=event_id(self.source, "episode", format_time(t), self.sequence),
+            started_at=t,
             category=category, reason_code=reason, last_reason_code=reason,
             order_id=self.order, continued_from=continued_from)
 
@@ -261,8 +287,8 @@ class MachineDetector:
             return
         if (now - ep.started_at).total_seconds() >= self.cfg.downtime.min_duration:
             ep.announced = True
-            self._emit(EventType.DOWNTIME_STARTED, ep.started_at,
-                       (format_time(ep.started_at),), episode_data(ep, self.cfg.downtime.reasons))
+            self._emit(EventType.DOWNTIME_STARTED, ep.started_at, (ep.episode_id,),
+                       episode_data(ep, self.cfg.downtime.reasons))
 
     def _split_long(self, now: datetime) -> None:
         limit = self.cfg.downtime.max_duration
@@ -289,7 +315,7 @@ class MachineDetector:
                         microstop_seconds=round(self.microstop_seconds, 3))
             if split:
                 data["split"] = True
-            self._emit(EventType.DOWNTIME_ENDED, end, (format_time(ep.started_at),), data)
+            self._emit(EventType.DOWNTIME_ENDED, end, (ep.episode_id,), data)
             self.microstops, self.microstop_seconds = 0, 0.0
         else:
             self.microstops += 1
@@ -343,7 +369,8 @@ class MachineDetector:
             "signal": self.signal, "signal_detail": self.signal_detail,
             "lost_at": _iso(self.lost_at), "episode": ep, "order": self.order,
             "reason": self.reason, "prod_last": self.prod_last,
-            "prod_moved_at": _iso(self.prod_moved_at),
+            "prod_moved_at": _iso(self.prod_moved_at), "prod_blind": self.prod_blind,
+            "bad_inputs": self.bad_inputs,
             "scrap": self.scrap.to_json() if self.scrap else None,
             "microstops": self.microstops, "microstop_seconds": self.microstop_seconds,
             "clock_jumps": self.clock_jumps,
@@ -370,6 +397,8 @@ class MachineDetector:
         self.order, self.reason = d.get("order"), d.get("reason")
         self.prod_last = d.get("prod_last")
         self.prod_moved_at = _dt(d.get("prod_moved_at"))
+        self.prod_blind = bool(d.get("prod_blind", False))
+        self.bad_inputs = dict(d.get("bad_inputs", {}))
         if self.scrap is not None and d.get("scrap"):
             self.scrap.restore(d["scrap"])
         self.microstops = int(d.get("microstops", 0))

@@ -106,6 +106,7 @@ class ScrapTracker:
         self.window: ScrapWindow | None = None
         self.reason: str | None = None
         self.anomalies = 0
+        self.closed_until: datetime | None = None  # end of the last window closed
 
     def on_sample(self, s: TagSample, order: str | None) -> None:
         rule, v = self.rule, s.value
@@ -150,6 +151,11 @@ class ScrapTracker:
             self.close(self.window.end)
         if self.window is None:
             start, end = window_bounds(t, self.rule.window)
+            if self.closed_until is not None and start < self.closed_until:
+                # A late sample (its time falls in a window already posted): a window is never
+                # reopened, so it goes into a window starting where the posted one ended.
+                start = self.closed_until
+                end = max(end, window_bounds(start, self.rule.window)[1])
             self.window = ScrapWindow(start=start, end=end, order_id=order,
                                       reason_code=self.reason)
         return self.window
@@ -171,7 +177,11 @@ class ScrapTracker:
 
     def close(self, end: datetime) -> None:
         w, self.window = self.window, None
-        if w is None or w.scrap <= 0:
+        if w is None:
+            return
+        if self.closed_until is None or end > self.closed_until:
+            self.closed_until = end
+        if w.scrap <= 0:
             return
         qty = w.scrap
         data: dict[str, Any] = {
@@ -190,10 +200,13 @@ class ScrapTracker:
 
     def to_json(self) -> dict[str, Any]:
         return {"last": self.last, "window": self.window.to_json() if self.window else None,
-                "reason": self.reason, "anomalies": self.anomalies}
+                "reason": self.reason, "anomalies": self.anomalies,
+                "closed_until": self.closed_until.isoformat() if self.closed_until else None}
 
     def restore(self, d: dict[str, Any]) -> None:
         self.last = {str(k): int(v) for k, v in d.get("last", {}).items()}
         self.window = ScrapWindow.from_json(d["window"]) if d.get("window") else None
         self.reason = d.get("reason")
         self.anomalies = int(d.get("anomalies", 0))
+        closed = d.get("closed_until")
+        self.closed_until = datetime.fromisoformat(closed) if closed else None
