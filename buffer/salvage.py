@@ -19,6 +19,7 @@ on it (and possibly their neighbours), not the rest.
 from __future__ import annotations
 
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 from agent.model import utcnow
 from buffer.base import NewEvent
 
-__all__ = ["Salvage", "move_aside", "read_salvageable"]
+__all__ = ["Salvage", "move_aside", "read_salvageable", "wal_missing"]
 
 _SIDE_FILES = ("-wal", "-shm")
 
@@ -49,6 +50,27 @@ def move_aside(path: Path) -> Path:
             side.rename(aside.with_name(aside.name + suffix))
     path.rename(aside)
     return aside
+
+
+def wal_missing(path: Path) -> bool:
+    """True when the write-ahead log of ``path`` is gone but its shared-memory index still
+    says it held committed frames: the WAL was lost after an unclean stop (deleted, or not
+    copied with the file). Opening would silently fall back to the last checkpoint, losing
+    committed events and detector state, so the file is treated as damaged.
+
+    The wal-index header (native byte order) has ``isInit`` at byte 12 and ``mxFrame`` (the
+    last valid frame) at bytes 16-19. A clean close removes both side files; if both are gone
+    this check cannot see a lost WAL (documented limit)."""
+    wal = path.with_name(path.name + "-wal")
+    shm = path.with_name(path.name + "-shm")
+    if wal.exists() or not shm.exists() or not path.exists():
+        return False
+    try:
+        with shm.open("rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and head[12] == 1 and int.from_bytes(head[16:20], sys.byteorder) > 0
 
 
 def _event(row: tuple[Any, ...]) -> NewEvent | None:

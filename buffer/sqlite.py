@@ -99,7 +99,7 @@ from buffer.capacity import (
     page_stats,
 )
 from buffer.migrations import check_version, migrate
-from buffer.salvage import move_aside, read_salvageable
+from buffer.salvage import move_aside, read_salvageable, wal_missing
 from config.models import WhenFull
 
 __all__ = ["SqliteBuffer"]
@@ -158,6 +158,9 @@ class SqliteBuffer(Buffer):
         (when ``salvage``), return leases to pending, register the sinks."""
         self._sinks = tuple(dict.fromkeys(sinks))
         try:
+            if wal_missing(self.path):
+                raise BufferCorruptError(f"buffer file {self.path} lost its write-ahead log "
+                                         "after an unclean stop (committed events were in it)")
             self._open(readonly=False)
             self._check_after_unclean_stop()
         except BufferCorruptError as e:
