@@ -26,6 +26,7 @@ import asyncio
 import json
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -81,12 +82,14 @@ class Receiver:
     """``await start()`` opens the database and binds (port 0 is fine) and returns the port."""
 
     def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0, *,
-                 echo: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 echo: Callable[[dict[str, Any]], None] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.db_path = Path(db_path)
         self._echo = echo
         self.faults = Faults()
         self.requests: list[SeenRequest] = []
-        self._server = HttpServer(self._handle, host, port)
+        self._scheme = "https" if ssl_context is not None else "http"
+        self._server = HttpServer(self._handle, host, port, ssl=ssl_context)
         self._db: sqlite3.Connection | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -116,7 +119,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://{self._server.host}:{self._server.port}/events"
+        return f"{self._scheme}://{self._server.host}:{self._server.port}/events"
 
     # ------------------------------------------------------------------ fault helpers
 
