@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the outcome (default %(default)s)")
 
+    from agent import buffer_cli
+
+    buffer_cli.add_parser(sub)
+
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
                       help="seconds to run (default %(default)s)")
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "status":
                 return status_main(base, args.json)
             return reload_main(base, args.timeout)
+        if args.command == "buffer":
+            from agent.buffer_cli import run as run_buffer
+
+            return run_buffer(args)
         if args.command == "demo":
             from agent.demo import run_demo
 

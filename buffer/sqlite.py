@@ -52,7 +52,8 @@ file (``salvage.py``); ``degraded_reason`` says so for readiness. Damage met lat
 
 Statistics: ``open`` counts rows once; afterwards each committed transaction adjusts running
 counts by its statements' row counts, so ``stats()`` (called for every /status) scans nothing.
-``attach`` connections count from scratch.
+When another connection has committed (``PRAGMA data_version`` changed: the CLI's replay or
+purge), ``stats()`` counts once more. ``attach`` connections count from scratch.
 
 Threading: one connection (``check_same_thread=False``) used by one thread at a time; the
 runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CLI use
@@ -147,6 +148,9 @@ class SqliteBuffer(Buffer):
         self._events = 0
         self._delta: Counter[tuple[str, str]] = Counter()
         self._delta_events = 0
+        # PRAGMA data_version when the counts were taken: it changes only when another
+        # connection (the CLI's replay/purge) commits, and then stats() counts again.
+        self._data_version = 0
         self.salvage = salvage
         # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
         self.degraded_reason: str | None = None
@@ -190,6 +194,7 @@ class SqliteBuffer(Buffer):
             raise self._translate(e, "counting rows", opening=True) from e
         self._counts = Counter({(str(k), str(st)): int(n) for k, st, n in rows})
         self._events = int(events)
+        self._data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
 
     def _register_sinks(self, conn: sqlite3.Connection, now: str) -> None:
         # Every sink that ever had rows stays in ``sinks``: queries that must see all of an
@@ -569,6 +574,9 @@ class SqliteBuffer(Buffer):
     def stats(self) -> BufferStats:
         conn = self._require()
         try:
+            if self._counts is not None and int(conn.execute(
+                    "PRAGMA data_version").fetchone()[0]) != self._data_version:
+                self._load_counts()  # another connection wrote (the CLI): count again
             counts = self._counts
             events = self._events if counts is not None else int(
                 conn.execute("SELECT count(*) FROM events").fetchone()[0])
