@@ -296,3 +296,21 @@ def test_only_scrap_counters_count_as_counter_anomalies() -> None:
              for i, v in enumerate([0.0, 1500.0, 0.0, 1500.0])]
     _run(det, steps)
     assert det.status()["counter_anomalies"] == 0  # the scrap counter never moved
+
+
+def test_clock_jump_flags_what_was_open_and_only_that() -> None:
+    cfg = MachineConfig.model_validate({
+        "line": "l1", "state": {"tag": "st", "map": {1: "running", 3: "down"}},
+        "scrap": {"counter": "cnt", "window": "60s"}})
+    det = MachineDetector("m1", cfg, "plant-t")
+    events = _run(det, [(0.0, [_sample("st", 1, 0), _sample("cnt", 0, 0)]),
+                        (10.0, [_sample("st", 3, 10), _sample("cnt", 2, 10)])])
+    det.note_clock_jump(-30.0)  # the agent's clock stepped back while both were open
+    events += _run(det, [(20.0, [_sample("st", 1, 20)]), (30.0, [_sample("st", 3, 30)]),
+                         (40.0, [_sample("st", 1, 40)])], end=130)
+    by_type = [(e.type.value.removeprefix("plantedge."), e.data.get("clock_adjusted"))
+               for e in events]
+    assert by_type == [("downtime.started", None), ("downtime.ended", True),
+                       ("downtime.started", None), ("downtime.ended", None),
+                       ("scrap.recorded", True)]
+    assert det.status()["clock_jumps"] == 1
