@@ -138,6 +138,10 @@ async def apply_config(runtime: Runtime, new: Config, new_hash: str | None) -> l
     changed_sources = {n for n in set(old.sources) | set(effective.sources)
                        if old.sources.get(n) != effective.sources.get(n)}
     changes = [f"source {n}" for n in sorted(changed_sources)]
+    if effective.health != old.health:
+        changes.append("health thresholds")
+    if effective.fleet != old.fleet:
+        changes.append("fleet")
     for name in sorted(changed_sources & set(old.sources)):
         await _stop_source(runtime, name)
 
