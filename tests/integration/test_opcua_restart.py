@@ -25,7 +25,7 @@ VARIABLES = {"Line.State": 1, "Line.Reason": 0}
 def config(tmp: Path, srv: OpcuaTestServer, mode: str, sink_url: str) -> Any:
     timing = "publishing_interval: 100ms" if mode == "subscribe" else "poll_interval: 100ms"
     return load_config_text(f"""
-agent: {{id: test-edge, site: plant-t, data_dir: "{tmp / 'agent'}", stop_timeout: 3s}}
+agent: {{id: edge-{mode}, site: plant-{mode}, data_dir: "{tmp / mode}", stop_timeout: 3s}}
 health: {{listen: "127.0.0.1:0"}}
 sources:
   plc:
@@ -50,47 +50,57 @@ buffer: {{commit_interval: 10ms}}
 """, "<test>")
 
 
-@pytest.mark.parametrize("mode", ["subscribe", "poll"])
 async def test_server_restart_with_new_namespace_indexes_recovers_and_delivers(
-        tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents on the same server, one subscribing and one polling (two sites, so their
+    events stay apart in the one receiver); both must heal."""
     srv = OpcuaTestServer(dict(VARIABLES))
     await srv.start(namespace_first=False)
     index_before = (await _namespaces(srv)).index(srv.namespace)
     receiver = Receiver(tmp_path / "rx.db")
     await receiver.start()
-    rt = Runtime(config(tmp_path, srv, mode, receiver.url))
+    modes = ("subscribe", "poll")
+    runtimes = {m: Runtime(config(tmp_path, srv, m, receiver.url)) for m in modes}
     caplog.set_level(logging.INFO, logger="edge_agent")
-    await rt.start()
+    for rt in runtimes.values():
+        await rt.start()
     try:
-        det = rt.detectors["m1"]
-        sup = rt.sources["plc"].supervisor
-        await wait_until(lambda: det.state.value == "running" and sup.state == "up",
-                         what="first values")
+        sups = {m: rt.sources["plc"].supervisor for m, rt in runtimes.items()}
+        await wait_until(lambda: all(rt.detectors["m1"].state.value == "running"
+                                     for rt in runtimes.values())
+                         and all(s.state == "up" for s in sups.values()), what="first values")
         await srv.stop()
-        await wait_until(lambda: sup.state == "down", timeout=10, what="outage noticed")
+        await wait_until(lambda: all(s.state == "down" for s in sups.values()), timeout=10,
+                         what="outage noticed")
         await srv.start(namespace_first=True)
         assert (await _namespaces(srv)).index(srv.namespace) != index_before
-        await wait_until(lambda: sup.state == "up", timeout=15, what="session rebuilt")
+        await wait_until(lambda: all(s.state == "up" for s in sups.values()), timeout=15,
+                         what="sessions rebuilt")
         # A downtime that happens only after the restart is detected and delivered.
         await srv.set("Line.Reason", 9)
         await srv.set("Line.State", 3)
-        await wait_until(lambda: any(e["type"] == "plantedge.downtime.started"
-                                     for e in receiver.events()),
-                         timeout=15, what="downtime after the restart delivered")
-        status = await rt.status()
+
+        def started() -> list[dict[str, Any]]:
+            return [e for e in receiver.events() if e["type"] == "plantedge.downtime.started"]
+
+        await wait_until(lambda: len(started()) == 2, timeout=15,
+                         what="downtime after the restart delivered by both agents")
+        statuses = {m: await rt.status() for m, rt in runtimes.items()}
     finally:
-        await rt.stop()
+        for rt in runtimes.values():
+            await rt.stop()
         await srv.stop()
-    events = receiver.events()
+    events = started()
     await receiver.aclose()
-    started = [e for e in events if e["type"] == "plantedge.downtime.started"]
-    assert len(started) == 1 and started[0]["data"]["reason_code"] == "9"
-    assert status["sources"]["plc"]["bad_tags"] == {}
-    # Logged once down and once up, not once per attempt.
+    assert sorted(e["source"].split("/")[2] for e in events) == ["plant-poll", "plant-subscribe"]
+    assert all(e["data"]["reason_code"] == "9" for e in events)
+    for status in statuses.values():
+        assert status["sources"]["plc"]["bad_tags"] == {}
+    # Each agent logged once down and once up again, not once per attempt.
     transitions = [r for r in caplog.records if getattr(r, "component", None) == "plc"]
     downs = [r for r in transitions if getattr(r, "transition", None) == "down"]
     ups = [r for r in transitions if getattr(r, "transition", None) == "up"]
-    assert len(downs) == 1 and len(ups) == 2, [r.getMessage() for r in transitions]
+    assert len(downs) == 2 and len(ups) == 4, [r.getMessage() for r in transitions]
 
 
 async def _namespaces(srv: OpcuaTestServer) -> list[str]:
