@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.fleet import run_fleet
 from agent.health import HealthServer, loop_alive
+from agent.logs import register_config_secrets
 from agent.notify import Notifier, run_watchdog
 from agent.reload import ReloadRequests
 from agent.runtime import Runtime
@@ -31,6 +32,7 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
     Around them (issue 7): systemd notify (READY, WATCHDOG while healthy, STATUS, STOPPING),
     the optional fleet heartbeat, and SIGHUP re-reading ``config_path`` (live reload).
     """
+    register_config_secrets(config)  # never shown in logs, /status or heartbeats
     runtime = Runtime(config, config_hash=config_hash)
     health = HealthServer(runtime, config.health.listen)
     notifier = Notifier()

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from agent.errors import EdgeAgentError
+from agent.logs import redact
 from agent.model import format_time, utcnow
 from agent.sinks.oauth import OAuth2Error, OAuth2Token
 from agent.sinks.tls import client_context
@@ -80,7 +82,8 @@ class _Beat:
             headers["Authorization"] = f"Bearer {self.cfg.auth.bearer_token.reveal()}"
         elif self.oauth is not None:
             headers["Authorization"] = f"Bearer {await self.oauth.get(self.http)}"
-        r = await self.http.post(self.cfg.url, json=doc, headers=headers)
+        body = redact(json.dumps(doc, separators=(",", ":"), default=str)).encode("utf-8")
+        r = await self.http.post(self.cfg.url, content=body, headers=headers)
         if r.status_code == 401 and self.oauth is not None:
             self.oauth.invalidate()
         if not 200 <= r.status_code < 300:

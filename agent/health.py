@@ -30,6 +30,7 @@ from typing import Any
 
 from agent import __version__
 from agent.httpserver import HttpServer, Request, Response
+from agent.logs import redact
 from agent.metrics import CONTENT_TYPE
 from agent.runtime import Runtime, _age
 from buffer.base import BufferStats
@@ -122,6 +123,13 @@ class HealthServer:
         await self._server.aclose()
 
     async def _handle(self, req: Request) -> Response:
+        response = await self._answer(req)
+        if response.content_type == "application/json":
+            # Safety net: a peer may echo a secret into an error we report (held_reason).
+            response.body = redact(response.body.decode("utf-8")).encode("utf-8")
+        return response
+
+    async def _answer(self, req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):
             return Response.json({"error": "method not allowed"}, 405)
         rt = self._runtime

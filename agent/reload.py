@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.detect.build import build_detectors
 from agent.errors import ConfigError, EdgeAgentError
+from agent.logs import register_config_secrets
 from agent.model import format_time, utcnow
 from agent.sinks.backoff import Backoff
 from agent.sinks.forwarder import Forwarder
@@ -93,6 +94,7 @@ async def reload_from_file(runtime: Runtime, path: Path) -> bool:
         runtime.last_reload = {"at": format_time(utcnow()), "ok": False, "issues": issues,
                                "config_hash": runtime.config_hash}
         return False
+    register_config_secrets(new)
     new_hash = config_hash(new)
     if new_hash == runtime.config_hash:
         log.info("the configuration is unchanged (%s)", new_hash[:12])

@@ -47,6 +47,7 @@ from typing import Any
 
 import httpx
 
+from agent.logs import add_secret_values
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
@@ -161,6 +162,7 @@ class HttpSink(Sink):
             return
         try:
             self._token, self._token_error = secret.reveal(), None
+            add_secret_values([self._token])
         except SecretResolutionError as exc:
             self._token, self._token_error = None, str(exc)
 

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from agent.errors import PermanentError, RetryableError
+from agent.logs import add_secret_values
 from config.models import OAuth2ClientAuth, OAuth2Config
 from config.secrets import SecretResolutionError
 
@@ -106,6 +107,7 @@ class OAuth2Token:
         token, expires_in = _parse(response.content)
         if token is None:
             raise OAuth2UnavailableError("OAuth2 token endpoint answered without access_token")
+        add_secret_values([token, secret])
         self._token = token
         self._valid_until = None if expires_in is None else \
             started + max(0.0, expires_in - cfg.refresh_before)
