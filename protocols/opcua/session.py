@@ -70,6 +70,7 @@ class Session:
     """One connected client; see the module docstring. Use ``async with Session(...)``."""
 
     def __init__(self, name: str, config: OpcuaSourceConfig) -> None:
+        quiet_asyncua()
         self.name = name
         self.config = config
         self.where = f"OPC UA server {config.endpoint}"
