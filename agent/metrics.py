@@ -34,7 +34,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -47,6 +53,10 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "InstrumentedSink", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# ``*_created`` timestamp series per counter would double the output for no use on a dashboard
+# (and break the fixed vocabulary); the agent owns its process, so switch them off globally.
+disable_created_metrics()
 
 # An attempt is one HTTP request: milliseconds on a LAN, up to the sink timeout when it hangs.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

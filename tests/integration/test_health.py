@@ -222,3 +222,30 @@ async def test_healthz_fails_when_the_loop_stops_ticking(tmp_path: Path) -> None
             assert (await http.post(f"http://127.0.0.1:{port}/healthz")).status_code == 405
     finally:
         await server.aclose()
+
+
+async def test_status_command_prints_a_readable_table(
+        tmp_path: Path, plc: ModbusSimulator, receiver: Receiver) -> None:
+    from agent.status_cli import format_status, health_url
+
+    assert plc.port is not None
+    async with Agent(make_config(tmp_path, plc.port, receiver.url)) as a:
+        await wait_until(lambda: _ready(a), what="ready")
+        await plc.set_value(STATE, 3)
+        await wait_until(lambda: a.rt.detectors["m1"].episode is not None, what="down")
+        doc = (await a.get("/status")).json()
+    text = format_status(doc)
+    lines = text.splitlines()
+    assert lines[0] == "agent health-edge at site s1: READY"
+    assert f"version {__version__}" in lines[1] and doc["config_hash"][:12] in lines[1]
+    for section in ("SOURCES", "MACHINES", "SINKS"):
+        assert section in lines
+    machine = next(line for line in lines if line.strip().startswith("m1 "))
+    assert "down" in machine and "unplanned since" in machine
+    assert any(line.strip().startswith("plc ") and " up " in line for line in lines)
+    # Where `edge-agent status` looks: --url, else the config's health.listen, else default.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("health: {listen: '0.0.0.0:9911'}\nagent: {id: x}\n")
+    assert health_url(cfg, None) == "http://127.0.0.1:9911"
+    assert health_url(cfg, "http://h:1/") == "http://h:1"
+    assert health_url(None, None) == "http://127.0.0.1:9780"
