@@ -1,5 +1,6 @@
-"""OPC UA security against a real asyncua server that offers only Basic256Sha256 and requires a
-user name: generated certificates, a pinned server certificate, refusal messages."""
+"""OPC UA security against a real asyncua server that offers only Basic256Sha256 and
+Aes256_Sha256_RsaPss and requires a user name: generated certificates, a pinned server
+certificate, refusal messages."""
 
 from __future__ import annotations
 
@@ -43,16 +44,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 async def server(pki: dict[str, Path]) -> AsyncIterator[OpcuaTestServer]:
     srv = OpcuaTestServer({"Secure.Value": 42}, users={"edge": "s3cret"},
                           security=ServerSecurity(pki["server_cert"], pki["server_key"],
-                                                  SERVER_URI, ("Basic256Sha256",)))
+                                                  SERVER_URI,
+                                                  ("Basic256Sha256", "Aes256_Sha256_RsaPss")))
     await srv.start()
     yield srv
     await srv.stop()
 
 
 def cfg(srv: OpcuaTestServer, pki: dict[str, Path], *, policy: str = "Basic256Sha256",
-        trust: str = "trusted", password: str | None = "s3cret", **extra: Any
-        ) -> OpcuaSourceConfig:
-    security = {"policy": policy, "mode": "SignAndEncrypt", "certificate": str(pki["cert"]),
+        mode: str = "SignAndEncrypt", trust: str = "trusted", password: str | None = "s3cret",
+        **extra: Any) -> OpcuaSourceConfig:
+    security = {"policy": policy, "mode": mode, "certificate": str(pki["cert"]),
                 "private_key": str(pki["key"]), "trust": str(pki[trust])}
     login = {"username": "edge", "password": password} if password is not None else {}
     return OpcuaSourceConfig.model_validate({
@@ -60,9 +62,12 @@ def cfg(srv: OpcuaTestServer, pki: dict[str, Path], *, policy: str = "Basic256Sh
         "tags": {"v": {"node": srv.node("Secure.Value"), "type": "int"}}, **login, **extra})
 
 
-async def test_sign_and_encrypt_with_generated_certificates_reads_values(
-        server: OpcuaTestServer, pki: dict[str, Path]) -> None:
-    samples = await OpcuaSource("secure", cfg(server, pki)).probe()
+@pytest.mark.parametrize("policy,mode", [("Basic256Sha256", "SignAndEncrypt"),
+                                         ("Basic256Sha256", "Sign"),
+                                         ("Aes256_Sha256_RsaPss", "SignAndEncrypt")])
+async def test_secured_sessions_with_generated_certificates_read_values(
+        server: OpcuaTestServer, pki: dict[str, Path], policy: str, mode: str) -> None:
+    samples = await OpcuaSource("secure", cfg(server, pki, policy=policy, mode=mode)).probe()
     assert [(s.tag, s.value, s.quality) for s in samples] == [("v", 42, Quality.GOOD)]
 
 
@@ -94,9 +99,9 @@ async def test_anonymous_login_refused_when_the_server_wants_a_user(
 async def test_a_policy_the_server_does_not_offer_is_never_downgraded(
         server: OpcuaTestServer, pki: dict[str, Path]) -> None:
     with pytest.raises(ConnectionLostError) as err:
-        await OpcuaSource("secure", cfg(server, pki, policy="Aes256_Sha256_RsaPss")).probe()
+        await OpcuaSource("secure", cfg(server, pki, policy="Aes128_Sha256_RsaOaep")).probe()
     text = str(err.value)
-    assert "Aes256_Sha256_RsaPss" in text and "Basic256Sha256/SignAndEncrypt" in text
+    assert "Aes128_Sha256_RsaOaep" in text and "Basic256Sha256/SignAndEncrypt" in text
     assert "never falls back" in text
 
 
