@@ -133,11 +133,15 @@ class MachineDetector:
     def on_tick(self, now: datetime) -> list[Event]:
         if self._watch_since is None:
             self._watch_since = now
-        if self.stale_after is not None and self.signal != "lost":
+        tag = self.signal_tag
+        if self.stale_after is not None and tag is not None and tag not in self.bad_inputs:
             seen = self._last_good_state or self._watch_since
             if (now - seen).total_seconds() > self.stale_after:
-                self._lose_signal(now, f"no sample of {self.signal_tag} for "
-                                  f"{self.stale_after:g}s")
+                # Recorded like a bad sample, so only a fresh sample of this tag restores it.
+                why = f"no sample of {tag} for {self.stale_after:g}s"
+                self.bad_inputs[tag] = why
+                self.dirty = True
+                self._lose_signal(now, why)
         if self.signal == "ok":
             self._evaluate(now)
         self._maybe_announce(now)

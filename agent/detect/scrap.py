@@ -102,6 +102,8 @@ class ScrapTracker:
 
     def __init__(self, rule: ScrapRule, bits: int, emit: Emit) -> None:
         self.rule, self.bits, self._emit = rule, bits, emit
+        self.tags = frozenset(t for t in (rule.counter, rule.quantity_tag, rule.total_counter,
+                                          rule.good_counter, rule.reason_tag) if t)
         self.last: dict[str, int] = {}  # counter tag -> last value
         self.window: ScrapWindow | None = None
         self.reason: str | None = None
@@ -110,6 +112,8 @@ class ScrapTracker:
 
     def on_sample(self, s: TagSample, order: str | None) -> None:
         rule, v = self.rule, s.value
+        if s.tag not in self.tags:
+            return  # the machine's other tags (state, speed, order) are not scrap
         if s.tag == rule.reason_tag:
             code = reason_code(v)
             self.reason = code

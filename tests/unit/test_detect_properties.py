@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -284,9 +283,6 @@ def test_replay_is_deterministic(polls: list[tuple[float, dict[str, Any]]]) -> N
 # --------------------------------------------------------------------------- not a property
 
 
-@pytest.mark.xfail(strict=True, reason="ScrapTracker.on_sample runs counter arithmetic on every "
-                   "numeric sample of the machine (state, reason, speed), so a state tag's "
-                   "change beyond max_step counts as a counter anomaly in /status")
 def test_only_scrap_counters_count_as_counter_anomalies() -> None:
     cfg = MachineConfig.model_validate({
         "line": "l1", "state": {"tag": "spd", "running_above": 10},
