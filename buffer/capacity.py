@@ -20,6 +20,12 @@ each checkpoint. When over ``max_size``:
 
 Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``,
 so it survives a crash until reported) and ``meta.dropped_total``.
+
+A ``plantedge.data.gap`` event is the report of earlier drops, not a fact of its own: when
+one is dropped (the oldest event under a long outage, or refused by ``reject_new`` while the
+buffer is still full), its ``dropped_by_type`` counts go back into the ``drops`` table
+(``carried_drops``), so the next gap event reports them again and every dropped fact stays
+accounted for by type. They are not added to ``dropped_total`` a second time.
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from buffer.base import NewEvent
 
 __all__ = [
     "ANY_STATE",
+    "GAP_TYPE",
     "IN_JSON",
     "KNOWN_SINKS",
     "Dropped",
     "append_or_reject",
+    "carried_drops",
     "drop_oldest",
     "json_list",
     "live_bytes",
@@ -51,6 +59,20 @@ IN_JSON = "SELECT value FROM json_each(?)"
 # every sink that ever had rows stays in ``sinks``.
 KNOWN_SINKS = "(SELECT name FROM sinks)"
 ANY_STATE = "('pending', 'leased', 'dead')"
+
+
+GAP_TYPE = "plantedge.data.gap"
+
+
+def carried_drops(payload: str) -> Counter[str]:
+    """The drop counts a dropped data-gap event reported (its ``data.dropped_by_type``); an
+    unreadable report counts as one dropped gap event, so nothing vanishes uncounted."""
+    try:
+        by_type = json.loads(payload)["data"]["dropped_by_type"]
+        counts = Counter({str(t): int(n) for t, n in by_type.items()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Counter({GAP_TYPE: 1})
+    return +counts
 
 
 def json_list(values: Sequence[int] | Sequence[str]) -> str:
@@ -70,16 +92,33 @@ def live_bytes(conn: sqlite3.Connection) -> int:
     return (page_count - free) * page_size
 
 
-def record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str) -> None:
-    if not removed:
+def record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str,
+                 carried: Counter[str] | None = None) -> None:
+    """Count ``removed`` events as dropped, and re-queue the ``carried`` counts of dropped
+    gap reports (already in ``dropped_total``)."""
+    if removed:
+        conn.execute("UPDATE meta SET value = value + ? WHERE name = 'dropped_total'",
+                     (sum(removed.values()),))
+    both = removed + (carried or Counter())
+    if not both:
         return
     conn.executemany(
         "INSERT INTO drops(type, count, first_at, last_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT(type) DO UPDATE SET count = count + excluded.count, "
         "last_at = excluded.last_at",
-        [(t, c, now, now) for t, c in removed.items()])
-    conn.execute("UPDATE meta SET value = value + ? WHERE name = 'dropped_total'",
-                 (sum(removed.values()),))
+        [(t, c, now, now) for t, c in both.items()])
+
+
+def _split(events: Sequence[tuple[str, str]]) -> tuple[Counter[str], Counter[str]]:
+    """(type, payload) of dropped events -> (facts dropped by type, carried gap counts)."""
+    removed: Counter[str] = Counter()
+    carried: Counter[str] = Counter()
+    for type_, payload in events:
+        if type_ == GAP_TYPE:
+            carried.update(carried_drops(payload))
+        else:
+            removed[type_] += 1
+    return removed, carried
 
 
 def append_or_reject(conn: sqlite3.Connection, events: Sequence[NewEvent],
@@ -107,7 +146,8 @@ def append_or_reject(conn: sqlite3.Connection, events: Sequence[NewEvent],
             break
         keep -= max(keep // 8, 1)
     conn.execute("RELEASE batch")
-    record_drops(conn, Counter(e.type for e in fresh[keep:]), now)
+    removed, carried = _split([(e.type, e.payload) for e in fresh[keep:]])
+    record_drops(conn, removed, now, carried)
     return keep, len(fresh) - keep
 
 
@@ -132,6 +172,7 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
     # its deletes freed. Deleting too few only costs another round.
     per_event = max((live - live_before) / inserted, 64.0)
     removed: Counter[str] = Counter()
+    carried: Counter[str] = Counter()
     while live > max_size:
         victims = _victims(conn, int((live - max_size) / per_event) + 1)
         if not victims:
@@ -141,8 +182,11 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
                             f"IN {ANY_STATE} AND seq IN ({IN_JSON}) RETURNING sink, state",
                             (seqs,)).fetchall()
         dropped.rows.update((str(sink), str(state)) for sink, state in rows)
-        conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON})", (seqs,))
-        removed.update(t for _, t in victims)
+        gone = conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON}) "
+                            "RETURNING type, payload", (seqs,)).fetchall()
+        facts, reports = _split([(str(t), str(p)) for t, p in gone])
+        removed.update(facts)
+        carried.update(reports)
         dropped.events += len(victims)
         dropped.new += sum(1 for s, _ in victims if s > before)
         now_live = live_bytes(conn)
@@ -151,7 +195,7 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
         if now_live < live:
             per_event = max(min(per_event, (live - now_live) / len(victims)), 64.0)
         live = now_live
-    record_drops(conn, removed, now)
+    record_drops(conn, removed, now, carried)
     return dropped
 
 

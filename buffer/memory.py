@@ -30,6 +30,7 @@ from buffer.base import (
     SinkStats,
     check_batch,
 )
+from buffer.capacity import GAP_TYPE, carried_drops
 from config.models import WhenFull
 
 __all__ = ["MemoryBuffer"]
@@ -126,17 +127,22 @@ class MemoryBuffer(Buffer):
 
     def _enforce_capacity(self, new: set[int]) -> int:
         removed: Counter[str] = Counter()
+        carried: Counter[str] = Counter()  # counts reported by dropped gap events
         lost_new = 0
         while self._size > self.max_size:
             victim = self._victim(new)
             if victim is None:
                 break
-            removed[self._events[victim].type] += 1
+            event = self._events[victim]
+            if event.type == GAP_TYPE:
+                carried.update(carried_drops(event.payload))
+            else:
+                removed[event.type] += 1
             lost_new += victim in new
             self._delete_event(victim)
-        if removed:
+        if removed or carried:
             now = format_time(utcnow())
-            for t, c in removed.items():
+            for t, c in (removed + carried).items():
                 self._drops.by_type[t] = self._drops.by_type.get(t, 0) + c
             self._drops.first_at = self._drops.first_at or now
             self._drops.last_at = now
