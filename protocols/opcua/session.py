@@ -245,6 +245,14 @@ class Session:
         sub.set_overflow_disconnect_handler(lambda: self.lose(
             f"{self.where}: the agent fell behind the notifications; re-reading everything"))
         self.subscription = sub
+        return await self.monitor(items)
+
+    async def monitor(self, items: Sequence[tuple[Any, OpcuaTag]]) -> list[int | str]:
+        """Add monitored items to the subscription (chunked); per item the client handle or
+        the server's refusal as text."""
+        sub = self.subscription
+        assert sub is not None, "subscribe() first"
+        self._client()
         requests = [self._item_request(sub, node_id, tag) for node_id, tag in items]
         results: list[int | str] = []
         for part in chunks(requests, self.max_items):
@@ -256,6 +264,12 @@ class Session:
                 else:
                     results.append(request.RequestedParameters.ClientHandle)
         return results
+
+    async def refresh_namespaces(self) -> None:
+        """Read the NamespaceArray again (a namespace may have been added since connecting)."""
+        client = self._client()
+        self.namespaces = list(await self._call("reading the namespace array",
+                                                client.get_namespace_array()))
 
     def _item_request(self, sub: Subscription, node_id: Any, tag: OpcuaTag) -> Any:
         cfg = self.config

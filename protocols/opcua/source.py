@@ -8,7 +8,8 @@
     read every tag once ──> out.connected(), emit          (also after every reconnect: the
         │                                                   values that changed while we were
         v                                                   away are seen at once)
-    subscribe: monitored items in chunks; a refused node -> that tag bad
+    subscribe: monitored items in chunks; a refused node -> that tag bad (and tried again
+               every RETRY_REFUSED_AFTER seconds: a node added by a PLC download appears)
                consume notifications (one task, no awaits on I/O), emit in batches;
                re-emit the last values every refresh period while keep-alives arrive
     poll:      read in chunks every poll_interval (drift-free ticks)
@@ -46,7 +47,11 @@ from protocols.opcua.config import OpcuaMode, OpcuaSourceConfig, OpcuaValueType,
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
 
-__all__ = ["OpcuaSource", "to_sample"]
+__all__ = ["RETRY_REFUSED_AFTER", "OpcuaSource", "to_sample"]
+
+# Subscribe mode: tags whose node was refused (or whose namespace was unknown) are tried again
+# this often within a session. Poll mode reads them every poll anyway.
+RETRY_REFUSED_AFTER = 60.0
 
 log = logging.getLogger("edge_agent.opcua")
 
@@ -150,7 +155,7 @@ class OpcuaSource(Source):
             if self.config.mode is OpcuaMode.POLL:
                 await self._poll(session, resolved, bad, out)
             else:
-                await self._subscribe(session, resolved, out)
+                await self._subscribe(session, resolved, [s.tag for s in bad], out)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(session.close())
@@ -165,13 +170,15 @@ class OpcuaSource(Source):
         finally:
             await session.close()
 
-    def _resolve(self, session: Session) -> tuple[dict[str, tuple[Any, str]], list[TagSample]]:
+    def _resolve(self, session: Session, only: list[str] | None = None
+                 ) -> tuple[dict[str, tuple[Any, str]], list[TagSample]]:
         """tag id -> (NodeId, node text) for the tags this server can have; bad samples for
         the others (a namespace URI the server does not know)."""
         resolved: dict[str, tuple[Any, str]] = {}
         bad: list[TagSample] = []
         now = utcnow()
-        for tag_id, tag in self.config.tags.items():
+        for tag_id in only if only is not None else list(self.config.tags):
+            tag = self.config.tags[tag_id]
             try:
                 resolved[tag_id] = (self._parsed[tag_id].resolve(session.namespaces), tag.node)
             except UnknownNamespaceError as exc:
@@ -213,22 +220,14 @@ class OpcuaSource(Source):
     # ------------------------------------------------------------------ subscribe mode
 
     async def _subscribe(self, session: Session, resolved: dict[str, tuple[Any, str]],
-                         out: SampleSink) -> None:
+                         unresolved: list[str], out: SampleSink) -> None:
         cfg = self.config
         tags = list(resolved)
         handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
         by_handle: dict[int, tuple[str, str]] = {}
-        refused: list[TagSample] = []
-        now = utcnow()
-        for tag_id, handle in zip(tags, handles, strict=True):
-            node = resolved[tag_id][1]
-            if isinstance(handle, str):
-                refused.append(TagSample(tag_id, None, Quality.BAD, now, None,
-                                         f"tag {tag_id} (node {node}): the server refused to "
-                                         f"monitor it: {handle}"))
-            else:
-                by_handle[handle] = (tag_id, node)
-        self._emit(out, refused)
+        pending = list(unresolved)  # not monitored: tried again later
+        self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
+        next_retry = time.monotonic() + RETRY_REFUSED_AFTER
         sub = session.subscription
         assert sub is not None
         # Draining the iterator's queue directly: one wait per burst instead of one per value.
@@ -262,6 +261,44 @@ class OpcuaSource(Source):
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh
                 self._refresh(out)
+            if pending and time.monotonic() >= next_retry:
+                next_retry = time.monotonic() + RETRY_REFUSED_AFTER
+                pending = await self._retry(session, pending, by_handle, out)
+
+    def _sort_handles(self, tags: list[str], handles: list[int | str],
+                      resolved: dict[str, tuple[Any, str]],
+                      by_handle: dict[int, tuple[str, str]],
+                      pending: list[str]) -> list[TagSample]:
+        """Record accepted items in ``by_handle``; refused tags go to ``pending`` and come
+        back as bad samples."""
+        refused: list[TagSample] = []
+        now = utcnow()
+        for tag_id, handle in zip(tags, handles, strict=True):
+            node = resolved[tag_id][1]
+            if isinstance(handle, str):
+                pending.append(tag_id)
+                refused.append(TagSample(tag_id, None, Quality.BAD, now, None,
+                                         f"tag {tag_id} (node {node}): the server refused to "
+                                         f"monitor it: {handle}"))
+            else:
+                by_handle[handle] = (tag_id, node)
+        return refused
+
+    async def _retry(self, session: Session, pending: list[str],
+                     by_handle: dict[int, tuple[str, str]], out: SampleSink) -> list[str]:
+        """Try to monitor the pending tags again; returns those still pending. An accepted
+        item's first notification carries its current value."""
+        await session.refresh_namespaces()
+        resolved, still = self._resolve(session, pending)
+        if not resolved:
+            self._emit(out, still)
+            return [s.tag for s in still]
+        tags = list(resolved)
+        handles = await session.monitor([(resolved[t][0], self.config.tags[t]) for t in tags])
+        again: list[str] = [s.tag for s in still]
+        refused = self._sort_handles(tags, handles, resolved, by_handle, again)
+        self._emit(out, [*still, *refused])
+        return again
 
     def _take(self, event: Any, by_handle: dict[int, tuple[str, str]],
               batch: list[TagSample], session: Session) -> None:

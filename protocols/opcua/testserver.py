@@ -190,6 +190,18 @@ class OpcuaTestServer:
         self._values[name] = dv
         await self._server.write_attribute_value(self._nodes[name], dv)
 
+    async def add(self, name: str, value: Any, vtype: ua.VariantType | None = None) -> None:
+        """Add a variable while running (as a PLC program download does)."""
+        assert self._server is not None, "server not started"
+        self.variables[name] = value
+        if vtype is not None:
+            self.types[name] = vtype
+        idx = (await self._server.get_namespace_array()).index(self.namespace)
+        folder = self._server.get_node(_NodeId("Plant", idx))
+        var = await folder.add_variable(_NodeId(name, idx), name,
+                                        ua.Variant(value, self._type(name)))
+        self._nodes[name] = var.nodeid
+
     async def freeze_subscriptions(self) -> None:
         """Stop publishing on every existing subscription (no data, no keep-alives) while
         sessions, reads and the socket keep working: a server that looks alive but is not."""

@@ -267,6 +267,34 @@ async def test_many_tags_respect_the_servers_operation_limits(
         assert 0 < server.largest_create <= LIMIT
 
 
+async def test_a_refused_node_is_monitored_once_it_appears(
+        server: OpcuaTestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protocols.opcua import source as source_module
+
+    monkeypatch.setattr(source_module, "RETRY_REFUSED_AFTER", 0.2)
+    tags = {"good": {"node": server.node("Mixed.Good")},
+            "late": {"node": server.node("Late.Node"), "type": "int"},
+            "no_ns": {"node": "nsu=urn:nobody:here;s=X"}}
+    out = Collect()
+    task = _start(OpcuaSource("late", source_config(server, tags, publishing_interval="50ms")),
+                  out)
+    try:
+        await wait_until(lambda: (s := out.last("late")) is not None
+                         and "refused" in (s.detail or ""), what="refused at first")
+        await server.add("Late.Node", 5)
+        await wait_until(lambda: _seen(out, "late", 5), what="monitored once it exists")
+        await server.set("Late.Node", 6)
+        await wait_until(lambda: _seen(out, "late", 6), what="changes flow")
+        retried = sum(1 for s in out.samples if s.tag == "no_ns")
+        await wait_until(lambda: sum(1 for s in out.samples if s.tag == "no_ns") > retried,
+                         what="still-missing namespace reported again")
+    finally:
+        await _stop(task)
+    assert out.up == 1  # all of it within one session
+    assert out.last("late").quality is Quality.GOOD  # type: ignore[union-attr]
+    assert out.last("no_ns").quality is Quality.BAD  # type: ignore[union-attr]
+
+
 async def test_a_subscription_that_goes_silent_ends_the_session(
         server: OpcuaTestServer) -> None:
     cfg = source_config(server, {"g": {"node": server.node("Mixed.Good")}},
@@ -304,7 +332,7 @@ async def test_browse_lists_names_types_and_nsu_node_ids(
     out = capsys.readouterr().out
     assert code == 0, out
     lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
-    assert set(lines) == set(VARIABLES)  # exactly the folder's children, one level
+    assert set(lines) == set(server.variables)  # exactly the folder's children, one level
     assert "Int32" in lines["Cell.State"] and "Double" in lines["Cell.Speed"]
     assert "String" in lines["Cell.Order"]
     assert lines["Cell.State"].rstrip().endswith(f"nsu={server.namespace};s=Cell.State")
