@@ -21,7 +21,7 @@ from cryptography import x509
 from support import free_port, wait_until
 
 from agent.cli import main
-from agent.errors import ConnectionLostError
+from agent.errors import ConnectionLostError, PeerTimeoutError
 from agent.model import Quality, TagSample
 from agent.receiver import Receiver
 from agent.runtime import Runtime
@@ -308,6 +308,23 @@ async def test_a_subscription_that_goes_silent_ends_the_session(
             await asyncio.wait_for(asyncio.shield(task), 10)
     finally:
         await _stop(task)
+
+
+async def test_a_server_that_accepts_but_never_answers_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # swallow everything, answer nothing
+        writer.close()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    cfg = OpcuaSourceConfig.model_validate({
+        "type": "opcua", "endpoint": f"opc.tcp://127.0.0.1:{port}", "timeout": "300ms",
+        "tags": {"x": {"node": "ns=2;s=X"}}})
+    try:
+        with pytest.raises(PeerTimeoutError, match="did not"):
+            await asyncio.wait_for(OpcuaSource("hung", cfg).probe(), 10)
+    finally:
+        listener.close()
 
 
 async def test_probe_reads_every_tag_once(server: OpcuaTestServer) -> None:
