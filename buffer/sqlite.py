@@ -295,6 +295,9 @@ class SqliteBuffer(Buffer):
                 check_version(conn, self.path)
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 return
+            # A newer schema is refused before anything is written, even the journal mode:
+            # the file is left exactly as the newer agent wrote it.
+            check_version(conn, self.path)
             # auto_vacuum only takes effect on a file without tables, i.e. at creation.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
