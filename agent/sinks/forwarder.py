@@ -78,11 +78,32 @@ class ForwarderState(StrEnum):
 
 
 def _outbound(row: LeasedEvent) -> OutboundEvent:
+    return OutboundEvent(row.id, _source_of(row.payload), row.payload)
+
+
+_SOURCE_KEY = '"source":"'
+_NEXT_KEY = ',"specversion":"'
+
+
+def _source_of(payload: str) -> str:
+    """The top-level ``source`` of a CloudEvent's JSON text.
+
+    Parsing every payload cost more than anything else the forwarder does per event in a
+    backlog drain, so the agent's own serialisation (compact, sorted keys: ``source`` is
+    followed by ``specversion`` at the top level) is read without parsing; anything else falls
+    back to ``json.loads``."""
+    i = payload.rfind(_SOURCE_KEY)
+    if i >= 0:
+        start = i + len(_SOURCE_KEY)
+        end = payload.find('"', start)
+        value = payload[start:end]
+        if end > 0 and "\\" not in value and payload.startswith(_NEXT_KEY, end + 1):
+            return value
     try:
-        source = json.loads(row.payload).get("source", "")
+        source = json.loads(payload).get("source", "")
     except (ValueError, AttributeError):
         source = ""
-    return OutboundEvent(row.id, source if isinstance(source, str) else "", row.payload)
+    return source if isinstance(source, str) else ""
 
 
 def _halves(rows: list[LeasedEvent]) -> tuple[list[LeasedEvent], list[LeasedEvent]]:
@@ -99,12 +120,19 @@ class Forwarder:
                  poll_interval: float = 5.0) -> None:
         self.sink = sink
         self._buffer = buffer
-        self._lease_limit = max(1, lease_batch or sink.max_batch)
+        # Batch mode leases a few sink batches at once (one buffer round trip feeds several
+        # requests); single mode leases one row at a time, as before.
+        per_lease = sink.max_batch if sink.max_batch <= 1 else min(sink.max_batch * 4,
+                                                                   max(sink.max_batch, 2000))
+        self._lease_limit = max(1, lease_batch or per_lease)
         self._backoff = Backoff(policy.initial_backoff, policy.max_backoff, rng)
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
+        # The settle of the last fully answered batch, still running on the buffer's writer
+        # thread while the next batch is sent (at most one; see _settle_behind).
+        self._behind: asyncio.Task[bool] | None = None
         self.state = ForwarderState.IDLE
         self.last_success: str | None = None
         self.last_error: str | None = None
@@ -184,6 +212,12 @@ class Forwarder:
 
     async def _drive(self, rows: list[LeasedEvent]) -> None:
         """Deliver ``rows`` until each is settled, or until stopping (the rest stay leased)."""
+        try:
+            await self._drive_rows(rows)
+        finally:
+            await self._caught_up()  # nothing left settling when leasing again or stopping
+
+    async def _drive_rows(self, rows: list[LeasedEvent]) -> None:
         size = self.sink.max_batch
         queue = deque(rows[i:i + size] for i in range(0, len(rows), size))
         while queue and not self._stopping.is_set():
@@ -205,7 +239,7 @@ class Forwarder:
                 continue
             outcome = delivery.outcome
             if outcome is Outcome.ACCEPTED:
-                if not await self._settle(Settlement(accepted=[r.seq for r in chunk])):
+                if not await self._settle_behind(Settlement(accepted=[r.seq for r in chunk])):
                     return
                 queue.popleft()
                 self._succeeded()
@@ -250,14 +284,19 @@ class Forwarder:
                     held = held or item.detail or f"HTTP {item.status}"
                 else:
                     retry_detail = retry_detail or item.detail or f"HTTP {item.status}"
-        if (accepted or dead) and not await self._settle(Settlement(accepted=accepted,
-                                                                     dead=dead)):
+        settlement = Settlement(accepted=accepted, dead=dead)
+        if not rest:  # fully answered: settle behind the next request
+            if (accepted or dead) and not await self._settle_behind(settlement):
+                return chunk, True
+            if dead:
+                self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+            self._succeeded()
+            return [], False
+        if not await self._caught_up() or (
+                (accepted or dead) and not await self._settle(settlement)):
             return chunk, True
         if dead:
             self._dead_lettered([r for r in chunk if r.seq in dead], dead)
-        if not rest:
-            self._succeeded()
-            return [], False
         if accepted:
             self._mark_success_time()
         if held is not None:
@@ -268,6 +307,22 @@ class Forwarder:
         return rest, False
 
     # ------------------------------------------------------------------ bookkeeping
+
+    async def _settle_behind(self, settlement: Settlement) -> bool:
+        """Start settling a fully answered batch and return, so the next request goes out
+        while the buffer's writer thread applies it (a drain then costs max(request, settle)
+        per batch instead of the sum). At most one settle runs behind; the previous one is
+        awaited first, and ``_drive`` awaits the last before it leases again or returns.
+        Rows of a settle still running at a crash stay leased and are re-sent (409)."""
+        if not await self._caught_up():
+            return False
+        self._behind = asyncio.ensure_future(self._settle(settlement))
+        return True
+
+    async def _caught_up(self) -> bool:
+        """Wait for the settle running behind, if any; False if it gave up (stopping)."""
+        task, self._behind = self._behind, None
+        return True if task is None else await task
 
     async def _settle(self, settlement: Settlement) -> bool:
         """Settle, retrying buffer errors with backoff; False if stopping first (rows stay
