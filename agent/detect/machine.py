@@ -253,7 +253,10 @@ class MachineDetector:
         self._emit(EventType.SIGNAL_LOST, t, (format_time(t),), {
             "lost_at": format_time(t), "detail": detail, "last_state": self.state.value})
         self.signal, self.signal_detail, self.lost_at = "lost", detail, t
-        self.state, self.state_since = MachineState.UNKNOWN, t
+        # state_since never goes back (a source clock stepping back): it is the floor for the
+        # next episode's start, so episodes never overlap.
+        self.state = MachineState.UNKNOWN
+        self.state_since = max(t, self.state_since) if self.state_since else t
         if self.episode is not None:
             self.episode.had_signal_gap = True
         self.dirty = True
@@ -358,7 +361,10 @@ class MachineDetector:
         if "order_id" not in data:
             body["order_id"] = self.order
         body.update(data)
-        self._out.append(Event(id=event_id(self.source, type_.value, *facts), type=type_,
+        # The sequence is part of every id: two facts that look alike (a signal lost twice in
+        # one instant) stay two events, and it is restored with the state after a restart.
+        self._out.append(Event(id=event_id(self.source, type_.value, *facts, self.sequence),
+                               type=type_,
                                source=self.source, time=t, key=self.machine_id,
                                sequence=self.sequence, data=body))
 
