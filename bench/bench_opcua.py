@@ -11,7 +11,9 @@ it can (each write is a change), then alternates client phases, each in a fresh 
   (detection) fed by every sample, the SQLite buffer open: samples carried into detection are
   counted by the runtime (``samples_total``).
 
-Both use the same subscription parameters (publishing interval, per-item queue, sampling 0).
+Each phase also reports its own CPU time per notification, which says what the agent would
+carry if the server were not the bottleneck. Both use the same subscription parameters
+(publishing interval, per-item queue, sampling 0).
 Phases alternate (bare, agent, bare, agent, ...) so drift on a shared machine hits both; the
 report gives each phase, the medians, the agent/bare ratio and the agent process's RSS.
 The in-process server is the bottleneck on small machines (LIBRARIES.md): read the ratio, not
@@ -37,6 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 PUBLISHING_MS = 100
 ITEM_QUEUE = 1000
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) used by this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_mib() -> float:
@@ -85,6 +95,7 @@ async def _bare(endpoint: str, namespace: str, tags: int, seconds: float) -> dic
                 node, ua.AttributeIds.Value, None, ITEM_QUEUE, ua.MonitoringMode.Reporting, 0))
         await sub.create_monitored_items(requests)
         count = 0
+        cpu0 = 0.0
         loop = asyncio.get_running_loop()
         warm = loop.time() + 1.0
         start = end = 0.0
@@ -93,11 +104,12 @@ async def _bare(endpoint: str, namespace: str, tags: int, seconds: float) -> dic
             if now < warm:
                 continue
             if not start:
-                start, end = now, now + seconds
+                start, end, cpu0 = now, now + seconds, _cpu()
             count += 1
             if now >= end:
                 break
-        return {"notifications": count, "seconds": loop.time() - start, "rss_mib": _rss_mib()}
+        return {"notifications": count, "seconds": loop.time() - start,
+                "cpu_s": _cpu() - cpu0, "rss_mib": _rss_mib()}
     finally:
         await client.disconnect()
 
@@ -137,11 +149,11 @@ sinks:
         while info.supervisor.state != "up":
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
-        c0, t0 = info.samples_total, time.monotonic()
+        c0, t0, cpu0 = info.samples_total, time.monotonic(), _cpu()
         await asyncio.sleep(seconds)
-        c1, t1 = info.samples_total, time.monotonic()
-        return {"notifications": c1 - c0, "seconds": t1 - t0, "rss_mib": _rss_mib(),
-                "bad_samples": info.bad_total}
+        c1, t1, cpu1 = info.samples_total, time.monotonic(), _cpu()
+        return {"notifications": c1 - c0, "seconds": t1 - t0, "cpu_s": cpu1 - cpu0,
+                "rss_mib": _rss_mib(), "bad_samples": info.bad_total}
     finally:
         await rt.stop()
 
@@ -168,6 +180,7 @@ def _phase(role: str, endpoint: str, namespace: str, tags: int,
         raise SystemExit(f"{role} phase failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     result["rate"] = result["notifications"] / result["seconds"]
+    result["cpu_us"] = 1e6 * result["cpu_s"] / max(1, result["notifications"])
     return result
 
 
@@ -208,12 +221,17 @@ def main() -> None:
                 results[role].append(res)
                 print(f"  round {r + 1} {role:<5}: {res['rate']:9,.0f} notifications/s "
                       f"({res['notifications']:,} in {res['seconds']:.1f}s), "
-                      f"RSS {res['rss_mib']:.0f} MiB", flush=True)
+                      f"{res['cpu_us']:.0f} us CPU each, RSS {res['rss_mib']:.0f} MiB",
+                      flush=True)
         bare = statistics.median(x["rate"] for x in results["bare"])
         agent = statistics.median(x["rate"] for x in results["agent"])
         rss = max(x["rss_mib"] for x in results["agent"])
+        bare_us = statistics.median(x["cpu_us"] for x in results["bare"])
+        agent_us = statistics.median(x["cpu_us"] for x in results["agent"])
         print(f"median: bare asyncua client {bare:,.0f}/s, agent into detection {agent:,.0f}/s "
               f"= {agent / bare:.0%} of bare (target >= 70%); agent RSS {rss:.0f} MiB")
+        print(f"client CPU per notification: bare {bare_us:.0f} us, agent {agent_us:.0f} us "
+              f"(the agent alone could carry ~{1e6 / agent_us:,.0f}/s on one core)")
     finally:
         server.terminate()
         server.wait(10)

@@ -59,14 +59,27 @@ log = logging.getLogger("edge_agent.opcua")
 _MAX_BATCH = 5000
 
 
+# client handle -> (tag id, node text, expected type)
+_Handles = dict[int, tuple[str, str, OpcuaValueType | None]]
+_PLAIN = frozenset({bool, int, float, str})
+_FITS = {OpcuaValueType.BOOL: frozenset({bool}), OpcuaValueType.INT: frozenset({int}),
+         OpcuaValueType.FLOAT: frozenset({float, int}), OpcuaValueType.STRING: frozenset({str})}
+
+
 def _aware(t: datetime | None) -> datetime | None:
-    if t is None:
-        return None
+    if t is None or t.tzinfo is UTC:  # asyncua decodes to aware UTC already
+        return t
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _convert(raw: Any, expected: OpcuaValueType | None) -> tuple[Value, str | None]:
     """(value, None) or (None, why it is not usable)."""
+    kind = type(raw)  # fast path for the common case (exact types, bool is not an int here)
+    if expected is None:
+        if kind in _PLAIN:
+            return raw, None
+    elif kind in _FITS[expected]:
+        return (float(raw) if expected is OpcuaValueType.FLOAT else raw), None
     if isinstance(raw, ua.LocalizedText):
         raw = raw.Text
     if isinstance(raw, list | tuple):
@@ -224,7 +237,7 @@ class OpcuaSource(Source):
         cfg = self.config
         tags = list(resolved)
         handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
-        by_handle: dict[int, tuple[str, str]] = {}
+        by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
         self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
         next_retry = time.monotonic() + RETRY_REFUSED_AFTER
@@ -246,8 +259,9 @@ class OpcuaSource(Source):
                 session.raise_if_lost()
                 return
             batch: list[TagSample] = []
+            now = utcnow()  # one receive time per burst
             while event is not None:
-                self._take(event, by_handle, batch, session)
+                self._take(event, by_handle, batch, session, now)
                 if len(batch) >= _MAX_BATCH:
                     break
                 try:
@@ -267,7 +281,7 @@ class OpcuaSource(Source):
 
     def _sort_handles(self, tags: list[str], handles: list[int | str],
                       resolved: dict[str, tuple[Any, str]],
-                      by_handle: dict[int, tuple[str, str]],
+                      by_handle: _Handles,
                       pending: list[str]) -> list[TagSample]:
         """Record accepted items in ``by_handle``; refused tags go to ``pending`` and come
         back as bad samples."""
@@ -281,11 +295,11 @@ class OpcuaSource(Source):
                                          f"tag {tag_id} (node {node}): the server refused to "
                                          f"monitor it: {handle}"))
             else:
-                by_handle[handle] = (tag_id, node)
+                by_handle[handle] = (tag_id, node, self.config.tags[tag_id].type)
         return refused
 
     async def _retry(self, session: Session, pending: list[str],
-                     by_handle: dict[int, tuple[str, str]], out: SampleSink) -> list[str]:
+                     by_handle: _Handles, out: SampleSink) -> list[str]:
         """Try to monitor the pending tags again; returns those still pending. An accepted
         item's first notification carries its current value."""
         await session.refresh_namespaces()
@@ -300,17 +314,16 @@ class OpcuaSource(Source):
         self._emit(out, [*still, *refused])
         return again
 
-    def _take(self, event: Any, by_handle: dict[int, tuple[str, str]],
-              batch: list[TagSample], session: Session) -> None:
+    def _take(self, event: Any, by_handle: _Handles,
+              batch: list[TagSample], session: Session, now: datetime) -> None:
         if isinstance(event, DataChangeEvent):
             handle = event.data.subscription_data.client_handle
             known = by_handle.get(handle) if handle is not None else None
             if known is None:
                 return
-            tag_id, node = known
-            cfg = self.config
-            batch.append(to_sample(tag_id, node, event.data.monitored_item.Value,
-                                   cfg.tags[tag_id].type, cfg.timestamp, utcnow()))
+            tag_id, node, expected = known
+            batch.append(to_sample(tag_id, node, event.data.monitored_item.Value, expected,
+                                   self.config.timestamp, now))
         elif isinstance(event, StatusChangeEvent):
             status = event.notification.Status
             if status is not None and not status.is_good():

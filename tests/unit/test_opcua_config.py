@@ -101,6 +101,11 @@ def _dv(value: Any, status: int = ua.StatusCodes.Good) -> Any:
 
 @pytest.mark.parametrize("raw,expected,value,quality", [
     (3, OpcuaValueType.INT, 3, Quality.GOOD),
+    (3, None, 3, Quality.GOOD),
+    (2.5, OpcuaValueType.FLOAT, 2.5, Quality.GOOD),
+    (False, OpcuaValueType.BOOL, False, Quality.GOOD),
+    (1, OpcuaValueType.BOOL, None, Quality.BAD),
+    ("7", OpcuaValueType.INT, None, Quality.BAD),
     (3, OpcuaValueType.FLOAT, 3.0, Quality.GOOD),
     (True, OpcuaValueType.INT, None, Quality.BAD),
     (2.5, OpcuaValueType.INT, None, Quality.BAD),
@@ -115,5 +120,6 @@ def test_values_are_checked_against_the_tag_type(raw: Any, expected: OpcuaValueT
 
     s = to_sample("t", "ns=1;s=T", _dv(raw), expected, TimestampChoice.SOURCE, utcnow())
     assert (s.value, s.quality) == (value, quality)
+    assert type(s.value) is type(value)  # 3 and 3.0 compare equal; the type must be right too
     if quality is Quality.BAD:
         assert s.detail is not None and "tag t (node ns=1;s=T)" in s.detail
