@@ -147,11 +147,13 @@ class PahoConnection:
         self._loop.add_reader(sock, self._readable)
         self._flush()
         self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._connack), self._config.connect_timeout)
-        except TimeoutError:
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as the future completes, and the session would then never end.
+        done, _ = await asyncio.wait([self._connack], timeout=self._config.connect_timeout)
+        if not done:
             raise PeerTimeoutError(f"MQTT broker {self._where} did not answer CONNECT within "
-                                   f"{self._config.connect_timeout:g}s") from None
+                                   f"{self._config.connect_timeout:g}s")
+        self._connack.result()  # raises ConnectionLostError when the broker refused us
 
     async def closed(self) -> None:
         """Wait for the end of the session; raises ConnectionLostError saying why."""

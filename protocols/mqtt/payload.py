@@ -31,10 +31,15 @@ __all__ = ["Message", "TopicReader", "excerpt"]
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _EPOCH_MS_ABOVE = 1e11  # 1e11 s is the year 5138; 1e11 ms is 1973
+_SCALARS = frozenset({str, int, float, bool})
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every message: json.loads with options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def excerpt(data: bytes | bytearray, limit: int = 60) -> str:
@@ -56,9 +61,10 @@ class Message:
     def document(self) -> Any:
         if self._doc is None and self._error is None:
             try:
-                self._doc = json.loads(self.data, parse_constant=_no_constants)
+                self._doc = _DECODER.decode(self.data.decode("utf-8"))
+            except UnicodeDecodeError:
+                self._error = "payload is not JSON (not UTF-8 text)"
             except (ValueError, RecursionError) as exc:
-                # UnicodeDecodeError is a ValueError too: binary payloads end here.
                 self._error = f"payload is not JSON ({_short(exc)})"
         if self._error is not None:
             raise DecodeError(self._error)
@@ -114,6 +120,8 @@ class TopicReader:
 
     def _typed(self, v: Any) -> Value:
         kind = self.value_type
+        if kind is ValueType.AUTO and type(v) in _SCALARS:
+            return v
         where = format_path(self.value_path or ())
         if isinstance(v, bool):
             ok = kind in (ValueType.AUTO, ValueType.BOOL)
@@ -131,7 +139,6 @@ class TopicReader:
 
     def _time(self, v: Any) -> datetime:
         fmt = self.timestamp_format
-        where = format_path(self.timestamp_path or ())
         try:
             if isinstance(v, str) and fmt in (TimestampFormat.AUTO, TimestampFormat.RFC3339):
                 return parse_time(v)
@@ -141,7 +148,9 @@ class TopicReader:
                     fmt is TimestampFormat.AUTO and abs(v) > _EPOCH_MS_ABOVE)
                 return datetime.fromtimestamp(v / 1000.0 if ms else v, UTC)
         except (ValueError, OverflowError, OSError) as exc:
+            where = format_path(self.timestamp_path or ())
             raise DecodeError(f"timestamp {where} {_short_value(v)}: {_short(exc)}") from exc
+        where = format_path(self.timestamp_path or ())
         wanted = ("an RFC 3339 time or an epoch number" if fmt is TimestampFormat.AUTO
                   else fmt.value)
         raise DecodeError(f"timestamp {where} is {_json_kind(v)} {_short_value(v)}, not "

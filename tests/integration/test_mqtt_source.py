@@ -324,3 +324,37 @@ async def test_probe_reports_retained_values_and_silent_tags(broker: MosquittoBr
     assert samples["reject"].quality is Quality.UNCERTAIN
     assert "no message" in (samples["reject"].detail or "")
 
+
+
+async def test_cancelled_while_queued_messages_arrive_with_the_connack(tmp_path: Path) -> None:
+    # Regression: queued messages come in the same read as CONNACK, while open() is still
+    # waiting for it; a cancellation at that moment must end the session, not be swallowed.
+    broker = MosquittoBroker(tmp_path / "broker")
+    broker.start()
+    try:
+        cfg = make_config(broker.url, {"n": {"topic": "line/counter", "value": "$.n"}})
+        source = MqttSource("b", cfg)
+        pub = Publisher(broker.port)
+        first = Collector()
+        async with session(source, first):
+            await subscribed(source, first, pub, "line/counter", "n", '{"n": 0}')
+        for n in range(1, 50):
+            pub.publish("line/counter", json.dumps({"n": n}))
+        pub.close()
+
+        batch = asyncio.Event()
+
+        class SignalFirstBatch(Collector):
+            def emit(self, samples: Sequence[TagSample]) -> None:
+                super().emit(samples)
+                batch.set()
+
+        out = SignalFirstBatch()
+        task = asyncio.create_task(source.run(out))
+        await batch.wait()  # resumes while the session is still inside open()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert task in done and task.cancelled()
+        assert out.good("n")[0] == 1
+    finally:
+        broker.kill()
