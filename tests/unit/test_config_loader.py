@@ -53,8 +53,8 @@ def errors(text: str, name: str = "cfg.yaml") -> list[str]:
 def test_example_yaml_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ERP_TOKEN", "example-token")
     config = load_config(EXAMPLE)
-    assert set(config.sources) == {"press-plc", "filler-plc", "packer-plc"}
-    assert set(config.machines) == {"filler-1", "press-3", "packer-2"}
+    assert set(config.sources) == {"press-plc", "filler-plc", "packer-plc", "line2-broker"}
+    assert set(config.machines) == {"filler-1", "press-3", "packer-2", "oven-2", "sealer-5"}
     token = config.sinks["erp"].auth.bearer_token
     assert isinstance(token, Secret)
     assert token.reference == "${env:ERP_TOKEN}"
