@@ -137,3 +137,15 @@ async def test_kill_after_post_sent_before_answer(tmp_path: Path) -> None:
     await _scenario(tmp_path, None, receiver)
     assert receiver.stats()["duplicates"] >= 1
     await receiver.aclose()
+
+
+def test_failpoint_spec_is_checked() -> None:
+    from agent.failpoints import _parse
+
+    assert _parse(None) == (None, 0) and _parse("") == (None, 0)
+    assert _parse("after_commit") == ("after_commit", 1)
+    assert _parse("before_commit:7") == ("before_commit", 7)
+    with pytest.raises(ValueError, match="unknown failpoint 'befor_commit'"):
+        _parse("befor_commit")
+    with pytest.raises(ValueError, match="positive integer"):
+        _parse("after_commit:0")
