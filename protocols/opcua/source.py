@@ -145,6 +145,10 @@ class OpcuaSource(Source):
             log.info("source %s connects to %s with security policy None (no signing, no "
                      "encryption); add a 'security' block to use Basic256Sha256 or stronger",
                      name, config.endpoint, extra={"component": name})
+            if config.username is not None:
+                log.warning("source %s sends the password of user '%s' over policy None; "
+                            "unless the server encrypts user tokens itself, use a security "
+                            "policy", name, config.username, extra={"component": name})
 
     @property
     def tag_ids(self) -> list[str]:
