@@ -44,8 +44,8 @@ log = logging.getLogger("edge_agent.opcua")
 DEFAULT_MAX_PER_CALL = 1000
 _LIMIT_NODES = (ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
                 ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall)
-# Our silence check fires before asyncua's own stale watchdog (margin 1.5), which would
-# quietly re-create the subscription instead of rebuilding the session.
+# A subscription silent for this many keep-alive periods is dead (asyncua's own stale
+# watchdog, which would re-create it inside the session, is switched off in open()).
 _SILENCE_MARGIN = 1.25
 _NodeId: Any = ua.NodeId  # asyncua's NewType-typed constructor
 _AUTH_CODES = {ua.StatusCodes.BadUserAccessDenied, ua.StatusCodes.BadIdentityTokenRejected,
@@ -101,6 +101,11 @@ class Session:
         client.product_uri = "urn:plant-edge-agent"
         client.session_timeout = int(cfg.session_timeout * 1000)
         client.connection_lost_callback = self._on_connection_lost
+        if hasattr(client, "_stale_check_margin"):
+            # asyncua's own stale-subscription watchdog would quietly re-create a silent
+            # subscription inside this session; ours (check_alive) ends the session instead,
+            # so the whole client is rebuilt and every value re-read.
+            client._stale_check_margin = math.inf
         self.client = client
         if cfg.username is not None:
             client.set_user(cfg.username)

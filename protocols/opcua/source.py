@@ -252,7 +252,7 @@ class OpcuaSource(Source):
         assert queue is not None
         refresh = max(0.5, min(10.0, self.stale_after / 3))
         next_refresh = time.monotonic() + refresh
-        # Often enough that our silence check beats asyncua's own stale watchdog (see session).
+        # How often silence and loss are checked when no notification arrives.
         check = min(0.25, cfg.publishing_interval)
         while True:
             session.check_alive()

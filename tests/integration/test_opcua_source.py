@@ -298,7 +298,7 @@ async def test_a_refused_node_is_monitored_once_it_appears(
 async def test_a_subscription_that_goes_silent_ends_the_session(
         server: OpcuaTestServer) -> None:
     cfg = source_config(server, {"g": {"node": server.node("Mixed.Good")}},
-                        publishing_interval="100ms", keepalive_interval="500ms")
+                        publishing_interval="100ms", keepalive_interval="1s")
     out = Collect()
     task = _start(OpcuaSource("silent", cfg), out)
     try:
