@@ -12,6 +12,12 @@ and an OPC UA server (embedded asyncua) with one more machine, read by subscript
 - ``packer-4``: state code, reason code, scrap counter and order as OPC UA variables, addressed
   with ``nsu=`` node ids.
 
+and, when a ``mosquitto`` binary is installed, a local MQTT broker with one more machine
+(``protocols/mqtt/demo_plant.py``); without it the demo says so and runs without that machine:
+
+- ``sealer-5``: JSON status messages (state and reason) and one reject message per rejected
+  batch, summed into scrap windows.
+
 A fixed script (repeating every 30 s) stops and restarts them and makes scrap; the agent reads
 the device, detects episodes and scrap, buffers them in SQLite and delivers them to the
 receiver, which prints each event once. It ends with ``delivered=N pending=N dead_letters=N``.
@@ -36,6 +42,9 @@ from agent.runtime import Runtime
 from config.loader import config_hash, load_config_text
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.simulator import ModbusSimulator
+from protocols.mqtt.demo_plant import MACHINE_YAML as MQTT_MACHINE_YAML
+from protocols.mqtt.demo_plant import SOURCE_YAML as MQTT_SOURCE_YAML
+from protocols.mqtt.demo_plant import MqttDemoMachine
 from protocols.opcua.testserver import OpcuaTestServer
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
@@ -219,12 +228,17 @@ async def _demo(duration: float, data_dir: Path) -> int:
     opcua = OpcuaTestServer({"Packer.State": 1, "Packer.Reason": 0, "Packer.Scrap": 0,
                              "Packer.Order": ""}, namespace="urn:demo-plant:packer")
     await opcua.start()
+    sealer = MqttDemoMachine.create(data_dir / "mosquitto")
     receiver = Receiver(data_dir / "receiver.db",
                         echo=lambda doc: print(_describe(doc), flush=True))
     await receiver.start()
     text = (DEMO_CONFIG.replace("{data_dir}", str(data_dir / "agent"))
             .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url)
             .replace("{opcua_endpoint}", opcua.endpoint).replace("{opcua_ns}", opcua.namespace))
+    if sealer is not None:
+        text = (text.replace("\nmachines:\n", "\n" + MQTT_SOURCE_YAML.replace(
+            "{mqtt_url}", sealer.url) + "machines:\n", 1)
+            .replace("\nsinks:\n", "\n" + MQTT_MACHINE_YAML + "sinks:\n", 1))
     config = load_config_text(text, "<demo plant>")
     plant_cfg = config.sources["plant-sim"]
     assert isinstance(plant_cfg, ModbusSourceConfig)
@@ -238,15 +252,21 @@ async def _demo(duration: float, data_dir: Path) -> int:
         print(f"demo: Modbus simulator on 127.0.0.1:{modbus_port}, OPC UA server at "
               f"{opcua.endpoint}, receiver at {receiver.url}, "
               f"agent status at http://127.0.0.1:{port}/status", flush=True)
+        print(f"demo: MQTT broker (Mosquitto) at {sealer.url} with machine sealer-5" if sealer
+              else "demo: no mosquitto binary, so no MQTT machine (apt-get install mosquitto "
+              "to add sealer-5)", flush=True)
         print(f"demo: running for {duration:g}s; events appear as the receiver gets them\n",
               flush=True)
 
     async def script() -> None:
         plant_task = asyncio.create_task(plant.run(stop_plant))
+        sealer_task = asyncio.create_task(sealer.run(stop_plant)) if sealer else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_agent.wait(), duration)
         stop_plant.set()
         await plant_task
+        if sealer_task is not None:
+            await sealer_task
         rt = holder.get("rt")
         if rt is not None:
             await rt.flush()
@@ -271,6 +291,8 @@ async def _demo(duration: float, data_dir: Path) -> int:
         await receiver.aclose()
         await sim.stop()
         await opcua.stop()
+        if sealer is not None:
+            sealer.stop()
     print(f"\ndelivered={summary.get('delivered', 0)} pending={summary.get('pending', 0)} "
           f"dead_letters={summary.get('dead_letters', 0)}", flush=True)
     return 0 if summary.get("delivered", 0) > 0 and summary.get("pending", 1) == 0 else 1

@@ -105,7 +105,7 @@ class PahoConnection:
         self._on_suback = on_suback
         self._loop = asyncio.get_running_loop()
         self._client: mqtt.Client | None = None
-        self._sock: socket.socket | None = None
+        self._sock: _BatchedSocket | None = None
         self._writing = False
         self._reading = False
         self._connack: asyncio.Future[None] = self._loop.create_future()
@@ -140,10 +140,12 @@ class PahoConnection:
             # The thread may still finish the connect: close whatever it opens, when it does.
             connecting.add_done_callback(self._abandoned)
             raise
-        sock = client.socket()
-        if sock is None:
+        raw = client.socket()
+        if raw is None:
             raise ConnectionLostError(f"MQTT broker {self._where} closed the connection")
-        self._sock = sock  # type: ignore[assignment]
+        sock = _BatchedSocket(raw)
+        client._sock = sock  # paho writes through it from now on
+        self._sock = sock
         self._loop.add_reader(sock, self._readable)
         self._flush()
         self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
@@ -309,9 +311,6 @@ class PahoConnection:
             self._reading = False
 
     def _writable(self) -> None:
-        client = self._client
-        if client is not None and self._sock is not None:
-            client.loop_write()
         self._flush()
 
     def _flush(self) -> None:
@@ -319,11 +318,17 @@ class PahoConnection:
         if client is None or self._sock is None:
             return
         if client.want_write():
-            client.loop_write()
+            client.loop_write()  # paho's queue into our buffer (its send never blocks now)
         sock = self._sock
-        if sock is None:
+        if sock is None:  # paho closed it (after DISCONNECT or an error)
             return
-        if client.want_write():
+        try:
+            everything = sock.flush()
+        except OSError as exc:
+            self._fail(f"connection to MQTT broker {self._where} lost ({exc})", self._lost)
+            self._close_socket_now()
+            return
+        if not everything:
             if not self._writing:
                 self._loop.add_writer(sock, self._writable)
                 self._writing = True
@@ -353,6 +358,45 @@ class PahoConnection:
         for fut in (first, self._connack, self._lost):
             if not fut.done():
                 fut.set_exception(err)
+
+
+class _BatchedSocket:
+    """Stands in for paho's socket so that what paho writes while we read a burst (a PUBACK
+    per QoS 1 message, a SUBSCRIBE) leaves in one ``send`` per burst instead of one system
+    call per packet. paho's ``send`` always "succeeds" into the buffer; ``flush`` writes it
+    out and says whether everything went (else the connection registers for writability).
+    Everything else (recv, pending, fileno, setblocking) goes to the real socket."""
+
+    __slots__ = ("_out", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._out = bytearray()
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        self._out += data
+        return len(data)
+
+    def flush(self) -> bool:
+        out = self._out
+        while out:
+            try:
+                sent = self._sock.send(out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            del out[:sent]
+        return True
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.flush()  # a DISCONNECT paho just wrote
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _tls_pending(sock: Any) -> bool:

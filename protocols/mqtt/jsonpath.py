@@ -68,6 +68,19 @@ def format_path(path: JsonPath) -> str:
 
 def extract(doc: Any, path: JsonPath) -> Any:
     """The value at ``path``; LookupError says which step did not match the document."""
+    # Fast path for the common case (every step matches); exact type checks keep "abc"[0]
+    # and True-as-1 from sneaking through.
+    node = doc
+    for step in path:
+        kind = type(node)
+        if not ((kind is dict and type(step) is str and step in node)
+                or (kind is list and type(step) is int and -len(node) <= step < len(node))):
+            return _extract_slowly(doc, path)
+        node = node[step]
+    return node
+
+
+def _extract_slowly(doc: Any, path: JsonPath) -> Any:
     node = doc
     for i, step in enumerate(path):
         if isinstance(step, int):
