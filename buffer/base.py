@@ -149,6 +149,13 @@ class BufferStats:
 def check_batch(events: Sequence[NewEvent], states: Mapping[str, str]) -> None:
     """Refuse malformed input before anything is written: a ``ValueError`` naming the event
     and field (a bad batch is the caller's bug; retrying it would never succeed)."""
+    # Fast path (it runs on every commit, for every event): decide "all good" in one pass,
+    # and only walk the fields one by one to name the problem.
+    if all(isinstance(e, NewEvent) and isinstance(e.id, str) and e.id
+           and isinstance(e.key, str) and isinstance(e.type, str) and isinstance(e.time, str)
+           and isinstance(e.payload, str) for e in events) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in states.items()):
+        return
     for e in events:
         if not isinstance(e, NewEvent):
             raise ValueError(f"expected NewEvent, got {type(e).__name__}")
