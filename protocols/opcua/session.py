@@ -53,10 +53,11 @@ _AUTH_CODES = {ua.StatusCodes.BadUserAccessDenied, ua.StatusCodes.BadIdentityTok
 
 
 def quiet_asyncua() -> None:
-    # asyncua logs every failed request and every lost connection with a traceback; the
-    # supervisor logs session transitions once. Leave alone a level an operator has set.
+    # asyncua logs every failed request and every lost connection with a traceback (at ERROR);
+    # the supervisor logs session transitions once, with the translated reason. Only a
+    # verbose level (INFO/DEBUG, as `--log-level debug` sets) keeps asyncua's own records.
     lib_logger = logging.getLogger("asyncua")
-    if lib_logger.level == logging.NOTSET:
+    if lib_logger.level == logging.NOTSET or lib_logger.level > logging.INFO:
         lib_logger.setLevel(logging.CRITICAL)
 
 
