@@ -223,6 +223,9 @@ class MachineDetector:
                 "lost_at": format_time(self.lost_at) if self.lost_at else None,
                 "restored_at": format_time(s.time), "state": state.value})
             self.lost_at = None
+            if self.cfg.state.stalled_after is not None:
+                # Output during the gap is unknown: the stall clock restarts now.
+                self.prod_moved_at = s.time
         self.signal, self.signal_detail = "ok", None
         self._evaluate(s.time)
         self._maybe_announce(s.time)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -263,11 +262,6 @@ def _running_with_gaps(draw: st.DrawFn) -> tuple[dict[str, Any], list[Any]]:
     return raw, steps
 
 
-@pytest.mark.xfail(strict=True, reason="after a stale gap the stall rule measures from the "
-                   "last counter move before the gap: a 'no-output' stop is invented "
-                   "(tests/cases/stall-clock-restarts-after-stale-gap)")
-# Derandomized and without shrinking while it is expected to fail (fast and stable); drop
-# both with the mark.
 @settings(FAST, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(story=_running_with_gaps())
 def test_missing_data_never_makes_downtime(story: tuple[dict[str, Any], Any]) -> None:
