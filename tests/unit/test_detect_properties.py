@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.detect import MachineDetector
@@ -262,7 +262,7 @@ def _running_with_gaps(draw: st.DrawFn) -> tuple[dict[str, Any], list[Any]]:
     return raw, steps
 
 
-@settings(FAST, derandomize=True, phases=[Phase.explicit, Phase.generate])
+@FAST
 @given(story=_running_with_gaps())
 def test_missing_data_never_makes_downtime(story: tuple[dict[str, Any], Any]) -> None:
     raw, steps = story
