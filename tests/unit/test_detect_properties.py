@@ -32,7 +32,7 @@ from config.loader import load_config_text
 from config.models import MachineConfig
 
 T0 = datetime(2026, 11, 28, 8, 0, 0, tzinfo=UTC)
-FAST = settings(max_examples=60, deadline=None,
+FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
