@@ -20,12 +20,14 @@ Lifecycle of a ``PahoConnection`` (exactly one broker connection, never reconnec
              idempotent, safe after a failed open()
 
 Loop integration details:
-- Reading: on readability, ``loop_read`` is called repeatedly while it keeps producing messages
-  (paho reads one packet per call), then queued output (PUBACKs, SUBSCRIBE) is written in one
-  go. TLS can hold decrypted bytes the selector cannot see: while ``pending()`` says so, reading
-  continues on the next loop iteration.
-- Writing: paho writes directly when it can; whatever it could not write is flushed after each
-  read burst, timer tick or publish, with ``add_writer`` only while the socket is full.
+- paho's socket is wrapped (``_BatchedSocket``): paho reads each packet in pieces and writes a
+  PUBACK per QoS 1 message; through the wrapper that is one ``recv`` per 64 KiB and one ``send``
+  per read burst instead of several system calls per message.
+- Reading: on readability, ``loop_read`` (one packet per call) runs while bytes are buffered in
+  the wrapper or in TLS, which the selector cannot see; then the burst's samples are emitted and
+  queued output (PUBACKs, SUBSCRIBE) is written in one go.
+- Writing: whatever cannot be written at once waits for ``add_writer``, registered only while
+  output is pending.
 - ``on_socket_close`` unregisters the socket before paho closes it, so a reused file descriptor
   never inherits a stale registration.
 - ``loop_misc`` runs every second for keep-alive pings and the broker-silence check.
@@ -112,7 +114,6 @@ class PahoConnection:
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._misc: asyncio.TimerHandle | None = None
         self._pending_subs: dict[int, list[str]] = {}
-        self._messages = 0
         self.session_present = False
 
     # ------------------------------------------------------------------ public
@@ -125,7 +126,7 @@ class PahoConnection:
         self._client = client
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
+        client.on_message = lambda _client, _userdata, msg: self._on_message(msg)
         client.on_subscribe = self._handle_subscribe
         client.on_socket_close = self._handle_socket_close
         # paho's connect (DNS, TCP, TLS handshake, CONNECT) blocks: run it in a worker thread.
@@ -182,10 +183,6 @@ class PahoConnection:
             if not fut.done():
                 fut.set_exception(ConnectionLostError("closed"))
             fut.exception()  # retrieved: nobody may wait for it any more
-
-    @property
-    def messages(self) -> int:
-        return self._messages
 
     # ------------------------------------------------------------------ connect
 
@@ -257,11 +254,6 @@ class PahoConnection:
         if self._on_suback is not None:
             self._on_suback(refused)
 
-    def _handle_message(self, _client: mqtt.Client, _userdata: Any,
-                        msg: mqtt.MQTTMessage) -> None:
-        self._messages += 1
-        self._on_message(msg)
-
     def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, flags: Any,
                            rc: ReasonCode, _props: Any) -> None:
         if getattr(flags, "is_disconnect_packet_from_server", False):
@@ -288,18 +280,15 @@ class PahoConnection:
             return
         self._reading = True
         try:
+            # paho reads one packet per loop_read; go on while bytes are buffered (here or
+            # in TLS), which the selector cannot see. New bytes wake us up again.
             for _ in range(_MAX_PACKETS_PER_BURST):
-                before = self._messages
                 rc = client.loop_read()
-                if rc != mqtt.MQTT_ERR_SUCCESS or self._sock is None:
-                    break
-                if self._messages == before and not _tls_pending(self._sock):
+                sock = self._sock
+                if rc != mqtt.MQTT_ERR_SUCCESS or sock is None or sock.pending() == 0:
                     break
             else:
-                # A long burst: give other tasks a turn, then carry on (TLS may hold data the
-                # selector cannot see).
-                if self._sock is not None and _tls_pending(self._sock):
-                    self._loop.call_soon(self._readable)
+                self._loop.call_soon(self._readable)  # a long burst: let other tasks run
             self._on_burst_end()
             self._flush()
         except Exception as exc:  # a bug in a handler must end the session, not the loop
@@ -361,17 +350,44 @@ class PahoConnection:
 
 
 class _BatchedSocket:
-    """Stands in for paho's socket so that what paho writes while we read a burst (a PUBACK
-    per QoS 1 message, a SUBSCRIBE) leaves in one ``send`` per burst instead of one system
-    call per packet. paho's ``send`` always "succeeds" into the buffer; ``flush`` writes it
-    out and says whether everything went (else the connection registers for writability).
-    Everything else (recv, pending, fileno, setblocking) goes to the real socket."""
+    """Stands in for paho's socket so that it costs one system call per burst, not several
+    per packet.
 
-    __slots__ = ("_out", "_sock")
+    - Reading: paho reads a packet in pieces (1 byte of type, the length byte by byte, then
+      the rest). ``recv`` serves them from one large read; ``pending`` counts what is buffered
+      here (plus what TLS holds), and the read burst keeps going while it is non-zero, since
+      the selector cannot see it.
+    - Writing: what paho writes while we read a burst (a PUBACK per QoS 1 message, a
+      SUBSCRIBE) goes into a buffer (``send`` always succeeds) and ``flush`` writes it out,
+      saying whether everything went (else the connection waits for writability).
+
+    Everything else (fileno, setblocking, getpeercert...) goes to the real socket.
+    """
+
+    __slots__ = ("_in", "_out", "_pos", "_sock")
+
+    _CHUNK = 65536
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
+        self._in = b""
+        self._pos = 0
         self._out = bytearray()
+
+    def recv(self, size: int) -> bytes:
+        data, pos = self._in, self._pos
+        if pos >= len(data):
+            data = self._sock.recv(max(size, self._CHUNK))  # BlockingIOError passes through
+            if len(data) <= size:
+                self._in, self._pos = b"", 0
+                return bytes(data)
+            self._in, pos = data, 0
+        self._pos = pos + size
+        return data[pos:pos + size]
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._in) - self._pos + (inner() if inner is not None else 0)
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         self._out += data
@@ -397,11 +413,6 @@ class _BatchedSocket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-def _tls_pending(sock: Any) -> bool:
-    pending = getattr(sock, "pending", None)
-    return bool(pending and pending() > 0)
 
 
 def _describe(exc: BaseException) -> str:
