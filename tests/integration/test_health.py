@@ -136,6 +136,9 @@ async def test_ready_status_and_metrics_on_a_working_agent(
         assert m[("edge_agent_events_delivered_total", (("sink", "central"),))] >= 1
         assert m[("edge_agent_events_dead_lettered_total", (("sink", "central"),))] == 0
         assert m[("edge_agent_delivery_duration_seconds_count", (("sink", "central"),))] >= 1
+        delayed = m[("edge_agent_event_delivery_delay_seconds_count", (("sink", "central"),))]
+        assert delayed >= 1  # every accepted event is observed once
+        assert m[("edge_agent_event_delivery_delay_seconds_sum", (("sink", "central"),))] < 60
         assert m[("edge_agent_delivery_attempts_total",
                   (("sink", "central"), ("type", "accepted")))] >= 1
         assert m[("edge_agent_sink_held", (("sink", "central"),))] == 0
