@@ -53,13 +53,14 @@ class BrokerTls:
 class MosquittoBroker:
     def __init__(self, workdir: Path, *, port: int | None = None, persistence: bool = False,
                  tls: BrokerTls | None = None, max_queued_messages: int = 1000,
-                 extra_config: str = "") -> None:
+                 password_file: Path | None = None, extra_config: str = "") -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.persistence = persistence
         self.tls = tls
         self.max_queued_messages = max_queued_messages
+        self.password_file = password_file
         self.extra_config = extra_config
         self.log_file = self.workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -73,10 +74,13 @@ class MosquittoBroker:
         return self._proc is not None and self._proc.poll() is None
 
     def _config_text(self) -> str:
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+        anonymous = "false" if self.password_file else "true"
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {anonymous}",
                  f"max_queued_messages {self.max_queued_messages}",
                  f"log_dest file {self.log_file}", "log_type error", "log_type warning",
                  "log_type notice", "log_type information", "connection_messages true"]
+        if self.password_file is not None:
+            lines.append(f"password_file {self.password_file}")
         if self.tls is not None:
             lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}",
                       f"keyfile {self.tls.key_file}",

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -356,5 +358,36 @@ async def test_cancelled_while_queued_messages_arrive_with_the_connack(tmp_path:
         done, _ = await asyncio.wait([task], timeout=5)
         assert task in done and task.cancelled()
         assert out.good("n")[0] == 1
+    finally:
+        broker.kill()
+
+
+@pytest.fixture
+def passwords(tmp_path: Path) -> Path:
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed (it comes with mosquitto)")
+    path = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "edge", "s3cret"],
+                   check=True, capture_output=True)
+    return path
+
+
+async def test_username_and_password(tmp_path: Path, passwords: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", password_file=passwords)
+    broker.start()
+    try:
+        monkeypatch.setenv("TEST_MQTT_PASSWORD", "s3cret")
+        good = make_config(broker.url, {"t": {"topic": "a/t"}}, username="edge",
+                           password="${env:TEST_MQTT_PASSWORD}")
+        out = Collector()
+        async with session(MqttSource("b", good), out):
+            await wait_until(lambda: out.connects == 1, what="login accepted")
+        for protocol in ("3.1.1", "5"):
+            wrong = make_config(broker.url, {"t": {"topic": "a/t"}}, username="edge",
+                                password="guess", protocol=protocol)
+            with pytest.raises(ConnectionLostError, match="refused the connection") as err:
+                await asyncio.wait_for(MqttSource("b", wrong).run(Collector()), 10)
+            assert "guess" not in str(err.value)
     finally:
         broker.kill()
