@@ -70,7 +70,7 @@ async def test_corrupt_buffer_at_start(tmp_path: Path, how: str) -> None:
     data = tmp_path / "data"
     db = data / "buffer.db"
     cfg = write_config(tmp_path / "agent.yaml", data, plant.port,
-                       f"http://127.0.0.1:{rx_port}/events", health, scrap_window="100ms")
+                       f"http://127.0.0.1:{rx_port}/events", health, scrap_window="50ms")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     status_url = f"http://127.0.0.1:{health}/status"
 
@@ -81,7 +81,7 @@ async def test_corrupt_buffer_at_start(tmp_path: Path, how: str) -> None:
     try:
         agent.start()
         await wait_until(signal_ok, timeout=20, interval=0.1, what="first reading")
-        await plant.run_for(3.0)
+        await plant.run_for(2.0)
         await plant.calm()
 
         async def backlog() -> bool:
