@@ -158,6 +158,9 @@ class MqttSource(Source):
         self._tracker = SparkplugTracker(self._spb_tags)
         self._conn: PahoConnection | None = None
         self.probe_wait = _PROBE_WAIT
+        self._max_payload = config.max_payload
+        self._now = utcnow()
+        self._now_mono = -1.0
 
     @property
     def tag_ids(self) -> list[str]:
@@ -254,7 +257,11 @@ class MqttSource(Source):
         self.messages_total += 1
         topic = msg.topic
         data = msg.payload
-        now = utcnow()
+        # One clock read per millisecond, not per message: a burst carries hundreds.
+        mono = time.monotonic()
+        if mono - self._now_mono > 0.001:
+            self._now, self._now_mono = utcnow(), mono
+        now = self._now
         filters = self._filters(msg)
         if self._spb_tags and topic.startswith(NAMESPACE) and (
                 filters is None or not self._spb_filters.isdisjoint(filters)):
@@ -264,7 +271,7 @@ class MqttSource(Source):
                     self._rejected(topic, data, f"payload of {len(data)} bytes is over "
                                    f"max_payload ({self.config.max_payload})")
                     return
-                result = self._tracker.on_message(spb, data, now, time.monotonic())
+                result = self._tracker.on_message(spb, data, now, mono)
                 self._pending.extend(result.samples)
                 if result.problem:
                     self._note_problem(topic, data, result.problem)
@@ -275,7 +282,7 @@ class MqttSource(Source):
             else self._router.readers_of(filters)
         if not readers:
             return
-        if len(data) > self.config.max_payload:
+        if len(data) > self._max_payload:
             detail = (f"payload of {len(data)} bytes is over max_payload "
                       f"({self.config.max_payload})")
             self._note_problem(topic, data, detail)
@@ -291,8 +298,7 @@ class MqttSource(Source):
                 pending.append(TagSample(tag=r.tag, value=None, quality=Quality.BAD,
                                          agent_time=now, detail=f"{topic}: {exc}"))
                 continue
-            pending.append(TagSample(tag=r.tag, value=value, quality=Quality.GOOD,
-                                     agent_time=now, source_time=source_time))
+            pending.append(TagSample(r.tag, value, Quality.GOOD, now, source_time))
 
     def _filters(self, msg: mqtt.MQTTMessage) -> list[str] | None:
         """The filters a message was delivered for, when the broker tells (MQTT 5)."""
