@@ -72,15 +72,24 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
 
 
 def _healthy(runtime: Runtime) -> bool:
-    """What the systemd watchdog guards: the loop turns and the buffer commits."""
-    return loop_alive(runtime) and runtime.storage_error is None
+    """What the systemd watchdog guards: the loop turns and the buffer works.
+
+    A full disk does not stop the pings: it is a state the agent handles (detections wait in
+    memory and are committed when space returns, /readyz reports it), and a restart would lose
+    what waits in memory without freeing any space. Any other commit failure does stop them,
+    so systemd restarts the agent (which salvages a damaged buffer on open)."""
+    return loop_alive(runtime) and (runtime.storage_error is None or runtime.storage_full)
 
 
 def _summary(runtime: Runtime) -> str:
     up = sum(1 for i in runtime.sources.values() if i.supervisor.state == "up")
     sinks = ", ".join(f"{n} {fw.state}" for n, fw in runtime.forwarders.items()) or "none"
-    buffer = "buffer ok" if runtime.storage_error is None else \
-        f"buffer FAILING: {runtime.storage_error}"
+    if runtime.storage_error is None:
+        buffer = "buffer ok"
+    elif runtime.storage_full:
+        buffer = f"buffer FULL, detections held in memory: {runtime.storage_error}"
+    else:
+        buffer = f"buffer FAILING: {runtime.storage_error}"
     return f"{up}/{len(runtime.sources)} sources up; sinks: {sinks}; {buffer}"
 
 

@@ -108,6 +108,9 @@ class Runtime:
         self._committer: asyncio.Task[None] | None = None
         self._agent_sequence = 0
         self.storage_error: str | None = None
+        # Disk full is a state the agent handles (events wait in memory, /readyz says so),
+        # not a fault a restart would cure; other commit failures are faults.
+        self.storage_full = False
         self.started_at = time.time()
         self.events_detected: dict[str, int] = {}
         self.events_by_machine: dict[tuple[str, str], int] = {}
@@ -294,19 +297,19 @@ class Runtime:
                 if self.storage_error is None:
                     log.error("buffer cannot commit: %s; detected events are held in memory "
                               "and retried", exc)
-                self.storage_error = str(exc)
+                self.storage_error, self.storage_full = str(exc), True
                 await asyncio.sleep(backoff.next_delay())
                 self._commit_wakeup.set()
             except EdgeAgentError as exc:
                 if self.storage_error is None:
                     log.error("buffer commit failed: %s; retrying", exc)
-                self.storage_error = str(exc)
+                self.storage_error, self.storage_full = str(exc), False
                 await asyncio.sleep(backoff.next_delay())
                 self._commit_wakeup.set()
             else:
                 if self.storage_error is not None:
                     log.info("buffer commits work again")
-                self.storage_error = None
+                self.storage_error, self.storage_full = None, False
                 backoff.reset()
 
     async def flush(self) -> None:
