@@ -60,6 +60,9 @@ __all__ = ["Runtime"]
 log = logging.getLogger("edge_agent.runtime")
 _AGENT_STATE_KEY = "__agent__"
 _TICK = 0.25
+# Detections held in memory while the buffer cannot commit (disk full); beyond this the oldest
+# are dropped and reported as a data gap. Events are small: this is tens of MB at most.
+_MAX_UNCOMMITTED = 100_000
 
 
 @dataclass(slots=True)
@@ -111,6 +114,8 @@ class Runtime:
         # Disk full is a state the agent handles (events wait in memory, /readyz says so),
         # not a fault a restart would cure; other commit failures are faults.
         self.storage_full = False
+        self._memory_drops: dict[str, int] = {}
+        self._memory_drop_span: tuple[str | None, str | None] = (None, None)
         self.started_at = time.time()
         self.events_detected: dict[str, int] = {}
         self.events_by_machine: dict[tuple[str, str], int] = {}
@@ -298,12 +303,14 @@ class Runtime:
                     log.error("buffer cannot commit: %s; detected events are held in memory "
                               "and retried", exc)
                 self.storage_error, self.storage_full = str(exc), True
+                self._bound_uncommitted()
                 await asyncio.sleep(backoff.next_delay())
                 self._commit_wakeup.set()
             except EdgeAgentError as exc:
                 if self.storage_error is None:
                     log.error("buffer commit failed: %s; retrying", exc)
                 self.storage_error, self.storage_full = str(exc), False
+                self._bound_uncommitted()
                 await asyncio.sleep(backoff.next_delay())
                 self._commit_wakeup.set()
             else:
@@ -338,18 +345,36 @@ class Runtime:
             raise
         self.committed_total += len(rows)
         failpoints.hit("after_commit")
+        if self._memory_drops:
+            by_type, self._memory_drops = self._memory_drops, {}
+            (first, last), self._memory_drop_span = self._memory_drop_span, (None, None)
+            self._queue_data_gap(by_type, first, last,
+                                 f"commits failed and more than {_MAX_UNCOMMITTED} detections "
+                                 "waited in memory")
         drops = await self.buffer.take_drops()
         if drops.total:
             self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at)
         for fw in self.forwarders.values():
             fw.wake()
 
+    def _bound_uncommitted(self) -> None:
+        """While commits fail, detections wait in memory; past a bound the oldest are dropped
+        and counted, and a data gap reports them once commits work again."""
+        excess = len(self._queue) - _MAX_UNCOMMITTED
+        if excess <= 0:
+            return
+        dropped, self._queue = self._queue[:excess], self._queue[excess:]
+        for e in dropped:
+            self._memory_drops[e.type.value] = self._memory_drops.get(e.type.value, 0) + 1
+        self._memory_drop_span = (self._memory_drop_span[0] or format_time(dropped[0].time),
+                                  format_time(dropped[-1].time))
+
     def _queue_data_gap(self, by_type: dict[str, int], first: str | None,
-                        last: str | None) -> None:
+                        last: str | None, reason: str | None = None) -> None:
         self._agent_sequence += 1
         total = sum(by_type.values())
-        log.error("buffer full (%s): dropped %d event(s): %s", self.config.buffer.when_full.value,
-                  total, by_type)
+        reason = reason or f"buffer full ({self.config.buffer.when_full.value})"
+        log.error("%s: dropped %d event(s): %s", reason, total, by_type)
         t = utcnow()
         self._queue.append(Event(
             id=event_id(self.agent_source, EventType.DATA_GAP.value, first, last, total,
@@ -358,8 +383,7 @@ class Runtime:
             sequence=self._agent_sequence,
             data={"agent": self.config.agent.id, "site": self.config.agent.site,
                   "dropped": total, "dropped_by_type": by_type, "first_dropped_at": first,
-                  "last_dropped_at": last,
-                  "reason": f"buffer full ({self.config.buffer.when_full.value})"}))
+                  "last_dropped_at": last, "reason": reason}))
         self._commit_wakeup.set()
 
     # ------------------------------------------------------------------ status
