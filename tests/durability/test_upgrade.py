@@ -59,6 +59,12 @@ async def test_v1_buffer_opens_and_every_pending_event_is_delivered(tmp_path: Pa
         await rt.start()
         await wait_until(lambda: {e["id"] for e in receiver.events()} >= undelivered,
                          timeout=20, what="every pending v1 event delivered")
+
+        async def settled() -> bool:
+            sink = (await rt.buffer.stats()).sinks["central"]
+            return sink.pending + sink.leased == 0
+
+        await wait_until(settled, timeout=10, what="deliveries settled in the buffer")
         stats = await rt.buffer.stats()
         letters = await rt.buffer.dead_letters()
     finally:
