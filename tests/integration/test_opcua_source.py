@@ -44,6 +44,7 @@ VARIABLES.update({"Q.Value": 1.5, "Q.Flag": True, "Mixed.Good": 7, "Mixed.Text":
                   "Mixed.Array": 0})
 VARIABLES.update({f"Big.N{i}": i for i in range(BIG)})
 VARIABLES.update({"Cell.State": 3, "Cell.Speed": 12.5, "Cell.Order": "PO-9"})
+VARIABLES.update({"Dead.Band": 100.0})
 TYPES = {f"{p}.Scrap": ua.VariantType.UInt32 for p in ("Sub", "Poll")}
 
 
@@ -265,6 +266,24 @@ async def test_many_tags_respect_the_servers_operation_limits(
     assert 0 < server.largest_read <= LIMIT
     if mode == "subscribe":
         assert 0 < server.largest_create <= LIMIT
+
+
+async def test_absolute_deadband_reaches_the_server(server: OpcuaTestServer) -> None:
+    tags = {"d": {"node": server.node("Dead.Band"), "type": "float", "queue_size": 10,
+                  "deadband": {"type": "absolute", "value": 5}}}
+    out = Collect()
+    task = _start(OpcuaSource("db", source_config(server, tags, publishing_interval="50ms")),
+                  out)
+    try:
+        await wait_until(lambda: out.up == 1 and _seen(out, "d", 100.0), what="first value")
+        # Within the deadband, then beyond it. The item's queue keeps both if both were
+        # reported, and notifications arrive in order, so seeing 120 settles it.
+        await server.set("Dead.Band", 101.0)
+        await server.set("Dead.Band", 120.0)
+        await wait_until(lambda: _seen(out, "d", 120.0), what="the big change")
+    finally:
+        await _stop(task)
+    assert 101.0 not in [s.value for s in out.samples if s.tag == "d"]
 
 
 async def test_a_refused_node_is_monitored_once_it_appears(
