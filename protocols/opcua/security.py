@@ -2,9 +2,10 @@
 application certificates.
 
 Trust model: a server is trusted when its certificate (DER or PEM) is in the source's ``trust``
-directory. The directory is read on every connect, so dropping a certificate there takes effect
-at the next reconnect without a restart. An untrusted server is refused with its SHA-256
-fingerprint and the path to copy its certificate to. Nothing is sent to an untrusted server
+directory, or when a CA certificate there (BasicConstraints CA) directly issued it. The
+directory is read on every connect, so dropping a certificate there takes effect at the next
+reconnect without a restart. An untrusted server is refused with its SHA-256 fingerprint and
+the path to copy its certificate to. Nothing is sent to an untrusted server
 beyond what opening a secure channel needs: the session (and the password) comes after the
 check.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.errors import ConnectionLostError, FatalError
@@ -59,7 +61,8 @@ def certificate_uri(cert: x509.Certificate) -> str | None:
 
 
 class TrustDirectory:
-    """``client.certificate_validator`` for one session: accepts only pinned certificates.
+    """``client.certificate_validator`` for one session: accepts pinned certificates and
+    certificates directly issued by a CA certificate in the directory.
 
     ``refusal`` keeps the last refusal message, because asyncua turns the validator's exception
     into a bare status code.
@@ -89,7 +92,8 @@ class TrustDirectory:
 
         fp = fingerprint(cert)
         subject = cert.subject.rfc4514_string() or "(no subject)"
-        if fp not in self._trusted():
+        trusted = self._trusted()
+        if fp not in trusted and not any(_issued_by(cert, ca) for ca in trusted.values()):
             uri = certificate_uri(cert) or getattr(app, "ApplicationUri", None) or "?"
             self.refusal = (
                 f"the server's certificate is not trusted: subject {subject}, application URI "
@@ -104,6 +108,17 @@ class TrustDirectory:
                             f"{cert.not_valid_after_utc:%Y-%m-%d}")
             raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
         self.refusal = None
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """True when ``ca`` is a CA certificate whose key signed ``cert``."""
+    try:
+        if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+        cert.verify_directly_issued_by(ca)
+    except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _policy_class(policy: SecurityPolicy) -> Any:
