@@ -14,8 +14,10 @@ it can (each write is a change), then alternates client phases, each in a fresh 
 Each phase also reports its own CPU time per notification, which says what the agent would
 carry if the server were not the bottleneck. Both use the same subscription parameters
 (publishing interval, per-item queue, sampling 0).
-Phases alternate (bare, agent, bare, agent, ...) so drift on a shared machine hits both; the
-report gives each phase, the medians, the agent/bare ratio and the agent process's RSS.
+Phases alternate (bare, agent, bare, agent, ...) so drift on a shared machine hits both; with
+``--together`` both clients run at once on the same notifications (the question is then whether
+the agent keeps up). The report gives each phase, the medians, the agent/bare ratio and the
+agent process's RSS.
 The in-process server is the bottleneck on small machines (LIBRARIES.md): read the ratio, not
 the absolute rate. This is a script, not a test: nothing asserts on time.
 """
@@ -170,15 +172,19 @@ def _client_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------ driver
 
 
-def _phase(role: str, endpoint: str, namespace: str, tags: int,
-           seconds: float) -> dict[str, Any]:
-    out = subprocess.run(
+def _spawn(role: str, endpoint: str, namespace: str, tags: int,
+           seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, __file__, "--role", role, "--endpoint", endpoint, "--namespace",
          namespace, "--tags", str(tags), "--seconds", str(seconds)],
-        capture_output=True, text=True, timeout=seconds + 60, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"{role} phase failed:\n{out.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _collect(role: str, proc: subprocess.Popen[str], seconds: float) -> dict[str, Any]:
+    stdout, stderr = proc.communicate(timeout=seconds + 60)
+    if proc.returncode != 0:
+        raise SystemExit(f"{role} phase failed:\n{stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     result["rate"] = result["notifications"] / result["seconds"]
     result["cpu_us"] = 1e6 * result["cpu_s"] / max(1, result["notifications"])
     return result
@@ -189,6 +195,9 @@ def main() -> None:
     p.add_argument("--tags", type=int, default=200)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--together", action="store_true",
+                   help="run the bare client and the agent at the same time on the same "
+                   "notifications (instead of alternating phases)")
     p.add_argument("--role", choices=["server", "bare", "agent"], default=None)
     p.add_argument("--endpoint", default="")
     p.add_argument("--namespace", default="")
@@ -216,9 +225,14 @@ def main() -> None:
         print(f"{args.tags} tags, server rewriting all of them continuously, "
               f"{args.seconds:g}s per phase, {os.cpu_count()} CPU(s)")
         for r in range(args.rounds):
+            groups = [("bare", "agent")] if args.together else [("bare",), ("agent",)]
+            for group in groups:
+                procs = {role: _spawn(role, endpoint, PLANT_NAMESPACE, args.tags, args.seconds)
+                         for role in group}
+                done = {role: _collect(role, proc, args.seconds) for role, proc in procs.items()}
+                results.update({role: [*results[role], res] for role, res in done.items()})
             for role in ("bare", "agent"):
-                res = _phase(role, endpoint, PLANT_NAMESPACE, args.tags, args.seconds)
-                results[role].append(res)
+                res = results[role][-1]
                 print(f"  round {r + 1} {role:<5}: {res['rate']:9,.0f} notifications/s "
                       f"({res['notifications']:,} in {res['seconds']:.1f}s), "
                       f"{res['cpu_us']:.0f} us CPU each, RSS {res['rss_mib']:.0f} MiB",
