@@ -39,7 +39,15 @@ from typing import Any
 from agent.detect.episode import Episode, episode_data
 from agent.detect.scrap import ScrapTracker
 from agent.detect.state import derive_state, reason_code
-from agent.model import Event, EventType, MachineState, TagSample, event_id, format_time
+from agent.model import (
+    Event,
+    EventType,
+    MachineState,
+    Quality,
+    TagSample,
+    event_id,
+    format_time,
+)
 from config.models import MachineConfig
 
 __all__ = ["MachineDetector"]
@@ -47,6 +55,8 @@ __all__ = ["MachineDetector"]
 _CATEGORY = {MachineState.DOWN: "unplanned", MachineState.PLANNED: "planned",
              MachineState.IDLE: "idle"}
 _STATE_VERSION = 1
+_GOOD = Quality.GOOD
+_MISSING = object()
 NO_OUTPUT = "no-output"
 
 
@@ -61,6 +71,15 @@ class MachineDetector:
                              else counter_bits)
         self.stale_after = cfg.stale_after or stale_after
         self.tags = frozenset(tag for _, tag in cfg.tag_refs())
+        # Order in which a batch is applied: context (order, reasons), state, the rest.
+        ctx = {cfg.order_tag, cfg.downtime.reason_tag, cfg.scrap.reason_tag if cfg.scrap
+               else None}
+        self._rank = {t: 0 if t in ctx else 1 if t == cfg.state.tag else 2 for t in self.tags}
+        self._stale_td = timedelta(seconds=self.stale_after) if self.stale_after else None
+        # Tags whose every sample is a fact (a reject message of 2 followed by another of 2):
+        # never skipped as "unchanged".
+        self._every_sample = frozenset({cfg.scrap.quantity_tag} if cfg.scrap and
+                                       cfg.scrap.quantity_tag else ())
         # The tag whose quality decides whether the machine's state is known.
         self.signal_tag = cfg.state.tag or cfg.state.production_counter
         self._reset()
@@ -88,7 +107,9 @@ class MachineDetector:
         self._out: list[Event] = []
         self.scrap = (ScrapTracker(self.cfg.scrap, self.counter_bits, self._emit)
                       if self.cfg.scrap else None)
-        # Not persisted: agent-clock bookkeeping for staleness.
+        # Not persisted: the last good value applied per tag (the hot path's memory) and
+        # agent-clock bookkeeping for staleness.
+        self._last_values: dict[str, object] = {}
         self._last_good_state: datetime | None = None
         self._watch_since: datetime | None = None
 
@@ -102,14 +123,35 @@ class MachineDetector:
 
     def on_samples(self, samples: Iterable[TagSample]) -> list[Event]:
         """Apply a batch: context tags (order, reasons) first, then state, then counters, so a
-        reason or order read in the same poll as a stop is already known when it opens."""
-        mine = [s for s in samples if s.tag in self.tags]
-        ctx = {self.cfg.order_tag, self.cfg.downtime.reason_tag,
-               self.cfg.scrap.reason_tag if self.cfg.scrap else None} - {None}
-        for s in sorted(mine, key=lambda s: (0 if s.tag in ctx else
-                                             1 if s.tag == self.cfg.state.tag else 2)):
+        reason or order read in the same poll as a stop is already known when it opens.
+
+        Hot path (a poll of an unchanged machine): a good sample whose value equals the last
+        one applied only refreshes the signal's freshness; time-based rules (min_duration,
+        stalls, windows, staleness) are evaluated by ``on_tick``."""
+        rank, last, good, signal_tag = self._rank, self._last_values, _GOOD, self.signal_tag
+        steady = self.signal == "ok" and not self.bad_inputs
+        todo: list[tuple[int, TagSample]] = []
+        for s in samples:
+            tag = s.tag
+            r = rank.get(tag)
+            if r is None:
+                continue
+            if s.quality is good:
+                value = s.value
+                if steady and last.get(tag, _MISSING) == value:
+                    if tag == signal_tag:
+                        self._last_good_state = s.agent_time
+                    continue
+                if tag not in self._every_sample:
+                    last[tag] = value
+            else:
+                last.pop(tag, None)
+            todo.append((r, s))
+        if len(todo) > 1:
+            todo.sort(key=_first)
+        for _, s in todo:
             self._sample(s)
-        return self._drain()
+        return self._drain() if self._out else []
 
     def on_sample(self, s: TagSample) -> list[Event]:
         if s.tag in self.tags:
@@ -134,21 +176,22 @@ class MachineDetector:
         if self._watch_since is None:
             self._watch_since = now
         tag = self.signal_tag
-        if self.stale_after is not None and tag is not None and tag not in self.bad_inputs:
+        if self._stale_td is not None and tag is not None and tag not in self.bad_inputs:
             seen = self._last_good_state or self._watch_since
-            if (now - seen).total_seconds() > self.stale_after:
+            if now - seen > self._stale_td:
                 # Recorded like a bad sample, so only a fresh sample of this tag restores it.
                 why = f"no sample of {tag} for {self.stale_after:g}s"
                 self.bad_inputs[tag] = why
                 self.dirty = True
                 self._lose_signal(now, why)
-        if self.signal == "ok":
-            self._evaluate(now)
-        self._maybe_announce(now)
-        self._split_long(now)
-        if self.scrap is not None:
+        if self.signal == "ok" and self.cfg.state.stalled_after is not None:
+            self._evaluate(now)  # only the stall rule changes the state with time alone
+        if self.episode is not None:
+            self._maybe_announce(now)
+            self._split_long(now)
+        if self.scrap is not None and self.scrap.window is not None:
             self.scrap.on_tick(now)
-        return self._drain()
+        return self._drain() if self._out else []
 
     def note_clock_jump(self, seconds: float) -> None:
         """The agent's clock jumped; flag what is open so its events say so."""
@@ -431,6 +474,10 @@ class MachineDetector:
             "counter_anomalies": self.scrap.anomalies if self.scrap else 0,
             "clock_jumps": self.clock_jumps,
         }
+
+
+def _first(item: tuple[int, TagSample]) -> int:
+    return item[0]
 
 
 def _iso(t: datetime | None) -> str | None:
