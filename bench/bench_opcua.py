@@ -148,7 +148,10 @@ sinks:
     await rt.start()
     try:
         info = rt.sources["plc"]
+        deadline = time.monotonic() + 30
         while info.supervisor.state != "up":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the source did not connect: {info.supervisor.last_error}")
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         c0, t0, cpu0 = info.samples_total, time.monotonic(), _cpu()
@@ -181,7 +184,12 @@ def _spawn(role: str, endpoint: str, namespace: str, tags: int,
 
 
 def _collect(role: str, proc: subprocess.Popen[str], seconds: float) -> dict[str, Any]:
-    stdout, stderr = proc.communicate(timeout=seconds + 60)
+    try:
+        stdout, stderr = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise SystemExit(f"{role} phase did not finish:\n{stderr[-3000:]}") from None
     if proc.returncode != 0:
         raise SystemExit(f"{role} phase failed:\n{stderr[-3000:]}")
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
