@@ -170,7 +170,8 @@ def test_bad_size() -> None:
 def test_model_rule_error_has_no_pydantic_noise() -> None:
     text = BASE.replace("running_above: 10", "running_above: 10, map: {1: running}")
     assert errors(text) == [
-        "cfg.yaml:12:5: machines.press-3.state: give exactly one of 'map', 'running_above' or 'running_below'"]
+        "cfg.yaml:12:5: machines.press-3.state: give exactly one of 'map', 'running_above' or "
+        "'running_below'"]
 
 
 def test_unknown_source_type() -> None:
