@@ -20,7 +20,7 @@ Lifecycle of a ``PahoConnection`` (exactly one broker connection, never reconnec
              idempotent, safe after a failed open()
 
 Loop integration details:
-- paho's socket is wrapped (``_BatchedSocket``): paho reads each packet in pieces and writes a
+- paho's socket is wrapped (``BatchedSocket``): paho reads each packet in pieces and writes a
   PUBACK per QoS 1 message; through the wrapper that is one ``recv`` per 64 KiB and one ``send``
   per read burst instead of several system calls per message.
 - Reading: on readability, ``loop_read`` (one packet per call) runs while bytes are buffered in
@@ -50,6 +50,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import ConnectionLostError, PeerTimeoutError
+from protocols.mqtt.batched_socket import BatchedSocket
 from protocols.mqtt.config import MqttProtocol, MqttSourceConfig, SessionMode
 
 __all__ = ["PahoConnection", "build_client", "tls_context"]
@@ -107,7 +108,7 @@ class PahoConnection:
         self._on_suback = on_suback
         self._loop = asyncio.get_running_loop()
         self._client: mqtt.Client | None = None
-        self._sock: _BatchedSocket | None = None
+        self._sock: BatchedSocket | None = None
         self._writing = False
         self._reading = False
         self._connack: asyncio.Future[None] = self._loop.create_future()
@@ -144,7 +145,7 @@ class PahoConnection:
         raw = client.socket()
         if raw is None:
             raise ConnectionLostError(f"MQTT broker {self._where} closed the connection")
-        sock = _BatchedSocket(raw)
+        sock = BatchedSocket(raw)
         client._sock = sock  # paho writes through it from now on
         self._sock = sock
         self._loop.add_reader(sock, self._readable)
@@ -347,72 +348,6 @@ class PahoConnection:
         for fut in (first, self._connack, self._lost):
             if not fut.done():
                 fut.set_exception(err)
-
-
-class _BatchedSocket:
-    """Stands in for paho's socket so that it costs one system call per burst, not several
-    per packet.
-
-    - Reading: paho reads a packet in pieces (1 byte of type, the length byte by byte, then
-      the rest). ``recv`` serves them from one large read; ``pending`` counts what is buffered
-      here (plus what TLS holds), and the read burst keeps going while it is non-zero, since
-      the selector cannot see it.
-    - Writing: what paho writes while we read a burst (a PUBACK per QoS 1 message, a
-      SUBSCRIBE) goes into a buffer (``send`` always succeeds) and ``flush`` writes it out,
-      saying whether everything went (else the connection waits for writability).
-
-    Everything else (fileno, setblocking, getpeercert...) goes to the real socket.
-    """
-
-    __slots__ = ("_in", "_out", "_pos", "_sock")
-
-    _CHUNK = 65536
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._in = b""
-        self._pos = 0
-        self._out = bytearray()
-
-    def recv(self, size: int) -> bytes:
-        data, pos = self._in, self._pos
-        if pos >= len(data):
-            data = self._sock.recv(max(size, self._CHUNK))  # BlockingIOError passes through
-            if len(data) <= size:
-                self._in, self._pos = b"", 0
-                return bytes(data)
-            self._in, pos = data, 0
-        self._pos = pos + size
-        return data[pos:pos + size]
-
-    def pending(self) -> int:
-        inner = getattr(self._sock, "pending", None)
-        return len(self._in) - self._pos + (inner() if inner is not None else 0)
-
-    def send(self, data: bytes | bytearray | memoryview) -> int:
-        self._out += data
-        return len(data)
-
-    def flush(self) -> bool:
-        out = self._out
-        while out:
-            try:
-                sent = self._sock.send(out)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return False
-            del out[:sent]
-        return True
-
-    def fileno(self) -> int:
-        return int(self._sock.fileno())
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.flush()  # a DISCONNECT paho just wrote
-        self._sock.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 def _describe(exc: BaseException) -> str:
