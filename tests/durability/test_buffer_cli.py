@@ -15,6 +15,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,22 @@ async def test_buffer_cli_against_a_running_agent(tmp_path: Path) -> None:
         await plant.run_for(0.5)
         await plant.calm()
 
-        async def some_dead() -> bool:
-            s = await sink_status()
-            return s is not None and s["dead_letters"] > 0 and s["pending"] + s["leased"] == 0
+        seen = {"n": -1, "since": 0.0}
 
-        await wait_until(some_dead, timeout=20, interval=0.1, what="new dead letters")
-        n = (await sink_status())["dead_letters"]  # type: ignore[index]
+        async def dead_and_settled() -> bool:
+            # The count must hold for longer than the 300 ms scrap window: a window still open
+            # after calm() closes later and adds one more dead letter.
+            s = await sink_status()
+            if s is None or s["dead_letters"] == 0 or s["pending"] + s["leased"]:
+                return False
+            now = time.monotonic()
+            if s["dead_letters"] != seen["n"]:
+                seen.update(n=s["dead_letters"], since=now)
+                return False
+            return now - seen["since"] >= 1.0
+
+        await wait_until(dead_and_settled, timeout=20, interval=0.1, what="new dead letters")
+        n = seen["n"]
         assert f"deleted {n} dead letter(s)" in await ok("purge", "--config", c, "--yes")
 
         async def dead_gone() -> bool:
