@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from agent.errors import EdgeAgentError
-from agent.model import parse_time, utcnow
+from agent.model import age_seconds
 
 if TYPE_CHECKING:  # the parser is built on every CLI call: keep its imports light
     from buffer.base import DeadLetter
@@ -109,15 +109,6 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ actions
 
 
-def _age(rfc3339: str | None) -> float | None:
-    if rfc3339 is None:
-        return None
-    try:
-        return round(max(0.0, (utcnow() - parse_time(rfc3339)).total_seconds()), 3)
-    except ValueError:
-        return None
-
-
 def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -132,7 +123,7 @@ def _stats(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
            "sinks": {n: {"pending": s.pending, "leased": s.leased,
                          "dead_letters": s.dead_letters,
                          "oldest_pending_time": s.oldest_pending_time,
-                         "oldest_pending_age_s": _age(s.oldest_pending_time)}
+                         "oldest_pending_age_s": age_seconds(s.oldest_pending_time)}
                      for n, s in sinks.items()}}
     if args.json:
         out.write(json.dumps(doc, indent=2) + "\n")

@@ -32,7 +32,8 @@ from agent import __version__
 from agent.httpserver import HttpServer, Request, Response
 from agent.logs import redact
 from agent.metrics import CONTENT_TYPE
-from agent.runtime import Runtime, _age
+from agent.model import age_seconds
+from agent.runtime import Runtime
 from buffer.base import BufferStats
 
 __all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readiness",
@@ -79,7 +80,7 @@ async def readiness(runtime: Runtime, stats: BufferStats | None = None,
             reasons.append(f"buffer: cannot read its statistics: {exc}")
     if stats is not None:
         for name, s in stats.sinks.items():
-            age_s = _age(s.oldest_pending_time)
+            age_s = age_seconds(s.oldest_pending_time)
             if age_s is not None and age_s > limits.max_pending_age:
                 reasons.append(f"sink {name} falls behind: oldest pending event is {age_s:.0f}s "
                                f"old (limit {limits.max_pending_age:g}s)")

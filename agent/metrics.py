@@ -206,7 +206,7 @@ class _RuntimeCollector(Collector):
 
 
 def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:
-    from agent.runtime import _age  # the runtime's own age rule, so /status and metrics agree
+    from agent.model import age_seconds  # one age rule, so /status and metrics agree
 
     pending = GaugeMetricFamily("edge_agent_buffer_pending_events",
                                 "Events waiting for delivery to the sink.", labels=["sink"])
@@ -217,7 +217,7 @@ def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:
                              "Events in the dead-letter table.", labels=["sink"])
     for name, s in stats.sinks.items():
         pending.add_metric([name], s.pending + s.leased)
-        oldest.add_metric([name], _age(s.oldest_pending_time) or 0.0)
+        oldest.add_metric([name], age_seconds(s.oldest_pending_time) or 0.0)
         dead.add_metric([name], s.dead_letters)
     yield from (pending, oldest, dead)
     yield GaugeMetricFamily("edge_agent_buffer_size_bytes", "Size of the buffer file.",

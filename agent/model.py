@@ -31,6 +31,7 @@ __all__ = [
     "Quality",
     "TagSample",
     "Value",
+    "age_seconds",
     "event_id",
     "format_time",
     "parse_time",
@@ -82,6 +83,16 @@ def parse_time(text: str) -> datetime:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
     return t.astimezone(UTC)
+
+
+def age_seconds(rfc3339: str | None, now: datetime | None = None) -> float | None:
+    """Seconds since an RFC 3339 time (never negative); None when absent or unreadable."""
+    if rfc3339 is None:
+        return None
+    try:
+        return round(max(0.0, ((now or utcnow()) - parse_time(rfc3339)).total_seconds()), 3)
+    except ValueError:
+        return None
 
 
 def event_id(source: str, type_: str, *facts: object) -> str:

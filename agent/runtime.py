@@ -39,9 +39,9 @@ from agent.model import (
     Event,
     EventType,
     TagSample,
+    age_seconds,
     event_id,
     format_time,
-    parse_time,
     utcnow,
 )
 from agent.sinks.backoff import Backoff
@@ -424,7 +424,7 @@ class Runtime:
                 "sinks": {name: {"pending": s.pending, "leased": s.leased,
                                  "dead_letters": s.dead_letters,
                                  "oldest_pending_time": s.oldest_pending_time,
-                                 "oldest_pending_age_s": _age(s.oldest_pending_time)}
+                                 "oldest_pending_age_s": age_seconds(s.oldest_pending_time)}
                           for name, s in stats.sinks.items()},
             },
             "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
@@ -447,12 +447,3 @@ class Runtime:
             if st.get("state") == "held":
                 reasons.append(f"sink {name} is held: {st.get('held_reason')}")
         return reasons
-
-
-def _age(rfc3339: str | None) -> float | None:
-    if rfc3339 is None:
-        return None
-    try:
-        return round(max(0.0, (utcnow() - parse_time(rfc3339)).total_seconds()), 3)
-    except ValueError:
-        return None

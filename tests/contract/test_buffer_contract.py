@@ -6,10 +6,7 @@ only make sense for a file (schema version, disk full) are at the end.
 
 from __future__ import annotations
 
-import errno
-import os
 import sqlite3
-import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import fill_disk, small_tmpfs
 
 from agent.errors import SchemaTooNewError, StorageFullError
 from buffer.base import Buffer, NewEvent, Settlement
@@ -397,33 +395,9 @@ def test_schema_too_new_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB tmpfs, so ENOSPC comes from the kernel, not from a mock."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                              capture_output=True, text=True, check=False)
-    except OSError as e:
-        pytest.skip(f"cannot run mount: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
-
-def _fill_disk(directory: Path) -> Path:
-    ballast = directory / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\1" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return ballast
 
 
 def test_disk_full_is_a_state_not_a_crash(small_fs: Path) -> None:
@@ -433,7 +407,7 @@ def test_disk_full_is_a_state_not_a_crash(small_fs: Path) -> None:
         b.open(SINKS)
         first = [ev(i, size=1000) for i in range(50)]
         assert b.append(first, {"m1": "before"}).stored == 50
-        ballast = _fill_disk(small_fs)
+        ballast = fill_disk(small_fs)
 
         more = [ev(i, size=1000) for i in range(50, 550)]
         with pytest.raises(StorageFullError):

@@ -10,16 +10,13 @@ Needs root to mount a tmpfs; skipped with the reason otherwise.
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from _plant import Plant, check_exact, drained_status, get_json, write_config
-from support import AgentProcess, free_port, wait_until
+from support import AgentProcess, fill_disk, free_port, small_tmpfs, wait_until
 
 from agent.receiver import Receiver
 
@@ -28,32 +25,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                              capture_output=True, text=True, check=False)
-    except OSError as e:
-        pytest.skip(f"cannot run mount: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def readyz(port: int) -> tuple[int, dict[str, object]] | None:
@@ -85,7 +59,7 @@ async def test_disk_full_is_reported_and_recovers_by_itself(tmp_path: Path,
         driver = asyncio.create_task(plant.drive(stop))
         await wait_until(lambda: receiver.stats()["received"] > 3, timeout=20,
                          what="deliveries before the disk fills")
-        filler = fill(small_fs)
+        filler = fill_disk(small_fs)
         seen: dict[str, object] = {}
 
         async def full_reported() -> bool:

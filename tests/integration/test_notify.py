@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from support import AgentProcess, free_port, wait_until
+from support import AgentProcess, fill_disk, free_port, small_tmpfs, wait_until
 
 from agent.notify import Notifier, run_watchdog
 from agent.receiver import Receiver
@@ -138,36 +137,16 @@ async def test_watchdog_pings_only_while_healthy(listener: Listener, tmp_path: P
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "data"
-    mnt.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"cannot run mount: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
-    try:
+def data_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "data", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def fill(directory: Path) -> Path:
-    """Write a file until the file system says ENOSPC."""
-    path = directory / "filler"
-    with path.open("wb", buffering=0) as f:
-        for size in (65536, 4096, 512, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * size)
-    return path
 
 
 @pytest.mark.slow
 async def test_agent_process_ready_watchdog_through_disk_full_and_stopping(
-        tmp_path: Path, small_tmpfs: Path, listener: Listener) -> None:
+        tmp_path: Path, data_tmpfs: Path, listener: Listener) -> None:
     plc = ModbusSimulator(size=8)
     await plc.start()
     receiver = Receiver(tmp_path / "rx.db")
@@ -175,7 +154,7 @@ async def test_agent_process_ready_watchdog_through_disk_full_and_stopping(
     health_port = free_port()
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"""
-agent: {{id: notify-edge, site: s1, data_dir: "{small_tmpfs}", stop_timeout: 3s}}
+agent: {{id: notify-edge, site: s1, data_dir: "{data_tmpfs}", stop_timeout: 3s}}
 health: {{listen: "127.0.0.1:{health_port}", min_disk_free: 0B}}
 sources:
   plc: {{type: modbus, host: 127.0.0.1, port: {plc.port}, poll_interval: 20ms,
@@ -198,7 +177,7 @@ buffer: {{commit_interval: 5ms}}
         assert next(m for m in listener.messages if "READY" in m)["STATUS"]
         await wait_until(lambda: listener.count("WATCHDOG") >= 3, what="watchdog pings")
 
-        filler = fill(small_tmpfs)
+        filler = fill_disk(data_tmpfs)
         async with httpx.AsyncClient(timeout=5) as http:
             async def commits_fail() -> bool:
                 nonlocal state

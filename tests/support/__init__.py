@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -10,11 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentProcess", "free_port", "wait_until", "wait_until_sync"]
+__all__ = ["AgentProcess", "fill_disk", "free_port", "small_tmpfs", "wait_until",
+           "wait_until_sync"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +84,36 @@ class AgentProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str = "4m") -> Iterator[Path]:
+    """A real size-capped tmpfs mounted at ``directory`` (ENOSPC from the kernel, not a mock).
+
+    Skips the calling test when mounting is not permitted (not root, no mount binary)."""
+    import pytest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(directory)], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot run mount: {e}")
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def fill_disk(directory: Path, name: str = "filler") -> Path:
+    """Write a file until the file system is full to the last byte; delete it to free space."""
+    path = directory / name
+    with path.open("wb", buffering=0) as f:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * size)
+    return path
