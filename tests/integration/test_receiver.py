@@ -190,6 +190,19 @@ async def test_batch_answers_207_per_item_in_request_order(receiver, client):
     assert [e["id"] for e in receiver.echoed] == ["ev-2", "ev-1"]
 
 
+async def test_batch_duplicates_within_and_across_batches_each_get_409(receiver, client):
+    # Pretty-printed on purpose: each item is stored as sent and read back as the same event.
+    body = json.dumps([ce(1), ce(2)], indent=2).encode()
+    r = await post(client, receiver, body, CE_BATCH)
+    assert [(x["id"], x["status"]) for x in r.json()["results"]] == [("ev-1", 201), ("ev-2", 201)]
+    r = await post(client, receiver, [ce(3), ce(2), ce(3), ce(4)], CE_BATCH)
+    assert [(x["id"], x["status"]) for x in r.json()["results"]] == [
+        ("ev-3", 201), ("ev-2", 409), ("ev-3", 409), ("ev-4", 201)]
+    assert receiver.stats() == {"received": 4, "duplicates": 2}
+    assert receiver.events() == [ce(1), ce(2), ce(3), ce(4)]
+    assert [e["id"] for e in receiver.echoed] == ["ev-1", "ev-2", "ev-3", "ev-4"]
+
+
 async def test_atomic_batches_refuse_the_whole_batch(receiver, client):
     receiver.faults.atomic_batches = True
     receiver.faults.reject_ids = {"ev-2"}
@@ -203,6 +216,9 @@ async def test_atomic_batches_refuse_the_whole_batch(receiver, client):
     (b"{not json", CE_SINGLE, 400),
     (b"[1, 2", CE_BATCH, 400),
     (b"[]", CE_BATCH, 400),
+    (b"[" + json.dumps(ce(1)).encode() + b"] trailing", CE_BATCH, 400),
+    (b"[" + json.dumps(ce(1)).encode() + b",]", CE_BATCH, 400),
+    (b"\xff[]", CE_BATCH, 400),
     (json.dumps(ce(1)).encode(), CE_BATCH, 400),  # a batch must be an array
     (json.dumps([ce(1)]).encode(), CE_SINGLE, 400),  # a single event must be an object
     (json.dumps(ce(1)).encode(), "text/plain", 415),
