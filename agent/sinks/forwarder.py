@@ -33,9 +33,15 @@ Invariants:
 - Backoff is exponential with full jitter between ``policy.initial_backoff`` and
   ``policy.max_backoff``; ``Retry-After`` is a floor, capped at ``max_backoff``. All waits are on
   the event loop's monotonic clock. A stop interrupts a backoff at once.
-- Leases are not renewed during long retries: this forwarder is the only leaser of its sink and
-  leases nothing new while it holds rows, so an expired lease only matters after a crash, which is
-  exactly when it should be offered again.
+- Leases are not renewed during long retries: this forwarder is the only leaser of its sink, so
+  an expired lease only matters after a crash, which is exactly when it should be offered again.
+- Lease ahead (batch mode): while the first attempt of the last chunk of a lease is in
+  flight, the next lease runs on the buffer's thread (at most one ahead), so a drain does not
+  stop sending while rows are leased. Those rows are sent only after every earlier row is
+  settled (order is kept); an empty lease ahead is not used (a ``wake()`` meanwhile must not be
+  lost: the loop leases afresh). A stop leaves rows leased ahead leased, like any unsent row.
+  Only a block leased less than ``_AHEAD_WITHIN`` seconds ago, with no failed attempt, leases
+  ahead: a lease also reclaims expired leases, and the rows in flight must not be among them.
 """
 
 from __future__ import annotations
@@ -106,6 +112,10 @@ def _source_of(payload: str) -> str:
     return source if isinstance(source, str) else ""
 
 
+# A block older than this does not lease ahead (far below any sensible lease timeout).
+_AHEAD_WITHIN = 1.0
+
+
 def _halves(rows: list[LeasedEvent]) -> tuple[list[LeasedEvent], list[LeasedEvent]]:
     mid = len(rows) // 2
     return rows[:mid], rows[mid:]
@@ -133,6 +143,10 @@ class Forwarder:
         # The settle of the last fully answered batch, still running on the buffer's writer
         # thread while the next batch is sent (at most one; see _settle_behind).
         self._behind: asyncio.Task[bool] | None = None
+        # The next lease, started while the last chunk of the current one is in flight.
+        self._ahead: asyncio.Future[list[LeasedEvent]] | None = None
+        self._block_started = 0.0  # loop time of the current block's lease
+        self._block_failed = False  # an attempt of the current block failed
         self.state = ForwarderState.IDLE
         self.last_success: str | None = None
         self.last_error: str | None = None
@@ -172,7 +186,9 @@ class Forwarder:
             # Clear before leasing: a wake() during the lease is then not lost.
             self._wake.clear()
             try:
-                rows = await self._buffer.lease(name, self._lease_limit)
+                rows = await self._leased_ahead()
+                if not rows:
+                    rows = await self._buffer.lease(name, self._lease_limit)
             except Exception as exc:
                 if self.state is not ForwarderState.RETRYING:
                     log.exception("sink %s: cannot lease events from the buffer", name)
@@ -190,7 +206,10 @@ class Forwarder:
                 self._answered()  # only a lease failure leaves us here: the buffer is back
             if self.state is ForwarderState.IDLE:
                 self.state = ForwarderState.DELIVERING
+            self._block_started, self._block_failed = asyncio.get_running_loop().time(), False
             await self._drive(rows)
+        with contextlib.suppress(Exception):  # rows leased ahead stay leased (see invariants)
+            await self._leased_ahead()
         self.state = ForwarderState.IDLE
 
     async def stop(self, drain_timeout: float) -> None:
@@ -222,13 +241,17 @@ class Forwarder:
         queue = deque(rows[i:i + size] for i in range(0, len(rows), size))
         while queue and not self._stopping.is_set():
             chunk = queue[0]
+            if size > 1 and len(queue) == 1 and self._may_lease_ahead():
+                self._lease_ahead()
             try:
                 delivery = await self.sink.deliver([_outbound(r) for r in chunk])
             except Exception as exc:  # a sink broke its contract: keep the rows, back off
                 if self.state is not ForwarderState.RETRYING:
                     log.exception("sink %s raised from deliver()", self.sink.name)
                 delivery = Delivery(Outcome.RETRY, detail=f"sink error: {exc!r}"[:500])
-            if delivery.items:
+            # A 207 is ACCEPTED only when every item of the chunk was: then it settles like a
+            # 2xx for the whole chunk, without looking at each item.
+            if delivery.items and delivery.outcome is not Outcome.ACCEPTED:
                 rest, stop = await self._per_item(chunk, delivery)
                 if rest:
                     queue[0] = rest
@@ -319,6 +342,22 @@ class Forwarder:
         self._behind = asyncio.ensure_future(self._settle(settlement))
         return True
 
+    def _may_lease_ahead(self) -> bool:
+        return self._ahead is None and not self._block_failed and \
+            asyncio.get_running_loop().time() - self._block_started < _AHEAD_WITHIN
+
+    def _lease_ahead(self) -> None:
+        ahead = asyncio.ensure_future(self._buffer.lease(self.sink.name, self._lease_limit))
+        # Retrieved here too, so a lease that fails after run() ended is not reported as
+        # "exception never retrieved"; run() reads the result in _leased_ahead().
+        ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._ahead = ahead
+
+    async def _leased_ahead(self) -> list[LeasedEvent]:
+        """The rows of the lease started ahead (none if none was); its error if it failed."""
+        ahead, self._ahead = self._ahead, None
+        return [] if ahead is None else await ahead
+
     async def _caught_up(self) -> bool:
         """Wait for the settle running behind, if any; False if it gave up (stopping)."""
         task, self._behind = self._behind, None
@@ -385,6 +424,7 @@ class Forwarder:
         """A retryable or held attempt (or a buffer error when ``attempt`` is False): log the
         transition once, then back off."""
         reason = f"HTTP {status}: {detail}" if status is not None else detail
+        self._block_failed = True
         self.last_error = reason
         self.consecutive_failures += 1
         if attempt:

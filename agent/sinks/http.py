@@ -252,9 +252,16 @@ class HttpSink(Sink):
                             f"receiver answered nonsense: {_excerpt(content)}", retry_after)
         wanted = {e.id for e in events}
         items: dict[str, ItemResult] = {}
+        # Verdicts repeat (a drain answers 201 for nearly every item): one frozen ItemResult
+        # per distinct (status, detail) instead of one per event.
+        verdicts: dict[tuple[int, str], ItemResult] = {}
         for event_id, status, detail in results:
             if event_id in wanted:
-                items[event_id] = ItemResult(_classify(status), status, detail)
+                verdict = verdicts.get((status, detail))
+                if verdict is None:
+                    verdict = verdicts[(status, detail)] = ItemResult(_classify(status), status,
+                                                                      detail)
+                items[event_id] = verdict
         for e in events:
             if e.id not in items:
                 items[e.id] = ItemResult(Outcome.RETRY, None, "missing in 207 answer")

@@ -464,6 +464,76 @@ async def test_lease_batch_larger_than_the_sink_batch_is_chunked(receiver, buf, 
         await task
 
 
+class CallLog:
+    """Delegates lease/settle to a buffer and records the order of the calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    async def lease(self, sink, limit):
+        self.calls.append("lease")
+        return await self.inner.lease(sink, limit)
+
+    async def settle(self, sink, settlement):
+        self.calls.append("settle")
+        await self.inner.settle(sink, settlement)
+
+
+async def test_batch_mode_leases_the_next_block_while_the_last_chunk_is_in_flight(receiver,
+                                                                                   buf):
+    config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
+                                            "mode": "batch", "batch_max_events": 2})
+    sink = HttpSink("erp", config)
+    log = CallLog(buf)
+    fw = Forwarder(sink, log, FAST, lease_batch=4, poll_interval=3600.0)
+    task = asyncio.create_task(fw.run())
+    try:
+        events = [new_event(i) for i in range(8)]
+        await append(buf, events, fw)
+        await settled(fw, buf, 8)
+        assert received_ids(receiver) == [e.id for e in events]
+        assert [len(r.ids) for r in receiver.requests] == [2, 2, 2, 2]
+        # The second block is leased before the first block's last chunk is settled.
+        second_lease = log.calls.index("lease", 1)
+        settles = [i for i, c in enumerate(log.calls) if c == "settle"]
+        assert second_lease < settles[1], log.calls
+        # The lease ahead after the second block finds nothing; it is not used, and a wake()
+        # after it still delivers at once (the forwarder polls only once an hour).
+        await wait_until(lambda: fw.state is ForwarderState.IDLE, what="idle")
+        more = [new_event(i) for i in range(8, 11)]
+        await append(buf, more, fw)
+        await settled(fw, buf, 11)
+        assert received_ids(receiver) == [e.id for e in events + more]
+        assert receiver.stats() == {"received": 11, "duplicates": 0}
+    finally:
+        await fw.stop(5.0)
+        await sink.aclose()
+        await task
+
+
+async def test_a_stop_leaves_rows_leased_ahead_leased_and_loses_nothing(receiver, buf):
+    config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
+                                            "mode": "batch", "batch_max_events": 2})
+    sink = HttpSink("erp", config)
+    fw = Forwarder(sink, buf, FAST, lease_batch=4, poll_interval=3600.0)
+    receiver.inject_commit_then_delay(0.3, count=2)  # both chunks of the first block
+    task = asyncio.create_task(fw.run())
+    try:
+        await append(buf, [new_event(i) for i in range(8)], fw)
+        # The receiver records a request once it has answered it: the last chunk of the first
+        # block is committed and its answer still delayed.
+        await wait_until(lambda: len(receiver.requests) == 1 and
+                         receiver.stats()["received"] == 4, what="first block committed")
+        await fw.stop(5.0)
+    finally:
+        await sink.aclose()
+        await task
+    # The first block was answered and settled; the block leased ahead was never sent.
+    assert fw.status()["delivered_total"] == 4
+    assert [p.id for p in await buf.pending("erp")] == [new_event(i).id for i in range(4, 8)]
+    assert (await buf.stats()).sinks["erp"].leased == 4
+
+
 async def test_a_sink_that_raises_is_treated_as_retry(buf):
     from agent.sinks.base import Delivery, Outcome, Sink
 
