@@ -218,7 +218,7 @@ def _run(role: str, port: int, n: int, qos: int, register: bool = False) -> dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
     parser.add_argument("--role", default=None, help=argparse.SUPPRESS)
