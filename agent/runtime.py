@@ -117,8 +117,7 @@ class Runtime:
         self._memory_drops: dict[str, int] = {}
         self._memory_drop_span: tuple[str | None, str | None] = (None, None)
         self.started_at = time.time()
-        self.events_detected: dict[str, int] = {}
-        self.events_by_machine: dict[tuple[str, str], int] = {}
+        self.events_by_machine: dict[tuple[str, str], int] = {}  # (machine, type) -> count
         self.metrics = Metrics(self)
         self.last_reload: dict[str, Any] | None = None
         self.committed_total = 0
@@ -255,7 +254,6 @@ class Runtime:
             self._dirty.add(det.machine_id)
         if events:
             for e in events:
-                self.events_detected[e.type.value] = self.events_detected.get(e.type.value, 0) + 1
                 key = (det.machine_id, e.type.value)
                 self.events_by_machine[key] = self.events_by_machine.get(key, 0) + 1
             self._queue.extend(events)
@@ -387,6 +385,14 @@ class Runtime:
         self._commit_wakeup.set()
 
     # ------------------------------------------------------------------ status
+
+    @property
+    def events_detected(self) -> dict[str, int]:
+        """Events detected per type (summed over machines)."""
+        out: dict[str, int] = {}
+        for (_, type_), n in self.events_by_machine.items():
+            out[type_] = out.get(type_, 0) + n
+        return out
 
     async def status(self) -> dict[str, Any]:
         now = time.monotonic()
