@@ -153,11 +153,6 @@ class MachineDetector:
             self._sample(s)
         return self._drain() if self._out else []
 
-    def on_sample(self, s: TagSample) -> list[Event]:
-        if s.tag in self.tags:
-            self._sample(s)
-        return self._drain()
-
     def _sample(self, s: TagSample) -> None:
         cfg = self.cfg
         if s.tag == cfg.order_tag and s.good:
