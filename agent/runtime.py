@@ -409,6 +409,10 @@ class Runtime:
                 "bad_samples_total": info.bad_total,
                 "bad_tags": dict(info.bad_tags),
             }
+            # Protocol-specific detail (per-unit counters of an RTU line, ...), when offered.
+            detail = getattr(info.source, "status", None)
+            if callable(detail):
+                sources[name]["detail"] = detail()
         return {
             "version": __version__,
             "agent_id": self.config.agent.id,

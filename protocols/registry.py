@@ -15,6 +15,10 @@ _MODBUS_BITS = {"int16": 16, "uint16": 16, "int32": 32, "uint32": 32, "int64": 6
 def build_source(name: str, config: Any) -> Source:
     """A Source for one validated source config (no I/O: connecting happens in ``run``)."""
     if config.type == "modbus":
+        if config.is_rtu:
+            from protocols.modbus.line import ModbusLineSource
+
+            return ModbusLineSource(name, config)
         from protocols.modbus.source import ModbusSource
 
         return ModbusSource(name, config)
