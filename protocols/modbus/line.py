@@ -107,15 +107,31 @@ class ModbusLineSource(Source):
         return samples
 
     async def probe(self) -> list[TagSample]:
+        # A fresh instance: a probe neither uses nor changes the running session's knowledge.
         prober = ModbusLineSource(self.name, self.config)
+        self._probe_stats = prober.stats
         line = RtuLine(self.config, prober.stats)
         try:
             await line.open()
-            samples = await prober.poll(line)
+            return await prober.poll(line)
         finally:
             line.close()
-        self.last_probe_stats = prober.stats
-        return samples
+
+    def probe_report(self) -> list[str]:
+        """One line per unit of the last ``probe()``: answers and frame errors."""
+        stats = getattr(self, "_probe_stats", None)
+        if stats is None:
+            return []
+        lines = []
+        for unit in self._units:
+            st = stats.unit(unit)
+            faults = ", ".join(f"{kind} x{n}" for kind, n in st.faults.items() if n)
+            state = "SILENT" if st.silent else "answers"
+            lines.append(f"unit {unit}: {state}; {st.requests} request(s), {st.answers} "
+                         f"answer(s), {st.exceptions} exception(s); frame errors: "
+                         f"{faults or 'none'}" + (f"; last: {st.last_fault}"
+                                                  if st.last_fault else ""))
+        return lines
 
     @staticmethod
     async def _poll_unit(line: RtuLine, unit: int, device: ModbusSource) -> list[TagSample]:

@@ -200,3 +200,18 @@ async def test_missing_serial_port_is_a_clear_connection_error() -> None:
         "tags": {"a": {"address": 0}}})
     with pytest.raises(ConnectionLostError, match="/dev/nonexistent-tty"):
         await ModbusLineSource("x", cfg).probe()
+
+
+async def test_probe_reports_each_unit_and_its_frame_errors(rig: Rig) -> None:
+    from agent.probe import ProbeResult, format_results
+
+    source = build_source("rs485", rig.config())
+    rig.device.inject(2, "crc")
+    samples = await source.probe()
+    report = source.probe_report()  # type: ignore[attr-defined]
+    text = format_results([ProbeResult("rs485", samples, report=report)])
+    assert [s.tag for s in samples if s.good] == ["u1.state", "u1.count", "u2.state", "u2.coil"]
+    assert report[0].startswith("unit 1: answers;") and "frame errors: none" in report[0]
+    assert report[1].startswith("unit 2: answers;") and "crc_error x1" in report[1]
+    assert report[2].startswith("unit 3: SILENT;") and "no_answer x2" in report[2]
+    assert "unit 3: SILENT" in text and "u3.state" in text
