@@ -36,6 +36,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
+from agent.detect.alarms import ActiveAlarms, AlarmReasonChoice
 from agent.detect.episode import Episode, episode_data
 from agent.detect.scrap import ScrapTracker
 from agent.detect.state import derive_state, reason_code
@@ -73,7 +74,7 @@ class MachineDetector:
         self.tags = frozenset(tag for _, tag in cfg.tag_refs())
         # Order in which a batch is applied: context (order, reasons), state, the rest.
         ctx = {cfg.order_tag, cfg.downtime.reason_tag, cfg.scrap.reason_tag if cfg.scrap
-               else None}
+               else None, cfg.downtime.alarms.tag if cfg.downtime.alarms else None}
         self._rank = {t: 0 if t in ctx else 1 if t == cfg.state.tag else 2 for t in self.tags}
         self._stale_td = timedelta(seconds=self.stale_after) if self.stale_after else None
         # Tags whose every sample is a fact (a reject message of 2 followed by another of 2):
@@ -107,6 +108,8 @@ class MachineDetector:
         self._out: list[Event] = []
         self.scrap = (ScrapTracker(self.cfg.scrap, self.counter_bits, self._emit)
                       if self.cfg.scrap else None)
+        self.alarms = ActiveAlarms(self.cfg.downtime.alarms) if self.cfg.downtime.alarms \
+            else None
         # Not persisted: the last good value applied per tag (the hot path's memory) and
         # agent-clock bookkeeping for staleness.
         self._last_values: dict[str, object] = {}
@@ -159,6 +162,8 @@ class MachineDetector:
             self._on_order(s)
         if s.tag == cfg.downtime.reason_tag and s.good:
             self._on_reason(s)
+        if self.alarms is not None and s.tag == self.alarms.tag and s.good:
+            self._on_alarm(s)
         if s.tag == cfg.state.tag:
             self._on_state_sample(s)
         if s.tag == cfg.state.production_counter:
@@ -314,20 +319,43 @@ class MachineDetector:
                 self._close_episode(t)
             return
         category = _CATEGORY[new]
+        alarm = self._alarm_reason()
+        if alarm is not None and alarm.category is not None:
+            category = alarm.category
         if self.episode is not None and self.episode.category != category:
             self._close_episode(t)
         if self.episode is None:
-            self._open_episode(t, category, reason or self.reason)
+            reason = reason or self.reason
+            text = None
+            if reason is None and alarm is not None:
+                reason, text = alarm.code, alarm.text
+            self._open_episode(t, category, reason, reason_text=text)
+
+    def _alarm_reason(self) -> AlarmReasonChoice | None:
+        return self.alarms.reason(self.cfg.downtime.reasons) if self.alarms else None
+
+    def _on_alarm(self, s: TagSample) -> None:
+        assert self.alarms is not None
+        if not self.alarms.apply(s.value):
+            return
+        self.dirty = True
+        ep = self.episode
+        alarm = self._alarm_reason()
+        if ep is not None and ep.reason_code is None and alarm is not None:
+            # An alarm that arrives just after the stop still explains it.
+            ep.reason_code = ep.last_reason_code = alarm.code
+            ep.reason_text = alarm.text
 
     def _open_episode(self, t: datetime, category: str, reason: str | None,
-                      continued_from: str | None = None) -> None:
+                      continued_from: str | None = None, reason_text: str | None = None
+                      ) -> None:
         # The sequence number makes two episodes clamped to the same start (a source clock
         # stepping back) distinct, and is itself restored with the state after a restart.
         self.episode = Episode(
             episode_id=event_id(self.source, "episode", format_time(t), self.sequence),
             started_at=t,
             category=category, reason_code=reason, last_reason_code=reason,
-            order_id=self.order, continued_from=continued_from)
+            order_id=self.order, continued_from=continued_from, reason_text=reason_text)
 
     def _maybe_announce(self, now: datetime) -> None:
         ep = self.episode
@@ -345,7 +373,8 @@ class MachineDetector:
             ep = self.episode
             cut = ep.started_at + timedelta(seconds=limit)
             self._close_episode(cut, split=True)
-            self._open_episode(cut, ep.category, ep.last_reason_code, ep.episode_id)
+            self._open_episode(cut, ep.category, ep.last_reason_code, ep.episode_id,
+                               reason_text=ep.reason_text)
             assert self.episode is not None
             self.episode.had_signal_gap = self.signal == "lost"
             self._maybe_announce(now)
@@ -425,6 +454,7 @@ class MachineDetector:
             "scrap": self.scrap.to_json() if self.scrap else None,
             "microstops": self.microstops, "microstop_seconds": self.microstop_seconds,
             "clock_jumps": self.clock_jumps,
+            "alarms": self.alarms.to_json() if self.alarms else None,
         }, sort_keys=True)
 
     def restore(self, text: str) -> None:
@@ -455,6 +485,8 @@ class MachineDetector:
         self.microstops = int(d.get("microstops", 0))
         self.microstop_seconds = float(d.get("microstop_seconds", 0.0))
         self.clock_jumps = int(d.get("clock_jumps", 0))
+        if self.alarms is not None and d.get("alarms"):
+            self.alarms.restore(d["alarms"])
 
     def status(self) -> dict[str, Any]:
         ep = self.episode

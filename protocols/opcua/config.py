@@ -27,6 +27,7 @@ __all__ = [
     "OpcuaValueType",
     "SecurityMode",
     "SecurityPolicy",
+    "TagKind",
     "TimestampChoice",
 ]
 
@@ -61,6 +62,18 @@ class OpcuaValueType(StrEnum):
     INT = "int"
     FLOAT = "float"
     STRING = "string"
+
+
+class TagKind(StrEnum):
+    """What a tag carries: the node's value, or the Alarms & Conditions events of a notifier."""
+
+    VALUE = "value"
+    ALARMS = "alarms"
+
+
+# Event queue of an alarm tag unless configured: never 0 (a server may revise 0 to 1 and keep
+# only the last event of a publishing interval).
+DEFAULT_ALARM_QUEUE = 1000
 
 
 class DeadbandType(StrEnum):
@@ -106,13 +119,18 @@ class OpcuaTag(Strict):
     node: str = Field(description="Node id in any standard form: 'ns=2;s=Filler.State', "
                       "'nsu=urn:acme:plant;s=Filler.State' (namespace by URI, resolved on every "
                       "connect), 'i=2258', 'ns=1;g=...', 'ns=1;b=...'.")
+    kind: TagKind = Field(TagKind.VALUE, description="'value': the node's value; 'alarms': "
+                          "the Alarms & Conditions events (AlarmConditionType and subtypes) of "
+                          "this event notifier (the Server object is i=2253, or a machine "
+                          "object that is a notifier), as JSON samples; subscribe mode only.")
     type: OpcuaValueType | None = Field(None, description="Expected value type; another type "
                                         "makes the tag bad (default: any scalar).")
     sampling_interval: Duration | None = Field(None, description="Subscribe mode: how often "
                                                "the server samples the node (default: the "
                                                "publishing interval).")
-    queue_size: int = Field(1, ge=0, le=10000, description="Subscribe mode: values the server "
-                            "queues per publishing interval (1 keeps only the latest).")
+    queue_size: int = Field(1, ge=0, le=100000, description="Subscribe mode: values the "
+                            "server queues per publishing interval (1 keeps only the latest). "
+                            f"Alarm tags: events queued (default {DEFAULT_ALARM_QUEUE}).")
     deadband: Deadband | None = Field(None, description="Subscribe mode: report a numeric "
                                       "change only when it exceeds this.")
 
@@ -121,6 +139,24 @@ class OpcuaTag(Strict):
     def _node(cls, v: str) -> str:
         parse_node_id(v)
         return v
+
+    @model_validator(mode="after")
+    def _alarm_options(self) -> OpcuaTag:
+        if self.kind is TagKind.ALARMS:
+            wrong = [n for n in ("type", "sampling_interval", "deadband")
+                     if getattr(self, n) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} do not apply to kind: alarms")
+            if "queue_size" in self.model_fields_set and self.queue_size < 2:
+                raise ValueError("an alarm tag needs a queue_size of at least 2 (1 or 0 lose "
+                                 "all but the last event of a publishing interval)")
+        return self
+
+    @property
+    def effective_queue_size(self) -> int:
+        if self.kind is TagKind.ALARMS and "queue_size" not in self.model_fields_set:
+            return DEFAULT_ALARM_QUEUE
+        return self.queue_size
 
 
 class OpcuaSourceConfig(Strict):
@@ -170,6 +206,9 @@ class OpcuaSourceConfig(Strict):
         if self.password is not None and self.username is None:
             raise ValueError("'password' needs 'username'")
         if self.mode is OpcuaMode.POLL:
+            alarms = sorted(t for t, tag in self.tags.items() if tag.kind is TagKind.ALARMS)
+            if alarms:
+                raise ValueError(f"alarm tags need mode: subscribe (tags {', '.join(alarms)})")
             per_tag = sorted(t for t, tag in self.tags.items()
                              if tag.sampling_interval is not None or tag.deadband is not None
                              or "queue_size" in tag.model_fields_set)

@@ -33,7 +33,8 @@ from asyncua.common.subscription import OverflowPolicy, Subscription
 
 from agent.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
 from config.secrets import SecretResolutionError
-from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag
+from protocols.opcua.alarms import alarm_filter, condition_refresh_request
+from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag, TagKind
 from protocols.opcua.security import TrustDirectory, UntrustedServerError, apply_security
 
 __all__ = ["DEFAULT_MAX_PER_CALL", "Session", "chunks", "quiet_asyncua"]
@@ -271,6 +272,24 @@ class Session:
                     results.append(request.RequestedParameters.ClientHandle)
         return results
 
+    def server_handle(self, client_handle: int) -> int | None:
+        """The server's id of a monitored item (event notifications carry only that)."""
+        sub = self.subscription
+        data = sub._monitored_items.get(client_handle) if sub is not None else None
+        return None if data is None else data.server_handle
+
+    async def condition_refresh(self) -> str | None:
+        """Ask the server to resend every retained condition (Alarms & Conditions); the
+        answers arrive as events between RefreshStart and RefreshEnd. Returns why the server
+        refused (a server without Alarms & Conditions), or None."""
+        client = self._client()
+        sub = self.subscription
+        assert sub is not None and sub.subscription_id is not None, "subscribe() first"
+        results = await self._call("refreshing conditions", client.uaclient.call(
+            [condition_refresh_request(sub.subscription_id)]))
+        status = results[0].StatusCode
+        return None if status.is_good() else f"{self.where}: ConditionRefresh: {status.name}"
+
     async def refresh_namespaces(self) -> None:
         """Read the NamespaceArray again (a namespace may have been added since connecting)."""
         client = self._client()
@@ -290,6 +309,9 @@ class Session:
                 DeadbandValue=tag.deadband.value)
         node: Any = _NodeRef(node_id)
         make: Any = sub._make_monitored_item_request  # public helpers hide queue size + filter
+        if tag.kind is TagKind.ALARMS:
+            return make(node, ua.AttributeIds.EventNotifier, alarm_filter(),
+                        tag.effective_queue_size, ua.MonitoringMode.Reporting, 0)
         return make(
             node, ua.AttributeIds.Value, mfilter, tag.queue_size, ua.MonitoringMode.Reporting,
             sampling * 1000)

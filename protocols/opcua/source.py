@@ -32,18 +32,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from asyncua import ua
-from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
+from asyncua.common.subscription import DataChangeEvent, OpcEvent, StatusChangeEvent
 
 from agent.model import Quality, TagSample, Value, utcnow
 from protocols.base import SampleSink, Source
 from protocols.modbus.source import next_poll_time
-from protocols.opcua.config import OpcuaMode, OpcuaSourceConfig, OpcuaValueType, TimestampChoice
+from protocols.opcua.alarms import AlarmFeeds
+from protocols.opcua.config import (
+    OpcuaMode,
+    OpcuaSourceConfig,
+    OpcuaValueType,
+    TagKind,
+    TimestampChoice,
+)
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
 
@@ -165,8 +173,9 @@ class OpcuaSource(Source):
         try:
             await session.open()
             resolved, bad = self._resolve(session)
-            first = self._read_samples(resolved, bad, await session.read(
-                [n for n, _ in resolved.values()]))
+            values = self._values_only(resolved)
+            first = self._read_samples(values, bad, await session.read(
+                [n for n, _ in values.values()]))
             out.connected()
             self._emit(out, first)
             if self.config.mode is OpcuaMode.POLL:
@@ -182,10 +191,21 @@ class OpcuaSource(Source):
         try:
             await session.open()
             resolved, bad = self._resolve(session)
-            return self._read_samples(resolved, bad, await session.read(
-                [n for n, _ in resolved.values()]))
+            values = self._values_only(resolved)
+            now = utcnow()
+            # Alarm tags deliver events, which only a subscription sees.
+            notes = [TagSample(t, None, Quality.UNCERTAIN, now, None,
+                               f"tag {t} (notifier {node}): alarm events are only seen in a "
+                               "subscription") for t, (_, node) in resolved.items()
+                     if t not in values]
+            return [*self._read_samples(values, bad, await session.read(
+                [n for n, _ in values.values()])), *notes]
         finally:
             await session.close()
+
+    def _values_only(self, resolved: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+        return {t: r for t, r in resolved.items()
+                if self.config.tags[t].kind is TagKind.VALUE}
 
     def _resolve(self, session: Session, only: list[str] | None = None
                  ) -> tuple[dict[str, tuple[Any, str]], list[TagSample]]:
@@ -244,6 +264,9 @@ class OpcuaSource(Source):
         by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
         self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
+        feeds = self._alarm_feeds(session, tags, handles)
+        if feeds:
+            await self._condition_refresh(session, feeds, out)
         next_retry = time.monotonic() + RETRY_REFUSED_AFTER
         sub = session.subscription
         assert sub is not None
@@ -265,7 +288,11 @@ class OpcuaSource(Source):
             batch: list[TagSample] = []
             now = utcnow()  # one receive time per burst
             while event is not None:
-                self._take(event, by_handle, batch, session, now)
+                if isinstance(event, OpcEvent):
+                    batch.extend(feeds.take(event.event.server_handle, event.event, now,
+                                            time.monotonic()))
+                else:
+                    self._take(event, by_handle, batch, session, now)
                 if len(batch) >= _MAX_BATCH:
                     break
                 try:
@@ -276,12 +303,39 @@ class OpcuaSource(Source):
                     session.lose(f"{session.where}: the subscription was closed")
             session.raise_if_lost()
             self._emit(out, batch)
+            if feeds:
+                self._emit(out, feeds.expire(time.monotonic(), utcnow()))
+                if feeds.overflowed:
+                    # The server dropped events: ask for the current conditions again.
+                    await self._condition_refresh(session, feeds, out)
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh
                 self._refresh(out)
             if pending and time.monotonic() >= next_retry:
                 next_retry = time.monotonic() + RETRY_REFUSED_AFTER
                 pending = await self._retry(session, pending, by_handle, out)
+
+    def _alarm_feeds(self, session: Session, tags: list[str],
+                     handles: list[int | str]) -> AlarmFeeds:
+        """The accepted alarm tags by server handle (event notifications carry only that)."""
+        by_server: dict[int, str] = {}
+        for tag_id, handle in zip(tags, handles, strict=True):
+            if self.config.tags[tag_id].kind is TagKind.ALARMS and isinstance(handle, int):
+                server_handle = session.server_handle(handle)
+                if server_handle is not None:
+                    by_server[server_handle] = tag_id
+        return AlarmFeeds(by_server)
+
+    async def _condition_refresh(self, session: Session, feeds: AlarmFeeds,
+                                 out: SampleSink) -> None:
+        feeds.begin_refresh(time.monotonic())
+        refused = await session.condition_refresh()
+        if refused is not None:
+            now = utcnow()
+            feeds.expire(math.inf, now)
+            self._emit(out, [TagSample(t, None, Quality.BAD, now, None,
+                                       f"tag {t}: active alarms unknown: {refused}")
+                             for t in feeds.tags.values()])
 
     def _sort_handles(self, tags: list[str], handles: list[int | str],
                       resolved: dict[str, tuple[Any, str]],
