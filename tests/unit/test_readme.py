@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from support import ROOT
 
-from config.loader import load_config, load_config_text
-from config.schema import json_schema
+from agent.wiring.jsonschema import json_schema
+from agent.wiring.load import load_config, load_config_text
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
