@@ -3,6 +3,8 @@
 - Every relative Markdown link in the repository's documentation (README.md, docs/, and any
   other Markdown file outside tests/) names a file or directory that exists, and a ``#anchor``
   into a Markdown file names one of its headings.
+- Every repository path the documentation names in inline code (`agent/runtime/commit.py`)
+  exists, so a module that moves cannot leave the docs pointing at its old place.
 - The documentation never refers to design or library notes kept outside the repository.
 """
 
@@ -92,6 +94,19 @@ def test_relative_links_point_at_existing_files(doc: Path) -> None:
         if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: {dest.relative_to(ROOT)} has no heading #{anchor}")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links:\n  " + "\n  ".join(broken)
+
+
+# `agent/runtime/commit.py`, `tests/durability/`: inline code that names a path of the repository.
+_CODE_PATH = re.compile(r"`((?:agent|buffer|config|protocols|tests|bench|systemd|docs)/"
+                        r"[A-Za-z0-9_./-]*)`")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_paths_named_in_inline_code_exist(doc: Path) -> None:
+    """A module or folder the documentation names (`agent/runtime/commit.py`) exists."""
+    text = _FENCE.sub("", doc.read_text(encoding="utf-8"))
+    missing = sorted({p for p in _CODE_PATH.findall(text) if not (ROOT / p).exists()})
+    assert not missing, f"{doc.relative_to(ROOT)} names paths that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
