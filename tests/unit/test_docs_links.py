@@ -5,7 +5,8 @@
   into a Markdown file names one of its headings.
 - Every repository path the documentation names in inline code (`agent/runtime/commit.py`)
   exists, so a module that moves cannot leave the docs pointing at its old place.
-- The documentation never refers to design or library notes kept outside the repository.
+- No file of the repository outside tests/ (code, configuration, documentation) refers to
+  design or library notes kept outside the repository.
 """
 
 from __future__ import annotations
@@ -109,13 +110,32 @@ def test_paths_named_in_inline_code_exist(doc: Path) -> None:
     assert not missing, f"{doc.relative_to(ROOT)} names paths that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_no_reference_to_notes_outside_the_repository(doc: Path) -> None:
-    hits = [f"line {n}: {line.strip()}"
-            for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+def _repository_text_files() -> list[Path]:
+    """Every text file of the repository outside tests/ (and outside tool directories)."""
+    found = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if any(part in _SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts[:-1]):
+            continue
+        if not path.is_file() or path.stat().st_size > 2 * 2**20:
+            continue
+        try:
+            path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # binary (a database, an image): not documentation or code
+        found.append(path)
+    return sorted(found)
+
+
+def test_no_reference_to_notes_outside_the_repository() -> None:
+    """Code, configuration and docs point only at files of the repository (tests/ excepted)."""
+    files = _repository_text_files()
+    assert ROOT / "README.md" in files and ROOT / "pyproject.toml" in files
+    hits = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+            for path in files
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
             if _OUTSIDE.search(line)]
-    assert not hits, f"{doc.relative_to(ROOT)} refers to notes outside the repository:\n  " \
-        + "\n  ".join(hits)
+    assert not hits, "references to notes outside the repository:\n  " + "\n  ".join(hits)
 
 
 def test_the_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
