@@ -18,7 +18,8 @@ import pytest
 from support import ROOT
 
 # Directories that hold no documentation of ours (tools, caches, virtual environments, tests).
-_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "tests", "build", "dist",
+_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "tests", "build", "dist", "__pycache__",
+              ".hypothesis",
               ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
