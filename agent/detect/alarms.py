@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from config.models import AlarmReason, AlarmsRule
+from agent.detect.config import AlarmReason, AlarmsRule
 
 __all__ = ["ActiveAlarms", "AlarmReasonChoice"]
 

@@ -11,8 +11,16 @@ from pydantic import Field, model_validator
 from config.base import Backoff, Strict
 from config.units import Duration
 
-__all__ = ["ByteOrder", "ModbusSourceConfig", "ModbusTable", "ModbusTag", "ModbusTransport",
-           "ModbusType", "Parity", "SerialSettings"]
+__all__ = [
+    "ByteOrder",
+    "ModbusSerialSettings",
+    "ModbusSourceConfig",
+    "ModbusTable",
+    "ModbusTag",
+    "ModbusTransport",
+    "ModbusType",
+    "Parity",
+]
 
 
 class ModbusTable(StrEnum):
@@ -67,7 +75,7 @@ class Parity(StrEnum):
     ODD = "odd"
 
 
-class SerialSettings(Strict):
+class ModbusSerialSettings(Strict):
     device: str = Field(description="Serial port, e.g. /dev/ttyUSB0 or "
                         "/dev/serial/by-id/usb-FTDI_...-port0 (stable across reboots).")
     baudrate: int = Field(9600, ge=300, le=4_000_000, description="Bits per second; every "
@@ -82,6 +90,8 @@ class SerialSettings(Strict):
         """Seconds one character takes on the wire (start + data + parity + stop bits)."""
         bits = 1 + self.data_bits + (0 if self.parity is Parity.NONE else 1) + self.stop_bits
         return bits / self.baudrate
+_INT_BITS = {ModbusType.INT16: 16, ModbusType.UINT16: 16, ModbusType.INT32: 32,
+             ModbusType.UINT32: 32, ModbusType.INT64: 64, ModbusType.UINT64: 64}
 
 
 class ModbusTag(Strict):
@@ -135,7 +145,7 @@ class ModbusSourceConfig(Strict):
     host: str | None = Field(None, description="Device or gateway host name or IP address "
                              "(transports tcp and rtu-over-tcp).")
     port: int = Field(502, ge=1, le=65535, description="TCP port.")
-    serial: SerialSettings | None = Field(None, description="Serial port settings (transport "
+    serial: ModbusSerialSettings | None = Field(None, description="Serial port settings (transport "
                                           "serial).")
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave/device) id; on an RTU "
                          "line the default for tags without their own unit_id.")
@@ -213,3 +223,6 @@ class ModbusSourceConfig(Strict):
 
     def unit_of(self, tag: ModbusTag) -> int:
         return self.unit_id if tag.unit_id is None else tag.unit_id
+    def counter_bits(self, tag: str) -> int | None:
+        """Width of an integer tag, for counter rollover (None for other types)."""
+        return _INT_BITS.get(self.tags[tag].type)

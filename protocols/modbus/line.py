@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from agent.model import Quality, TagSample, utcnow
-from protocols.base import SampleSink, Source
+from config.model import Quality, TagSample, utcnow
+from protocols.base import SampleSink, Source, next_poll_time
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable
-from protocols.modbus.source import _EXCEPTION_WORDS, ModbusSource, Refusal, next_poll_time
+from protocols.modbus.source import _EXCEPTION_WORDS, ModbusSource, Refusal
 from protocols.modbus.transport import LineStats, RtuLine, UnitSilentError
 
 __all__ = ["ModbusLineSource"]

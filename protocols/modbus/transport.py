@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import ConnectionLostError, PeerTimeoutError
+from config.errors import ConnectionLostError, PeerTimeoutError
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTransport, Parity
 from protocols.modbus.rtu import (
     READ_COILS,

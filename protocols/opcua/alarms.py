@@ -27,7 +27,7 @@ from typing import Any
 
 from asyncua import ua
 
-from agent.model import Quality, TagSample
+from config.model import Quality, TagSample
 
 __all__ = ["AlarmFeeds", "alarm_filter", "condition_refresh_request"]
 

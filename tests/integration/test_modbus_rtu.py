@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from support.rtu_peer import Gateway, PtyPair, RtuDevice, have_socat
 
-from agent.errors import ConnectionLostError
-from agent.model import Quality, TagSample
+from agent.wiring.build import build_source
+from config.errors import ConnectionLostError
+from config.model import Quality, TagSample
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable
 from protocols.modbus.line import ModbusLineSource
 from protocols.modbus.transport import LineStats, RtuLine, UnitSilentError
-from protocols.registry import build_source
 
 pytestmark = pytest.mark.skipif(not have_socat(), reason="socat is not installed")
 

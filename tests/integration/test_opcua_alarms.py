@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from support.node_opcua import NodeOpcuaServer, available
 
+from agent.detect.config import MachineConfig
 from agent.detect.machine import MachineDetector
-from agent.model import Event, TagSample, utcnow
-from config.models import MachineConfig
+from config.model import Event, TagSample, utcnow
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.source import OpcuaSource
 
