@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from config.model import Quality, TagSample, utcnow
@@ -48,6 +49,10 @@ class Source(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Set by the runtime: tag id -> the time since which detection lacks that tag's values
+        # (None: nothing to catch up on). A source that can read the server's history (OPC UA
+        # with ``history``) backfills from there after a (re)connect, before live values.
+        self.resume_from: Callable[[str], datetime | None] | None = None
 
     @property
     @abstractmethod

@@ -191,6 +191,15 @@ class MachineDetector:
             self.scrap.on_tick(now)
         return self._drain() if self._out else []
 
+    def history_needed_from(self, tag: str) -> datetime | None:
+        """For a history backfill: the time since which this detector may have missed values
+        of ``tag`` (its state and reason tags), or None. It is the start of the current state:
+        any value of the state tag after it that differs is a change not seen yet, and the
+        value at that instant is the one the detector holds (re-feeding it changes nothing)."""
+        if tag not in (self.cfg.state.tag, self.cfg.downtime.reason_tag):
+            return None
+        return self.state_since
+
     def note_clock_jump(self, seconds: float) -> None:
         """The agent's clock jumped; flag what is open so its events say so."""
         self.clock_jumps += 1

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -190,6 +191,8 @@ class Runtime:
     # ------------------------------------------------------------------ samples and time
 
     def _session_for(self, name: str, source: Source) -> Callable[[], Awaitable[None]]:
+        source.resume_from = self._resume_from
+
         async def session() -> None:
             try:
                 await source.run(_Out(self, name))
@@ -197,6 +200,12 @@ class Runtime:
                 self.on_samples(name, bad_samples(source.tag_ids, f"{name}: {exc}"))
                 raise
         return session
+
+    def _resume_from(self, tag: str) -> datetime | None:
+        """Since when detection lacks ``tag``'s history (for a source's backfill)."""
+        times = [t for det in self.components.by_tag.get(tag, ())
+                 if (t := det.history_needed_from(tag)) is not None]
+        return min(times) if times else None
 
     def on_samples(self, source: str, samples: Sequence[TagSample]) -> None:
         slot = self.components.sources.get(source)

@@ -20,6 +20,7 @@ from protocols.opcua.nodeids import parse_node_id
 __all__ = [
     "Deadband",
     "DeadbandType",
+    "OpcuaHistory",
     "OpcuaMode",
     "OpcuaSecurity",
     "OpcuaSourceConfig",
@@ -115,6 +116,21 @@ class OpcuaSecurity(Strict):
         return self
 
 
+class OpcuaHistory(Strict):
+    """History backfill after a (re)connect, for tags the server historizes."""
+
+    max_span: Duration = Field(8 * 3600.0, description="Read at most this far back: a longer "
+                               "gap is backfilled for its last max_span only (reported on "
+                               "/status).")
+    max_values: int = Field(50_000, ge=1, le=10_000_000, description="At most this many "
+                            "values per node and backfill; more are left unread (reported).")
+    margin: Duration = Field(60.0, description="Read from this long before the gap: servers "
+                             "may ignore the start bound, and the value at the gap's start is "
+                             "needed.")
+    page_size: int = Field(1000, ge=10, le=100_000, description="Values asked for per history "
+                           "request (continuation points page through the rest).")
+
+
 class OpcuaTag(Strict):
     node: str = Field(description="Node id in any standard form: 'ns=2;s=Filler.State', "
                       "'nsu=urn:acme:plant;s=Filler.State' (namespace by URI, resolved on every "
@@ -186,6 +202,10 @@ class OpcuaSourceConfig(Strict):
     stale_after: Duration | None = Field(None, description="A tag with no good sample for "
                                          "this long is stale (default: a few intervals).")
     backoff: Backoff = Field(default_factory=Backoff, description="Reconnect backoff.")
+    history: OpcuaHistory | None = Field(None, description="Backfill after a (re)connect: the "
+                                         "raw history of the gap is read for the machines' "
+                                         "state and reason tags that the server historizes and "
+                                         "fed to detection in time order before live values.")
     tags: dict[str, OpcuaTag] = Field(description="Tags by id.", min_length=1)
 
     @field_validator("endpoint")

@@ -290,6 +290,36 @@ class Session:
         status = results[0].StatusCode
         return None if status.is_good() else f"{self.where}: ConditionRefresh: {status.name}"
 
+    async def read_attribute(self, node_ids: Sequence[Any], attribute: Any) -> list[Any]:
+        """DataValues of one attribute of ``node_ids`` (chunked; per-node status, no raise)."""
+        client = self._client()
+        out: list[Any] = []
+        for part in chunks(node_ids, self.max_read):
+            out.extend(await self._call("reading attributes", client.uaclient.read_attributes(
+                list(part), attribute)))
+        return out
+
+    async def history_page(self, node_id: Any, start: Any, end: Any, count: int,
+                           continuation: bytes | None, release: bool = False) -> Any:
+        """One HistoryRead (raw values, source timestamps) of one node: its HistoryReadResult.
+        ``release`` frees a continuation point the caller will not follow."""
+        client = self._client()
+        details = ua.ReadRawModifiedDetails()
+        details.IsReadModified = False
+        details.StartTime, details.EndTime = start, end
+        details.NumValuesPerNode = count
+        details.ReturnBounds = False
+        params = ua.HistoryReadParameters()
+        params.HistoryReadDetails = details
+        params.TimestampsToReturn = ua.TimestampsToReturn.Both
+        params.ReleaseContinuationPoints = release
+        item = ua.HistoryReadValueId()
+        item.NodeId = node_id
+        item.ContinuationPoint = continuation
+        params.NodesToRead = [item]
+        results = await self._call("reading history", client.uaclient.history_read(params))
+        return results[0]
+
     async def refresh_namespaces(self) -> None:
         """Read the NamespaceArray again (a namespace may have been added since connecting)."""
         client = self._client()

@@ -51,6 +51,7 @@ from protocols.opcua.config import (
     TagKind,
     TimestampChoice,
 )
+from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
 
@@ -147,6 +148,7 @@ class OpcuaSource(Source):
         self.config = config
         self._parsed = {t: parse_node_id(tag.node) for t, tag in config.tags.items()}
         self._last: dict[str, TagSample] = {}
+        self.history = BackfillReport()
         quiet_asyncua()
         if config.security is None or config.security.policy.value == "None":
             log.info("source %s connects to %s with security policy None (no signing, no "
@@ -173,6 +175,7 @@ class OpcuaSource(Source):
             await session.open()
             resolved, bad = self._resolve(session)
             values = self._values_only(resolved)
+            await self._backfill(session, values, out)
             first = self._read_samples(values, bad, await session.read(
                 [n for n, _ in values.values()]))
             out.connected()
@@ -201,6 +204,40 @@ class OpcuaSource(Source):
                 [n for n, _ in values.values()])), *notes]
         finally:
             await session.close()
+
+    def status(self) -> dict[str, Any]:
+        """History backfill figures (for /status), when backfill is configured."""
+        h = self.config.history
+        if h is None:
+            return {}
+        return {"history": {"max_span_s": h.max_span, "max_values": h.max_values,
+                            **self.history.as_dict()}}
+
+    async def _backfill(self, session: Session, values: dict[str, tuple[Any, str]],
+                        out: SampleSink) -> None:
+        """Emit the history of the gap, in time order, before any live value."""
+        hint = self.resume_from
+        if self.config.history is None or hint is None:
+            return
+        tags = self.config.tags
+        last = self._last
+
+        def resume(tag: str) -> datetime | None:
+            # Detection's own need, narrowed by what this process already received (after a
+            # network loss only the gap itself is read, not everything since the last change).
+            need = hint(tag)
+            seen = last[tag].source_time if tag in last else None
+            return max(need, seen) if need is not None and seen is not None else need
+
+        def sample(tag: str, node: str, dv: Any, ts: TimestampChoice,
+                   now: datetime) -> TagSample:
+            return to_sample(tag, node, dv, tags[tag].type, ts, now)
+
+        batches = await backfill(session, self.config.history, values, resume, sample,
+                                 self.history)
+        # No await from here to the last batch: detection sees the gap in one go, in order.
+        for batch in batches:
+            self._emit(out, batch)
 
     def _values_only(self, resolved: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
         return {t: r for t, r in resolved.items()
