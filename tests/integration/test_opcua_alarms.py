@@ -170,3 +170,16 @@ async def test_active_alarms_known_after_a_reconnect(plc: NodeOpcuaServer) -> No
         plc.set("Filler.State", 3)
         await wait_until(lambda: len(started(pipe, "filler")) == 1)
         assert started(pipe, "filler")[0]["reason_code"] == "MotorFault"
+
+
+async def test_browse_shows_event_notifiers_and_historizing_nodes(
+        server: NodeOpcuaServer) -> None:
+    from protocols.opcua.browse import browse, endpoint_config
+
+    cfg = endpoint_config(server.endpoint)
+    objects = {r.browse_name: r.flags for r in await browse(cfg, "i=85", 1)}
+    assert objects["Filler"] == objects["Press"] == objects["Server"] == ("event-notifier",)
+    children = {r.node_id.rsplit(";s=", 1)[-1]: r.flags
+                for r in await browse(cfg, "ns=1;s=Filler", 1)}
+    assert children["Filler.State"] == ("historizing", "history-read")
+    assert children["Filler.Speed"] == ()
