@@ -57,6 +57,7 @@ class ModbusLineSource(Source):
         super().__init__(name)
         self.config = config
         self.stats = LineStats(config.where)
+        self._probe_stats: LineStats | None = None
         by_unit: dict[int, dict[str, Any]] = {}
         for tag_id, tag in config.tags.items():
             by_unit.setdefault(config.unit_of(tag), {})[tag_id] = tag
@@ -119,7 +120,7 @@ class ModbusLineSource(Source):
 
     def probe_report(self) -> list[str]:
         """One line per unit of the last ``probe()``: answers and frame errors."""
-        stats = getattr(self, "_probe_stats", None)
+        stats = self._probe_stats
         if stats is None:
             return []
         lines = []

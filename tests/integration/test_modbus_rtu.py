@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,3 +216,55 @@ async def test_probe_reports_each_unit_and_its_frame_errors(rig: Rig) -> None:
     assert report[1].startswith("unit 2: answers;") and "crc_error x1" in report[1]
     assert report[2].startswith("unit 3: SILENT;") and "no_answer x2" in report[2]
     assert "unit 3: SILENT" in text and "u3.state" in text
+
+
+async def test_serial_port_gone_ends_the_session() -> None:
+    """The adapter disappears (here: the pty pair's socat is killed): the session ends with
+    a connection error, so the supervisor reconnects with backoff."""
+    with PtyPair() as line, RtuDevice(line.device, [1]):
+        cfg = config("serial", line, None)
+        out = Collector()
+        task = asyncio.create_task(ModbusLineSource("rs485", cfg).run(out))
+        await wait_until(lambda: len(out.batches) >= 1)
+        assert line._proc is not None
+        line._proc.kill()
+        with pytest.raises(ConnectionLostError, match="serial port"):
+            await asyncio.wait_for(task, 5)
+
+
+async def test_runtime_status_shows_per_unit_counters(tmp_path: Path) -> None:
+    from agent.runtime import Runtime
+    from agent.wiring.load import load_config_text
+
+    with PtyPair() as line, RtuDevice(line.device, [1, 2]):
+        cfg = load_config_text(f"""
+agent: {{id: edge-rtu, site: s, data_dir: "{tmp_path}", stop_timeout: 2s}}
+health: {{listen: "127.0.0.1:0"}}
+sources:
+  rs485:
+    type: modbus
+    transport: serial
+    serial: {{device: "{line.client}", baudrate: 115200, parity: none}}
+    poll_interval: 50ms
+    timeout: 100ms
+    tags:
+      a.state: {{unit_id: 1, address: 0}}
+      b.state: {{unit_id: 2, address: 0}}
+      c.state: {{unit_id: 3, address: 0}}
+machines:
+  a: {{line: l1, state: {{tag: a.state, map: {{0: running, 3: down}}}}}}
+sinks:
+  central: {{type: http, url: "http://127.0.0.1:9/events"}}
+""", "<test>")
+        rt = Runtime(cfg)
+        await rt.start()
+        try:
+            await wait_until(lambda: rt.detectors["a"].state.value == "running")
+            status = (await rt.status())["sources"]["rs485"]
+        finally:
+            await rt.stop()
+    units = status["detail"]["units"]
+    assert status["detail"]["transport"] == "serial"
+    assert units["1"]["answers"] >= 1 and units["2"]["answers"] >= 1
+    assert units["3"]["silent"] is True and units["3"]["faults"]["no_answer"] >= 1
+    assert set(status["bad_tags"]) == {"c.state"}
