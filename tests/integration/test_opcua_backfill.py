@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from support import wait_until
 from support.node_opcua import NodeOpcuaServer, available
+from support.tcp_proxy import TcpProxy
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
@@ -47,16 +48,17 @@ def plc() -> Iterator[NodeOpcuaServer]:
         srv.stop()
 
 
-def config(tmp: Path, plc: NodeOpcuaServer, sink_url: str) -> Any:
+def config(tmp: Path, plc: NodeOpcuaServer, sink_url: str, endpoint: str | None = None) -> Any:
     return load_config_text(f"""
 agent: {{id: edge-bf, site: plant-bf, data_dir: "{tmp / 'agent'}", stop_timeout: 3s}}
 health: {{listen: "127.0.0.1:0"}}
 sources:
   plc:
     type: opcua
-    endpoint: {plc.endpoint}
+    endpoint: {endpoint or plc.endpoint}
     publishing_interval: 100ms
     timeout: 2s
+    keepalive_interval: 500ms
     backoff: {{initial: 100ms, max: 300ms}}
     history: {{margin: 5s, max_span: 1h}}
     tags:
@@ -160,3 +162,36 @@ async def test_stops_while_the_agent_was_away_are_reported_once_with_true_times(
         await receiver.aclose()
     assert events[2:] == [("started", format_time(t3), None),
                                       ("ended", format_time(t3), format_time(t4))]
+
+
+async def test_a_stop_during_a_network_outage_is_backfilled_after_the_reconnect(
+        tmp_path: Path, plc: NodeOpcuaServer) -> None:
+    await change(plc, 1)
+    proxy = await TcpProxy("127.0.0.1", plc.port).start()
+    receiver = Receiver(tmp_path / "rx.db")
+    await receiver.start()
+    rt = Runtime(config(tmp_path, plc, receiver.url, f"opc.tcp://127.0.0.1:{proxy.port}"))
+    await rt.start()
+    try:
+        sup = rt.sources["plc"].supervisor
+        await wait_until(lambda: rt.detectors["filler"].state.value == "running"
+                         and sup.state == "up", what="running")
+        proxy.cut()
+        await wait_until(lambda: sup.state == "down", what="outage noticed")
+        t1 = await change(plc, 3)
+        t2 = await change(plc, 1)
+        await change(plc, 1)  # rewritten: the live value's time is not the stop's end
+        proxy.restore()
+        await wait_until(lambda: len(downtime(receiver)) == 2, timeout=15,
+                         what="stop backfilled after the reconnect")
+        await asyncio.sleep(0.5)
+        events = downtime(receiver)
+        signal = [e["type"].rsplit(".", 1)[1] for e in receiver.events()
+                  if e["type"].startswith("plantedge.signal")]
+    finally:
+        await rt.stop()
+        await proxy.aclose()
+        await receiver.aclose()
+    assert events == [("started", format_time(t1), None),
+                      ("ended", format_time(t1), format_time(t2))]
+    assert signal == ["lost", "restored"]
