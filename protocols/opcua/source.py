@@ -295,7 +295,9 @@ class OpcuaSource(Source):
     async def _subscribe(self, session: Session, resolved: dict[str, tuple[Any, str]],
                          unresolved: list[str], out: SampleSink) -> None:
         cfg = self.config
-        tags = list(resolved)
+        not_notifiers = await self._not_notifiers(session, resolved)
+        self._emit(out, not_notifiers)
+        tags = [t for t in resolved if t not in {s.tag for s in not_notifiers}]
         handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
         by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
@@ -349,7 +351,28 @@ class OpcuaSource(Source):
                 self._refresh(out)
             if pending and time.monotonic() >= next_retry:
                 next_retry = time.monotonic() + RETRY_REFUSED_AFTER
-                pending = await self._retry(session, pending, by_handle, out)
+                pending = await self._retry(session, pending, by_handle, out, feeds)
+
+    async def _not_notifiers(self, session: Session,
+                             resolved: dict[str, tuple[Any, str]]) -> list[TagSample]:
+        """Bad samples for alarm tags whose node is no event notifier (servers may accept the
+        monitored item anyway and then never send anything)."""
+        alarms = [t for t in resolved if self.config.tags[t].kind is TagKind.ALARMS]
+        if not alarms:
+            return []
+        values = await session.read_attribute([resolved[t][0] for t in alarms],
+                                              ua.AttributeIds.EventNotifier)
+        now = utcnow()
+        bad = []
+        for tag, dv in zip(alarms, values, strict=True):
+            bits = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
+            if not isinstance(bits, int) or not bits & 1:
+                why = dv.StatusCode.name if not dv.StatusCode.is_good() else \
+                    "SubscribeToEvents is not set"
+                bad.append(TagSample(tag, None, Quality.BAD, now, None,
+                                     f"tag {tag} (node {resolved[tag][1]}): not an event "
+                                     f"notifier ({why}); edge-agent browse marks notifiers"))
+        return bad
 
     def _alarm_feeds(self, session: Session, tags: list[str],
                      handles: list[int | str]) -> AlarmFeeds:
@@ -393,9 +416,10 @@ class OpcuaSource(Source):
         return refused
 
     async def _retry(self, session: Session, pending: list[str],
-                     by_handle: _Handles, out: SampleSink) -> list[str]:
+                     by_handle: _Handles, out: SampleSink, feeds: AlarmFeeds) -> list[str]:
         """Try to monitor the pending tags again; returns those still pending. An accepted
-        item's first notification carries its current value."""
+        item's first notification carries its current value; an accepted alarm tag gets its
+        active alarms from a ConditionRefresh."""
         await session.refresh_namespaces()
         resolved, still = self._resolve(session, pending)
         if not resolved:
@@ -406,6 +430,10 @@ class OpcuaSource(Source):
         again: list[str] = [s.tag for s in still]
         refused = self._sort_handles(tags, handles, resolved, by_handle, again)
         self._emit(out, [*still, *refused])
+        added = self._alarm_feeds(session, tags, handles)
+        if added:
+            feeds.tags.update(added.tags)
+            await self._condition_refresh(session, feeds, out)
         return again
 
     def _take(self, event: Any, by_handle: _Handles,

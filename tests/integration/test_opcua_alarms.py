@@ -183,3 +183,23 @@ async def test_browse_shows_event_notifiers_and_historizing_nodes(
                 for r in await browse(cfg, "ns=1;s=Filler", 1)}
     assert children["Filler.State"] == ("historizing", "history-read")
     assert children["Filler.Speed"] == ()
+
+
+async def test_an_alarm_tag_on_a_node_that_is_no_notifier_is_bad_and_says_why(
+        plc: NodeOpcuaServer) -> None:
+    cfg = OpcuaSourceConfig.model_validate({
+        "type": "opcua", "endpoint": plc.endpoint, "publishing_interval": "50ms",
+        "tags": {"filler.state": {"node": "ns=1;s=Filler.State"},
+                 "wrong.alarms": {"node": "ns=1;s=Filler.Speed", "kind": "alarms"}}})
+    pipe = Pipeline([])
+    task = asyncio.create_task(OpcuaSource("cell", cfg).run(pipe))
+    try:
+        await wait_until(lambda: any(s.tag == "wrong.alarms" for s in pipe.samples))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    wrong = [s for s in pipe.samples if s.tag == "wrong.alarms"]
+    assert wrong[0].quality.value == "bad"
+    assert "not an event notifier" in (wrong[0].detail or "")
+    assert any(s.tag == "filler.state" and s.good for s in pipe.samples)
