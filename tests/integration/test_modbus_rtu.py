@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.rtu_peer import Gateway, PtyPair, RtuDevice, have_socat
+from support.rtu_peer import (
+    Gateway,
+    NodeModbusDevice,
+    PtyPair,
+    RtuDevice,
+    have_node_modbus,
+    have_socat,
+)
 
 from agent.wiring.build import build_source
 from config.errors import ConnectionLostError
@@ -268,3 +275,33 @@ sinks:
     assert units["1"]["answers"] >= 1 and units["2"]["answers"] >= 1
     assert units["3"]["silent"] is True and units["3"]["faults"]["no_answer"] >= 1
     assert set(status["bad_tags"]) == {"c.state"}
+
+
+@pytest.mark.skipif(not have_node_modbus(), reason="tests/support/node_modbus/node_modules "
+                    "is needed (.ci/run installs it)")
+@pytest.mark.parametrize("transport", ["serial", "rtu-over-tcp"])
+async def test_three_units_one_silent_on_npm_modbus_serial(transport: str) -> None:
+    """The same line against a second device implementation (npm modbus-serial)."""
+    tags = {"u1.a": {"unit_id": 1, "address": 0}, "u1.b": {"unit_id": 1, "address": 5},
+            "u2.a": {"unit_id": 2, "address": 1, "type": "uint32"},
+            "u2.c": {"unit_id": 2, "table": "coil", "address": 3, "type": "bool"},
+            "u3.a": {"unit_id": 3, "address": 0}}
+    with PtyPair() as line, NodeModbusDevice(line.device, [1, 2]), \
+            contextlib.ExitStack() as stack:
+        gw = stack.enter_context(Gateway(line.client)) if transport == "rtu-over-tcp" else None
+        cfg = config(transport, line, gw, tags, timeout="300ms")
+        source = ModbusLineSource("rs485", cfg)
+        out = Collector()
+        task = asyncio.create_task(source.run(out))
+        try:
+            await wait_until(lambda: len(out.batches) >= 2)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    got = out.by_tag()
+    assert (got["u1.a"].value, got["u1.b"].value) == (100, 105)
+    assert got["u2.a"].value == (201 << 16) + 202 and got["u2.c"].value is True
+    assert got["u3.a"].quality is Quality.BAD and "unit 3" in (got["u3.a"].detail or "")
+    units = source.status()["units"]
+    assert sum(units["1"]["faults"].values()) == sum(units["2"]["faults"].values()) == 0

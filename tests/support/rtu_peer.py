@@ -6,6 +6,9 @@
   several unit ids; a unit id it does not serve gets silence, as on a real bus.
 - ``Gateway``: a second ``socat`` that listens on TCP and passes the raw bytes to a pty: a
   serial-to-Ethernet gateway speaking RTU framing over TCP.
+- ``NodeModbusDevice``: npm ``modbus-serial``'s ``ServerSerial`` (a second implementation)
+  on the device end: holding register k of unit u holds ``u * 100 + k``; units not listed are
+  silent. Needs ``npm ci`` in ``tests/support/node_modbus`` (``.ci/run`` does it).
 - Frame faults are injected between the device and the line: ``RtuDevice.inject(unit, fault)``
   spoils the next answer of that unit (bad CRC, garbage before the frame, truncated frame).
 """
@@ -23,13 +26,21 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAULTS", "Gateway", "PtyPair", "RtuDevice", "have_socat", "spoil"]
+__all__ = ["FAULTS", "Gateway", "NodeModbusDevice", "PtyPair", "RtuDevice", "have_node_modbus",
+           "have_socat", "spoil"]
+
+NODE_MODBUS = Path(__file__).resolve().parent / "node_modbus"
 
 FAULTS = ("crc", "data", "garbage", "truncate", "silence")
 
 
 def have_socat() -> bool:
     return shutil.which("socat") is not None
+
+
+def have_node_modbus() -> bool:
+    return shutil.which("node") is not None and \
+        (NODE_MODBUS / "node_modules" / "modbus-serial").is_dir()
 
 
 def _wait_for(predicate: Any, what: str, timeout: float = 5.0) -> None:
@@ -185,3 +196,28 @@ class RtuDevice:
         spoilt = spoil(bytes(response), fault)
         # modbus_tk skips writing an empty answer only if it is falsy.
         return spoilt if spoilt else b""
+
+
+class NodeModbusDevice:
+    """``node server.js --path PTY --units 1,2`` (modbus-serial ServerSerial)."""
+
+    def __init__(self, path: str, units: list[int]) -> None:
+        self.path, self.units = path, units
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> NodeModbusDevice:
+        self._proc = subprocess.Popen(
+            ["node", "server.js", "--path", self.path, "--units", ",".join(map(str, self.units))],
+            cwd=NODE_MODBUS, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # {"ready": ...} or EOF when it failed
+        if not line.startswith('{"ready"'):
+            err = self._proc.stderr.read() if self._proc.stderr else ""
+            raise RuntimeError(f"modbus-serial device did not start: {line}{err[-1000:]}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(5)
