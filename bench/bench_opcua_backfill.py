@@ -37,7 +37,6 @@ from config.model import utcnow  # noqa: E402
 from protocols.opcua.config import OpcuaSourceConfig  # noqa: E402
 from protocols.opcua.history import BackfillReport, backfill  # noqa: E402
 from protocols.opcua.session import Session  # noqa: E402
-from protocols.opcua.source import to_sample  # noqa: E402
 
 NODE = "ns=1;s=Filler.State"
 
@@ -60,7 +59,7 @@ async def agent_backfill(endpoint: str, since: datetime, page: int) -> tuple[flo
         t = time.perf_counter()
         batches = await backfill(
             session, cfg.history, {"f.state": (node_id, NODE)}, lambda _tag: since,
-            lambda tag, node, dv, ts, now: to_sample(tag, node, dv, None, ts, now), report)
+            {"f.state": None}, report)
         events = 0
         for batch in batches:
             events += len(machine.on_samples(batch))

@@ -36,16 +36,15 @@ from typing import Any
 from asyncua import ua
 
 from config.model import TagSample, format_time, utcnow
-from protocols.opcua.config import OpcuaHistory, TimestampChoice
+from protocols.opcua.config import OpcuaHistory, OpcuaValueType, TimestampChoice
 from protocols.opcua.session import Session
+from protocols.opcua.values import to_sample
 
 __all__ = ["HISTORY_READ", "BackfillReport", "backfill"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_READ = 1 << 2  # the HistoryRead bit of AccessLevel / UserAccessLevel
-
-ToSample = Callable[[str, str, Any, TimestampChoice, datetime], TagSample]
 
 
 @dataclass
@@ -68,7 +67,8 @@ class BackfillReport:
 async def backfill(session: Session, settings: OpcuaHistory,
                    resolved: dict[str, tuple[Any, str]],
                    resume_from: Callable[[str], datetime | None],
-                   to_sample: ToSample, report: BackfillReport) -> list[list[TagSample]]:
+                   types: dict[str, OpcuaValueType | None],
+                   report: BackfillReport) -> list[list[TagSample]]:
     """Read the gap's history; returns batches (one per timestamp) in time order."""
     wanted = {t: r for t, r in resolved.items() if resume_from(t) is not None}
     if not wanted:
@@ -104,7 +104,8 @@ async def backfill(session: Session, settings: OpcuaHistory,
             notes[tag] = note
             continue
         note["truncated"] = note["truncated"] or capped
-        samples = [to_sample(tag, node_text, dv, TimestampChoice.SOURCE, now) for dv in values]
+        samples = [to_sample(tag, node_text, dv, types.get(tag), TimestampChoice.SOURCE, now)
+                   for dv in values]
         # The last value at or before the resume time is the state at the gap's start.
         before = [s for s in samples if s.time <= since]
         after = [s for s in samples if s.time > since]

@@ -32,16 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from asyncua import ua
 from asyncua.common.subscription import DataChangeEvent, OpcEvent, StatusChangeEvent
 
-from config.model import Quality, TagSample, Value, utcnow
+from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source, next_poll_time
 from protocols.opcua.alarms import AlarmFeeds
 from protocols.opcua.config import (
@@ -49,11 +47,12 @@ from protocols.opcua.config import (
     OpcuaSourceConfig,
     OpcuaValueType,
     TagKind,
-    TimestampChoice,
 )
+from protocols.opcua.events import alarm_feeds, condition_refresh, not_notifiers_of
 from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
+from protocols.opcua.values import to_sample
 
 __all__ = ["RETRY_REFUSED_AFTER", "OpcuaSource", "to_sample"]
 
@@ -69,73 +68,6 @@ _MAX_BATCH = 5000
 
 # client handle -> (tag id, node text, expected type)
 _Handles = dict[int, tuple[str, str, OpcuaValueType | None]]
-_PLAIN = frozenset({bool, int, float, str})
-_FITS = {OpcuaValueType.BOOL: frozenset({bool}), OpcuaValueType.INT: frozenset({int}),
-         OpcuaValueType.FLOAT: frozenset({float, int}), OpcuaValueType.STRING: frozenset({str})}
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    if t is None or t.tzinfo is UTC:  # asyncua decodes to aware UTC already
-        return t
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def _convert(raw: Any, expected: OpcuaValueType | None) -> tuple[Value, str | None]:
-    """(value, None) or (None, why it is not usable)."""
-    kind = type(raw)  # fast path for the common case (exact types, bool is not an int here)
-    if expected is None:
-        if kind in _PLAIN:
-            return raw, None
-    elif kind in _FITS[expected]:
-        return (float(raw) if expected is OpcuaValueType.FLOAT else raw), None
-    if isinstance(raw, ua.LocalizedText):
-        raw = raw.Text
-    if isinstance(raw, list | tuple):
-        return None, f"an array of {len(raw)} values, not a single value"
-    if raw is not None and not isinstance(raw, bool | int | float | str):
-        return None, f"a {type(raw).__name__}, not a number, boolean or text"
-    if expected is None or raw is None:
-        return raw, None
-    if expected is OpcuaValueType.BOOL and isinstance(raw, bool):
-        return raw, None
-    if expected is OpcuaValueType.INT and isinstance(raw, int) and not isinstance(raw, bool):
-        return raw, None
-    if expected is OpcuaValueType.FLOAT and isinstance(raw, int | float) \
-            and not isinstance(raw, bool):
-        return float(raw), None
-    if expected is OpcuaValueType.STRING and isinstance(raw, str):
-        return raw, None
-    return None, f"{type(raw).__name__} value {raw!r}, but the tag expects {expected.value}"
-
-
-def to_sample(tag_id: str, node: str, dv: Any, expected: OpcuaValueType | None,
-              timestamp: TimestampChoice, now: datetime) -> TagSample:
-    """One DataValue as a TagSample (see the module docstring for the mapping)."""
-    status = dv.StatusCode if dv.StatusCode is not None else ua.StatusCode()
-    if timestamp is TimestampChoice.SOURCE:
-        t = _aware(dv.SourceTimestamp) or _aware(dv.ServerTimestamp)
-    elif timestamp is TimestampChoice.SERVER:
-        t = _aware(dv.ServerTimestamp) or _aware(dv.SourceTimestamp)
-    else:
-        t = None
-    if status.is_bad():
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): {status.name}"
-                         + (f": {status.doc}" if status.doc else ""))
-    raw = dv.Value.Value if dv.Value is not None else None
-    value, problem = _convert(raw, expected)
-    if problem is not None:
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): the node delivers {problem}")
-    if status.is_uncertain():
-        return TagSample(tag_id, value, Quality.UNCERTAIN, now, t,
-                         f"tag {tag_id} (node {node}): {status.name}")
-    if value is None:
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): the node has no value")
-    return TagSample(tag_id, value, Quality.GOOD, now, t)
-
-
 class OpcuaSource(Source):
     """Reads the tags of one OPC UA server; see the module docstring.
 
@@ -229,12 +161,8 @@ class OpcuaSource(Source):
             seen = last[tag].source_time if tag in last else None
             return max(need, seen) if need is not None and seen is not None else need
 
-        def sample(tag: str, node: str, dv: Any, ts: TimestampChoice,
-                   now: datetime) -> TagSample:
-            return to_sample(tag, node, dv, tags[tag].type, ts, now)
-
-        batches = await backfill(session, self.config.history, values, resume, sample,
-                                 self.history)
+        batches = await backfill(session, self.config.history, values, resume,
+                                 {t: tags[t].type for t in values}, self.history)
         # No await from here to the last batch: detection sees the gap in one go, in order.
         for batch in batches:
             self._emit(out, batch)
@@ -295,14 +223,14 @@ class OpcuaSource(Source):
     async def _subscribe(self, session: Session, resolved: dict[str, tuple[Any, str]],
                          unresolved: list[str], out: SampleSink) -> None:
         cfg = self.config
-        not_notifiers = await self._not_notifiers(session, resolved)
+        not_notifiers = await not_notifiers_of(session, self.config, resolved)
         self._emit(out, not_notifiers)
         tags = [t for t in resolved if t not in {s.tag for s in not_notifiers}]
         handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
         by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
         self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
-        feeds = self._alarm_feeds(session, tags, handles)
+        feeds = alarm_feeds(session, self.config, tags, handles)
         if feeds:
             await self._condition_refresh(session, feeds, out)
         next_retry = time.monotonic() + RETRY_REFUSED_AFTER
@@ -353,48 +281,9 @@ class OpcuaSource(Source):
                 next_retry = time.monotonic() + RETRY_REFUSED_AFTER
                 pending = await self._retry(session, pending, by_handle, out, feeds)
 
-    async def _not_notifiers(self, session: Session,
-                             resolved: dict[str, tuple[Any, str]]) -> list[TagSample]:
-        """Bad samples for alarm tags whose node is no event notifier (servers may accept the
-        monitored item anyway and then never send anything)."""
-        alarms = [t for t in resolved if self.config.tags[t].kind is TagKind.ALARMS]
-        if not alarms:
-            return []
-        values = await session.read_attribute([resolved[t][0] for t in alarms],
-                                              ua.AttributeIds.EventNotifier)
-        now = utcnow()
-        bad = []
-        for tag, dv in zip(alarms, values, strict=True):
-            bits = dv.Value.Value if dv.StatusCode.is_good() and dv.Value is not None else None
-            if not isinstance(bits, int) or not bits & 1:
-                why = dv.StatusCode.name if not dv.StatusCode.is_good() else \
-                    "SubscribeToEvents is not set"
-                bad.append(TagSample(tag, None, Quality.BAD, now, None,
-                                     f"tag {tag} (node {resolved[tag][1]}): not an event "
-                                     f"notifier ({why}); edge-agent browse marks notifiers"))
-        return bad
-
-    def _alarm_feeds(self, session: Session, tags: list[str],
-                     handles: list[int | str]) -> AlarmFeeds:
-        """The accepted alarm tags by server handle (event notifications carry only that)."""
-        by_server: dict[int, str] = {}
-        for tag_id, handle in zip(tags, handles, strict=True):
-            if self.config.tags[tag_id].kind is TagKind.ALARMS and isinstance(handle, int):
-                server_handle = session.server_handle(handle)
-                if server_handle is not None:
-                    by_server[server_handle] = tag_id
-        return AlarmFeeds(by_server)
-
     async def _condition_refresh(self, session: Session, feeds: AlarmFeeds,
                                  out: SampleSink) -> None:
-        feeds.begin_refresh(time.monotonic())
-        refused = await session.condition_refresh()
-        if refused is not None:
-            now = utcnow()
-            feeds.expire(math.inf, now)
-            self._emit(out, [TagSample(t, None, Quality.BAD, now, None,
-                                       f"tag {t}: active alarms unknown: {refused}")
-                             for t in feeds.tags.values()])
+        self._emit(out, await condition_refresh(session, feeds))
 
     def _sort_handles(self, tags: list[str], handles: list[int | str],
                       resolved: dict[str, tuple[Any, str]],
@@ -430,7 +319,7 @@ class OpcuaSource(Source):
         again: list[str] = [s.tag for s in still]
         refused = self._sort_handles(tags, handles, resolved, by_handle, again)
         self._emit(out, [*still, *refused])
-        added = self._alarm_feeds(session, tags, handles)
+        added = alarm_feeds(session, self.config, tags, handles)
         if added:
             feeds.tags.update(added.tags)
             await self._condition_refresh(session, feeds, out)

@@ -25,7 +25,6 @@ from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.nodeids import parse_node_id
 from protocols.opcua.session import Session
-from protocols.opcua.source import to_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not available(), reason="node and tests/support/node_opcua/node_modules are needed "
@@ -93,7 +92,7 @@ async def test_history_is_paged_through_and_bounded(plc: NodeOpcuaServer, max_va
         batches = await backfill(
             session, cfg.history, {"f.state": (node, "ns=1;s=Filler.State")},
             lambda _t: utcnow() - timedelta(seconds=3600),
-            lambda tag, n, dv, ts, now: to_sample(tag, n, dv, None, ts, now), report)
+            {"f.state": None}, report)
     seeded = [s for b in batches for s in b]
     assert len(seeded) == expected
     assert [s.value for s in seeded[1:5]] == [1, 3, 1, 3]
