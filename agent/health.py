@@ -18,6 +18,11 @@
 - ``/status``: the runtime's status document plus version, readiness, disk headroom and the
   last reload (never contains secrets: they serialise as their references).
 - ``/metrics``: see ``agent/metrics.py``.
+- ``/``: the read-only status page for people (``agent/status_page.py``), HTML rendered from
+  the ``/status`` document.
+
+More pages hook in with ``HealthServer.route(path, handler)``; the built-in paths are answered
+first.
 
 Bound to 127.0.0.1 by default (config ``health.listen``): it is not meant for the plant network.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import __version__
@@ -40,7 +46,8 @@ __all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readine
            "status_document"]
 
 LOOP_STALL = 5.0
-_ENDPOINTS = ["/healthz", "/readyz", "/status", "/metrics"]
+_ENDPOINTS = ["/", "/healthz", "/readyz", "/status", "/metrics"]
+Route = Callable[[Request], Awaitable[Response]]
 
 
 def loop_alive(runtime: Runtime) -> bool:
@@ -115,6 +122,18 @@ class HealthServer:
         self._runtime = runtime
         self._server = HttpServer(self._handle, host.strip("[]"), int(port))
         self.port: int | None = None
+        self._routes: dict[str, Route] = {"/": self._page}
+
+    def route(self, path: str, handler: Route) -> None:
+        """Serve ``path`` (GET/HEAD) with ``handler``."""
+        self._routes[path] = handler
+
+    async def _page(self, req: Request) -> Response:
+        from agent.status_page import render_page
+
+        html = render_page(await status_document(self._runtime))
+        return Response(200, html.encode("utf-8"), {"Cache-Control": "no-store"},
+                        "text/html; charset=utf-8")
 
     async def start(self) -> int:
         self.port = await self._server.start()
@@ -125,7 +144,7 @@ class HealthServer:
 
     async def _handle(self, req: Request) -> Response:
         response = await self._answer(req)
-        if response.content_type == "application/json":
+        if response.content_type.startswith(("application/json", "text/html")):
             # Safety net: a peer may echo a secret into an error we report (held_reason).
             response.body = redact(response.body.decode("utf-8")).encode("utf-8")
         return response
@@ -156,4 +175,7 @@ class HealthServer:
             reasons = await readiness(rt, stats, disk)
             body = rt.metrics.render(stats, ready=not reasons, disk_free=disk.get("free_bytes"))
             return Response(200, body, {}, CONTENT_TYPE)
+        route = self._routes.get(req.path)
+        if route is not None:
+            return await route(req)
         return Response.json({"error": "not found", "endpoints": _ENDPOINTS}, 404)

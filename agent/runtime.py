@@ -33,6 +33,7 @@ from typing import Any
 from agent import __version__, failpoints
 from agent.detect import MachineDetector
 from agent.detect.build import build_detectors
+from agent.detect.history import EpisodeHistory
 from agent.errors import EdgeAgentError, StorageFullError
 from agent.metrics import Metrics
 from agent.model import (
@@ -118,6 +119,7 @@ class Runtime:
         self._memory_drop_span: tuple[str | None, str | None] = (None, None)
         self.started_at = time.time()
         self.events_by_machine: dict[tuple[str, str], int] = {}  # (machine, type) -> count
+        self.history = EpisodeHistory()  # recent downtime per machine, for people (/status)
         self.metrics = Metrics(self)
         self.last_reload: dict[str, Any] | None = None
         self.committed_total = 0
@@ -256,6 +258,7 @@ class Runtime:
             for e in events:
                 key = (det.machine_id, e.type.value)
                 self.events_by_machine[key] = self.events_by_machine.get(key, 0) + 1
+            self.history.take(det.machine_id, events)
             self._queue.extend(events)
             self._commit_wakeup.set()
         elif det.dirty:
@@ -396,6 +399,7 @@ class Runtime:
 
     async def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        wall = utcnow()
         stats = await self.buffer.stats()
         sources = {}
         for name, info in self.sources.items():
@@ -417,7 +421,10 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "config_hash": self.config_hash,
             "sources": sources,
-            "machines": {mid: d.status() for mid, d in self.detectors.items()},
+            "time": format_time(wall),
+            "machines": {mid: {**d.status(), "last_event": self.history.last_event(mid),
+                               "recent_downtime": self.history.recent(mid, wall)}
+                         for mid, d in self.detectors.items()},
             "buffer": {
                 "path": str(self.config.buffer_path),
                 "events": stats.events,
