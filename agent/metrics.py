@@ -22,6 +22,18 @@ Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels o
     edge_agent_disk_free_bytes                         free space where the buffer lives
     edge_agent_ready                                   1 when /readyz answers 200
     edge_agent_uptime_seconds                          since the runtime was created
+    edge_agent_build_info{version,python}              always 1; the labels say what runs
+    edge_agent_machine_state{machine,state}            1 for the machine's current state, 0
+                                                       for the others (running, idle, down,
+                                                       planned, unknown): a state timeline
+    edge_agent_machine_open_downtime_seconds{machine}  age of the open downtime episode (0
+                                                       when none)
+    process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+                                                       the standard process collector (Linux)
+
+``build_info`` is the one family with labels outside the vocabulary: the Prometheus convention
+for "which version runs where" (``count by (version) (edge_agent_build_info)``); its values are
+fixed for the life of the process. ``state`` is bounded by the MachineState enum.
 
 Most values are read from the runtime when scraped (one registry per runtime, never the
 process-global default registry, so several runtimes in one test process do not collide); only
@@ -32,6 +44,7 @@ the attempt counter and the latency histogram are observed as they happen, by
 from __future__ import annotations
 
 import json
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -40,13 +53,15 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.model import parse_time
+from agent import __version__
+from agent.model import MachineState, parse_time, utcnow
 from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
 from buffer.base import BufferStats
 
@@ -85,6 +100,8 @@ class Metrics:
             registry=self.registry)
         self._snapshot = _RuntimeCollector(runtime)
         self.registry.register(self._snapshot)
+        # RSS, CPU seconds, open fds, start time: read from /proc at scrape time.
+        ProcessCollector(registry=self.registry)
 
     def instrument(self, sink: Sink) -> InstrumentedSink:
         return InstrumentedSink(sink, self)
@@ -218,6 +235,28 @@ class _RuntimeCollector(Collector):
                                     value=1.0 if self.ready else 0.0)
         yield GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since the agent started.",
                                 value=max(0.0, time.time() - rt.started_at))
+        build = GaugeMetricFamily("edge_agent_build_info", "Always 1; the labels say what runs.",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+        yield from _machine_metrics(rt)
+
+
+def _machine_metrics(rt: Runtime) -> Iterator[Metric]:
+    state = GaugeMetricFamily("edge_agent_machine_state",
+                              "1 for the machine's current state, 0 for the others.",
+                              labels=["machine", "state"])
+    open_dt = GaugeMetricFamily("edge_agent_machine_open_downtime_seconds",
+                                "Age of the machine's open downtime episode (0 when none).",
+                                labels=["machine"])
+    now = utcnow()
+    for mid, det in rt.detectors.items():
+        for s in MachineState:
+            state.add_metric([mid, s.value], 1.0 if det.state is s else 0.0)
+        ep = det.episode
+        open_dt.add_metric([mid], 0.0 if ep is None
+                           else max(0.0, (now - ep.started_at).total_seconds()))
+    yield from (state, open_dt)
 
 
 def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:
