@@ -90,16 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="replace existing files")
 
     st = sub.add_parser("status", help="show a running agent's /status as a table "
-                        "(exit 0 ready, 1 not ready or not reachable)")
+                        "(exit 0 ready, 1 not ready, 3 not reachable)")
     st.add_argument("--config", "-c", type=Path, default=None,
                     help="take the health address from this file's health.listen")
     st.add_argument("--url", default=None, help="health endpoint, e.g. http://127.0.0.1:9780")
     st.add_argument("--json", action="store_true", help="print the raw JSON document")
 
     rl = sub.add_parser("reload", help="make a running agent re-read its configuration "
-                        "(SIGHUP) and report the outcome (exit 0 applied, 2 rejected)")
+                        "(SIGHUP to the pid in its pid file) and report the outcome (exit 0 "
+                        "applied, 2 rejected)")
     rl.add_argument("--config", "-c", type=Path, default=None,
-                    help="take the health address from this file's health.listen")
+                    help="the agent's configuration: agent.data_dir holds its pid file, "
+                    "health.listen its address")
+    rl.add_argument("--pid-file", type=Path, default=None,
+                    help="the agent's pid file (default <agent.data_dir>/edge-agent.pid)")
     rl.add_argument("--url", default=None, help="health endpoint, e.g. http://127.0.0.1:9780")
     rl.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the outcome (default %(default)s)")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             base = health_url(args.config, args.url)
             if args.command == "status":
                 return status_main(base, args.json)
-            return reload_main(base, args.timeout)
+            return reload_main(base, args.config, args.pid_file, args.timeout)
         if args.command == "top":
             from agent.top import run as run_top
 
