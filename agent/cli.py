@@ -34,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a configuration file (exit 0 valid, 2 invalid)")
     val.add_argument("--config", "-c", required=True, type=Path)
 
-    cfg = sub.add_parser("config", help="configuration helpers")
-    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
-    cfg_sub.add_parser("schema", help="print the JSON Schema of the configuration (for editors)")
+    from agent import config_cli
+
+    config_cli.add_parser(sub)
 
     rcv = sub.add_parser("receiver", help="run the reference central endpoint")
     rcv.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_cli_run(args: argparse.Namespace) -> int:
+    from agent.config_cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -133,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args.config)
         if args.command == "config":
-            if args.config_command != "schema":
-                print("usage: edge-agent config schema", file=sys.stderr)
-                return EXIT_INVALID
-            from config.schema import json_schema
-
-            print(json.dumps(json_schema(), indent=2))
-            return EXIT_OK
+            return config_cli_run(args)
         if args.command == "receiver":
             from agent.receiver import run_receiver
 
