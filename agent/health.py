@@ -1,7 +1,9 @@
 """The local health endpoint: /healthz, /readyz, /status (JSON) and /metrics (Prometheus).
 
 - ``/healthz``: 200 while the event loop turns (the ticker ran recently); 503 otherwise. This is
-  what a container HEALTHCHECK or a liveness probe asks: "restart me if this fails".
+  what a container HEALTHCHECK or a liveness probe asks: "restart me if this fails". A blocked
+  loop cannot answer for itself: then a watchdog thread answers 503 on the same socket
+  (``agent/stall_guard.py``).
 - ``/readyz``: 200 when the agent does its job; else 503 with every reason as JSON
   (``{"status": "not ready", "reasons": [...]}``). Reasons (``readiness()``):
 
@@ -40,6 +42,7 @@ from agent.logs import redact
 from agent.metrics import CONTENT_TYPE
 from agent.model import age_seconds
 from agent.runtime import Runtime
+from agent.stall_guard import StallGuard
 from buffer.base import BufferStats
 
 __all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readiness",
@@ -50,8 +53,8 @@ _ENDPOINTS = ["/", "/healthz", "/readyz", "/status", "/metrics"]
 Route = Callable[[Request], Awaitable[Response]]
 
 
-def loop_alive(runtime: Runtime) -> bool:
-    return time.monotonic() - runtime.last_tick_mono <= LOOP_STALL
+def loop_alive(runtime: Runtime, stall_after: float = LOOP_STALL) -> bool:
+    return time.monotonic() - runtime.last_tick_mono <= stall_after
 
 
 def disk_headroom(runtime: Runtime) -> dict[str, Any]:
@@ -117,11 +120,17 @@ async def status_document(runtime: Runtime) -> dict[str, Any]:
 
 
 class HealthServer:
-    def __init__(self, runtime: Runtime, listen: str) -> None:
+    """The endpoints above on ``listen``; a StallGuard thread (``agent/stall_guard.py``) answers
+    503 on the same socket when the event loop has not ticked for ``stall_after`` seconds."""
+
+    def __init__(self, runtime: Runtime, listen: str, *,
+                 stall_after: float = LOOP_STALL) -> None:
         host, _, port = listen.rpartition(":")
         self._runtime = runtime
         self._server = HttpServer(self._handle, host.strip("[]"), int(port))
         self.port: int | None = None
+        self.stall_after = stall_after
+        self.guards: list[StallGuard] = []
         self._routes: dict[str, Route] = {"/": self._page}
 
     def route(self, path: str, handler: Route) -> None:
@@ -137,9 +146,17 @@ class HealthServer:
 
     async def start(self) -> int:
         self.port = await self._server.start()
+        rt = self._runtime
+        for fd in self._server.listening_fds:
+            guard = StallGuard(fd, lambda: rt.last_tick_mono, self.stall_after)
+            guard.start()
+            self.guards.append(guard)
         return self.port
 
     async def aclose(self) -> None:
+        guards, self.guards = self.guards, []
+        for guard in guards:
+            guard.stop()
         await self._server.aclose()
 
     async def _handle(self, req: Request) -> Response:
@@ -154,7 +171,7 @@ class HealthServer:
             return Response.json({"error": "method not allowed"}, 405)
         rt = self._runtime
         if req.path == "/healthz":
-            if not loop_alive(rt):
+            if not loop_alive(rt, self.stall_after):
                 stalled = time.monotonic() - rt.last_tick_mono
                 return Response.json({"status": "stalled", "tick_age_s": round(stalled, 1)}, 503)
             return Response.json({"status": "ok"})
