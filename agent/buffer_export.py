@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.model import format_time, parse_time, utcnow
+from config.model import format_time, parse_time, utcnow
 
 __all__ = ["FORMATS", "ExportRecord", "coverage", "export_rows", "letter_doc", "read_record",
            "record_path", "write_record"]

@@ -1,7 +1,8 @@
 """``edge-agent config schema|example``: help for writing a configuration file.
 
-- ``config schema [--draft 2020-12|7]``: the JSON Schema for editors (``config/schema.py``);
-  the default output is draft 2020-12 as before; ``--draft 7`` suits VS Code's YAML extension.
+- ``config schema [--draft 2020-12|7]``: the JSON Schema for editors
+  (``agent/wiring/jsonschema.py``); the default output is draft 2020-12 as before; ``--draft 7``
+  suits VS Code's YAML extension.
 - ``config example``: the reference file that shows every option with its explanation
   (``config/example.yaml``); ``--source modbus|opcua|mqtt``: a short commented starting file
   for one kind of source (``config/starters/``).
@@ -62,7 +63,7 @@ def example_text(source: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "config_command", None)
     if action == "schema":
-        from config.schema import json_schema
+        from agent.wiring.jsonschema import json_schema
 
         print(json.dumps(json_schema(args.draft), indent=2))
         return 0

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.model import format_time, utcnow
+from config.model import format_time, utcnow
 
 __all__ = ["PID_FILE", "PidFileError", "check_pidfile", "remove_pidfile", "write_pidfile"]
 

@@ -131,9 +131,7 @@ def format_status(doc: dict[str, Any]) -> str:
                  + (f", ERROR: {buf['storage_error']}" if buf.get("storage_error") else ""))
     last = doc.get("last_reload")
     if last:
-        from agent.reload import describe
-
-        lines.append(f"  last reload {describe(last)}")
+        lines.append(f"  last reload {describe_reload(last)}")
     lines += ["", "SOURCES"]
     lines += _table(["id", "state", "last sample", "samples", "last error"], [
         [n, str(s.get("state")), _age(s.get("last_sample_age_s")),
@@ -165,7 +163,7 @@ def _sink_error(s: dict[str, Any], now_text: Any) -> str:
     prev = s.get("previous_error")
     if not isinstance(prev, dict) or not prev.get("error"):
         return ""
-    from agent.model import parse_time, utcnow
+    from config.model import parse_time, utcnow
 
     try:
         now = parse_time(now_text) if isinstance(now_text, str) else utcnow()
@@ -219,10 +217,18 @@ def reload_main(base: str, config: Path | None, pid_file: Path | None = None,
         except (httpx.HTTPError, ValueError):
             continue
         if last and last != previous:
-            from agent.reload import describe
-
-            print(describe(last))
+            print(describe_reload(last))
             return EXIT_OK if last.get("ok") else EXIT_INVALID
     print(f"edge-agent reload: no answer from pid {proc.pid} within {timeout:g}s; see its log",
           file=sys.stderr)
     return EXIT_NOT_READY
+
+
+def describe_reload(last_reload: dict[str, Any] | None) -> str:
+    """One line about the last reload, for ``edge-agent reload``."""
+    if not last_reload:
+        return "no reload yet"
+    if last_reload.get("ok"):
+        what = ", ".join(last_reload.get("changes") or []) or "no component changed"
+        return f"applied at {last_reload.get('at')}: {what}"
+    return f"REJECTED at {last_reload.get('at')}: " + "; ".join(last_reload.get("issues") or [])

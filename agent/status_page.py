@@ -18,7 +18,7 @@ from html import escape
 from typing import Any
 
 from agent.detect.history import SHIFT_SECONDS
-from agent.model import parse_time, utcnow
+from config.model import parse_time, utcnow
 
 __all__ = ["REFRESH_SECONDS", "STATE_COLOURS", "render_page"]
 

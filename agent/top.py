@@ -158,7 +158,7 @@ def _wait_for_quit(seconds: float) -> bool:
 
 def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> list[str]:
     """One frame as lines of text (ANSI colours only when ``colour``)."""
-    from agent.model import parse_time, utcnow
+    from config.model import parse_time, utcnow
 
     def when(text: Any) -> datetime | None:
         try:

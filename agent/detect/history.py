@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agent.model import Event, EventType, format_time, parse_time
+from config.model import Event, EventType, format_time, parse_time
 
 __all__ = ["SHIFT_SECONDS", "EpisodeHistory"]
 

@@ -18,7 +18,7 @@ from agent import __version__
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

@@ -12,7 +12,7 @@ from support import wait_until
 
 from agent.health import HealthServer
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
 
 
 async def test_a_blocked_loop_gets_503_not_a_timeout(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from support import ROOT, wait_until
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

@@ -15,8 +15,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from agent.config_cli import SOURCES, example_text
-from config.loader import load_config
-from config.schema import SCHEMA_DIALECT, json_schema
+from agent.wiring.jsonschema import SCHEMA_DIALECT, json_schema
+from agent.wiring.load import load_config
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "config" / "example.yaml"
