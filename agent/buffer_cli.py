@@ -45,8 +45,13 @@ _EXCERPT = 80
 
 def add_parser(sub: Any) -> None:
     """Register ``buffer`` and its actions on the CLI's subparsers."""
-    buf = sub.add_parser("buffer", help="inspect the buffer; list, export, replay or purge "
-                         "dead letters (safe while the agent runs)")
+    from agent.cli_conventions import add_config_option, command
+
+    buf = command(sub, "buffer", "inspect the buffer; list, export, replay or purge dead "
+                  "letters (safe while the agent runs)",
+                  "Look into the agent's buffer and fix dead letters while the agent runs "
+                  "(reads never write; replay and purge are short transactions).",
+                  ["edge-agent buffer stats --config /etc/edge-agent/config.yaml"])
     actions = buf.add_subparsers(dest="buffer_command", metavar="ACTION")
     helps = {
         "stats": "counts and oldest pending age per sink",
@@ -56,9 +61,18 @@ def add_parser(sub: Any) -> None:
         "replay": "return dead letters to pending (all, or --id ...)",
         "purge": "delete exported dead letters (all, or --id ...); needs --yes",
     }
+    examples = {
+        "stats": "edge-agent buffer stats --config config.yaml --json",
+        "pending": "edge-agent buffer pending --config config.yaml --sink erp --limit 20",
+        "dead-letters": "edge-agent buffer dead-letters --config config.yaml",
+        "export": "edge-agent buffer export --config config.yaml --format csv --out dead.csv",
+        "replay": "edge-agent buffer replay --config config.yaml --id <event id>",
+        "purge": "edge-agent buffer purge --config config.yaml --yes",
+    }
     for name in _ACTIONS:
-        p = actions.add_parser(name, help=helps[name])
-        p.add_argument("--config", "-c", required=True, type=Path)
+        p = command(actions, name, helps[name], helps[name].capitalize() + ".",
+                    [examples[name]])
+        add_config_option(p)
         p.add_argument("--sink", default=None, help="only this sink (default: all)")
         if name in ("stats", "pending", "dead-letters"):
             p.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -186,19 +200,13 @@ def _dead_letters(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> i
 
 
 def _export(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
-    from agent.buffer_export import (
-        ExportRecord,
-        Progress,
-        export_rows,
-        now_text,
-        tracked,
-        write_record,
-    )
+    from agent.buffer_export import ExportRecord, export_rows, now_text, tracked, write_record
+    from agent.cli_conventions import Progress
 
     at = now_text()  # before the snapshot: what failed later is not taken as exported
     total, letters = buf.iter_dead_letters(args.sink)
     highest: dict[str, int] = {}
-    progress = Progress(total, "exported")
+    progress = Progress("exported", total)
     try:
         if args.out is None:
             n = export_rows(tracked(letters, highest), out, args.format, progress)
@@ -206,6 +214,8 @@ def _export(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
         else:
             with args.out.open("w", encoding="utf-8", newline="") as f:
                 n = export_rows(tracked(letters, highest), f, args.format, progress)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: nothing recorded, main() ends quietly
     except OSError as exc:
         print(f"edge-agent buffer export: cannot write {args.out or 'stdout'}: "
               f"{exc.strerror or exc}", file=sys.stderr)

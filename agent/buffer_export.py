@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from config.model import format_time, parse_time, utcnow
 
-__all__ = ["FORMATS", "ExportRecord", "coverage", "export_rows", "letter_doc", "read_record",
-           "record_path", "write_record"]
+__all__ = ["FORMATS", "ExportRecord", "Steps", "coverage", "export_rows", "letter_doc",
+           "read_record", "record_path", "write_record"]
 
 FORMATS = ("jsonl", "json", "csv")
 _CSV_COLUMNS = ["sink", "id", "type", "status", "detail", "failed_at", "event"]
@@ -47,32 +45,15 @@ def letter_doc(d: Any) -> dict[str, Any]:
             "detail": d.detail, "failed_at": d.failed_at, "event": event}
 
 
-@dataclass(slots=True)
-class Progress:
-    """A line on stderr every half second while a long command runs (only on a terminal)."""
+class Steps(Protocol):
+    """Progress of a long export (``agent.cli_conventions.Progress``)."""
 
-    total: int
-    verb: str
-    done: int = 0
-    _last: float = 0.0
-    stream: TextIO | None = None
+    def step(self, n: int = 1) -> None: ...
 
-    def step(self) -> None:
-        self.done += 1
-        stream = self.stream or sys.stderr
-        now = time.monotonic()
-        if now - self._last >= 0.5 and stream.isatty():
-            self._last = now
-            stream.write(f"\r{self.verb} {self.done} of {self.total}")
-            stream.flush()
-
-    def finish(self) -> None:
-        stream = self.stream or sys.stderr
-        if self._last and stream.isatty():
-            stream.write("\r\x1b[K")
+    def finish(self) -> None: ...
 
 
-def export_rows(letters: Iterable[Any], out: TextIO, fmt: str, progress: Progress) -> int:
+def export_rows(letters: Iterable[Any], out: TextIO, fmt: str, progress: Steps) -> int:
     """Write every dead letter in ``fmt``; the count written."""
     n = 0
     if fmt == "csv":

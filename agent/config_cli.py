@@ -25,31 +25,27 @@ SOURCES = ("modbus", "opcua", "mqtt")
 
 
 def add_parser(sub: Any) -> None:
-    cfg = sub.add_parser(
-        "config", help="configuration helpers: JSON Schema, example files",
-        description="Helpers for writing a configuration file.",
-        epilog="examples:\n"
-               "  edge-agent config example --source modbus > config.yaml\n"
-               "  edge-agent config schema --draft 7 > edge-agent.schema.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from agent.cli_conventions import command
+
+    cfg = command(sub, "config", "configuration helpers: JSON Schema, example files",
+                  "Helpers for writing a configuration file.",
+                  ["edge-agent config example --source modbus > config.yaml",
+                   "edge-agent config schema --draft 7 > edge-agent.schema.json"])
     actions = cfg.add_subparsers(dest="config_command", metavar="ACTION")
-    schema = actions.add_parser(
-        "schema", help="print the JSON Schema of the configuration (for editors)",
-        description="Print the JSON Schema of the configuration file: completion, "
-        "descriptions and typo warnings in editors. Save it next to your file; the "
+    schema = command(
+        actions, "schema", "print the JSON Schema of the configuration (for editors)",
+        "Print the JSON Schema of the configuration file: completion, descriptions and typo "
+        "warnings in editors. Save it next to your file; the "
         "'# yaml-language-server: $schema=edge-agent.schema.json' first line points the "
-        "editor at it.",
-        epilog="example: edge-agent config schema --draft 7 > edge-agent.schema.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "editor at it.", ["edge-agent config schema --draft 7 > edge-agent.schema.json"])
     schema.add_argument("--draft", default="2020-12", choices=["2020-12", "7"],
                         help="JSON Schema draft (default %(default)s; 7 for VS Code's YAML "
                         "extension)")
-    example = actions.add_parser(
-        "example", help="print a commented configuration to start from",
-        description="Print a commented configuration: without --source the reference file "
-        "with every option; with --source a short starting file for that kind of device.",
-        epilog="example: edge-agent config example --source opcua > config.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    example = command(
+        actions, "example", "print a commented configuration to start from",
+        "Print a commented configuration: without --source the reference file with every "
+        "option; with --source a short starting file for that kind of device.",
+        ["edge-agent config example --source opcua > config.yaml"])
     example.add_argument("--source", choices=SOURCES, default=None,
                          help="a starting file for this source type (default: every option)")
 

@@ -29,7 +29,6 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = ["add_parser", "render", "run"]
@@ -40,20 +39,24 @@ _COLOURS = {"running": "32", "idle": "33", "down": "31", "planned": "34", "unkno
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "top", help="live view of a running agent: machines, sources, sinks",
-        description="Show a running agent's machines (state, time in state, open downtime, "
-        "order, last event), sources (up/down, sample age, bad tags) and sinks (backlog and "
-        "rate), refreshed every second. Plain one-shot output when stdout is not a terminal.",
-        epilog="example: edge-agent top --config /etc/edge-agent/config.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "-c", type=Path, default=None,
-                   help="take the health address from this file's health.listen")
+    from agent.cli_conventions import add_config_option, command
+
+    p = command(sub, "top", "live view of a running agent: machines, sources, sinks",
+                "Show a running agent's machines (state, time in state, open downtime, order, "
+                "last event), sources (up/down, sample age, bad tags) and sinks (backlog and "
+                "rate), refreshed every second; q quits. Plain one-shot output when stdout is "
+                "not a terminal.",
+                ["edge-agent top --config /etc/edge-agent/config.yaml",
+                 "edge-agent top --url http://127.0.0.1:9780 --once | mail -s status ot-team"])
+    add_config_option(p, required=False,
+                      help="take the health address from this file's health.listen")
     p.add_argument("--url", default=None, help="health endpoint, e.g. http://127.0.0.1:9780")
     p.add_argument("--interval", type=float, default=1.0,
                    help="seconds between refreshes (default %(default)s)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
+    p.add_argument("--json", action="store_true",
+                   help="print the /status document once as JSON (what the view is made of)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,13 +69,18 @@ def run(args: argparse.Namespace) -> int:
     colour = out.isatty() and not os.environ.get("NO_COLOR") and not args.no_color
     client = httpx.Client(timeout=min(5.0, max(1.0, args.interval * 2)))
     with client:
-        if args.once or not out.isatty():
+        if args.once or args.json or not out.isatty():
             try:
                 doc = _fetch(client, base)
             except (httpx.HTTPError, ValueError) as exc:
                 print(f"edge-agent top: no agent answers at {base} ({exc})", file=sys.stderr)
                 return EXIT_UNREACHABLE
-            out.write("\n".join(render(doc, {}, colour=colour)) + "\n")
+            if args.json:
+                import json
+
+                out.write(json.dumps(doc, indent=2) + "\n")
+            else:
+                out.write("\n".join(render(doc, {}, colour=colour)) + "\n")
             return EXIT_OK
         return _live(client, base, out, colour, max(0.1, args.interval))
 

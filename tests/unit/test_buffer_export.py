@@ -11,7 +11,6 @@ from pathlib import Path
 
 from agent.buffer_export import (
     ExportRecord,
-    Progress,
     coverage,
     export_rows,
     now_text,
@@ -19,6 +18,7 @@ from agent.buffer_export import (
     tracked,
     write_record,
 )
+from agent.cli_conventions import Progress
 from buffer.base import NewEvent, Settlement
 from buffer.sqlite import SqliteBuffer
 
@@ -43,7 +43,7 @@ def test_every_row_in_each_format_and_purge_coverage(tmp_path: Path) -> None:
         for fmt in ("jsonl", "json", "csv"):
             total, letters = buf.iter_dead_letters()
             f = io.StringIO()
-            assert export_rows(tracked(letters, highest), f, fmt, Progress(total, "x")) == 1500
+            assert export_rows(tracked(letters, highest), f, fmt, Progress("x", total)) == 1500
             assert total == 1500
             out[fmt] = f.getvalue()
         ids = [f"e{i}" for i in range(1500)]
