@@ -25,6 +25,7 @@ from protocols.opcua.config import OpcuaSourceConfig
 __all__ = [
     "AgentSettings",
     "BufferConfig",
+    "CategoryName",
     "Config",
     "DowntimeRule",
     "FleetConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "HttpSinkConfig",
     "MachineConfig",
     "OAuth2Config",
+    "ReasonEntryConfig",
     "ScrapRule",
     "SinkConfig",
     "SourceConfig",
@@ -70,6 +72,12 @@ class AgentSettings(Strict):
         return check_id(v, "id")
 
 
+class ReasonEntryConfig(Strict):
+    bearer_token: Secret = Field(description="Token that operator terminals and `edge-agent "
+                                 "reason` send as 'Authorization: Bearer ...'; usually "
+                                 "${file:/run/credentials/...} or ${env:NAME}.")
+
+
 class HealthConfig(Strict):
     listen: str = Field("127.0.0.1:9780", description="HOST:PORT of the health endpoint "
                         "(/healthz /readyz /status). Keep it on loopback unless a firewall "
@@ -89,6 +97,9 @@ class HealthConfig(Strict):
                                     "system of the data directory has less free space.")
     buffer_full_ratio: float = Field(0.9, gt=0, le=1, description="/readyz degrades when the "
                                      "buffer file reaches this fraction of buffer.max_size.")
+    reason_entry: ReasonEntryConfig | None = Field(None, description="Reason entry on this "
+                                                   "listener (/machines/{machine}/episodes); "
+                                                   "off unless given.")
 
 
 # --------------------------------------------------------------------------- sources
@@ -105,6 +116,12 @@ class StateName(StrEnum):
     IDLE = "idle"
     DOWN = "down"
     PLANNED = "planned"
+
+
+class CategoryName(StrEnum):
+    UNPLANNED = "unplanned"
+    PLANNED = "planned"
+    IDLE = "idle"
 
 
 class StateRule(Strict):
@@ -162,12 +179,26 @@ class DowntimeRule(Strict):
                                           "and the next starts (continued_from) every "
                                           "max_duration, so long stops show up in reports "
                                           "before they end.")
+    reason_grace: Duration = Field(300.0, description="A reason code that the PLC sets within "
+                                   "this long after a stop ended classifies that stop (a "
+                                   "plantedge.downtime.classified event); a later one is "
+                                   "logged and counted, not attributed. 0 turns it off.")
+    reason_categories: dict[str, CategoryName] = Field(
+        default_factory=dict, description="Reason code -> the category it implies (unplanned, "
+        "planned or idle); sent as 'category' on classification events.")
 
     @field_validator("reasons", mode="before")
     @classmethod
     def _keys_as_text(cls, v: object) -> object:
         if isinstance(v, dict):
             return {str(k).strip(): str(t) for k, t in v.items()}
+        return v
+
+    @field_validator("reason_categories", mode="before")
+    @classmethod
+    def _category_keys_as_text(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k).strip(): c for k, c in v.items()}
         return v
 
 
