@@ -18,6 +18,8 @@
 - ``/status``: the runtime's status document plus version, readiness, disk headroom and the
   last reload (never contains secrets: they serialise as their references).
 - ``/metrics``: see ``agent/metrics.py``.
+- ``/machines/{machine}/episodes[/{id}/reason]``: reason entry, off unless
+  ``health.reason_entry`` is configured (``agent/reasons_api.py``).
 
 Bound to 127.0.0.1 by default (config ``health.listen``): it is not meant for the plant network.
 """
@@ -28,7 +30,7 @@ import shutil
 import time
 from typing import Any
 
-from agent import __version__
+from agent import __version__, reasons_api
 from agent.httpserver import HttpServer, Request, Response
 from agent.logs import redact
 from agent.metrics import CONTENT_TYPE
@@ -131,6 +133,8 @@ class HealthServer:
         return response
 
     async def _answer(self, req: Request) -> Response:
+        if req.path.startswith("/machines/"):
+            return await reasons_api.answer(self._runtime, req)  # reason entry (own module)
         if req.method not in ("GET", "HEAD"):
             return Response.json({"error": "method not allowed"}, 405)
         rt = self._runtime

@@ -12,7 +12,9 @@ Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels o
     edge_agent_events_dead_lettered_total{sink}        events moved to the dead-letter table
     edge_agent_delivery_attempts_total{sink,type}      attempts by outcome (accepted, retry, ..)
     edge_agent_delivery_duration_seconds{sink}         histogram of one delivery attempt
-    edge_agent_event_delivery_delay_seconds{sink}      histogram: event time -> accepted
+    edge_agent_event_detection_lag_seconds{machine}    histogram: event time -> committed
+    edge_agent_event_delivery_delay_seconds{sink}      histogram: committed -> accepted
+    edge_agent_reasons_unattributed_total{machine}     PLC reasons past the grace period
     edge_agent_sink_held{sink}                         1 while the sink is held (401/403)
     edge_agent_buffer_pending_events{sink}             events waiting for the sink
     edge_agent_buffer_oldest_pending_age_seconds{sink} age of the oldest of them
@@ -22,6 +24,11 @@ Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels o
     edge_agent_disk_free_bytes                         free space where the buffer lives
     edge_agent_ready                                   1 when /readyz answers 200
     edge_agent_uptime_seconds                          since the runtime was created
+
+The two event histograms are the agent's time to detect and time to synchronise (see
+``agent/latency.py``; ``/status`` shows their recent quantiles). Each event carries the commit
+time as its ``detectedat`` attribute, so a receiver can compute the same figures; an event
+buffered by an older version without it counts its delivery delay from its ``time``.
 
 Most values are read from the runtime when scraped (one registry per runtime, never the
 process-global default registry, so several runtimes in one test process do not collide); only
@@ -34,7 +41,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,7 +54,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.model import parse_time
+from agent.latency import RecentFigures
+from agent.model import Event, parse_time
 from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
 from buffer.base import BufferStats
 
@@ -63,7 +72,11 @@ disable_created_metrics()
 
 # An attempt is one HTTP request: milliseconds on a LAN, up to the sink timeout when it hangs.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# From an event's time to its acceptance: a second normally, hours after an outage.
+# From an event's time to its commit: milliseconds for a state change, min_duration (seconds
+# to minutes) for a reported stop, a window for scrap.
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                3600.0)
+# From the commit to the acceptance: a second normally, hours after an outage.
 _DELAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
                   86400.0)
 
@@ -78,8 +91,13 @@ class Metrics:
             ["sink"], registry=self.registry, buckets=_LATENCY_BUCKETS)
         self.delivery_delay = Histogram(
             "edge_agent_event_delivery_delay_seconds",
-            "From the event's time to its acceptance by the sink (how far behind delivery is).",
+            "From the event's commit in the buffer to its acceptance by the sink.",
             ["sink"], registry=self.registry, buckets=_DELAY_BUCKETS)
+        self.detection_lag = Histogram(
+            "edge_agent_event_detection_lag_seconds",
+            "From the event's time to its commit in the buffer (includes min_duration).",
+            ["machine"], registry=self.registry, buckets=_LAG_BUCKETS)
+        self.recent = RecentFigures()
         self.delivery_attempts = Counter(
             "edge_agent_delivery_attempts", "Delivery attempts by outcome.", ["sink", "type"],
             registry=self.registry)
@@ -88,6 +106,20 @@ class Metrics:
 
     def instrument(self, sink: Sink) -> InstrumentedSink:
         return InstrumentedSink(sink, self)
+
+    def observe_committed(self, events: Sequence[Event], committed_at: datetime) -> None:
+        """Detection lag of events just committed at ``committed_at``."""
+        children: dict[str, Any] = {}
+        for e in events:
+            lag = max(0.0, (committed_at - e.time).total_seconds())
+            child = children.get(e.key)
+            if child is None:
+                child = children[e.key] = self.detection_lag.labels(machine=e.key)
+            child.observe(lag)
+            self.recent.add_detection(e.key, lag)
+
+    def recent_figures(self) -> dict[str, Any]:
+        return self.recent.status()
 
     def render(self, stats: BufferStats | None = None, *, ready: bool | None = None,
                      disk_free: int | None = None) -> bytes:
@@ -110,6 +142,7 @@ class InstrumentedSink(Sink):
         self.inner = inner
         self._latency = metrics.delivery_seconds.labels(sink=inner.name)
         self._delay = metrics.delivery_delay.labels(sink=inner.name)
+        self._recent = metrics.recent
         self._attempts = metrics.delivery_attempts
 
     @property
@@ -124,9 +157,11 @@ class InstrumentedSink(Sink):
         now = time.time()
         for e in events:
             if delivery.result_for(e.id).outcome is Outcome.ACCEPTED:
-                when = _event_time(e.payload)
+                when = _committed_time(e.payload)
                 if when is not None:
-                    self._delay.observe(max(0.0, now - when))
+                    delay = max(0.0, now - when)
+                    self._delay.observe(delay)
+                    self._recent.add_delivery(self.name, delay)
         return delivery
 
     async def reload_credentials(self) -> None:
@@ -138,6 +173,31 @@ class InstrumentedSink(Sink):
 
 _TIME_KEY = '"time":"'
 _AFTER_TIME = ',"type":"'
+_DETECTED_KEY = '"detectedat":"'
+_AFTER_DETECTED = ',"id":"'
+
+
+def _committed_time(payload: str) -> float | None:
+    """The CloudEvent's ``detectedat`` (its commit) as a POSIX timestamp, else its ``time``.
+
+    Read like ``_event_time``: in the agent's serialisation (sorted keys) the top-level
+    ``detectedat`` follows ``data`` and ``datacontenttype`` and is followed by ``id``."""
+    i = payload.rfind(_DETECTED_KEY)
+    if i >= 0:
+        start = i + len(_DETECTED_KEY)
+        end = payload.find('"', start)
+        if end > 0 and payload.startswith(_AFTER_DETECTED, end + 1):
+            try:
+                return parse_time(payload[start:end]).timestamp()
+            except ValueError:
+                pass
+        try:
+            doc = json.loads(payload)
+            if isinstance(doc.get("detectedat"), str):
+                return parse_time(doc["detectedat"]).timestamp()
+        except (ValueError, TypeError, AttributeError):
+            pass
+    return _event_time(payload)
 
 
 def _event_time(payload: str) -> float | None:
@@ -206,6 +266,14 @@ class _RuntimeCollector(Collector):
             held.add_metric([name], 1.0 if fw.held_reason is not None
                             and str(fw.state) == "held" else 0.0)
         yield from (delivered, retries, dead, held)
+
+        unattributed = CounterMetricFamily(
+            "edge_agent_reasons_unattributed",
+            "PLC reason codes that came after the grace period (not attributed to a stop).",
+            labels=["machine"])
+        for mid, det in sorted(rt.detectors.items()):
+            unattributed.add_metric([mid], det.classifier.unattributed_total)
+        yield unattributed
 
         if self.stats is not None:
             yield from _buffer_metrics(self.stats)

@@ -108,6 +108,8 @@ class Runtime:
         self._queue: list[Event] = []
         self._dirty: set[str] = set()
         self._commit_wakeup = asyncio.Event()
+        # Events someone waits to see committed (a reason entered over HTTP): id -> futures.
+        self._commit_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._committer: asyncio.Task[None] | None = None
         self._agent_sequence = 0
         self.storage_error: str | None = None
@@ -252,10 +254,16 @@ class Runtime:
     def _take(self, det: MachineDetector, events: list[Event]) -> None:
         if det.dirty:
             self._dirty.add(det.machine_id)
+        for note in det.take_notes():
+            log.info("machine %s: %s", det.machine_id, note)
         if events:
+            trail = log.isEnabledFor(logging.DEBUG)
             for e in events:
                 key = (det.machine_id, e.type.value)
                 self.events_by_machine[key] = self.events_by_machine.get(key, 0) + 1
+                if trail:
+                    log.debug("event %s detected: %s", e.id, e.type.value,
+                              extra=_trail(e, "detected"))
             self._queue.extend(events)
             self._commit_wakeup.set()
         elif det.dirty:
@@ -329,8 +337,9 @@ class Runtime:
             self.detectors[mid].dirty = False
         states[_AGENT_STATE_KEY] = str(self._agent_sequence)
         agent_id = self.config.agent.id
+        detected_at = utcnow()  # the detectedat attribute: a commit takes milliseconds
         rows = [NewEvent(id=e.id, key=e.key, type=e.type.value, time=format_time(e.time),
-                         payload=e.to_json(agent_id)) for e in events]
+                         payload=e.to_json(agent_id, detected_at)) for e in events]
         try:
             failpoints.hit("before_commit")
             await self.buffer.append(rows, states)
@@ -342,6 +351,8 @@ class Runtime:
                 self.detectors[mid].dirty = True
             raise
         self.committed_total += len(rows)
+        self.metrics.observe_committed(events, detected_at)
+        self._committed(events)
         failpoints.hit("after_commit")
         if self._memory_drops:
             by_type, self._memory_drops = self._memory_drops, {}
@@ -355,6 +366,37 @@ class Runtime:
         for fw in self.forwarders.values():
             fw.wake()
 
+    def _committed(self, events: list[Event]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            for e in events:
+                log.debug("event %s committed: %s", e.id, e.type.value,
+                          extra=_trail(e, "committed"))
+        if self._commit_waiters:
+            for e in events:
+                for fut in self._commit_waiters.pop(e.id, ()):
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def commit_now(self, det: MachineDetector, events: list[Event],
+                         wait_for: str | None, timeout: float) -> bool:
+        """Queue what ``det`` just produced outside a sample or tick (an operator's reason)
+        and wait until the event ``wait_for`` is committed with the detector state, or until
+        ``timeout``; False then (it stays queued and commits later, like any detection)."""
+        fut: asyncio.Future[None] | None = None
+        if wait_for is not None and (wait_for in self._commit_waiters or
+                                     any(e.id == wait_for for e in events)):
+            fut = asyncio.get_running_loop().create_future()
+            self._commit_waiters.setdefault(wait_for, []).append(fut)
+        self._take(det, events)
+        self._commit_wakeup.set()
+        if fut is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except (TimeoutError, StorageFullError):
+            return False
+
     def _bound_uncommitted(self) -> None:
         """While commits fail, detections wait in memory; past a bound the oldest are dropped
         and counted, and a data gap reports them once commits work again."""
@@ -362,6 +404,10 @@ class Runtime:
         if excess <= 0:
             return
         dropped, self._queue = self._queue[:excess], self._queue[excess:]
+        for e in dropped:  # a waiter learns it will not see this one (a data gap says so)
+            for fut in self._commit_waiters.pop(e.id, ()):
+                if not fut.done():
+                    fut.set_exception(StorageFullError("dropped before it could be committed"))
         for e in dropped:
             self._memory_drops[e.type.value] = self._memory_drops.get(e.type.value, 0) + 1
         self._memory_drop_span = (self._memory_drop_span[0] or format_time(dropped[0].time),
@@ -435,6 +481,7 @@ class Runtime:
             },
             "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
+            "latency": self.metrics.recent_figures(),
             "clock": {"state": "adjusted" if self.clock_jumps else "steady",
                       "jumps": self.clock_jumps, "last_jump": self.last_clock_jump,
                       "threshold_s": self.config.agent.clock_jump_threshold},
@@ -453,3 +500,9 @@ class Runtime:
             if st.get("state") == "held":
                 reasons.append(f"sink {name} is held: {st.get('held_reason')}")
         return reasons
+
+
+def _trail(e: Event, stage: str) -> dict[str, Any]:
+    """Structured log fields that let an integrator follow one event through the agent."""
+    return {"stage": stage, "event_id": e.id, "episode_id": e.data.get("episode_id"),
+            "machine": e.key}
