@@ -104,9 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the outcome (default %(default)s)")
 
-    from agent import buffer_cli
+    from agent import buffer_cli, reason_cli
 
     buffer_cli.add_parser(sub)
+    reason_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "status":
                 return status_main(base, args.json)
             return reload_main(base, args.timeout)
+        if args.command == "reason":
+            from agent.reason_cli import run as run_reason
+
+            return run_reason(args)
         if args.command == "buffer":
             from agent.buffer_cli import run as run_buffer
 
