@@ -38,6 +38,7 @@ the attempt counter and the latency histogram are observed as they happen, by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -187,17 +188,15 @@ def _committed_time(payload: str) -> float | None:
         start = i + len(_DETECTED_KEY)
         end = payload.find('"', start)
         if end > 0 and payload.startswith(_AFTER_DETECTED, end + 1):
-            try:
+            with contextlib.suppress(ValueError):
                 return parse_time(payload[start:end]).timestamp()
-            except ValueError:
-                pass
-        try:
-            doc = json.loads(payload)
-            if isinstance(doc.get("detectedat"), str):
-                return parse_time(doc["detectedat"]).timestamp()
-        except (ValueError, TypeError, AttributeError):
-            pass
-    return _event_time(payload)
+    elif '"detectedat"' not in payload:
+        return _event_time(payload)  # buffered before the attribute existed
+    try:
+        doc = json.loads(payload)
+        return parse_time(doc["detectedat"]).timestamp()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _event_time(payload)
 
 
 def _event_time(payload: str) -> float | None:
