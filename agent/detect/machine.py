@@ -397,8 +397,8 @@ class MachineDetector:
         code, t = self._late_reason
         self._late_reason = None
         if self.episode is None and self.classifier.on_plc_reason(code, t):
-            # It belonged to the stop that ended: it does not carry over to the next one.
-            self.reason = None
+            # The code stays the machine's current reason (a PLC that latches it hands it to
+            # the next stop, as before): only its change is news, never its re-reading.
             self.dirty = True
 
     def classify(self, episode_id: str | None, code: str, text: str | None, by: str,
