@@ -35,8 +35,8 @@ from typing import Any
 
 from agent.detect.classify import RECENT, EpisodeNotFound, UnknownCode
 from agent.httpserver import Request, Response
-from agent.model import utcnow
 from agent.runtime import Runtime
+from config.model import utcnow
 from config.secrets import SecretResolutionError
 
 __all__ = ["COMMIT_TIMEOUT", "answer"]

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from agent.detect.config import DowntimeRule
 from agent.detect.episode import Episode
-from agent.model import EventType, format_time, parse_time
-from config.models import DowntimeRule
+from config.model import EventType, format_time, parse_time
 
 __all__ = ["RECENT", "Classification", "Classifier", "EpisodeNotFound", "EpisodeRecord",
            "UnknownCode"]

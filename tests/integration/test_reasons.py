@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT, wait_until
 
 from agent.health import HealthServer
-from agent.model import parse_time
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.sinks.http import batch_idempotency_key
 from agent.sinks.tracecontext import parse_traceparent, trace_id_for
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
+from config.model import parse_time
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

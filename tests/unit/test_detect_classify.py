@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 
 from agent.detect.classify import RECENT, EpisodeNotFound, UnknownCode
+from agent.detect.config import MachineConfig
 from agent.detect.machine import MachineDetector
-from agent.model import Event, EventType, Quality, TagSample, parse_time
-from config.models import MachineConfig
+from config.model import Event, EventType, Quality, TagSample, parse_time
 
 T0 = parse_time("2026-11-28T08:00:00Z")
 CFG = MachineConfig.model_validate({

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.metrics import _event_time
-from agent.model import Event, EventType, parse_time
+from agent.sinks.instrumented import _event_time
+from config.model import Event, EventType, parse_time
 
 T = parse_time("2026-11-28T08:00:00.123Z")
 
@@ -27,7 +27,7 @@ def test_unreadable_is_none() -> None:
 
 
 def test_delivery_delay_counts_from_detectedat_even_with_one_in_data() -> None:
-    from agent.metrics import _committed_time
+    from agent.sinks.instrumented import _committed_time
 
     committed = parse_time("2026-11-28T08:00:05.456Z")
     e = Event(id="x", type=EventType.SCRAP_RECORDED, source="/s", time=T, key="m", sequence=1,
