@@ -5,6 +5,7 @@ reason-entry endpoint and ``edge-agent reason`` run as a real subprocess against
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -297,3 +298,41 @@ async def test_single_mode_trace_id_follows_the_event_id(tmp_path: Path) -> None
         for r in posts:
             parsed = parse_traceparent(r.headers.get("traceparent"))
             assert parsed is not None and parsed[0] == trace_id_for(r.ids[0])
+
+
+async def test_one_stop_can_be_followed_through_the_log(agent: Agent,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG the event id and episode id are logged where the event passes, and the
+    delivered line carries the trace id that the request's traceparent had."""
+    caplog.set_level(logging.DEBUG)
+    episode = await agent.one_stop()
+    fw = agent.rt.forwarders["central"]
+    await wait_until(lambda: fw.delivered_total >= len(agent.rx.events()), what="settled")
+    ended = agent.of_type("plantedge.downtime.ended")[-1]
+    stages: dict[str, logging.LogRecord] = {}
+    for r in caplog.records:
+        if getattr(r, "event_id", None) == ended["id"]:
+            stages[r.stage] = r  # type: ignore[attr-defined]
+    assert {"detected", "committed", "delivered"} <= set(stages), sorted(stages)
+    for r in stages.values():
+        assert r.episode_id == episode  # type: ignore[attr-defined]
+        assert ended["id"] in r.getMessage()
+    trace = stages["delivered"].trace_id  # type: ignore[attr-defined]
+    sent = next(r for r in agent.rx.requests if ended["id"] in r.ids)
+    parsed = parse_traceparent(sent.headers.get("traceparent"))
+    assert parsed is not None and parsed[0] == trace and trace in stages["delivered"].getMessage()
+
+
+async def test_a_dead_letter_is_logged_with_its_episode_and_trace(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    agent.rx.faults.status, agent.rx.faults.count = 422, 1  # the next request is refused
+    await agent.plc.set_value(STATE, 3)
+    record = await wait_until(lambda: next((r for r in caplog.records
+                                            if getattr(r, "stage", None) == "dead_lettered"),
+                                           None), what="dead letter")
+    refused = next(r for r in agent.rx.requests if r.status == 422)
+    parsed = parse_traceparent(refused.headers.get("traceparent"))
+    assert parsed is not None and record.trace_id == parsed[0]
+    assert record.event_id in record.getMessage() and parsed[0] in record.getMessage()
+    assert record.episode_id == agent.rt.detectors["m1"].episode.episode_id  # type: ignore[union-attr]
