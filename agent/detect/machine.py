@@ -24,6 +24,9 @@ Invariants:
 - Event ids are UUIDv5 over (source, type, episode start or scrap window and counter range), so
   the same facts give the same ids after a restart. ``sequence`` is part of the saved state.
 - Durations come from sample times and are never negative.
+- A reason after a stop ended (the PLC within ``reason_grace``, an operator, an API) never
+  changes an event already sent: it is a ``downtime.classified`` event of its own (rules in
+  ``agent/detect/classify.py``, whose state is saved with the rest).
 - ``snapshot()`` captures everything needed to continue after a restart (the runtime commits it
   in the same transaction as the events it produced).
 """
