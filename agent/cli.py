@@ -165,8 +165,11 @@ def _parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
     rl.add_argument("--timeout", type=float, default=30.0,
                     help="seconds to wait for the outcome (default %(default)s)")
 
+    from agent import reason_cli
+
     buffer_cli.add_parser(sub)
     top.add_parser(sub)
+    reason_cli.add_parser(sub)
 
     demo = command(sub, "demo", "run a simulated plant, the agent and a receiver",
                    "Run a simulated plant (Modbus), the agent and a receiver, and print what "
@@ -209,6 +212,11 @@ def _handlers() -> dict[str, Handler]:
 
         return run(args)
 
+    def reason(args: argparse.Namespace) -> int:
+        from agent.reason_cli import run
+
+        return run(args)
+
     def demo(args: argparse.Namespace) -> int:
         from agent.demo import run_demo
 
@@ -223,7 +231,7 @@ def _handlers() -> dict[str, Handler]:
     return {"run": c.run, "validate": c.validate, "config": config, "receiver": receiver,
             "replay": c.replay, "record": c.record, "probe": c.probe, "browse": browse,
             "opcua": c.gen_cert, "status": status, "reload": status, "top": top,
-            "buffer": buffer, "demo": demo}
+            "buffer": buffer, "reason": reason, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@
 - ``/status``: the runtime's status document plus version, readiness, disk headroom and the
   last reload (never contains secrets: they serialise as their references).
 - ``/metrics``: see ``agent/metrics.py``.
+- ``/machines/{machine}/episodes[/{id}/reason]``: reason entry, off unless
+  ``health.reason_entry`` is configured (``agent/reasons_api.py``).
 - ``/``: the read-only status page for people (``agent/status_page.py``), HTML rendered from
   the ``/status`` document.
 
@@ -36,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent import __version__
+from agent import __version__, reasons_api
 from agent.httpserver import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE, Metrics
 from agent.runtime import Runtime
@@ -170,6 +172,8 @@ class HealthServer:
         return response
 
     async def _answer(self, req: Request) -> Response:
+        if req.path.startswith("/machines/"):
+            return await reasons_api.answer(self._runtime, req)  # reason entry (own module)
         if req.method not in ("GET", "HEAD"):
             return Response.json({"error": "method not allowed"}, 405)
         rt = self._runtime

@@ -12,7 +12,9 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
     edge_agent_events_dead_lettered_total{sink}        events moved to the dead-letter table
     edge_agent_delivery_attempts_total{sink,type}      attempts by outcome (accepted, retry, ..)
     edge_agent_delivery_duration_seconds{sink}         histogram of one delivery attempt
-    edge_agent_event_delivery_delay_seconds{sink}      histogram: event time -> accepted
+    edge_agent_event_detection_lag_seconds{machine}    histogram: event time -> committed
+    edge_agent_event_delivery_delay_seconds{sink}      histogram: committed -> accepted
+    edge_agent_reasons_unattributed_total{machine}     PLC reasons past the grace period
     edge_agent_sink_held{sink}                         1 while the sink is held (401/403)
     edge_agent_buffer_pending_events{sink}             events waiting for the sink
     edge_agent_buffer_oldest_pending_age_seconds{sink} age of the oldest of them
@@ -35,10 +37,16 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
 for "which version runs where" (``count by (version) (edge_agent_build_info)``); its values are
 fixed for the life of the process. ``state`` is bounded by the MachineState enum.
 
+The two event histograms are the agent's time to detect (``agent/runtime/figures.py``) and
+time to synchronise (``agent/sinks/instrumented.py``); ``/status`` shows their recent
+quantiles under ``latency``. Each event carries its commit time as the ``detectedat``
+attribute, so a receiver can compute the same figures.
+
 Most values are read from the runtime when scraped (one registry per runtime, never the
 process-global default registry, so several runtimes in one test process do not collide); only
 the attempt counter and the latency and delay histograms are observed as they happen, by
-``agent.sinks.instrumented.InstrumentedSink`` wrapped around each sink.
+``agent.sinks.instrumented.InstrumentedSink`` wrapped around each sink, and the detection lag
+by the committer.
 """
 
 from __future__ import annotations
@@ -138,6 +146,14 @@ class _RuntimeCollector(Collector):
             held.add_metric([name], 1.0 if fw.held_reason is not None
                             and str(fw.state) == "held" else 0.0)
         yield from (delivered, retries, dead, held)
+
+        unattributed = CounterMetricFamily(
+            "edge_agent_reasons_unattributed",
+            "PLC reason codes that came after the grace period (not attributed to a stop).",
+            labels=["machine"])
+        for mid, det in sorted(rt.detectors.items()):
+            unattributed.add_metric([mid], det.classifier.unattributed_total)
+        yield unattributed
 
         if self.stats is not None:
             yield from _buffer_metrics(self.stats)

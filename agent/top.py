@@ -34,8 +34,11 @@ from typing import Any, TextIO
 __all__ = ["add_parser", "render", "run"]
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 3
-_COLOURS = {"running": "32", "idle": "33", "down": "31", "planned": "34", "unknown": "90",
-            "up": "32", "connecting": "33", "backoff": "31", "held": "31", "retrying": "33"}
+_MACHINE_COLOURS = {"running": "32", "idle": "33", "down": "31", "planned": "34",
+                    "unknown": "90"}
+# Sources and sinks: green when working, yellow when trying again, red when stuck.
+_LINK_COLOURS = {"up": "32", "delivering": "32", "idle": "32", "connecting": "33",
+                 "retrying": "33", "backoff": "31", "down": "31", "held": "31"}
 
 
 def add_parser(sub: Any) -> None:
@@ -201,7 +204,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         rows.append([mid, str(m.get("state") or "unknown").upper(), since(m.get("since")),
                      open_dt or "-", str(m.get("order_id") or "-"), last_s])
     lines += ["", *_table(["MACHINE", "STATE", "IN STATE", "OPEN DOWNTIME", "ORDER",
-                           "LAST EVENT"], rows, colour, state_col=1)]
+                           "LAST EVENT"], rows, colour, _MACHINE_COLOURS)]
 
     rows = []
     for name, s in (doc.get("sources") or {}).items():
@@ -210,7 +213,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
                      str(len(bad)) + (f" ({', '.join(sorted(bad))[:40]})" if bad else ""),
                      "" if s.get("state") == "up" else str(s.get("last_error") or "")[:50]])
     lines += ["", *_table(["SOURCE", "STATE", "SAMPLE AGE", "BAD TAGS", "LAST ERROR"], rows,
-                          colour, state_col=1)]
+                          colour, _LINK_COLOURS)]
 
     backlog = (doc.get("buffer") or {}).get("sinks") or {}
     rows = []
@@ -223,17 +226,17 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
                      "-" if rate is None else f"{rate:.1f}/s",
                      str(s.get("held_reason") or s.get("last_error") or "")[:50]])
     lines += ["", *_table(["SINK", "STATE", "PENDING", "LEASED", "DEAD", "OLDEST", "RATE",
-                           "LAST ERROR"], rows, colour, state_col=1)]
+                           "LAST ERROR"], rows, colour, _LINK_COLOURS)]
     return lines
 
 
 def _table(headers: list[str], rows: list[list[str]], colour: bool,
-           state_col: int) -> list[str]:
+           palette: dict[str, str], state_col: int = 1) -> list[str]:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in rows:
         cells = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
-        cells[state_col] = _paint(cells[state_col], _COLOURS.get(r[state_col].lower(), "0"),
+        cells[state_col] = _paint(cells[state_col], palette.get(r[state_col].lower(), "0"),
                                   colour)
         out.append("  ".join(cells).rstrip())
     return out

@@ -112,6 +112,15 @@ def _source_of(payload: str) -> str:
     return source if isinstance(source, str) else ""
 
 
+def _episode_of(payload: str) -> str | None:
+    """The ``data.episode_id`` of a CloudEvent's JSON text (dead letters only: rare)."""
+    try:
+        episode = json.loads(payload).get("data", {}).get("episode_id")
+    except (ValueError, AttributeError):
+        return None
+    return episode if isinstance(episode, str) else None
+
+
 # A block older than this does not lease ahead (far below any sensible lease timeout).
 _AHEAD_WITHIN = 1.0
 
@@ -283,7 +292,7 @@ class Forwarder:
                 if not await self._settle(Settlement(dead=dead)):
                     return
                 queue.popleft()
-                self._dead_lettered(chunk, dead)
+                self._dead_lettered(chunk, dead, delivery.trace_id)
                 self._answered()
             else:  # TOO_LARGE: split; REJECTED: bisect. Either way, halves in order.
                 first, second = _halves(chunk)
@@ -318,14 +327,14 @@ class Forwarder:
             if (accepted or dead) and not await self._settle_behind(settlement):
                 return chunk, True
             if dead:
-                self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+                self._dead_lettered([r for r in chunk if r.seq in dead], dead, delivery.trace_id)
             self._succeeded()
             return [], False
         if not await self._caught_up() or (
                 (accepted or dead) and not await self._settle(settlement)):
             return chunk, True
         if dead:
-            self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+            self._dead_lettered([r for r in chunk if r.seq in dead], dead, delivery.trace_id)
         if accepted:
             self._mark_success_time()
         if held is not None:
@@ -428,12 +437,17 @@ class Forwarder:
         self.last_error = self.last_error_at = None
 
     def _dead_lettered(self, rows: Sequence[LeasedEvent],
-                       dead: dict[int, tuple[int | None, str]]) -> None:
+                       dead: dict[int, tuple[int | None, str]],
+                       trace_id: str | None = None) -> None:
         self.dead_lettered_total += len(dead)
         for row in rows:
             status, detail = dead[row.seq]
-            log.error("sink %s refused event %s (%s, HTTP %s): moved to dead letters: %s",
-                      self.sink.name, row.id, row.type, status, detail[:200])
+            episode = _episode_of(row.payload)
+            log.error("sink %s refused event %s (%s%s, HTTP %s, trace %s): moved to dead "
+                      "letters: %s", self.sink.name, row.id, row.type,
+                      f", episode {episode}" if episode else "", status, trace_id,
+                      detail[:200], extra={"stage": "dead_lettered", "event_id": row.id,
+                                           "episode_id": episode, "trace_id": trace_id})
 
     async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
                       status: int | None = None, *, attempt: bool = True) -> None:

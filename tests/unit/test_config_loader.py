@@ -118,7 +118,7 @@ def test_typo_key_is_unknown_with_a_suggestion() -> None:
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys() -> None:
     assert errors("agent: {id: a, site: b}\nhealth: {port: 80}\n") == [
         "cfg.yaml:2:10: health.port: unknown key 'port'; allowed keys: listen, "
-        "max_pending_age, min_disk_free, buffer_full_ratio"]
+        "max_pending_age, min_disk_free, buffer_full_ratio, reason_entry"]
 
 
 def test_wrong_enum_value_lists_the_allowed_values() -> None:
