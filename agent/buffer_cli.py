@@ -40,6 +40,12 @@ if TYPE_CHECKING:  # the parser is built on every CLI call: keep its imports lig
 __all__ = ["add_parser", "run"]
 
 _ACTIONS = ("stats", "pending", "dead-letters", "export", "replay", "purge")
+_DESCRIPTIONS = {
+    "export": "Write every dead letter with its event, streamed from one snapshot, and record "
+              "what was written beside the buffer: purge deletes only what an export covered.",
+    "purge": "Delete dead letters the last export covered (all, or --id ...). If any of them "
+             "failed after that export, nothing is deleted unless --all. Needs --yes.",
+}
 _EXCERPT = 80
 
 
@@ -70,8 +76,8 @@ def add_parser(sub: Any) -> None:
         "purge": "edge-agent buffer purge --config config.yaml --yes",
     }
     for name in _ACTIONS:
-        p = command(actions, name, helps[name], helps[name].capitalize() + ".",
-                    [examples[name]])
+        p = command(actions, name, helps[name], _DESCRIPTIONS.get(
+            name, helps[name][0].upper() + helps[name][1:] + "."), [examples[name]])
         add_config_option(p)
         p.add_argument("--sink", default=None, help="only this sink (default: all)")
         if name in ("stats", "pending", "dead-letters"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,10 +80,11 @@ def command(sub: Any, name: str, help: str, description: str,
     """A subcommand whose help has a description and examples (argparse keeps the layout)."""
     epilog = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(
         f"  {e}" for e in examples)
-    epilog += ("\n\nglobal options (--log-level, --log-format) may follow the command too; "
+    epilog += ("\n\nglobal options (--log-level, --log-format) may follow the command too.\n"
                "exit codes: 0 ok, 1 failed or not ready, 2 bad input, 3 unreachable")
+    # Raw layout keeps the examples as written; the description is wrapped here instead.
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=description, epilog=epilog,
+        name, help=help, description=textwrap.fill(description, 88), epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
