@@ -44,8 +44,14 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
     try:
         await runtime.start()
         port = await health.start()
-        # The local channel for `edge-agent reload` (never a pid read over HTTP).
-        pidfile = write_pidfile(config.agent.data_dir, config.agent.id)
+        # The local channel for `edge-agent reload` (never a pid read over HTTP). Without it
+        # the agent still runs; SIGHUP and `systemctl reload` still work.
+        try:
+            pidfile = write_pidfile(config.agent.data_dir, config.agent.id)
+        except OSError as exc:
+            log.warning("cannot write the pid file in %s (%s): `edge-agent reload` will not "
+                        "find this agent; SIGHUP still reloads", config.agent.data_dir,
+                        exc.strerror or exc)
         log.info("health endpoint on http://%s:%d/status",
                  config.health.listen.rpartition(":")[0], port)
         notifier.ready(_summary(runtime))

@@ -246,7 +246,9 @@ async def test_sighup_and_reload_command_on_a_running_agent(
             await wait_until(lambda: of(receiver, "m1", "ended"), what="episode ended")
             shown = await asyncio.to_thread(cli, "status", "--url", base)
             assert "last reload applied" in shown.stdout and "m1" in shown.stdout
+            assert (tmp_path / "agent" / "edge-agent.pid").exists()
         assert agent.terminate() == 0
+        assert not (tmp_path / "agent" / "edge-agent.pid").exists()  # removed on stop
     finally:
         agent.kill()
     log = (tmp_path / "agent.log").read_text()
