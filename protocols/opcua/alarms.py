@@ -29,7 +29,7 @@ from asyncua import ua
 
 from config.model import Quality, TagSample
 
-__all__ = ["AlarmFeeds", "alarm_filter", "condition_refresh_request"]
+__all__ = ["AlarmFeeds", "alarm_filter", "condition_refresh_request", "refresh_marker_filter"]
 
 _NodeId: Any = ua.NodeId
 _O = ua.ObjectIds
@@ -112,19 +112,29 @@ def _fields(event: Any) -> dict[str, Any]:
 class AlarmFeeds:
     """Turns the events of a session's alarm tags into samples (see the module docstring).
 
-    A refresh spans every alarm tag of the subscription: it begins when the source calls
-    ConditionRefresh (or a RefreshStart arrives) and ends at the first RefreshEnd on any of
-    them (servers differ in which monitored items get the markers; the condition events of a
-    refresh always come before its end marker), or after ``REFRESH_LIMIT`` seconds if the
-    server never sends one. Each tag then gets one ``active`` snapshot sample.
+    Refresh bookkeeping, per alarm tag (servers differ in which monitored items get the
+    RefreshStart/RefreshEnd markers: the specification says every event item of the
+    subscription; node-opcua sends them only to items on the Server object)::
+
+        ConditionRefresh called ──> every tag collecting
+        RefreshStart on tag X   ──> X collects afresh and waits for its own RefreshEnd
+        RefreshEnd on any item  ──> the snapshot of that tag (if it had its own start) and of
+                                    every tag that has not seen a RefreshStart of its own
+                                    (the marker item on the Server object serves those)
+        no RefreshEnd within REFRESH_LIMIT ──> whatever was collected is emitted
+
+    The condition events of a refresh always come before its end marker in the publish
+    stream, so a snapshot is complete when it is emitted.
     """
 
     REFRESH_LIMIT = 30.0
 
-    def __init__(self, tags: dict[int, str]) -> None:
+    def __init__(self, tags: dict[int, str], marker: int | None = None) -> None:
         self.tags = tags  # server handle -> tag id
+        self.marker = marker  # server handle of the refresh-marker item, if one was added
         self.overflowed = False  # the server dropped events: ConditionRefresh again
-        self._snapshot: dict[str, list[dict[str, Any]]] | None = None
+        self._collecting: dict[str, list[dict[str, Any]]] = {}
+        self._own_markers: set[str] = set()
         self._refresh_until = 0.0
 
     def __bool__(self) -> bool:
@@ -132,51 +142,84 @@ class AlarmFeeds:
 
     @property
     def refreshing(self) -> bool:
-        return self._snapshot is not None
+        return bool(self._collecting)
 
     def begin_refresh(self, now_mono: float) -> None:
         self.overflowed = False
-        self._snapshot = {tag: [] for tag in self.tags.values()}
+        self._collecting = {tag: [] for tag in self.tags.values()}
+        self._own_markers = set()
         self._refresh_until = now_mono + self.REFRESH_LIMIT
 
     def expire(self, now_mono: float, now: datetime) -> list[TagSample]:
         """End a refresh whose end marker never came."""
-        if self._snapshot is not None and now_mono > self._refresh_until:
-            return self._end_refresh(now)
+        if self._collecting and now_mono > self._refresh_until:
+            return self._emit(list(self._collecting), now)
         return []
 
     def take(self, server_handle: int | None, event: Any, now: datetime,
              now_mono: float) -> list[TagSample]:
         tag = self.tags.get(server_handle if server_handle is not None else -1)
-        if tag is None:
+        marker = server_handle is not None and server_handle == self.marker
+        if tag is None and not marker:
             return []
         get = event.__dict__.get
         etype = get("EventType")
         ident = etype.Identifier if isinstance(etype, ua.NodeId) and \
             etype.NamespaceIndex == 0 else None
         if ident == _O.RefreshStartEventType:
-            if self._snapshot is None:
-                self.begin_refresh(now_mono)
+            if tag is not None:
+                if not self._collecting:
+                    self._refresh_until = now_mono + self.REFRESH_LIMIT
+                self._collecting[tag] = []
+                self._own_markers.add(tag)
             return []
         if ident == _O.RefreshEndEventType:
-            return self._end_refresh(now) if self._snapshot is not None else []
+            done = [t for t in self._collecting if t not in self._own_markers]
+            if tag is not None and tag in self._own_markers:
+                self._own_markers.discard(tag)
+                done.append(tag)
+            return self._emit(done, now)
+        if tag is None:
+            return []  # the marker item carries nothing else
         if ident == _O.EventQueueOverflowEventType:
             self.overflowed = True
             return []
         fields = _fields(event)
-        if self._snapshot is not None:
+        if tag in self._collecting:
             if fields["active"]:
-                self._snapshot[tag].append(fields)
+                self._collecting[tag].append(fields)
             return []
         return [_sample(tag, {"kind": "alarm", **fields}, _time(get("Time")) or now, now)]
 
-    def _end_refresh(self, now: datetime) -> list[TagSample]:
-        snapshot, self._snapshot = self._snapshot or {}, None
+    def _emit(self, tags: list[str], now: datetime) -> list[TagSample]:
         out = []
-        for tag, alarms in snapshot.items():
+        for tag in tags:
+            alarms = self._collecting.pop(tag, None)
+            if alarms is None:
+                continue
             alarms.sort(key=lambda a: (a["source"] or "", a["condition"] or ""))
             out.append(_sample(tag, {"kind": "active", "alarms": alarms}, now, now))
         return out
+
+
+def refresh_marker_filter() -> ua.EventFilter:
+    """For the marker item on the Server object: only RefreshStart and RefreshEnd pass."""
+    op = ua.SimpleAttributeOperand()
+    op.TypeDefinitionId = _NodeId(_O.BaseEventType)
+    op.BrowsePath = [ua.QualifiedName("EventType", 0)]
+    op.AttributeId = ua.AttributeIds.Value
+    el = ua.ContentFilterElement()
+    el.FilterOperator = ua.FilterOperator.Or
+    el.FilterOperands = [ua.ElementOperand(Index=1), ua.ElementOperand(Index=2)]
+    elements = [el]
+    for type_id in (_O.RefreshStartEventType, _O.RefreshEndEventType):
+        of = ua.ContentFilterElement()
+        of.FilterOperator = ua.FilterOperator.OfType
+        of.FilterOperands = [ua.LiteralOperand(Value=ua.Variant(_NodeId(type_id)))]
+        elements.append(of)
+    where = ua.ContentFilter()
+    where.Elements = elements
+    return ua.EventFilter(SelectClauses=[op], WhereClause=where)
 
 
 def _sample(tag: str, body: dict[str, Any], t: datetime, now: datetime) -> TagSample:

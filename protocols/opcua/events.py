@@ -14,11 +14,14 @@ from asyncua import ua
 from config.model import Quality, TagSample, utcnow
 from protocols.opcua.alarms import AlarmFeeds
 from protocols.opcua.config import OpcuaSourceConfig, TagKind
+from protocols.opcua.nodeids import parse_node_id
 from protocols.opcua.session import Session
 
 __all__ = ["alarm_feeds", "condition_refresh", "not_notifiers_of"]
 
 _SUBSCRIBE_TO_EVENTS = 1
+_NodeId: Any = ua.NodeId
+_SERVER = _NodeId(ua.ObjectIds.Server)
 
 
 async def not_notifiers_of(session: Session, config: OpcuaSourceConfig,
@@ -43,16 +46,23 @@ async def not_notifiers_of(session: Session, config: OpcuaSourceConfig,
     return bad
 
 
-def alarm_feeds(session: Session, config: OpcuaSourceConfig, tags: list[str],
-                handles: list[int | str]) -> AlarmFeeds:
-    """The accepted alarm tags by server handle (event notifications carry only that)."""
+async def alarm_feeds(session: Session, config: OpcuaSourceConfig, tags: list[str],
+                      handles: list[int | str], marker: int | None = None) -> AlarmFeeds:
+    """The accepted alarm tags by server handle (event notifications carry only that). When
+    no alarm tag watches the Server object, a marker item there receives the refresh markers
+    (a server may send them only to Server-object items)."""
     by_server: dict[int, str] = {}
+    on_server = False
     for tag_id, handle in zip(tags, handles, strict=True):
         if config.tags[tag_id].kind is TagKind.ALARMS and isinstance(handle, int):
             server_handle = session.server_handle(handle)
             if server_handle is not None:
                 by_server[server_handle] = tag_id
-    return AlarmFeeds(by_server)
+                on_server = on_server or parse_node_id(config.tags[tag_id].node).resolve(
+                    session.namespaces) == _SERVER
+    if by_server and not on_server and marker is None:
+        marker = await session.monitor_refresh_markers()
+    return AlarmFeeds(by_server, marker)
 
 
 async def condition_refresh(session: Session, feeds: AlarmFeeds) -> list[TagSample]:

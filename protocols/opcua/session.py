@@ -33,7 +33,7 @@ from asyncua.common.subscription import OverflowPolicy, Subscription
 
 from config.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
 from config.secrets import SecretResolutionError
-from protocols.opcua.alarms import alarm_filter, condition_refresh_request
+from protocols.opcua.alarms import alarm_filter, condition_refresh_request, refresh_marker_filter
 from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag, TagKind
 from protocols.opcua.security import TrustDirectory, UntrustedServerError, apply_security
 
@@ -271,6 +271,20 @@ class Session:
                 else:
                     results.append(request.RequestedParameters.ClientHandle)
         return results
+
+    async def monitor_refresh_markers(self) -> int | None:
+        """An event item on the Server object that lets only RefreshStart/RefreshEnd through
+        (servers that send the markers only there); its server handle, or None if refused."""
+        sub = self.subscription
+        assert sub is not None, "subscribe() first"
+        make: Any = sub._make_monitored_item_request
+        request = make(_NodeRef(_NodeId(ua.ObjectIds.Server)), ua.AttributeIds.EventNotifier,
+                       refresh_marker_filter(), 10, ua.MonitoringMode.Reporting, 0)
+        answers = await self._call("creating the refresh marker item",
+                                   sub.create_monitored_items([request]))
+        if isinstance(answers[0], ua.StatusCode):
+            return None
+        return self.server_handle(request.RequestedParameters.ClientHandle)
 
     def server_handle(self, client_handle: int) -> int | None:
         """The server's id of a monitored item (event notifications carry only that)."""

@@ -230,7 +230,7 @@ class OpcuaSource(Source):
         by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
         self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
-        feeds = alarm_feeds(session, self.config, tags, handles)
+        feeds = await alarm_feeds(session, self.config, tags, handles)
         if feeds:
             await self._condition_refresh(session, feeds, out)
         next_retry = time.monotonic() + RETRY_REFUSED_AFTER
@@ -319,9 +319,10 @@ class OpcuaSource(Source):
         again: list[str] = [s.tag for s in still]
         refused = self._sort_handles(tags, handles, resolved, by_handle, again)
         self._emit(out, [*still, *refused])
-        added = alarm_feeds(session, self.config, tags, handles)
+        added = await alarm_feeds(session, self.config, tags, handles, feeds.marker)
         if added:
             feeds.tags.update(added.tags)
+            feeds.marker = added.marker
             await self._condition_refresh(session, feeds, out)
         return again
 

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,3 +204,45 @@ async def test_an_alarm_tag_on_a_node_that_is_no_notifier_is_bad_and_says_why(
     assert wrong[0].quality.value == "bad"
     assert "not an event notifier" in (wrong[0].detail or "")
     assert any(s.tag == "filler.state" and s.good for s in pipe.samples)
+
+
+async def test_recorded_alarms_replay_to_the_same_reasons(plc: NodeOpcuaServer,
+                                                          tmp_path: Path) -> None:
+    """Alarm events are samples: `edge-agent record` keeps them, `replay` gives the reason."""
+    from agent.replay import read_samples, record, replay
+    from agent.wiring.load import load_config_text
+
+    cfg = load_config_text(f"""
+agent: {{id: edge-rec, site: s, data_dir: "{tmp_path}"}}
+sources:
+  cell:
+    type: opcua
+    endpoint: {plc.endpoint}
+    publishing_interval: 50ms
+    tags:
+      filler.state: {{node: "ns=1;s=Filler.State", type: int}}
+      filler.alarms: {{node: "ns=1;s=Filler", kind: alarms}}
+machines:
+  filler:
+    line: l1
+    state: {{tag: filler.state, map: {{1: running, 3: down}}}}
+    downtime:
+      alarms: {{tag: filler.alarms, reasons: [{{condition: DoorOpen, code: DOOR}}]}}
+sinks:
+  central: {{type: http, url: "http://127.0.0.1:9/events"}}
+""", "<test>")
+    path = tmp_path / "samples.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        task = asyncio.create_task(record(cfg, out, duration=3.0))
+        await asyncio.sleep(1.0)  # connected, refreshed
+        plc.set("Filler.DoorOpen", True)
+        await asyncio.sleep(0.3)
+        plc.set("Filler.State", 3)
+        await asyncio.sleep(0.3)
+        plc.set("Filler.State", 1)
+        plc.set("Filler.DoorOpen", False)
+        await task
+    events = [e for e in replay(cfg, read_samples(path))
+              if e["type"].startswith("plantedge.downtime")]
+    assert [e["type"].rsplit(".", 1)[1] for e in events] == ["started", "ended"]
+    assert all(e["data"]["reason_code"] == "DOOR" for e in events), (events, path.read_text())
