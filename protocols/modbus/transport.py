@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 _FUNCTIONS = {ModbusTable.HOLDING: READ_HOLDING, ModbusTable.INPUT: READ_INPUT,
               ModbusTable.COIL: READ_COILS, ModbusTable.DISCRETE: READ_DISCRETE}
+_WORDS = {ModbusTable.HOLDING: "holding register(s)", ModbusTable.INPUT: "input register(s)",
+          ModbusTable.COIL: "coil(s)", ModbusTable.DISCRETE: "discrete input(s)"}
 _FLUSH_QUIET = 0.02
 _FAULT_WORDS = {FrameFault.NO_ANSWER: "no answer", FrameFault.CRC: "a frame with a bad CRC",
                 FrameFault.GARBAGE: "bytes that are no Modbus frame",
@@ -320,8 +322,8 @@ class RtuLine:
                 outcome = await self._exchange(request, unit, function, count)
                 if isinstance(outcome, FrameFault):
                     last = _FAULT_WORDS[outcome]
-                    self.stats.fault(unit, outcome, f"reading {count} {table.value} from "
-                                     f"{start}: {last}")
+                    self.stats.fault(unit, outcome, f"reading {count} {_WORDS[table]} at "
+                                     f"address {start}: {last}")
                     await self._flush()
                     continue
                 data, code, skipped = outcome
