@@ -99,6 +99,7 @@ class MachineDetector:
         self.episode: Episode | None = None
         self.order: str | None = None
         self.reason: str | None = None
+        self.reason_since: datetime | None = None  # time of the last reason sample applied
         self.prod_last: int | None = None
         self.prod_moved_at: datetime | None = None
         self.prod_blind = False
@@ -201,12 +202,18 @@ class MachineDetector:
 
     def history_needed_from(self, tag: str) -> datetime | None:
         """For a history backfill: the time since which this detector may have missed values
-        of ``tag`` (its state and reason tags), or None. It is the start of the current state:
-        any value of the state tag after it that differs is a change not seen yet, and the
-        value at that instant is the one the detector holds (re-feeding it changes nothing)."""
-        if tag not in (self.cfg.state.tag, self.cfg.downtime.reason_tag):
-            return None
-        return self.state_since
+        of ``tag`` (its state and reason tags), or None.
+
+        State tag: the start of the current state. Any later value that differs is a change
+        not seen yet, and the value at that instant is the one the detector holds (feeding it
+        again changes nothing). Reason tag: the later of that and the last reason value
+        applied, so a reason the detector already attributed is never fed again (it would
+        look like a new, late reason for a stop that has one)."""
+        if tag == self.cfg.state.tag:
+            return self.state_since
+        if tag == self.cfg.downtime.reason_tag and self.state_since is not None:
+            return max(self.state_since, self.reason_since or self.state_since)
+        return None
 
     def note_clock_jump(self, seconds: float) -> None:
         """The agent's clock jumped; flag what is open so its events say so."""
@@ -424,6 +431,7 @@ class MachineDetector:
             # Judged after the whole batch: a stop read in the same poll takes it instead.
             self._late_reason = (code, s.time)
         self.reason = code
+        self.reason_since = s.time
         ep = self.episode
         if ep is not None and self.reason is not None:
             if ep.reason_code is None:

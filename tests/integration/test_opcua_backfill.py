@@ -62,12 +62,13 @@ sources:
     history: {{margin: 5s, max_span: 1h}}
     tags:
       f.state: {{node: "ns=1;s=Filler.State", type: int}}
+      f.reason: {{node: "ns=1;s=Filler.Reason", type: int}}
       f.speed: {{node: "ns=1;s=Filler.Speed"}}
 machines:
   filler:
     line: l1
     state: {{tag: f.state, map: {{1: running, 3: down}}}}
-    downtime: {{min_duration: 0s}}
+    downtime: {{min_duration: 0s, reason_tag: f.reason}}
 sinks:
   central: {{type: http, url: "{sink_url}", retry: {{initial_backoff: 50ms, max_backoff: 300ms}}}}
 buffer: {{commit_interval: 10ms}}
@@ -106,12 +107,20 @@ def downtime(receiver: Receiver) -> list[tuple[str, str, str | None]]:
             for e in receiver.events() if e["type"].startswith("plantedge.downtime")]
 
 
-async def change(plc: NodeOpcuaServer, value: int) -> datetime:
-    """Set the state now; the time the server records (millisecond precision)."""
+async def change(plc: NodeOpcuaServer, value: int, reason: int | None = None) -> datetime:
+    """Set the state (and the reason, at the same instant) now; the time the server records
+    (millisecond precision)."""
     t = utcnow().replace(microsecond=utcnow().microsecond // 1000 * 1000)
+    if reason is not None:
+        plc.set("Filler.Reason", reason, time=t)
     plc.set("Filler.State", value, time=t)
     await asyncio.sleep(0.05)
     return t
+
+
+def reasons(receiver: Receiver) -> list[str | None]:
+    return [e["data"]["reason_code"] for e in receiver.events()
+            if e["type"].startswith("plantedge.downtime")]
 
 
 async def test_stops_while_the_agent_was_away_are_reported_once_with_true_times(
@@ -127,14 +136,15 @@ async def test_stops_while_the_agent_was_away_are_reported_once_with_true_times(
                          what="running")
         await rt.stop()
 
-        # 1. A stop entirely while the agent is stopped.
-        t1 = await change(plc, 3)
-        t2 = await change(plc, 1)
+        # 1. A stop entirely while the agent is stopped, with its reason.
+        t1 = await change(plc, 3, reason=7)
+        t2 = await change(plc, 1, reason=0)
         rt = Runtime(cfg)
         await rt.start()
         await wait_until(lambda: len(downtime(receiver)) == 2, what="backfilled stop")
         assert downtime(receiver) == [("started", format_time(t1), None),
                                       ("ended", format_time(t1), format_time(t2))]
+        assert reasons(receiver) == ["7", "7"]
         status = (await rt.status())["sources"]["plc"]["detail"]["history"]
         assert status["runs_total"] == 1 and status["last_values"] >= 2
         assert status["last_tags"]["f.state"]["historizing"] is True
@@ -157,8 +167,12 @@ async def test_stops_while_the_agent_was_away_are_reported_once_with_true_times(
         await asyncio.sleep(0.5)
         await rt.stop()
         events = downtime(receiver)
+        codes = reasons(receiver)
+        classified = [e for e in receiver.events() if e["type"].endswith("classified")]
     finally:
         await receiver.aclose()
+    # Backfilled reasons are not taken for late reasons of other stops (no classification).
+    assert codes[2:] == [None, None] and classified == []
     assert events[2:] == [("started", format_time(t3), None),
                                       ("ended", format_time(t3), format_time(t4))]
 

@@ -4,6 +4,7 @@
 // Address space (namespace 1, string node ids):
 //   Objects/Filler  (an event notifier of the Server object)
 //     Filler.State      Int32, writable, historizing (HistoryRead access)
+//     Filler.Reason     Int32, writable, historizing
 //     Filler.Speed      Double, writable, not historizing
 //     Filler.DoorOpen   Boolean input of the off-normal alarm "DoorOpen" (normal: false)
 //     Filler.MotorFault Boolean input of the off-normal alarm "MotorFault" (normal: false)
@@ -104,6 +105,7 @@ async function main() {
 
     const filler = machine("Filler");
     variable(filler, "State", "Int32", 1, true);
+    variable(filler, "Reason", "Int32", 0, true);
     variable(filler, "Speed", "Double", 0, false);
     offNormal(filler, "DoorOpen");
     offNormal(filler, "MotorFault");
