@@ -20,8 +20,11 @@ Invariants:
   result the same whether or not the server honours it.
 - A server that refuses history for a node (its capability flags were wrong) costs that node
   only; it is reported, and the live values carry on.
-- Bounded: ``max_span`` and ``max_values`` cap the work; hitting either is reported as
-  ``truncated`` on /status (the newest part of a truncated gap is then not replayed).
+- Bounded: ``max_span`` and ``max_values`` cap the work. ``span_capped`` on /status: the read
+  started ``max_span`` ago, later than detection's resume point (common after a restart when
+  the machine has been in one state for long: nothing is lost unless the outage itself was
+  longer). ``truncated``: ``max_values`` stopped the read, so the newest part of the gap is not
+  replayed; logged as a warning.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ async def backfill(session: Session, settings: OpcuaHistory,
         since = max(resume, now - timedelta(seconds=settings.max_span))
         note: dict[str, Any] = {"from": format_time(since), "historizing": flag,
                                 "history_read_access": bool(bits & HISTORY_READ),
-                                "truncated": since > resume}
+                                "span_capped": since > resume, "truncated": False}
         try:
             values, capped = await _read(session, settings, node_id,
                                          since - timedelta(seconds=settings.margin), now)
@@ -103,7 +106,7 @@ async def backfill(session: Session, settings: OpcuaHistory,
             note["skipped"] = f"the server refused history: {exc}"
             notes[tag] = note
             continue
-        note["truncated"] = note["truncated"] or capped
+        note["truncated"] = capped
         samples = [to_sample(tag, node_text, dv, types.get(tag), TimestampChoice.SOURCE, now)
                    for dv in values]
         # The last value at or before the resume time is the state at the gap's start.
@@ -127,9 +130,9 @@ async def backfill(session: Session, settings: OpcuaHistory,
     report.total_runs += 1
     report.total_values += len(out)
     if any(n.get("truncated") for n in notes.values()):
-        log.warning("%s: history backfill hit its limits (max_span %gs, max_values %d): the "
-                    "oldest or newest part of the gap is not replayed", session.where,
-                    settings.max_span, settings.max_values)
+        log.warning("%s: history backfill stopped at max_values (%d per node): the newest part "
+                    "of the gap is not replayed; raise history.max_values", session.where,
+                    settings.max_values)
     return batches
 
 
