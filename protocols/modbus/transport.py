@@ -30,16 +30,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from config.errors import ConnectionLostError, PeerTimeoutError
-from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTransport, Parity
+from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTransport
 from protocols.modbus.rtu import (
     READ_COILS,
     READ_DISCRETE,
@@ -51,6 +49,7 @@ from protocols.modbus.rtu import (
     unpack_bits,
     unpack_registers,
 )
+from protocols.modbus.streams import SerialStream, Stream, TcpStream
 
 __all__ = ["LineStats", "RtuLine", "UnitSilentError", "UnitStats"]
 
@@ -125,139 +124,6 @@ class LineStats:
         return {str(u): st.as_dict() for u, st in sorted(self.units.items())}
 
 
-class _Stream:
-    """Received bytes accumulate in ``rx``; ``arrived`` is set on every arrival."""
-
-    def __init__(self) -> None:
-        self.rx = bytearray()
-        self.arrived = asyncio.Event()
-        self.lost: str | None = None
-
-    def _received(self, data: bytes) -> None:
-        self.rx += data
-        self.arrived.set()
-
-    def _gone(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-        self.arrived.set()
-
-    async def open(self) -> None:
-        raise NotImplementedError
-
-    def write(self, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _TcpStream(_Stream, asyncio.Protocol):
-    """RTU frames over a TCP socket (a serial gateway in transparent mode)."""
-
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        _Stream.__init__(self)
-        self._host, self._port, self._timeout = host, port, timeout
-        self._transport: asyncio.Transport | None = None
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._timeout):
-                await loop.create_connection(lambda: self, self._host, self._port)
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionLostError(f"cannot connect to Modbus RTU gateway "
-                                      f"{self._host}:{self._port}: {exc or 'timed out'}") from exc
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self._received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._gone(f"the gateway closed the connection{f': {exc}' if exc else ''}")
-
-    def write(self, frame: bytes) -> None:
-        assert self._transport is not None
-        self._transport.write(frame)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-
-class _SerialStream(_Stream):
-    """RTU frames on a local serial port (pyserial configures it; asyncio watches its fd)."""
-
-    _PARITY = {Parity.NONE: "N", Parity.EVEN: "E", Parity.ODD: "O"}
-
-    def __init__(self, config: ModbusSourceConfig) -> None:
-        super().__init__()
-        assert config.serial is not None
-        self._settings = config.serial
-        self._port: Any = None
-        self._fd = -1
-
-    async def open(self) -> None:
-        import serial  # pyserial: only a serial line needs it
-
-        s = self._settings
-        try:
-            self._port = serial.Serial(s.device, baudrate=s.baudrate, bytesize=s.data_bits,
-                                       parity=self._PARITY[s.parity], stopbits=s.stop_bits,
-                                       timeout=0, write_timeout=0, exclusive=True)
-        except (serial.SerialException, OSError, ValueError) as exc:
-            raise ConnectionLostError(f"cannot open serial port {s.device} "
-                                      f"({s.baudrate} {s.data_bits}{self._PARITY[s.parity]}"
-                                      f"{s.stop_bits}): {exc}") from exc
-        self._fd = self._port.fileno()
-        os.set_blocking(self._fd, False)
-        self._port.reset_input_buffer()
-        asyncio.get_running_loop().add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._stop_reading()
-            self._gone(f"serial port {self._settings.device} failed: {exc}")
-            return
-        if not data:
-            self._stop_reading()
-            self._gone(f"serial port {self._settings.device} was closed")
-            return
-        self._received(data)
-
-    def _stop_reading(self) -> None:
-        if self._fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._fd)
-
-    def write(self, frame: bytes) -> None:
-        # Read requests are 8 bytes: the kernel's tty buffer always takes them whole.
-        try:
-            written = os.write(self._fd, frame)
-        except OSError as exc:
-            raise ConnectionLostError(f"serial port {self._settings.device}: write failed: "
-                                      f"{exc}") from exc
-        if written != len(frame):
-            raise ConnectionLostError(f"serial port {self._settings.device}: wrote {written} "
-                                      f"of {len(frame)} bytes")
-
-    def close(self) -> None:
-        if self._port is None:
-            return
-        if self._fd >= 0:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                asyncio.get_running_loop().remove_reader(self._fd)
-        self._port.close()
-        self._port = None
-        self._fd = -1
-
-
 class RtuLine:
     """One session on an RTU line; see the module docstring."""
 
@@ -266,17 +132,17 @@ class RtuLine:
         self._config = config
         self.stats = stats
         self._lock = asyncio.Lock()
-        self._stream: _Stream
+        self._stream: Stream
         if config.transport is ModbusTransport.SERIAL:
             assert config.serial is not None
-            self._stream = _SerialStream(config)
+            self._stream = SerialStream(config)
             # 3.5 character times between frames; the spec fixes 1.75 ms above 19200 baud.
             spec_gap = 0.00175 if config.serial.baudrate > 19200 \
                 else 3.5 * config.serial.char_time
             self._gap = max(config.request_gap, spec_gap)
         else:
             assert config.host is not None
-            self._stream = _TcpStream(config.host, config.port, config.timeout)
+            self._stream = TcpStream(config.host, config.port, config.timeout)
             self._gap = config.request_gap
         self._quiet_since = 0.0
         # How long the line must stay silent before a frame counts as finished.
@@ -352,8 +218,11 @@ class RtuLine:
         s.rx.clear()
         s.write(request)
         deadline = loop.time() + self._config.timeout
+        echo: bytes | None = request
         try:
             while True:
+                if echo is not None:
+                    echo = self._drop_echo(echo)
                 scan = find_answer(s.rx, unit, function, count)
                 if scan.answer is not None:
                     a = scan.answer
@@ -376,6 +245,19 @@ class RtuLine:
                         return FrameFault.CRC
         finally:
             self._quiet_since = time.monotonic()
+
+    def _drop_echo(self, request: bytes) -> bytes | None:
+        """Some RS-485 adapters hear their own transmission: a copy of the request at the
+        start of the input is not an answer (nor garbage). Returns the request while the
+        input so far could still be its echo, None once decided."""
+        rx = self._stream.rx
+        n = min(len(rx), len(request))
+        if rx[:n] != request[:n]:
+            return None
+        if n < len(request):
+            return request
+        del rx[:n]
+        return None
 
     async def _flush(self) -> None:
         """Discard input until the line has been quiet for ``_FLUSH_QUIET`` seconds."""

@@ -305,3 +305,12 @@ async def test_three_units_one_silent_on_npm_modbus_serial(transport: str) -> No
     assert got["u3.a"].quality is Quality.BAD and "unit 3" in (got["u3.a"].detail or "")
     units = source.status()["units"]
     assert sum(units["1"]["faults"].values()) == sum(units["2"]["faults"].values()) == 0
+
+
+async def test_an_adapter_echoing_the_request_is_neither_an_answer_nor_a_fault(
+        rig: Rig) -> None:
+    async with opened(rig.config(retries=0)) as link:
+        rig.device.inject(1, "echo", times=3)
+        values = [await link.read(1, H, 0, 4) for _ in range(3)]
+    assert values == [[7, 0, 1, 2]] * 3
+    assert sum(link.stats.unit(1).faults.values()) == 0
