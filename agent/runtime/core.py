@@ -300,8 +300,9 @@ class Runtime:
             }
             # Protocol-specific detail (per-unit counters of an RTU line, ...), when offered.
             detail = getattr(info.source, "status", None)
-            if callable(detail):
-                sources[name]["detail"] = detail()
+            extra = detail() if callable(detail) else None
+            if extra:
+                sources[name]["detail"] = extra
         return {
             "version": __version__,
             "agent_id": self.config.agent.id,
