@@ -28,7 +28,9 @@ from protocols.modbus.config import ModbusSourceConfig, ModbusTable
 from protocols.modbus.line import ModbusLineSource
 from protocols.modbus.transport import LineStats, RtuLine, UnitSilentError
 
-pytestmark = pytest.mark.skipif(not have_socat(), reason="socat is not installed")
+# Subprocess peers (socat, node) and real timeouts: seconds per test.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not have_socat(), reason="socat is not installed")]
 
 H = ModbusTable.HOLDING
 TAGS = {
@@ -79,7 +81,8 @@ def config(transport: str, line: PtyPair, gateway: Gateway | None, tags: dict[st
         where = {"host": "127.0.0.1", "port": gateway.port}
     return ModbusSourceConfig.model_validate({
         "type": "modbus", "transport": transport, **where, "poll_interval": "20ms",
-        "timeout": "150ms", "tags": tags, **kw})
+        # Generous: a loaded CI machine must not turn a slow answer into a frame fault.
+        "timeout": "400ms", "tags": tags, **kw})
 
 
 class Collector:
@@ -253,7 +256,7 @@ sources:
     transport: serial
     serial: {{device: "{line.client}", baudrate: 115200, parity: none}}
     poll_interval: 50ms
-    timeout: 100ms
+    timeout: 400ms
     tags:
       a.state: {{unit_id: 1, address: 0}}
       b.state: {{unit_id: 2, address: 0}}
@@ -289,7 +292,7 @@ async def test_three_units_one_silent_on_npm_modbus_serial(transport: str) -> No
     with PtyPair() as line, NodeModbusDevice(line.device, [1, 2]), \
             contextlib.ExitStack() as stack:
         gw = stack.enter_context(Gateway(line.client)) if transport == "rtu-over-tcp" else None
-        cfg = config(transport, line, gw, tags, timeout="300ms")
+        cfg = config(transport, line, gw, tags, timeout="500ms")
         source = ModbusLineSource("rs485", cfg)
         out = Collector()
         task = asyncio.create_task(source.run(out))
