@@ -18,8 +18,9 @@ Invariants:
   seen that part (feeding it again would look like a transition back in time).
 - The start bound is not trusted (servers differ): the margin and the filter above make the
   result the same whether or not the server honours it.
-- A server that refuses history for a node (its capability flags were wrong) costs that node
-  only; it is reported, and the live values carry on.
+- A server that refuses history for a node (its capability flags were wrong), or does not
+  answer a history request within ``timeout``, costs that node only; it is reported, and the
+  live values carry on.
 - Bounded: ``max_span`` and ``max_values`` cap the work. ``span_capped`` on /status: the read
   started ``max_span`` ago, later than detection's resume point (common after a restart when
   the machine has been in one state for long: nothing is lost unless the outage itself was
@@ -38,6 +39,7 @@ from typing import Any
 
 from asyncua import ua
 
+from config.errors import PeerTimeoutError
 from config.model import TagSample, format_time, utcnow
 from protocols.opcua.config import OpcuaHistory, OpcuaValueType, TimestampChoice
 from protocols.opcua.session import Session
@@ -105,6 +107,14 @@ async def backfill(session: Session, settings: OpcuaHistory,
         except _Refused as exc:
             note["skipped"] = f"the server refused history: {exc}"
             notes[tag] = note
+            continue
+        except PeerTimeoutError as exc:
+            # A server too slow for its own history must not keep the live values away (the
+            # session would end, reconnect and time out again): this node is skipped.
+            session.raise_if_lost()
+            note["skipped"] = f"history read timed out: {exc}"
+            notes[tag] = note
+            log.warning("%s: history backfill of tag %s skipped: %s", session.where, tag, exc)
             continue
         note["truncated"] = capped
         samples = [to_sample(tag, node_text, dv, types.get(tag), TimestampChoice.SOURCE, now)
