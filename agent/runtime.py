@@ -16,6 +16,13 @@ Commit invariant: a commit takes the pending events *and* the snapshots of the d
 produced them at the same instant on the event loop, so the buffer always holds a detector state
 together with exactly the events it implies (DESIGN section 1). If the commit fails (disk full),
 the batch stays queued in memory and is retried; ``/readyz`` reports the reason.
+
+Acknowledgements after commit: a source may hand ``when_committed(ack)`` after emitting a batch
+(MQTT QoS 1). The ack joins the commit queue; the next successful commit (which holds every
+event and state change emitted before it) runs it; a failed commit keeps it queued. On stop,
+new samples are refused first, then what is queued is committed and acknowledged while the
+sources' connections are still open, and only then are the sources cancelled: a message read
+after that point is never acknowledged and the peer redelivers it to the next run.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +90,11 @@ class _Out:
         self._rt, self._name = runtime, name
 
     def emit(self, samples: Sequence[TagSample]) -> None:
-        self._rt.on_samples(self._name, samples)
+        if self._rt.accepting:
+            self._rt.on_samples(self._name, samples)
+
+    def when_committed(self, ack: Callable[[], None], *, soon: bool = False) -> None:
+        self._rt.after_commit(ack, soon=soon)
 
     def connected(self) -> None:
         self._rt.sources[self._name].supervisor.mark_up()
@@ -108,6 +119,9 @@ class Runtime:
         self._queue: list[Event] = []
         self._dirty: set[str] = set()
         self._commit_wakeup = asyncio.Event()
+        self._commit_soon = asyncio.Event()
+        self._acks: list[Callable[[], None]] = []
+        self.accepting = True  # False once stopping: new samples are not taken (nor acked)
         self._committer: asyncio.Task[None] | None = None
         self._agent_sequence = 0
         self.storage_error: str | None = None
@@ -184,6 +198,12 @@ class Runtime:
         self._stopped = True
         self._stopping = True
         timeout = self.config.agent.stop_timeout
+        # Commit and acknowledge what was taken while the sources' connections are open;
+        # anything read from now on stays unacknowledged and is redelivered next time.
+        self.accepting = False
+        if self._acks:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), timeout=timeout / 4)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -288,12 +308,28 @@ class Runtime:
 
     # ------------------------------------------------------------------ commits
 
+    def after_commit(self, ack: Callable[[], None], *, soon: bool = False) -> None:
+        """Run ``ack`` after the next successful commit (see the module docstring)."""
+        if not self.accepting:
+            return
+        self._acks.append(ack)
+        self._commit_wakeup.set()
+        if soon:
+            self._commit_soon.set()
+
     async def _commit_loop(self) -> None:
         backoff = Backoff(0.2, 5.0)
         while True:
             await self._commit_wakeup.wait()
-            # Group commit: let a burst of detections share one transaction and one fsync.
-            await asyncio.sleep(self.config.buffer.commit_interval)
+            # Group commit: let a burst of detections share one transaction and one fsync,
+            # unless a source's window of unacknowledged messages is filling up.
+            if not self._commit_soon.is_set():
+                soon = asyncio.ensure_future(self._commit_soon.wait())
+                try:
+                    await asyncio.wait([soon], timeout=self.config.buffer.commit_interval)
+                finally:
+                    soon.cancel()
+            self._commit_soon.clear()
             try:
                 await self.flush()
             except StorageFullError as exc:
@@ -320,7 +356,9 @@ class Runtime:
     async def flush(self) -> None:
         """Commit everything detected so far (events plus the states that produced them)."""
         self._commit_wakeup.clear()
+        acks, self._acks = self._acks, []
         if not self._queue and not self._dirty:
+            self._run_acks(acks)
             return
         events, self._queue = self._queue, []
         dirty, self._dirty = self._dirty, set()
@@ -337,12 +375,14 @@ class Runtime:
         except BaseException:
             # Nothing committed: put everything back in front, in order, and retry later.
             self._queue[:0] = events
+            self._acks[:0] = acks
             self._dirty |= dirty
             for mid in dirty:
                 self.detectors[mid].dirty = True
             raise
         self.committed_total += len(rows)
         failpoints.hit("after_commit")
+        self._run_acks(acks)
         if self._memory_drops:
             by_type, self._memory_drops = self._memory_drops, {}
             (first, last), self._memory_drop_span = self._memory_drop_span, (None, None)
@@ -354,6 +394,14 @@ class Runtime:
             self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at)
         for fw in self.forwarders.values():
             fw.wake()
+
+    @staticmethod
+    def _run_acks(acks: list[Callable[[], None]]) -> None:
+        for ack in acks:
+            try:
+                ack()
+            except Exception:  # one source's failure must not cost the others their acks
+                log.exception("acknowledging committed samples failed")
 
     def _bound_uncommitted(self) -> None:
         """While commits fail, detections wait in memory; past a bound the oldest are dropped
