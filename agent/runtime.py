@@ -129,6 +129,7 @@ class Runtime:
         # not a fault a restart would cure; other commit failures are faults.
         self.storage_full = False
         self._memory_drops: dict[str, int] = {}
+        self._drops_unreported = True  # the buffer may hold drops from before a crash
         self._memory_drop_span: tuple[str | None, str | None] = (None, None)
         self.started_at = time.time()
         self.events_by_machine: dict[tuple[str, str], int] = {}  # (machine, type) -> count
@@ -359,6 +360,8 @@ class Runtime:
         acks, self._acks = self._acks, []
         if not self._queue and not self._dirty:
             self._run_acks(acks)
+            if self._drops_unreported:
+                await self._report_drops()
             return
         events, self._queue = self._queue, []
         dirty, self._dirty = self._dirty, set()
@@ -389,11 +392,27 @@ class Runtime:
             self._queue_data_gap(by_type, first, last,
                                  f"commits failed and more than {_MAX_UNCOMMITTED} detections "
                                  "waited in memory")
-        drops = await self.buffer.take_drops()
-        if drops.total:
-            self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at)
+        await self._report_drops()
         for fw in self.forwarders.values():
             fw.wake()
+
+    async def _report_drops(self) -> None:
+        """Commit a data gap for the drops the buffer recorded, in the same transaction that
+        takes those counts out of it: a crash leaves the counts or their report, never
+        neither. The gap's own append may drop again; the next commit looks once more."""
+        drops = await self.buffer.peek_drops()
+        self._drops_unreported = bool(drops.total)
+        if not drops.total:
+            return
+        sequence = self._agent_sequence + 1
+        gap = self._data_gap_event(sequence, drops.by_type, drops.first_at, drops.last_at,
+                                   None)
+        row = NewEvent(id=gap.id, key=gap.key, type=gap.type.value, time=format_time(gap.time),
+                       payload=gap.to_json(self.config.agent.id))
+        await self.buffer.append([row], {_AGENT_STATE_KEY: str(sequence)}, reported=drops)
+        self._agent_sequence = sequence
+        self.committed_total += 1
+        self._commit_wakeup.set()
 
     @staticmethod
     def _run_acks(acks: list[Callable[[], None]]) -> None:
@@ -418,19 +437,23 @@ class Runtime:
     def _queue_data_gap(self, by_type: dict[str, int], first: str | None,
                         last: str | None, reason: str | None = None) -> None:
         self._agent_sequence += 1
+        self._queue.append(self._data_gap_event(self._agent_sequence, by_type, first, last,
+                                                reason))
+        self._commit_wakeup.set()
+
+    def _data_gap_event(self, sequence: int, by_type: dict[str, int], first: str | None,
+                        last: str | None, reason: str | None) -> Event:
         total = sum(by_type.values())
         reason = reason or f"buffer full ({self.config.buffer.when_full.value})"
         log.error("%s: dropped %d event(s): %s", reason, total, by_type)
-        t = utcnow()
-        self._queue.append(Event(
+        return Event(
             id=event_id(self.agent_source, EventType.DATA_GAP.value, first, last, total,
-                        self._agent_sequence),
-            type=EventType.DATA_GAP, source=self.agent_source, time=t, key="agent",
-            sequence=self._agent_sequence,
+                        sequence),
+            type=EventType.DATA_GAP, source=self.agent_source, time=utcnow(), key="agent",
+            sequence=sequence,
             data={"agent": self.config.agent.id, "site": self.config.agent.site,
                   "dropped": total, "dropped_by_type": by_type, "first_dropped_at": first,
-                  "last_dropped_at": last, "reason": reason}))
-        self._commit_wakeup.set()
+                  "last_dropped_at": last, "reason": reason})
 
     # ------------------------------------------------------------------ status
 

@@ -98,6 +98,7 @@ from buffer.capacity import (
     json_list,
     live_bytes,
     page_stats,
+    unrecord_drops,
 )
 from buffer.migrations import check_version, migrate
 from buffer.salvage import move_aside, read_salvageable, wal_missing
@@ -375,12 +376,15 @@ class SqliteBuffer(Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         check_batch(events, states)
         if not events and not states:
             return AppendResult(0, 0)
         now = format_time(utcnow())
         with self._write("appending events") as conn:
+            if reported is not None:
+                unrecord_drops(conn, reported.by_type)
             before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
             live_before = live_bytes(conn)
             if self.when_full is WhenFull.REJECT_NEW:
@@ -430,15 +434,16 @@ class SqliteBuffer(Buffer):
         rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
         return {str(k): str(v) for k, v in rows}
 
+    def peek_drops(self) -> Drops:
+        rows = self._read("reading drop counts",
+                          "SELECT type, count, first_at, last_at FROM drops")
+        return _drops_of(rows)
+
     def take_drops(self) -> Drops:
         with self._write("taking drop counts") as conn:
             rows = conn.execute("SELECT type, count, first_at, last_at FROM drops").fetchall()
             conn.execute("DELETE FROM drops")
-        if not rows:
-            return Drops()
-        return Drops(by_type={str(t): int(c) for t, c, _, _ in rows},
-                     first_at=min(str(r[2]) for r in rows),
-                     last_at=max(str(r[3]) for r in rows))
+        return _drops_of(rows)
 
     # ------------------------------------------------------------------ lease / settle
 
@@ -594,3 +599,10 @@ class SqliteBuffer(Buffer):
         return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
                            max_size=self.max_size, sinks=sinks,
                            dropped_total=int(dropped[0]) if dropped else 0)
+
+
+def _drops_of(rows: Sequence[tuple[Any, ...]]) -> Drops:
+    if not rows:
+        return Drops()
+    return Drops(by_type={str(t): int(c) for t, c, _, _ in rows},
+                 first_at=min(str(r[2]) for r in rows), last_at=max(str(r[3]) for r in rows))
