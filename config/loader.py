@@ -19,6 +19,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -74,6 +75,12 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _register_secrets(values: set[str]) -> None:
+    from agent.logs import add_secret_values  # redaction is the operations layer's
+
+    add_secret_values(values)
+
+
 class _Load:
     def __init__(self, filename: str, base_dir: Path) -> None:
         self.filename = filename
@@ -103,6 +110,7 @@ class _Load:
             self._raise()
 
         prepared = prepare(data, Config, self.base_dir)
+        _register_secrets(prepared.substituted)
         data = self.data = prepared.data
         for path, message in prepared.issues:
             self._add(path, message, self._mark(path))
@@ -134,7 +142,7 @@ class _Load:
                     if not isinstance(tag, str):
                         continue
                     first = defined.setdefault(tag, str(sid))
-                    if first != sid:
+                    if first != str(sid):  # YAML reads a source id 123 as a number
                         path = ("sources", sid, "tags", tag)
                         self._add(path, f"tag '{tag}' is defined by both source '{first}' and "
                                   f"source '{sid}'; a tag id must be unique across sources",
@@ -177,7 +185,11 @@ class _Load:
             self.issues.append(issue)
 
     def _raise(self) -> NoReturn:
-        ordered = sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0))
+        # A message may quote a value that came from ${env:}/${file:} (an invalid URL).
+        from agent.logs import redact
+
+        ordered = sorted((dataclasses.replace(i, message=redact(i.message)) for i in self.issues),
+                         key=lambda i: (i.line or 0, i.column or 0))
         # from None: a pydantic ValidationError as the cause would print the raw input,
         # which may hold substituted values; every problem is in the issues already.
         raise ConfigError(ordered) from None
