@@ -361,7 +361,7 @@ async def serve_receiver(listen: str, db: Path, echo: bool,
                          stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"'{listen}' is not HOST:PORT (for example 127.0.0.1:8080)")
     stop = stop or asyncio.Event()
     receiver = Receiver(db, host.strip("[]"), int(port_text),

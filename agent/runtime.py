@@ -190,7 +190,7 @@ class Runtime:
                     log.error("machine %s: saved detector state is unreadable (%s); "
                               "starting it fresh", mid, exc)
         agent_state = states.get(_AGENT_STATE_KEY)
-        if agent_state and agent_state.isdigit():
+        if agent_state and agent_state.isascii() and agent_state.isdigit():
             self._agent_sequence = int(agent_state)
 
     async def stop(self) -> None:

@@ -41,7 +41,7 @@ def health_url(config: Path | None, url: str | None) -> str:
         except Exception:  # unreadable or odd file: fall back to the default address
             listen = ""
         host, _, port = listen.rpartition(":")
-        if host and port.isdigit() and port != "0":
+        if host and port.isascii() and port.isdigit() and port != "0":
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
             return f"http://{host}:{port}"
     return DEFAULT_URL

@@ -79,7 +79,8 @@ class HealthConfig(Strict):
     @classmethod
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) \
+                or not 0 <= int(port) <= 65535:
             raise ValueError(f"'{v}' is not HOST:PORT (for example 127.0.0.1:9780)")
         return v
 
