@@ -11,12 +11,14 @@ Actions (all take ``--config FILE`` to find the buffer file, ``buffer.path`` or
     purge         delete dead letters (all, or --id ID ...); needs --yes
 
 Safety while the agent runs: the read actions open the file read-only (``mode=ro``: they never
-write, never take the write lock, never checkpoint); ``replay`` and ``purge`` write in one short
-transaction each, and the agent's writer waits for it (busy timeout) instead of failing. The
-agent notices the change (SQLite's ``data_version``) and recounts its statistics.
+write, never take the write lock, never checkpoint); ``replay`` and ``purge`` work in chunks,
+each its own short transaction (sized to stay near ``_CHUNK_SECONDS``, ~100 ms) with a pause
+between them, so the agent's commits wait at most about one chunk (busy timeout) and never
+fail. The agent notices the change (SQLite's ``data_version``) and recounts its statistics.
 
-Exit codes: 0 done, 1 the buffer cannot be read or written, 2 usage (bad arguments, a purge
-without ``--yes``, an invalid configuration).
+Exit codes: 0 done, 1 the buffer cannot be read or written (a replay or purge that fails
+midway says how many it had already done: those are committed), 2 usage (bad arguments, a
+purge without ``--yes``, an invalid configuration).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -39,6 +42,9 @@ __all__ = ["add_parser", "run"]
 
 _ACTIONS = ("stats", "pending", "dead-letters", "export", "replay", "purge")
 _EXCERPT = 80
+_CHUNK_SECONDS = 0.1  # target write-lock hold per replay/purge chunk
+_CHUNK_PAUSE = 0.05  # between chunks: the agent's writer takes its turn
+_FIRST_CHUNK, _MIN_CHUNK, _MAX_CHUNK = 1000, 50, 50_000
 
 
 def add_parser(sub: Any) -> None:
@@ -197,8 +203,35 @@ def _export(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def in_chunks(step: Callable[[int], int], what: str) -> int:
+    """Run ``step(limit)`` (one transaction, returns rows done) until a chunk comes back short;
+    chunk sizes adapt so that each holds the write lock for about ``_CHUNK_SECONDS``. Raises
+    ``PartialError`` saying how many rows were done if a chunk fails after others committed."""
+    done, size = 0, _FIRST_CHUNK
+    while True:
+        started = time.monotonic()
+        try:
+            n = step(size)
+        except EdgeAgentError as exc:
+            if done:
+                raise PartialError(f"{what} {done} dead letter(s) (committed), then "
+                                   f"failed: {exc}") from exc
+            raise
+        done += n
+        if n < size:
+            return done
+        took = time.monotonic() - started
+        size = max(_MIN_CHUNK, min(_MAX_CHUNK, int(size * _CHUNK_SECONDS / max(took, 1e-3))))
+        time.sleep(_CHUNK_PAUSE)
+
+
+class PartialError(EdgeAgentError):
+    """A chunked replay or purge failed after some chunks were committed."""
+
+
 def _replay(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
-    n = buf.replay_dead_letters(args.sink, args.ids)
+    n = in_chunks(lambda size: buf.replay_dead_letters(args.sink, args.ids, limit=size),
+                  "returned")
     out.write(f"returned {n} dead letter(s) to pending; the agent delivers them next\n")
     return 0
 
@@ -211,7 +244,8 @@ def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
         print(f"edge-agent buffer purge: would delete {n} dead letter(s); nothing deleted. "
               "Run again with --yes (consider 'export' first).", file=sys.stderr)
         return 2
-    n = buf.purge_dead_letters(args.sink, args.ids)
+    n = in_chunks(lambda size: buf.purge_dead_letters(args.sink, args.ids, limit=size),
+                  "deleted")
     out.write(f"deleted {n} dead letter(s)\n")
     return 0
 

@@ -107,6 +107,7 @@ from config.models import WhenFull
 __all__ = ["SqliteBuffer"]
 
 log = logging.getLogger(__name__)
+_SHRINK_PAGES = 2048  # pages freed per incremental_vacuum step
 
 _T = TypeVar("_T")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -538,7 +539,8 @@ class SqliteBuffer(Buffer):
             if free > 256 and free * 4 > page_count:
                 # Each step frees one page and a cursor would step once (the pragma returns no
                 # columns); executescript steps it to the end. No transaction is open here.
-                conn.executescript("PRAGMA incremental_vacuum;")
+                # A bounded step: a long vacuum would hold the write lock the agent needs.
+                conn.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES});")
         except sqlite3.Error as e:
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
@@ -550,8 +552,9 @@ class SqliteBuffer(Buffer):
         return self._view("listing dead letters", views.dead_letters, sink, limit)
 
     def replay_dead_letters(self, sink: str | None = None,
-                            ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                            ids: Sequence[str] | None = None, *,
+                            limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("replaying dead letters") as conn:
             moved = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
                                  "status = NULL, detail = NULL, failed_at = NULL "
@@ -561,8 +564,9 @@ class SqliteBuffer(Buffer):
         return len(moved)
 
     def purge_dead_letters(self, sink: str | None = None,
-                           ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                           ids: Sequence[str] | None = None, *,
+                           limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("purging dead letters") as conn:
             gone = conn.execute(f"DELETE FROM deliveries WHERE {where} RETURNING sink, seq",
                                 params).fetchall()

@@ -47,7 +47,7 @@ async def test_an_odd_expires_in_is_ignored_not_a_traceback(
         await endpoint.aclose()
 
 
-@pytest.mark.parametrize("usec", ["²", "１０", "-5", ""])
+@pytest.mark.parametrize("usec", ["²", "\uff11\uff10", "-5", ""])
 def test_a_watchdog_usec_that_is_not_ascii_digits_means_no_watchdog(usec: str) -> None:
     assert _watchdog_interval({"WATCHDOG_USEC": usec}) is None
     assert _watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "²"}) is None
