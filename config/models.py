@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
-from config.units import ByteSize, Duration
+from config.units import ByteSize, Duration, DurationOrZero, SizeOrZero
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.opcua.config import OpcuaSourceConfig
@@ -86,7 +86,7 @@ class HealthConfig(Strict):
 
     max_pending_age: Duration = Field(3600.0, description="/readyz degrades when a sink's "
                                       "oldest undelivered event is older than this.")
-    min_disk_free: ByteSize = Field(100 * 2**20, description="/readyz degrades when the file "
+    min_disk_free: SizeOrZero = Field(100 * 2**20, description="/readyz degrades when the file "
                                     "system of the data directory has less free space.")
     buffer_full_ratio: float = Field(0.9, gt=0, le=1, description="/readyz degrades when the "
                                      "buffer file reaches this fraction of buffer.max_size.")
@@ -111,9 +111,9 @@ class StateName(StrEnum):
 class StateRule(Strict):
     tag: str | None = Field(None, description="Tag that gives the machine state (may be left "
                             "out when only a production counter's stall rule decides).")
-    map: dict[str, StateName] | None = Field(None, description="Tag value -> running / idle / "
-                                             "down / planned. Keys are compared as text, so 1 "
-                                             "and '1' are the same.")
+    map: dict[str, StateName] | None = Field(None, min_length=1, description="Tag value -> "
+                                             "running / idle / down / planned. Keys are "
+                                             "compared as text, so 1 and '1' are the same.")
     default: StateName | None = Field(None, description="State for a value not in 'map' "
                                       "(without it an unmapped value leaves the state unknown).")
     running_above: float | None = Field(None, description="Numeric tag: running when the value "
@@ -154,8 +154,8 @@ class StateRule(Strict):
 
 
 class DowntimeRule(Strict):
-    min_duration: Duration = Field(0.0, description="Stops shorter than this are not reported "
-                                   "as downtime episodes.")
+    min_duration: DurationOrZero = Field(0.0, description="Stops shorter than this are not "
+                                         "reported as downtime episodes.")
     reason_tag: str | None = Field(None, description="Tag with the stop reason code; the first "
                                    "non-zero code seen during the stop is reported.")
     reasons: dict[str, str] = Field(default_factory=dict, description="Reason code -> text.")
@@ -257,7 +257,7 @@ class OAuth2Config(Strict):
     client_secret: Secret = Field(description="OAuth2 client secret, usually "
                                   "${file:/run/credentials/...}.")
     scope: str | None = Field(None, description="Space-separated scopes to ask for.")
-    refresh_before: Duration = Field(30.0, description="Fetch a new token this long before "
+    refresh_before: DurationOrZero = Field(30.0, description="Fetch a new token this long before "
                                      "the cached one expires.")
     client_auth: OAuth2ClientAuth = Field(OAuth2ClientAuth.BASIC, description="How the "
                                           "client authenticates to the token endpoint: 'basic' "
@@ -352,8 +352,9 @@ class BufferConfig(Strict):
     synchronous: Synchronous = Field(Synchronous.FULL, description="SQLite synchronous mode; "
                                      "FULL survives power cuts, NORMAL may lose the last "
                                      "commits on power loss (never on a crash).")
-    commit_interval: Duration = Field(0.05, description="Group commit window: events detected "
-                                      "within it share one transaction and one fsync.")
+    commit_interval: DurationOrZero = Field(0.05, description="Group commit window: events "
+                                            "detected within it share one transaction and one "
+                                            "fsync.")
     lease_timeout: Duration = Field(60.0, description="A leased batch not settled within this "
                                     "is offered again.")
 
