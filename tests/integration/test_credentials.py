@@ -15,11 +15,11 @@ from urllib.parse import quote
 import pytest
 from support import free_port, wait_until
 
-from agent.logs import add_secret_values, redact
 from agent.receiver import Receiver
 from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.config import HttpSinkConfig
 from agent.sinks.http import HttpSink
-from config.models import HttpSinkConfig
+from config.redaction import add_secret_values, redact
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "/sites/s/lines/l/machines/m1"
@@ -148,9 +148,9 @@ sinks:
     auth: {{bearer_token: "${{env:EDGE_TEST_BEARER}}"}}
     retry: {{initial_backoff: 10ms, max_backoff: 50ms}}
 """)
-    from agent.model import Quality, TagSample, utcnow
     from agent.runtime import Runtime
-    from config.loader import load_config
+    from agent.wiring.load import load_config
+    from config.model import Quality, TagSample, utcnow
 
     os.environ.update(env)
     try:

@@ -12,9 +12,9 @@ from support import free_port, wait_until
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
 import protocols.mqtt.source as mqtt_source
-from agent.errors import StorageFullError
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
+from config.errors import StorageFullError
 
 pytestmark = needs_mosquitto
 

@@ -12,8 +12,8 @@ from agent.httpserver import HttpServer, Request, Response
 from agent.notify import _watchdog_interval
 from agent.receiver import Receiver
 from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.config import HttpSinkConfig
 from agent.sinks.http import HttpSink
-from config.models import HttpSinkConfig
 
 SOURCE = "/sites/s/lines/l/machines/m1"
 

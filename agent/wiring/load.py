@@ -27,12 +27,14 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from agent.errors import ConfigError, ConfigIssue
+from agent.detect.config import MachineConfig
+from agent.wiring.schema import Config
 from config._messages import dotted, suggest, translate
 from config._refs import prepare
 from config._yamlmarks import Mark, Marks, YamlIssue, parse_yaml
 from config._yamlmarks import Path as KeyPath
-from config.models import Config, MachineConfig
+from config.errors import ConfigError, ConfigIssue
+from config.redaction import add_secret_values, redact
 
 __all__ = ["config_hash", "load_config", "load_config_text"]
 
@@ -75,12 +77,6 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _register_secrets(values: set[str]) -> None:
-    from agent.logs import add_secret_values  # redaction is the operations layer's
-
-    add_secret_values(values)
-
-
 class _Load:
     def __init__(self, filename: str, base_dir: Path) -> None:
         self.filename = filename
@@ -110,7 +106,7 @@ class _Load:
             self._raise()
 
         prepared = prepare(data, Config, self.base_dir)
-        _register_secrets(prepared.substituted)
+        add_secret_values(prepared.substituted)
         data = self.data = prepared.data
         for path, message in prepared.issues:
             self._add(path, message, self._mark(path))
@@ -186,8 +182,6 @@ class _Load:
 
     def _raise(self) -> NoReturn:
         # A message may quote a value that came from ${env:}/${file:} (an invalid URL).
-        from agent.logs import redact
-
         ordered = sorted((dataclasses.replace(i, message=redact(i.message)) for i in self.issues),
                          key=lambda i: (i.line or 0, i.column or 0))
         # from None: a pydantic ValidationError as the cause would print the raw input,
