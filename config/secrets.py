@@ -55,7 +55,8 @@ class Secret:
                 raise SecretResolutionError(f"environment variable {self._ref} is not set")
             return value
         try:
-            data = Path(self._ref).read_bytes()
+            with Path(self._ref).open("rb") as f:
+                data = f.read(MAX_SECRET_BYTES + 1)  # /dev/zero must not fill the memory
         except OSError as exc:
             raise SecretResolutionError(
                 f"cannot read secret file {self._ref}: {exc.strerror or exc}") from None

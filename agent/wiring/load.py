@@ -36,17 +36,25 @@ from config._yamlmarks import Path as KeyPath
 from config.errors import ConfigError, ConfigIssue
 from config.redaction import add_secret_values, redact
 
-__all__ = ["config_hash", "load_config", "load_config_text"]
+__all__ = ["MAX_CONFIG_BYTES", "config_hash", "load_config", "load_config_text"]
+
+# A plant's configuration is tens of kilobytes; far more is a wrong file or an attack.
+MAX_CONFIG_BYTES = 2**20
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate the configuration file at ``path``; raises ``ConfigError``."""
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration file: "
                                        f"{exc.strerror or exc}", name)]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"the configuration file is larger than "
+                                       f"{MAX_CONFIG_BYTES // 2**20} MiB; is it the right "
+                                       "file?", name)])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -64,6 +72,9 @@ def load_config_text(text: str, filename: str = "<string>", *,
     Relative paths resolve against ``base_dir``: by default the directory of ``filename``
     when it names a file, else the current directory.
     """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"the configuration is larger than "
+                                       f"{MAX_CONFIG_BYTES // 2**20} MiB", filename)])
     if base_dir is None:
         named = not (filename.startswith("<") and filename.endswith(">"))
         base_dir = Path(filename).resolve().parent if named else Path.cwd()
