@@ -81,7 +81,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``buffer`` action; the exit code."""
-    from agent.wiring.load import load_config
+    from agent.wiring.load import load_buffer_path
     from buffer.sqlite import SqliteBuffer
 
     action = getattr(args, "buffer_command", None)
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "limit", 1) < 1:
         print("edge-agent buffer: --limit must be at least 1", file=sys.stderr)
         return 2
-    path = load_config(args.config).buffer_path
+    # Only what locates the file: no secret is resolved (see load_buffer_path).
+    path = load_buffer_path(args.config)
     if not path.exists():
         print(f"edge-agent buffer: no buffer file at {path} (has the agent run yet?)",
               file=sys.stderr)

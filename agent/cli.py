@@ -1,12 +1,15 @@
 """``edge-agent``: the command-line face of the agent.
 
-Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage. Output cut short
+by its reader (``edge-agent buffer dead-letters | head``) ends quietly with 0: the reader got
+what it asked for.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        code = _main(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is met inside the handler
+    except BrokenPipeError:
+        if args.command == "run":
+            raise  # the agent's own sockets: a fault, not a reader that left
+        # The reader went away (| head). Point stdout at /dev/null so that the interpreter's
+        # final flush does not fail again with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     if args.command is None:
         _parser().print_help(sys.stderr)

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from agent.detect.config import MachineConfig
-from agent.wiring.schema import Config
+from agent.wiring.schema import AgentSettings, Config
 from config._messages import dotted, suggest, translate
 from config._refs import prepare
 from config._yamlmarks import Mark, Marks, YamlIssue, parse_yaml
@@ -36,7 +36,8 @@ from config._yamlmarks import Path as KeyPath
 from config.errors import ConfigError, ConfigIssue
 from config.redaction import add_secret_values, redact
 
-__all__ = ["MAX_CONFIG_BYTES", "config_hash", "load_config", "load_config_text"]
+__all__ = ["MAX_CONFIG_BYTES", "config_hash", "load_buffer_path", "load_config",
+           "load_config_text"]
 
 # A plant's configuration is tens of kilobytes; far more is a wrong file or an attack.
 MAX_CONFIG_BYTES = 2**20
@@ -44,6 +45,19 @@ MAX_CONFIG_BYTES = 2**20
 
 def load_config(path: str | Path) -> Config:
     """Read and validate the configuration file at ``path``; raises ``ConfigError``."""
+    return load_config_text(_read(path), str(path), base_dir=Path(path).resolve().parent)
+
+
+def load_buffer_path(path: str | Path) -> Path:
+    """The buffer file a configuration names (``buffer.path``, else ``<agent.data_dir>/
+    buffer.db``), reading nothing else: no secret is resolved and no other option checked.
+
+    For the buffer commands, which an operator runs while the service holds its credentials
+    (systemd's LoadCredential files exist only for the running unit)."""
+    return _Load(str(path), Path(path).resolve().parent).buffer_path(_read(path))
+
+
+def _read(path: str | Path) -> str:
     name = str(path)
     try:
         with Path(path).open("rb") as f:
@@ -62,7 +76,7 @@ def load_config(path: str | Path) -> Config:
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError([ConfigIssue("", "the file is not UTF-8 text", name, line,
                                        column)]) from exc
-    return load_config_text(text, name, base_dir=Path(path).resolve().parent)
+    return text
 
 
 def load_config_text(text: str, filename: str = "<string>", *,
@@ -95,6 +109,38 @@ class _Load:
         self.marks: Marks = {}
         self.data: Any = None
         self.issues: list[ConfigIssue] = []
+
+    def buffer_path(self, text: str) -> Path:
+        try:
+            data, self.marks, _ = parse_yaml(text)
+        except YamlIssue as syntax:
+            self._add(syntax.path, syntax.message, syntax.mark)
+            self._raise()
+        data = data if isinstance(data, dict) else {}
+        wanted: dict[str, Any] = {}
+        for section, key in (("agent", "data_dir"), ("buffer", "path")):
+            part = data.get(section)
+            if isinstance(part, dict) and part.get(key) is not None:
+                wanted[section] = {key: part[key]}
+        prepared = prepare(wanted, Config, self.base_dir)
+        self.data = prepared.data
+        for where, message in prepared.issues:
+            self._add(where, message, self._mark(where))
+        found: dict[str, Path] = {}
+        for section, key in (("agent", "data_dir"), ("buffer", "path")):
+            value = prepared.data.get(section, {}).get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                self._add((section, key), "expected a path", self._mark((section, key)))
+            else:
+                found[section] = Path(value)
+        if self.issues:
+            self._raise()
+        if "buffer" in found:
+            return found["buffer"]
+        default = AgentSettings.model_fields["data_dir"].default
+        return found.get("agent", default) / "buffer.db"
 
     def run(self, text: str) -> Config:
         try:
