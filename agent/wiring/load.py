@@ -116,7 +116,15 @@ class _Load:
         except YamlIssue as syntax:
             self._add(syntax.path, syntax.message, syntax.mark)
             self._raise()
-        data = data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            self._add((), "the top level must be a mapping of sections (agent, sources, "
+                      "machines, sinks, buffer)", self.marks.get(()))
+            self._raise()
+        # Not an agent configuration at all (a wrong file) is still an error here.
+        for key in data:
+            if key not in Config.model_fields:
+                self._add((key,), f"unknown section '{key}'"
+                          f"{suggest(str(key), list(Config.model_fields))}", self._mark((key,)))
         wanted: dict[str, Any] = {}
         for section, key in (("agent", "data_dir"), ("buffer", "path")):
             part = data.get(section)
