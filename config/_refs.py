@@ -48,10 +48,14 @@ class Prepared:
 
 
 def prepare(data: Any, root: type[BaseModel], base_dir: FsPath,
-            environ: Mapping[str, str] | None = None) -> Prepared:
+            environ: Mapping[str, str] | None = None, *,
+            check_references: bool = True) -> Prepared:
+    """``check_references=False`` (``validate --no-secrets``): an unset variable or unreadable
+    file is not a problem; its place takes the text ``UNRESOLVED`` (the reference's syntax is
+    still checked)."""
     out = Prepared()
     env = os.environ if environ is None else environ
-    out.data = _Preparer(out, base_dir, env).walk(data, root, ())
+    out.data = _Preparer(out, base_dir, env, check_references).walk(data, root, ())
     return out
 
 
@@ -133,11 +137,16 @@ def _is(tp: Any, cls: type) -> bool:
     return isinstance(tp, type) and issubclass(tp, cls)
 
 
+UNRESOLVED = "UNRESOLVED"
+
+
 class _Preparer:
-    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str]) -> None:
+    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str],
+                 check_references: bool = True) -> None:
         self.out = out
         self.base_dir = base_dir
         self.env = env
+        self.check_references = check_references
 
     def walk(self, node: Any, tp: Any, path: Path) -> Any:
         tp = _resolve(tp, node)
@@ -198,6 +207,8 @@ class _Preparer:
                     return token
                 value = self.env.get(ref)
                 if value is None:
+                    if not self.check_references:
+                        return UNRESOLVED
                     self._fail(path, f"environment variable {ref} is not set")
                     return token
                 values.append(value)
@@ -207,6 +218,8 @@ class _Preparer:
                 with file.open("rb") as f:
                     data = f.read(MAX_SECRET_BYTES + 1)
             except OSError as exc:
+                if not self.check_references:
+                    return UNRESOLVED
                 self._fail(path, f"cannot read file {file}: {exc.strerror or exc}")
                 return token
             if len(data) > MAX_SECRET_BYTES:
@@ -216,6 +229,8 @@ class _Preparer:
             try:
                 value = data.decode("utf-8").strip()
             except UnicodeDecodeError:
+                if not self.check_references:
+                    return UNRESOLVED
                 self._fail(path, f"file {file} is not UTF-8 text")
                 return token
             values.append(value)

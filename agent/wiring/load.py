@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,9 +44,16 @@ __all__ = ["MAX_CONFIG_BYTES", "config_hash", "load_buffer_path", "load_config",
 MAX_CONFIG_BYTES = 2**20
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the configuration file at ``path``; raises ``ConfigError``."""
-    return load_config_text(_read(path), str(path), base_dir=Path(path).resolve().parent)
+def load_config(path: str | Path, *, check_references: bool = True) -> Config:
+    """Read and validate the configuration file at ``path`` (``-``: standard input, relative
+    paths then relative to the current directory); raises ``ConfigError``.
+
+    ``check_references=False`` checks the file without its secrets: ``${env:...}`` and
+    ``${file:...}`` references are checked for form only (``validate --no-secrets``)."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    base_dir = Path.cwd() if str(path) == "-" else Path(path).resolve().parent
+    return load_config_text(_read(path), name, base_dir=base_dir,
+                            check_references=check_references)
 
 
 def load_buffer_path(path: str | Path) -> Path:
@@ -59,9 +67,15 @@ def load_buffer_path(path: str | Path) -> Path:
 
 def _read(path: str | Path) -> str:
     name = str(path)
+    stdin = name == "-"
+    if stdin:
+        name = "<stdin>"
     try:
-        with Path(path).open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if stdin:
+            raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        else:
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration file: "
                                        f"{exc.strerror or exc}", name)]) from exc
@@ -80,7 +94,7 @@ def _read(path: str | Path) -> str:
 
 
 def load_config_text(text: str, filename: str = "<string>", *,
-                     base_dir: Path | None = None) -> Config:
+                     base_dir: Path | None = None, check_references: bool = True) -> Config:
     """Validate configuration ``text``; ``filename`` is only used in messages.
 
     Relative paths resolve against ``base_dir``: by default the directory of ``filename``
@@ -92,7 +106,7 @@ def load_config_text(text: str, filename: str = "<string>", *,
     if base_dir is None:
         named = not (filename.startswith("<") and filename.endswith(">"))
         base_dir = Path(filename).resolve().parent if named else Path.cwd()
-    return _Load(filename, base_dir).run(text)
+    return _Load(filename, base_dir, check_references).run(text)
 
 
 def config_hash(config: Config) -> str:
@@ -103,9 +117,10 @@ def config_hash(config: Config) -> str:
 
 
 class _Load:
-    def __init__(self, filename: str, base_dir: Path) -> None:
+    def __init__(self, filename: str, base_dir: Path, check_references: bool = True) -> None:
         self.filename = filename
         self.base_dir = base_dir
+        self.check_references = check_references
         self.marks: Marks = {}
         self.data: Any = None
         self.issues: list[ConfigIssue] = []
@@ -170,7 +185,8 @@ class _Load:
                       f"machines, sinks, buffer), not {kind}", self.marks.get(()))
             self._raise()
 
-        prepared = prepare(data, Config, self.base_dir)
+        prepared = prepare(data, Config, self.base_dir,
+                           check_references=self.check_references)
         add_secret_values(prepared.substituted)
         data = self.data = prepared.data
         for path, message in prepared.issues:
@@ -178,7 +194,8 @@ class _Load:
 
         config: Config | None = None
         try:
-            config = Config.model_validate(data)
+            config = Config.model_validate(
+                data, context={"check_references": self.check_references})
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
                 t = translate(err, data, Config)
@@ -203,7 +220,7 @@ class _Load:
                     if not isinstance(tag, str):
                         continue
                     first = defined.setdefault(tag, str(sid))
-                    if first != str(sid):  # YAML reads a source id 123 as a number
+                    if first != sid:
                         path = ("sources", sid, "tags", tag)
                         self._add(path, f"tag '{tag}' is defined by both source '{first}' and "
                                   f"source '{sid}'; a tag id must be unique across sources",

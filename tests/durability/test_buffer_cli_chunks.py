@@ -87,7 +87,7 @@ def test_chunked_actions_keep_the_agents_commits_flowing(tmp_path: Path, templat
     writer = Writer(data / "buffer.db")
     writer.start()
     started = time.monotonic()
-    done = cli(config, action, *(["--yes"] if action == "purge" else []))
+    done = cli(config, action, *(["--yes", "--all"] if action == "purge" else []))
     took = time.monotonic() - started
     writer.stop.set()
     writer.join()

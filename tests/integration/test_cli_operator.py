@@ -1,6 +1,7 @@
 """The CLI as an operator meets it (issue 11, #11 and #12): buffer commands need only the data
 directory (credentials exist only for the running service), and output cut short by its reader
-ends quietly. Real CLI subprocesses on a real buffer file."""
+ends quietly (exit 141, what a shell shows for SIGPIPE). Real CLI subprocesses on a real buffer
+file."""
 
 from __future__ import annotations
 
@@ -70,5 +71,5 @@ def test_output_cut_short_by_its_reader_ends_quietly(setup: Path, args: tuple[st
     proc.stdout.readline()  # like `| head -1`: one line, then the reader is gone
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(60) == 0, err
+    assert proc.wait(60) in (0, 141), err  # 0: everything fitted into the pipe first
     assert "Traceback" not in err and "BrokenPipe" not in err, err
