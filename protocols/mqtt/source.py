@@ -27,7 +27,9 @@ Session rules:
   (commits fail: disk full), the connection stops reading rather than pile them up in memory.
 - A redelivery (DUP flag, same packet id, topic and payload as a message this process already
   applied in the previous connection) is not applied twice; it is acknowledged after the next
-  commit. Only the last ``_DEDUP_WINDOW`` messages of a connection are remembered: the
+  commit. This memory belongs to the broker and client id, not the instance, so a new instance
+  after a reload recognises what the old one applied; a skipped redelivery stays remembered
+  until a later connection has acknowledged it. Only the last ``_DEDUP_WINDOW`` messages of a connection are remembered: the
   broker's window of unacknowledged messages is far smaller, and packet ids are reused only
   after 65535 others. A message committed but killed before its PUBACK left is counted again
   after the restart (at least once: the window is the write of one packet).
@@ -95,6 +97,21 @@ def _match(flt: Sequence[str], levels: Sequence[str]) -> bool:
         if f != "+" and f != levels[i]:
             return False
     return len(flt) == len(levels)
+
+
+class _Applied:
+    """QoS 1 messages one client id applied in this process: the current connection's (packet
+    id -> digest of topic and payload) and the previous one's, which the broker may redeliver
+    (DUP) to the next connection."""
+
+    __slots__ = ("recent", "redelivery")
+
+    def __init__(self) -> None:
+        self.recent: OrderedDict[int, int] = OrderedDict()
+        self.redelivery: dict[int, int] = {}
+
+
+_APPLIED: dict[tuple[str, int, str], _Applied] = {}
 
 
 class _Router:
@@ -181,10 +198,10 @@ class MqttSource(Source):
         self._now = utcnow()
         self._now_mono = -1.0
         self._burst_acks: list[int] = []
-        # This connection's applied QoS 1 messages (packet id -> digest of topic + payload),
-        # and the previous connection's, which the broker may redeliver (DUP) to this one.
-        self._recent: OrderedDict[int, int] = OrderedDict()
-        self._redelivery: dict[int, int] = {}
+        # Shared by every instance for this broker and client id in this process: a reload
+        # that changes the source builds a new instance, and the broker redelivers to it.
+        self._applied = _APPLIED.setdefault((config.host, config.port, config.client_id),
+                                            _Applied())
         self.outstanding = 0  # QoS 1 messages applied, acknowledgement waiting for a commit
         self.redeliveries_skipped = 0
 
@@ -204,8 +221,9 @@ class MqttSource(Source):
     async def run(self, out: SampleSink) -> None:
         self._tracker = SparkplugTracker(self._spb_tags)
         self._pending = []
-        self._redelivery.update(self._recent)
-        self._recent = OrderedDict()
+        applied = self._applied
+        applied.redelivery.update(applied.recent)
+        applied.recent = OrderedDict()
         self._burst_acks = []
         when_committed = getattr(out, "when_committed", None)
 
@@ -316,14 +334,17 @@ class MqttSource(Source):
                         "buffer commits again", self.name,
                         self.outstanding + len(self._burst_acks))
             conn.pause_reading()
-        if self._redelivery:
-            if msg.dup and self._redelivery.get(mid) == digest:
-                del self._redelivery[mid]
+        applied = self._applied
+        if applied.redelivery:
+            if msg.dup and applied.redelivery.get(mid) == digest:
+                del applied.redelivery[mid]
                 self.redeliveries_skipped += 1
+                # Until its PUBACK is out it stays a candidate for the next connection.
+                applied.recent[mid] = digest
                 return True
             if not msg.dup:  # the broker resends before anything new: redelivery is over
-                self._redelivery.clear()
-        recent = self._recent
+                applied.redelivery.clear()
+        recent = applied.recent
         recent[mid] = digest
         recent.move_to_end(mid)
         if len(recent) > _DEDUP_WINDOW:
