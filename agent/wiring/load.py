@@ -220,7 +220,7 @@ class _Load:
                     if not isinstance(tag, str):
                         continue
                     first = defined.setdefault(tag, str(sid))
-                    if first != sid:
+                    if first != str(sid):  # YAML reads a source id 123 as a number
                         path = ("sources", sid, "tags", tag)
                         self._add(path, f"tag '{tag}' is defined by both source '{first}' and "
                                   f"source '{sid}'; a tag id must be unique across sources",

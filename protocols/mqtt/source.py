@@ -29,10 +29,11 @@ Session rules:
   applied in the previous connection) is not applied twice; it is acknowledged after the next
   commit. This memory belongs to the broker and client id, not the instance, so a new instance
   after a reload recognises what the old one applied; a skipped redelivery stays remembered
-  until a later connection has acknowledged it. Only the last ``_DEDUP_WINDOW`` messages of a connection are remembered: the
-  broker's window of unacknowledged messages is far smaller, and packet ids are reused only
-  after 65535 others. A message committed but killed before its PUBACK left is counted again
-  after the restart (at least once: the window is the write of one packet).
+  until a later connection has acknowledged it. Only the last ``_DEDUP_WINDOW`` messages of a
+  connection are remembered: the broker's window of unacknowledged messages is far smaller,
+  and packet ids are reused only after 65535 others. A message committed but killed before
+  its PUBACK left is counted again after the restart (at least once: the window is the write
+  of one packet).
 - Staleness: MQTT samples come only when something is published, so ``stale_after`` is off
   unless configured; ``stale_after`` is then ``inf`` for the runtime (no watchdog).
 """
