@@ -48,6 +48,7 @@ class Writer(threading.Thread):
 
     def run(self) -> None:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        conn.execute("PRAGMA synchronous=NORMAL")  # measure the lock, not the disk's fsync
         conn.execute("CREATE TABLE IF NOT EXISTS probe(n INTEGER)")
         while not self.stop.is_set():
             started = time.monotonic()
@@ -95,7 +96,8 @@ def test_chunked_actions_keep_the_agents_commits_flowing(tmp_path: Path, templat
     assert f"{ROWS} dead letter(s)" in done.stdout
     assert writer.failures == 0
     # The writer waited at most a small part of the run (one chunk), never the whole of it.
-    assert writer.longest < 0.4, (
+    # (Before: one transaction, so the longest wait was nearly the whole run.)
+    assert writer.longest < max(0.4, took / 3), (
         f"the writer waited {writer.longest:.2f}s during a {took:.2f}s {action}")
     buf = SqliteBuffer.attach(data / "buffer.db")
     try:
