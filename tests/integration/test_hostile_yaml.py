@@ -73,16 +73,17 @@ sinks:
     agent.start()
     try:
         url = f"http://127.0.0.1:{health}"
+        pid_file = tmp_path / "data" / "edge-agent.pid"  # the file names the config's data_dir
         await wait_until(lambda: cli("status", "--url", url).returncode in (0, 1), timeout=30,
                          interval=0.2, what="agent up")
         for name in ("alias bomb", "flow nesting", "huge file"):
             path.write_text(good + HOSTILE[name].replace("agent:", "extra:"))
-            done = cli("reload", "--url", url)
+            done = cli("reload", "--url", url, "--pid-file", str(pid_file))
             assert done.returncode == 2, (name, done.stdout, done.stderr)
             assert EXPECTED[name] in done.stdout + done.stderr, (name, done.stdout)
             assert agent.alive
         path.write_text(good.replace("map: {1: running}", "map: {1: running, 2: idle}"))
-        done = cli("reload", "--url", url)
+        done = cli("reload", "--url", url, "--pid-file", str(pid_file))
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         agent.terminate()
