@@ -42,6 +42,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_files_get_a_located_error_and_exit_2(tmp_path: Path, name: str) -> None:
     path = tmp_path / "agent.yaml"

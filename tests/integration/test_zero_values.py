@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two CLI subprocesses per case
+
 ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {"window": "1m", "map": "{1: running}", "sink_timeout": "10s", "max_size": "1GiB",
