@@ -11,7 +11,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator, model_validator
 
 from config.base import Strict, check_id
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
 __all__ = ["AlarmReason", "AlarmsRule", "CategoryName", "DowntimeRule", "MachineConfig",
            "ScrapRule", "StateName", "StateRule"]
@@ -33,9 +33,9 @@ class CategoryName(StrEnum):
 class StateRule(Strict):
     tag: str | None = Field(None, description="Tag that gives the machine state (may be left "
                             "out when only a production counter's stall rule decides).")
-    map: dict[str, StateName] | None = Field(None, description="Tag value -> running / idle / "
-                                             "down / planned. Keys are compared as text, so 1 "
-                                             "and '1' are the same.")
+    map: dict[str, StateName] | None = Field(None, min_length=1, description="Tag value -> "
+                                             "running / idle / down / planned. Keys are "
+                                             "compared as text, so 1 and '1' are the same.")
     default: StateName | None = Field(None, description="State for a value not in 'map' "
                                       "(without it an unmapped value leaves the state unknown).")
     running_above: float | None = Field(None, description="Numeric tag: running when the value "
@@ -112,8 +112,8 @@ class AlarmsRule(Strict):
 
 
 class DowntimeRule(Strict):
-    min_duration: Duration = Field(0.0, description="Stops shorter than this are not reported "
-                                   "as downtime episodes.")
+    min_duration: DurationOrZero = Field(0.0, description="Stops shorter than this are not "
+                                         "reported as downtime episodes.")
     reason_tag: str | None = Field(None, description="Tag with the stop reason code; the first "
                                    "non-zero code seen during the stop is reported.")
     reasons: dict[str, str] = Field(default_factory=dict, description="Reason code -> text.")

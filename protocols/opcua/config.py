@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from config.base import Backoff, Strict
 from config.secrets import Secret
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 from protocols.opcua.nodeids import parse_node_id
 
 __all__ = [
@@ -141,7 +141,7 @@ class OpcuaTag(Strict):
                           "object that is a notifier), as JSON samples; subscribe mode only.")
     type: OpcuaValueType | None = Field(None, description="Expected value type; another type "
                                         "makes the tag bad (default: any scalar).")
-    sampling_interval: Duration | None = Field(None, description="Subscribe mode: how often "
+    sampling_interval: DurationOrZero | None = Field(None, description="Subscribe mode: how often "
                                                "the server samples the node (default: the "
                                                "publishing interval).")
     queue_size: int = Field(1, ge=0, le=100000, description="Subscribe mode: values the "
