@@ -303,18 +303,15 @@ def _replay(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
 def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
     from agent.buffer_export import coverage, read_record
 
-    total, letters = buf.iter_dead_letters(args.sink, args.ids)
-    try:
-        if args.purge_all:
-            # Start the stream: closing one that never started would not end its read
-            # snapshot, and the first chunk's write would then fail with "database is locked".
-            next(letters, None)
-            covered: list[DeadLetter] = []
-            missing = 0
-        else:
+    if args.purge_all:
+        # Only the count: deleting unseen needs no snapshot of the rows.
+        total = buf.count_dead_letters(args.sink, args.ids)
+        covered: list[DeadLetter] = []
+        missing = 0
+    else:
+        total, letters = buf.iter_dead_letters(args.sink, args.ids)
+        with letters:
             covered, missing = coverage(letters, read_record(buf.path))
-    finally:
-        letters.close()
     if missing:
         print(f"edge-agent buffer purge: {missing} of {total} dead letter(s) are not in the "
               "last export (failed since, or never exported); nothing deleted. Run "

@@ -62,12 +62,13 @@ runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CL
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -552,20 +553,17 @@ class SqliteBuffer(Buffer):
         return self._view("listing dead letters", views.dead_letters, sink, limit)
 
     def iter_dead_letters(self, sink: str | None = None, ids: Sequence[str] | None = None
-                          ) -> tuple[int, Generator[DeadLetter, None, None]]:
+                          ) -> tuple[int, views.DeadLetterStream]:
         """Every dead letter, streamed from one read snapshot, with the snapshot's count (for
-        ``buffer export``: no limit, constant memory)."""
-        total, rows = self._view("counting dead letters", views.iter_dead_letters, sink, ids)
+        ``buffer export``: no limit, constant memory). Close the stream, read or not."""
+        def translate(e: sqlite3.Error) -> Exception:
+            return self._translate(e, "reading dead letters")
+        return self._view("counting dead letters", functools.partial(
+            views.iter_dead_letters, translate=translate), sink, ids)
 
-        def translated() -> Generator[DeadLetter, None, None]:
-            try:
-                yield from rows
-            except sqlite3.Error as e:
-                raise self._translate(e, "reading dead letters") from e
-            finally:
-                rows.close()
-
-        return total, translated()
+    def count_dead_letters(self, sink: str | None = None,
+                           ids: Sequence[str] | None = None) -> int:
+        return self._view("counting dead letters", views.count_dead, sink, ids)
 
     def replay_dead_letters(self, sink: str | None = None,
                             ids: Sequence[str] | None = None, *,

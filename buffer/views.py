@@ -9,14 +9,13 @@ rows never sorts a whole table.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from buffer.base import DeadLetter, LeasedEvent, SinkStats
 from buffer.capacity import IN_JSON, KNOWN_SINKS, json_list
 
-__all__ = ["dead_filter", "dead_letters", "first_dead", "iter_dead_letters", "sink_names",
-           "sink_stats",
-           "undelivered"]
+__all__ = ["DeadLetterStream", "count_dead", "dead_filter", "dead_letters", "first_dead",
+           "iter_dead_letters", "sink_names", "sink_stats", "undelivered"]
 
 
 def sink_names(conn: sqlite3.Connection, configured: Sequence[str]) -> list[str]:
@@ -59,12 +58,77 @@ def dead_letters(conn: sqlite3.Connection, sink: str | None, limit: int) -> list
             for sk, s, i, t, p, st, dt, fa in rows]
 
 
+class DeadLetterStream(Iterator[DeadLetter]):
+    """Dead letters in (seq, sink) order from one read snapshot.
+
+    The snapshot (a deferred transaction this stream began, if the connection had none) ends
+    on ``close()`` or at the end of the rows, whether or not the rows were ever read: a
+    stream that is opened only for its count and closed must not leave the connection inside
+    a transaction (the next write on it would fail, and the WAL could not be checkpointed
+    past the snapshot). ``translate`` turns an SQLite error while reading into the caller's.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, where: str, params: list[object],
+                 owns: bool, translate: Callable[[sqlite3.Error], Exception]) -> None:
+        self._conn, self._where, self._params = conn, where, params
+        self._owns, self._translate = owns, translate
+        self._cur: sqlite3.Cursor | None = None
+        self._closed = False
+
+    def __iter__(self) -> DeadLetterStream:
+        return self
+
+    def __next__(self) -> DeadLetter:
+        if self._closed:
+            raise StopIteration
+        try:
+            if self._cur is None:
+                self._cur = self._conn.execute(
+                    "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, "
+                    "d.failed_at FROM deliveries d JOIN events e ON e.seq = d.seq "
+                    f"WHERE {self._where} ORDER BY d.seq, d.sink", self._params)
+            row = self._cur.fetchone()
+        except sqlite3.Error as e:
+            self.close()
+            raise self._translate(e) from e
+        if row is None:
+            self.close()
+            raise StopIteration
+        sk, s, i, t, p, st, dt, fa = row
+        return DeadLetter(str(sk), int(s), str(i), str(t), str(p),
+                          None if st is None else int(st), str(dt or ""), str(fa or ""))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._cur is not None:
+            self._cur.close()
+        if self._owns and self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")  # a read snapshot: nothing to commit
+
+    def __enter__(self) -> DeadLetterStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def count_dead(conn: sqlite3.Connection, sink: str | None,
+               ids: Sequence[str] | None = None) -> int:
+    """How many dead letters (of one sink, with these ids) there are."""
+    where, params = dead_filter(sink, ids)
+    return int(conn.execute(f"SELECT count(*) FROM deliveries WHERE {where}",
+                            params).fetchone()[0])
+
+
 def iter_dead_letters(conn: sqlite3.Connection, sink: str | None,
-                      ids: Sequence[str] | None = None
-                      ) -> tuple[int, Generator[DeadLetter, None, None]]:
+                      ids: Sequence[str] | None = None, *,
+                      translate: Callable[[sqlite3.Error], Exception] = lambda e: e
+                      ) -> tuple[int, DeadLetterStream]:
     """Every dead letter (of one sink, with these ids), streamed in (seq, sink) order from one
-    read snapshot, and how many there are in that snapshot. Close the iterator (or read it to
-    the end) to end the read transaction."""
+    read snapshot, and how many there are in that snapshot. Close the stream (or read it to
+    the end) to end the read transaction; closing it unread ends it too."""
     where, params = dead_filter(sink, ids)
     owns = not conn.in_transaction
     if owns:
@@ -76,21 +140,7 @@ def iter_dead_letters(conn: sqlite3.Connection, sink: str | None,
         if owns:
             conn.execute("ROLLBACK")
         raise
-
-    def rows() -> Generator[DeadLetter, None, None]:
-        try:
-            cur = conn.execute(
-                "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
-                f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE {where} "
-                "ORDER BY d.seq, d.sink", params)
-            for sk, s, i, t, p, st, dt, fa in cur:
-                yield DeadLetter(str(sk), int(s), str(i), str(t), str(p),
-                                 None if st is None else int(st), str(dt or ""), str(fa or ""))
-        finally:
-            if owns and conn.in_transaction:
-                conn.execute("ROLLBACK")  # a read snapshot: nothing to commit
-
-    return total, rows()
+    return total, DeadLetterStream(conn, where, params, owns, translate)
 
 
 def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],

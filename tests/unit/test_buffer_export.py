@@ -67,3 +67,28 @@ def test_every_row_in_each_format_and_purge_coverage(tmp_path: Path) -> None:
         assert coverage(letters, None) == ([], 1503)  # never exported: nothing covered
     finally:
         buf.close()
+
+
+def test_a_stream_closed_unread_ends_its_snapshot(tmp_path: Path) -> None:
+    """Opened for its count and closed without a row read (what ``purge --all`` used to do),
+    the stream must not leave the CLI's connection inside the read transaction: the next
+    write on it would fail and the agent's WAL could not be checkpointed past it."""
+    buf = SqliteBuffer(tmp_path / "buffer.db", 2**30)
+    buf.open(["erp"])
+    try:
+        _dead(buf, 0, 5)
+    finally:
+        buf.close()
+    cli = SqliteBuffer.attach(tmp_path / "buffer.db", readonly=False)
+    try:
+        total, letters = cli.iter_dead_letters()
+        assert total == 5
+        letters.close()
+        assert cli.purge_dead_letters(limit=2) == 2  # a write on the same connection
+        total, letters = cli.iter_dead_letters()
+        with letters:
+            assert next(letters).id == "e2"
+        assert list(letters) == []  # closed: nothing more
+        assert cli.count_dead_letters() == 3
+    finally:
+        cli.close()
