@@ -128,6 +128,8 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
         doc = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         return Response.json({"error": f"body is not JSON: {exc}"}, 400)
+    except RecursionError:  # nesting deeper than the parser goes: not a reason, not a 500
+        return Response.json({"error": "body is not JSON: nested too deeply"}, 400)
     if not isinstance(doc, dict):
         return Response.json({"error": "body must be a JSON object with 'code'"}, 400)
     raw = doc.get("code")
@@ -143,6 +145,10 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
         problems.append(f"'code' is longer than {_MAX_CODE} characters")
     if text is not None and (not isinstance(text, str) or len(text) > _MAX_TEXT):
         problems.append(f"'text' must be a string of at most {_MAX_TEXT} characters")
+    if not all(_encodable(v) for v in (code, text) if isinstance(v, str)):
+        # A lone surrogate (a "\\ud800" escape) is valid JSON but no text: strict parsers
+        # at the receiving end refuse the event, which would then be a dead letter.
+        problems.append("'code' and 'text' must be valid Unicode text (no lone surrogates)")
     if by not in _BY:
         problems.append(f"'by' must be one of {', '.join(_BY)}")
     if unknown:
@@ -150,6 +156,14 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
     if problems:
         return Response.json({"error": "; ".join(problems)}, 422)
     return code, (text.strip() or None) if isinstance(text, str) else None, str(by)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _no_machine(runtime: Runtime, machine: str) -> Response:
