@@ -18,9 +18,11 @@ States of the cached token::
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +35,8 @@ from config.errors import PermanentError, RetryableError
 from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
-__all__ = ["OAuth2Error", "OAuth2RejectedError", "OAuth2Token", "OAuth2UnavailableError"]
+__all__ = ["OAuth2Error", "OAuth2RejectedError", "OAuth2Token", "OAuth2UnavailableError",
+           "basic_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,9 @@ class OAuth2Token:
             secret = cfg.client_secret.reveal()
         except SecretResolutionError as exc:
             raise OAuth2RejectedError(f"OAuth2 client secret unavailable: {exc}") from exc
+        # Before the request: a token endpoint that echoes what it got (a rotated secret, or
+        # the Basic header httpx builds from it) must find it masked in our logs.
+        add_secret_values([secret, basic_credentials(cfg.client_id, secret)])
         form = {"grant_type": "client_credentials"}
         if cfg.scope:
             form["scope"] = cfg.scope
@@ -109,7 +115,7 @@ class OAuth2Token:
         token, expires_in = _parse(response.content)
         if token is None:
             raise OAuth2UnavailableError("OAuth2 token endpoint answered without access_token")
-        add_secret_values([token, secret])
+        add_secret_values([token])
         if not is_header_token(token):
             raise OAuth2RejectedError("OAuth2 token endpoint answered an access_token that is "
                                       "not a valid HTTP header value")
@@ -117,6 +123,12 @@ class OAuth2Token:
         self._valid_until = None if expires_in is None else \
             started + max(0.0, expires_in - cfg.refresh_before)
         log.debug("OAuth2 token fetched from %s (expires in %s s)", cfg.token_url, expires_in)
+
+
+def basic_credentials(client_id: str, secret: str) -> str:
+    """The value of the ``Authorization: Basic`` header httpx sends for these credentials
+    (base64 of ``id:secret``): a secret form of its own for redaction."""
+    return base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
 
 
 def _parse(content: bytes) -> tuple[str | None, float | None]:
@@ -143,4 +155,8 @@ def _error_code(content: bytes) -> str:
     except (ValueError, UnicodeDecodeError):
         return ""
     code = doc.get("error") if isinstance(doc, dict) else None
-    return f": {code}" if isinstance(code, str) and code.isascii() and len(code) < 64 else ""
+    # RFC 6749 codes are short words (invalid_client, ...): anything else could be an echo.
+    return f": {code}" if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else ""
+
+
+_ERROR_CODE = re.compile(r"[a-z][a-z_]{0,62}")

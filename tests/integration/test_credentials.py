@@ -12,13 +12,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
+import httpx
 import pytest
 from support import free_port, wait_until
 
+from agent.httpserver import HttpServer, Request, Response
 from agent.receiver import Receiver
 from agent.sinks.base import OutboundEvent, Outcome
-from agent.sinks.config import HttpSinkConfig
+from agent.sinks.config import HttpSinkConfig, OAuth2Config
 from agent.sinks.http import HttpSink
+from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, basic_credentials
 from config.redaction import add_secret_values, redact
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,3 +184,29 @@ sinks:
         for secret in (key, bearer):
             for form in (secret, json.dumps(secret)[1:-1], quote(secret, safe="")):
                 assert form not in out, out
+
+
+async def test_a_token_endpoint_echoing_the_basic_header_shows_nothing_of_it(
+        tmp_path: Path) -> None:
+    """HTTP Basic sends base64(id:secret): a token endpoint that echoes it back as its
+    ``error`` (or anywhere) must find neither the secret nor that form in our messages."""
+    async def echo(req: Request) -> Response:
+        return Response.json({"error": req.headers.get("authorization", ""),
+                              "error_description": req.headers.get("authorization", "")}, 400)
+
+    secret = tmp_path / "client-secret"
+    secret.write_text("Rotated-Secret-31337")
+    server = HttpServer(echo, "127.0.0.1", 0)
+    port = await server.start()
+    token = OAuth2Token(OAuth2Config.model_validate({
+        "token_url": f"http://127.0.0.1:{port}/token", "client_id": "edge-7",
+        "client_secret": f"${{file:{secret}}}"}))
+    try:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(OAuth2RejectedError) as caught:
+                await token.refresh(http)
+    finally:
+        await server.aclose()
+    basic = basic_credentials("edge-7", "Rotated-Secret-31337")
+    assert basic not in str(caught.value) and "HTTP 400" in str(caught.value)
+    assert redact(f"got Authorization: Basic {basic}") == "got Authorization: Basic ***"
