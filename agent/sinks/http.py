@@ -337,7 +337,7 @@ def _parse_multi(content: bytes) -> list[tuple[str, int, str]] | None:
     """``{"results": [{"id", "status", "detail"?}]}`` -> [(id, status, detail)], else None."""
     try:
         doc: Any = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         return None

@@ -134,7 +134,7 @@ def basic_credentials(client_id: str, secret: str) -> str:
 def _parse(content: bytes) -> tuple[str | None, float | None]:
     try:
         doc = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return None, None
     if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
         return None, None
@@ -152,7 +152,7 @@ def _error_code(content: bytes) -> str:
     """The RFC 6749 ``error`` code (a short word, safe to log), if any."""
     try:
         doc = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return ""
     code = doc.get("error") if isinstance(doc, dict) else None
     # RFC 6749 codes are short words (invalid_client, ...): anything else could be an echo.
