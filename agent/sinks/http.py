@@ -58,6 +58,7 @@ from typing import Any
 import httpx
 
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink, is_header_token
+from agent.sinks.bounded import AnswerTooLarge, post_bounded
 from agent.sinks.config import HttpSinkConfig, SinkMode
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
@@ -121,6 +122,11 @@ def _classify(status: int) -> Outcome:
     if 400 <= status < 500:
         return Outcome.REJECTED
     return Outcome.HOLD
+
+
+# The longest answer read from the API: a 207 verdict list for the largest batch is far
+# smaller; anything longer is not a verdict (and must not fill our memory).
+_MAX_ANSWER = 8 * 2**20
 
 
 def _excerpt(body: bytes | str) -> str:
@@ -249,17 +255,21 @@ class HttpSink(Sink):
             http = self._http()
             if self._oauth is not None:
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
-            response = await http.post(self.config.url, content=body, headers=headers)
+            response = await post_bounded(http, self.config.url, _MAX_ANSWER, content=body,
+                                          headers=headers)
             if response.status_code == 401 and self._oauth is not None:
                 self._oauth.invalidate()  # one refresh, one resend; a second 401 holds
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
-                response = await http.post(self.config.url, content=body, headers=headers)
+                response = await post_bounded(http, self.config.url, _MAX_ANSWER,
+                                              content=body, headers=headers)
         except TlsSetupError as exc:
             return Delivery(Outcome.HOLD, detail=str(exc))
         except OAuth2RejectedError as exc:
             return Delivery(Outcome.HOLD, detail=str(exc))
         except OAuth2UnavailableError as exc:
             return Delivery(Outcome.RETRY, detail=str(exc))
+        except AnswerTooLarge as exc:
+            return Delivery(Outcome.RETRY, exc.status, str(exc))
         except httpx.TimeoutException as exc:
             return Delivery(Outcome.RETRY, detail=f"timeout: {type(exc).__name__}")
         except httpx.HTTPError as exc:

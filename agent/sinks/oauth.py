@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from agent.sinks.base import is_header_token
+from agent.sinks.bounded import AnswerTooLarge, post_bounded
 from agent.sinks.config import OAuth2ClientAuth, OAuth2Config
 from config.errors import PermanentError, RetryableError
 from config.redaction import add_secret_values
@@ -39,6 +40,8 @@ __all__ = ["OAuth2Error", "OAuth2RejectedError", "OAuth2Token", "OAuth2Unavailab
            "basic_credentials"]
 
 log = logging.getLogger(__name__)
+
+_MAX_ANSWER = 2**20  # a token answer is a few hundred bytes
 
 
 class OAuth2Error(Exception):
@@ -100,8 +103,10 @@ class OAuth2Token:
         self.requests += 1
         started = self._clock()
         try:
-            response = await http.post(cfg.token_url, data=form,
-                                        headers={"Accept": "application/json"}, **extra)
+            response = await post_bounded(http, cfg.token_url, _MAX_ANSWER, data=form,
+                                          headers={"Accept": "application/json"}, **extra)
+        except AnswerTooLarge as exc:
+            raise OAuth2UnavailableError(f"OAuth2 token endpoint {cfg.token_url}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise OAuth2UnavailableError(f"OAuth2 token endpoint {cfg.token_url}: "
                                          f"{type(exc).__name__}") from exc

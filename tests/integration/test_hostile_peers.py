@@ -4,6 +4,8 @@ the sink turns each into a retry with a clear detail, never an exception out of 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -63,3 +65,38 @@ async def test_json_nested_too_deep_is_an_answer_not_an_exception(
         await s.aclose()
     assert delivery.outcome is outcome, delivery
     assert "RecursionError" not in delivery.detail  # understood, not an unexpected failure
+
+
+async def _endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP peer that answers every request with a body that never ends."""
+    with contextlib.suppress(ConnectionError):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        for _ in range(2**14):  # 1 GiB if nobody stops reading
+            writer.write(chunk)
+            await writer.drain()
+
+
+@pytest.mark.parametrize("token", [False, True])
+async def test_an_endless_answer_is_not_read_into_memory(tmp_path: Path, token: bool) -> None:
+    server = await asyncio.start_server(_endless, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    s = sink(base, tmp_path, "/token" if token else None)
+    before = _rss_mib()
+    try:
+        delivery = await asyncio.wait_for(s.deliver([event(1), event(2)]), 30)
+    finally:
+        await s.aclose()
+        server.close()
+    assert delivery.outcome is Outcome.RETRY, delivery
+    assert "larger than" in delivery.detail
+    assert _rss_mib() - before < 64  # the whole answer would be 1 GiB
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
