@@ -21,8 +21,11 @@ Design:
                               pipelining requests) loses its connection, not our memory
   idle keep-alive             closed after ``idle_timeout``
   connections                 at most ``max_connections``: past it, the longest-idle
-                              keep-alive connection is closed to make room; if none is idle
-                              the newcomer gets 503 and is closed
+                              keep-alive connection is closed to make room, else the one
+                              that has been sending its request longest if that is more
+                              than ``SLOW_REQUEST`` (a slow-loris client; a real client sends
+                              its head in one packet); if there is none the newcomer gets
+                              503 and is closed
   ==========================  ==============================================================
 
 - Anything malformed gets a 4xx (never a traceback) and the connection is closed. A handler
@@ -66,6 +69,9 @@ __all__ = ["BodyLimit", "Handler", "HttpServer", "Request", "Response", "default
 
 log = logging.getLogger(__name__)
 
+# A client still sending its request after this long may be closed to make room at the
+# connection cap: a real client sends a request head in one packet.
+SLOW_REQUEST = 1.0
 _READ_CHUNK = 65536
 _SEND_BUFFER = 65536
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
@@ -123,11 +129,17 @@ class _Gone(Exception):
 
 
 class _Conn:
-    __slots__ = ("idle_since", "task", "writer")
+    __slots__ = ("idle_since", "reading_since", "task", "writer")
 
     def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
         self.task, self.writer = task, writer
         self.idle_since: float | None = time.monotonic()
+        self.reading_since: float | None = None  # first byte of a request not yet complete
+
+    def reading(self) -> None:
+        self.idle_since = None
+        if self.reading_since is None:
+            self.reading_since = time.monotonic()
 
 
 class HttpServer:
@@ -195,14 +207,21 @@ class HttpServer:
     # ------------------------------------------------------------------ connections
 
     def _make_room(self) -> bool:
-        """At the connection cap: close the longest-idle keep-alive connection; False if
-        every connection is busy."""
+        """At the connection cap: close the longest-idle keep-alive connection, else the
+        slowest sender of a request (for more than ``SLOW_REQUEST``); False if every
+        connection is busy with a request or its answer."""
         if len(self._connections) < self.max_connections:
             return True
         idle = [c for c in self._connections.values() if c.idle_since is not None]
-        if not idle:
-            return False
-        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        if idle:
+            oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        else:
+            since = time.monotonic() - SLOW_REQUEST
+            slow = [c for c in self._connections.values()
+                    if c.reading_since is not None and c.reading_since < since]
+            if not slow:
+                return False
+            oldest = min(slow, key=lambda c: c.reading_since or 0.0)
         oldest.task.cancel()
         del self._connections[oldest.task]
         return True
@@ -248,6 +267,7 @@ class HttpServer:
             except _Refuse as exc:
                 await self._send_raw(writer, _canned(exc.status, exc.message))
                 return
+            conn.reading_since = None
             if request is None:
                 return  # clean close between requests
             try:
@@ -289,12 +309,12 @@ class HttpServer:
                             return None
                         if not data:
                             return None
-                        conn.idle_since = None
+                        conn.reading()
                         deadline = time.monotonic() + self._header_timeout
                         h.receive_data(data)
                         continue
                     if deadline is None:
-                        conn.idle_since = None
+                        conn.reading()
                         deadline = time.monotonic() + self._header_timeout
                     await self._receive(h, reader, max(0.0, deadline - time.monotonic()),
                                         "request head")
@@ -302,7 +322,7 @@ class HttpServer:
                 if isinstance(event, h11.ConnectionClosed):
                     return None
                 if isinstance(event, h11.Request):
-                    conn.idle_since = None
+                    conn.reading()
                     size = len(event.target) + sum(len(n) + len(v) + 4
                                                    for n, v in event.headers.raw_items())
                     if size > self._max_header_bytes:

@@ -172,3 +172,35 @@ async def test_body_limits_are_per_route_and_gets_take_none() -> None:
         assert len(seen) == 1
     finally:
         await server.aclose()
+
+
+async def test_slow_loris_clients_make_room_for_a_real_request() -> None:
+    """Clients that send their request a byte at a time and fill the connection cap: once
+    their request has taken more than SLOW_REQUEST, a newcomer replaces the slowest of them
+    (before, every newcomer got 503 until the head timeout, and again after a reconnect)."""
+    async def handler(_req: Request) -> Response:
+        return Response.json({"status": "ok"})
+
+    server = HttpServer(handler, "127.0.0.1", 0, max_connections=4, header_timeout=60)
+    port = await server.start()
+    lorises = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHo")  # ... and the rest never comes
+            lorises.append((reader, writer))
+        await wait_until(lambda: server.connections == 4, timeout=5, what="cap filled")
+
+        async def answered() -> bool:
+            try:
+                reply = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                             b"Connection: close\r\n\r\n")
+            except OSError:  # a 503 closed with our request unread arrives as a reset
+                return False
+            return reply.startswith(b"HTTP/1.1 200")
+        await wait_until(answered, timeout=10, interval=0.2, what="a real request served")
+        assert server.connections <= 4
+    finally:
+        for _, w in lorises:
+            w.close()
+        await server.aclose()
