@@ -17,6 +17,8 @@ Design:
                               GET/HEAD/OPTIONS/DELETE (a GET with a body is refused, never
                               read), ``max_body_bytes`` otherwise (413, not read); the whole
                               body within ``header_timeout`` (408); chunked bodies 411
+  bodies of all connections   at most ``max_bodies_bytes`` (default 4 x ``max_body_bytes``)
+                              being read or handled at once: past it 503, not read
   writing the answer          within ``write_timeout``: a client that does not read (while
                               pipelining requests) loses its connection, not our memory
   idle keep-alive             closed after ``idle_timeout``
@@ -129,12 +131,13 @@ class _Gone(Exception):
 
 
 class _Conn:
-    __slots__ = ("idle_since", "reading_since", "task", "writer")
+    __slots__ = ("idle_since", "reading_since", "reserved", "task", "writer")
 
     def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
         self.task, self.writer = task, writer
         self.idle_since: float | None = time.monotonic()
         self.reading_since: float | None = None  # first byte of a request not yet complete
+        self.reserved = 0  # bytes of the body budget this connection's request holds
 
     def reading(self) -> None:
         self.idle_since = None
@@ -150,7 +153,7 @@ class HttpServer:
                  max_body_bytes: int = 16 * 2**20, max_header_bytes: int = 64 * 2**10,
                  header_timeout: float = 10.0, idle_timeout: float = 75.0,
                  write_timeout: float = 10.0, max_connections: int = 64,
-                 body_limit: BodyLimit | None = None,
+                 body_limit: BodyLimit | None = None, max_bodies_bytes: int | None = None,
                  ssl: ssl.SSLContext | None = None) -> None:
         self._handler = handler
         self._ssl = ssl  # a server context makes it HTTPS (tests: TLS and mutual TLS sinks)
@@ -159,6 +162,11 @@ class HttpServer:
         self.port: int | None = None
         self.max_body_bytes = max_body_bytes
         self._body_limit = body_limit or default_body_limit(max_body_bytes)
+        # Each connection may send max_body_bytes; all of them at once would be
+        # max_connections times that (64 x 16 MiB took the receiver past 1 GiB).
+        self._max_bodies = max_bodies_bytes if max_bodies_bytes is not None \
+            else 4 * max_body_bytes
+        self._bodies = 0
         self._max_header_bytes = max_header_bytes
         self._header_timeout = header_timeout
         self._idle_timeout = idle_timeout
@@ -253,6 +261,7 @@ class HttpServer:
         except Exception:  # a bug here must cost one connection, not the server
             log.exception("HTTP connection failed")
         finally:
+            self._release(conn)
             self._connections.pop(task, None)
             # abort, not close: a client that does not read must not keep the socket in
             # the kernel's buffers (nor our write buffer) any longer.
@@ -276,6 +285,7 @@ class HttpServer:
                 log.exception("HTTP handler failed for %s %s; answered 500",
                               request.method, request.path)
                 response = Response.json({"error": "internal error"}, 500)
+            self._release(conn)
             keep_alive = h.our_state is h11.SEND_RESPONSE and _keep_alive(request, h)
             await self._send_response(h, writer, response, keep_alive,
                                       head_only=request.method == "HEAD")
@@ -284,6 +294,10 @@ class HttpServer:
                 return
             h.start_next_cycle()
             conn.idle_since = time.monotonic()
+
+    def _release(self, conn: _Conn) -> None:
+        self._bodies -= conn.reserved
+        conn.reserved = 0
 
     async def _receive(self, h: h11.Connection, reader: asyncio.StreamReader,
                        timeout: float, what: str) -> None:
@@ -328,7 +342,7 @@ class HttpServer:
                     if size > self._max_header_bytes:
                         raise _Refuse(431, "request head too large")
                     deadline = deadline or time.monotonic() + self._header_timeout
-                    return await self._read_body(h, event, reader, deadline)
+                    return await self._read_body(h, event, conn, reader, deadline)
                 raise _Refuse(400, "unexpected data")
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint
@@ -337,7 +351,7 @@ class HttpServer:
             raise _Refuse(status if 400 <= status < 500 else 400,
                           _PROTOCOL_MESSAGES.get(status, "malformed request")) from None
 
-    async def _read_body(self, h: h11.Connection, event: h11.Request,
+    async def _read_body(self, h: h11.Connection, event: h11.Request, conn: _Conn,
                          reader: asyncio.StreamReader, deadline: float) -> Request:
         method = event.method.decode("ascii", "replace").upper()
         if event.http_version not in (b"1.0", b"1.1"):
@@ -357,6 +371,10 @@ class HttpServer:
         if length > limit:
             raise _Refuse(413, "this request takes no body" if limit == 0
                           else f"body larger than {limit} bytes")
+        if length and self._bodies + length > self._max_bodies:
+            raise _Refuse(503, "too many request bodies at once; retry later")
+        self._bodies += length
+        conn.reserved = length
         body = bytearray()
         while True:
             ev = h.next_event()

@@ -204,3 +204,36 @@ async def test_slow_loris_clients_make_room_for_a_real_request() -> None:
         for _, w in lorises:
             w.close()
         await server.aclose()
+
+
+async def test_bodies_read_at_once_are_bounded_across_connections() -> None:
+    """Each connection may send max_body_bytes, but not all of them at once: past the budget
+    a request gets 503 before its body is read (64 x 16 MiB took the receiver past 1 GiB)."""
+    async def handler(req: Request) -> Response:
+        return Response.json({"len": len(req.body)})
+
+    server = HttpServer(handler, "127.0.0.1", 0, max_body_bytes=1000, max_bodies_bytes=2500)
+    port = await server.start()
+    head = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    held = []
+    try:
+        for _ in range(2):  # two bodies in progress: 2000 of the 2500 bytes
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"x" * 10)
+            held.append((reader, writer))
+        await wait_until(lambda: server.connections == 2, timeout=5, what="two readers")
+
+        async def third() -> bytes:
+            return await exchange(port, head + b"x" * 1000)
+        refused = await wait_until(third, timeout=5, what="an answer")
+        assert refused.startswith(b"HTTP/1.1 503"), refused[:100]
+        reader, writer = held[0]
+        writer.write(b"x" * 990)  # the first body completes and is answered
+        assert (await reader.readuntil(b'{"len":1000}')).startswith(b"HTTP/1.1 200")
+        assert (await exchange(port, head.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\n"
+                                                  b"Connection: close\r\n") + b"x" * 1000)
+                ).startswith(b"HTTP/1.1 200")  # its share was given back
+    finally:
+        for _, w in held:
+            w.close()
+        await server.aclose()
