@@ -18,14 +18,40 @@ from config.secrets import Secret
 from config.units import Duration, DurationOrZero
 
 __all__ = ["HttpAuth", "HttpSinkConfig", "OAuth2ClientAuth", "OAuth2Config", "RetryPolicy",
-           "SinkConfig", "SinkMode", "TlsConfig", "check_http_url"]
+           "SinkConfig", "SinkMode", "TlsConfig", "check_headers", "check_http_url"]
 
 
 def check_http_url(v: str) -> str:
-    """An http:// or https:// URL with a host (shared by every URL field of the agent)."""
+    """An http:// or https:// URL with a host (shared by every URL field of the agent), with
+    no space or control character anywhere (a ``${env:...}`` value with a line break made a
+    URL that every request then failed on, retried forever)."""
     if not re.match(r"^https?://[^/\s]+", v):
         raise ValueError(f"'{v}' is not an http:// or https:// URL")
+    if _UNSAFE.search(v):
+        raise ValueError("the URL contains a space, line break or control character (from a "
+                         "${env:...} or ${file:...} value?); percent-encode it")
     return v
+
+
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
+# RFC 9110: a field name is a token; a value has no control character but tab and no
+# leading or trailing whitespace (a line break in it would be header injection; httpx
+# refuses it at every request instead), and httpx sends values as ASCII.
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+
+
+def check_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Static headers: valid names and values; the message names the header, never the value
+    (it may be a secret)."""
+    for name, value in headers.items():
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP field name")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"the value of header {name!r} is not a valid HTTP header value "
+                             "(a line break, control or non-ASCII character, or a leading or "
+                             "trailing space)")
+    return headers
 
 
 class SinkMode(StrEnum):
@@ -109,6 +135,11 @@ class HttpSinkConfig(Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         return check_http_url(v)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_headers(v)
 
 
 SinkConfig = Annotated[HttpSinkConfig, Field(discriminator="type")]

@@ -210,3 +210,32 @@ async def test_a_token_endpoint_echoing_the_basic_header_shows_nothing_of_it(
     basic = basic_credentials("edge-7", "Rotated-Secret-31337")
     assert basic not in str(caught.value) and "HTTP 400" in str(caught.value)
     assert redact(f"got Authorization: Basic {basic}") == "got Authorization: Basic ***"
+
+
+@pytest.mark.parametrize("where", ["url", "header"])
+def test_a_line_break_from_env_in_a_url_or_header_is_a_located_error(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate`` said valid, and every request then failed in httpx ("Illegal header
+    value"), retried forever; a line break in a header value is header injection."""
+    from agent.wiring.load import load_config_text
+    from config.errors import ConfigError
+
+    secret = "Key-1234567\r\nX-Injected: yes"
+    monkeypatch.setenv("EDGE_TEST_INJECT", secret)
+    url = "http://127.0.0.1:9/events" + ("?k=${env:EDGE_TEST_INJECT}" if where == "url" else "")
+    headers = "{X-Api-Key: \"${env:EDGE_TEST_INJECT}\"}" if where == "header" else "{}"
+    text = f"""
+agent: {{id: cred, site: s1, data_dir: /tmp/unused}}
+sources:
+  plc: {{type: modbus, host: 127.0.0.1, port: 9,
+         tags: {{st: {{table: holding, address: 0, type: uint16}}}}}}
+machines:
+  m1: {{line: l1, state: {{tag: st, map: {{1: running}}}}}}
+sinks:
+  central: {{type: http, url: "{url}", headers: {headers}}}
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, "agent.yaml")
+    message = str(caught.value)
+    assert f"sinks.central.{'url' if where == 'url' else 'headers'}" in message, message
+    assert "Key-1234567" not in message and "X-Injected" not in message, message
