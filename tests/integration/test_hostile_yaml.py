@@ -8,6 +8,7 @@ reload parsed all that inside the agent's process."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_hostile_files_get_a_located_error_and_exit_2(tmp_path: Path, name: str)
     assert done.returncode == 2, done.stderr[-2000:]
     assert EXPECTED[name] in done.stderr and str(path) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    if "nesting" in name:  # found before the parser recurses: with its line and column
+        assert re.search(re.escape(str(path)) + r":\d+:\d+: nested more than", done.stderr), \
+            done.stderr
 
 
 @pytest.mark.slow
