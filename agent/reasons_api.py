@@ -37,6 +37,7 @@ from agent.detect.classify import RECENT, EpisodeNotFound, UnknownCode
 from agent.httpserver import Request, Response
 from agent.runtime import Runtime
 from config.model import utcnow
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["COMMIT_TIMEOUT", "answer"]
@@ -59,6 +60,13 @@ async def answer(runtime: Runtime, req: Request) -> Response:
     except SecretResolutionError as exc:
         log.error("reason entry: the bearer token cannot be read: %s", exc)
         return Response.json({"error": "the agent cannot read its reason-entry token"}, 503)
+    if not token.strip():
+        # An empty token (an empty file, a file caught mid-rotation, an empty variable) would
+        # match "Authorization: Bearer" with nothing after it: refuse everyone instead.
+        log.error("reason entry: the bearer token is empty (%s); every request is refused",
+                  settings.bearer_token.reference)
+        return Response.json({"error": "the agent's reason-entry token is empty"}, 503)
+    add_secret_values([token])  # a rotated token is hidden from logs like the configured one
     given = req.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),

@@ -25,6 +25,7 @@ from agent.sinks.http import batch_idempotency_key
 from agent.sinks.tracecontext import parse_traceparent, trace_id_for
 from agent.wiring.load import load_config_text
 from config.model import parse_time
+from config.redaction import redact
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
@@ -190,6 +191,25 @@ async def test_an_open_stop_can_be_classified_and_its_end_carries_the_code(
     assert ended[0]["data"]["reason_code"] == "9"
     classified = agent.of_type(CLASSIFIED)
     assert len(classified) == 1 and classified[0]["data"]["ended_at"] is None
+
+
+async def test_an_empty_token_refuses_everyone_and_a_rotated_one_is_redacted(
+        agent: Agent, tmp_path: Path) -> None:
+    """An empty token file (emptied, or caught mid-rotation) must not let an empty bearer
+    in; a token rotated while the agent runs works at once and is hidden from logs."""
+    token_file = tmp_path / "reason-token"
+    url = f"{agent.base}/machines/m1/episodes"
+    async with httpx.AsyncClient() as http:
+        token_file.write_text("\n", encoding="utf-8")
+        # (The server strips header values: "Bearer " arrives as "Bearer".)
+        r = await http.get(url, headers={"Authorization": "Bearer"})
+        assert r.status_code == 503 and "empty" in r.json()["error"], r.text
+        rotated = "rotated-line-token-2"
+        token_file.write_text(rotated, encoding="utf-8")
+        assert (await http.get(url, headers=AUTH)).status_code == 401
+        r = await http.get(url, headers={"Authorization": f"Bearer {rotated}"})
+        assert r.status_code == 200
+    assert redact(f"token {rotated}") == "token ***"
 
 
 async def test_reason_entry_is_off_by_default(tmp_path: Path) -> None:
