@@ -111,11 +111,17 @@ async def status_document(runtime: Runtime) -> dict[str, Any]:
     return doc
 
 
+MAX_BODY = 64 * 2**10
+
+
 class HealthServer:
     def __init__(self, runtime: Runtime, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         self._runtime = runtime
-        self._server = HttpServer(self._handle, host.strip("[]"), int(port))
+        # Only reason entry takes a body (a few hundred bytes): a small limit keeps anyone who
+        # can reach the listener, token or not, from making the agent buffer megabytes.
+        self._server = HttpServer(self._handle, host.strip("[]"), int(port),
+                                  max_body_bytes=MAX_BODY)
         self._metrics: Metrics | None = None  # made at the first scrape
         self.port: int | None = None
 

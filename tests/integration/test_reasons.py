@@ -212,6 +212,25 @@ async def test_an_empty_token_refuses_everyone_and_a_rotated_one_is_redacted(
     assert redact(f"token {rotated}") == "token ***"
 
 
+async def test_hostile_bodies_get_clear_answers(agent: Agent) -> None:
+    episode = await agent.one_stop()
+    reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
+    async with httpx.AsyncClient() as http:
+        # Deep nesting is bad input (400), not a handler crash (500).
+        r = await http.post(reason, content=b"[" * 100_000 + b"]" * 100_000, headers=AUTH)
+        assert r.status_code == 413  # over the listener's body limit already
+        r = await http.post(reason, content=b"[" * 20_000 + b"]" * 20_000, headers=AUTH)
+        assert r.status_code == 400 and "nested" in r.json()["error"], r.text
+        # Nobody, with a token or not, makes the health listener buffer megabytes.
+        big = b'{"code": "7", "text": "' + b"x" * 100_000 + b'"}'
+        assert (await http.post(reason, content=big)).status_code == 413
+        r = await http.post(reason, json={"code": 7.5}, headers=AUTH)
+        assert r.status_code == 422 and "whole number" in r.json()["error"]
+        r = await http.post(reason, json={"code": "  "}, headers=AUTH)
+        assert r.status_code == 422 and "required" in r.json()["error"]
+    assert agent.of_type(CLASSIFIED) == []
+
+
 async def test_reason_entry_is_off_by_default(tmp_path: Path) -> None:
     async for a in _start(tmp_path, entry=False):
         async with httpx.AsyncClient() as http:
