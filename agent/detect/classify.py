@@ -139,7 +139,8 @@ class Classifier:
         if code == rec.reason_code:
             return self.grace_open
         late = (t - parse_time(rec.ended_at)).total_seconds()
-        if self.grace_open and late <= self.rule.reason_grace:
+        grace = self.rule.reason_grace
+        if self.grace_open and grace > 0 and late <= grace:  # 0 is off, even at late == 0
             self._classify_record(rec, code, None, "plc", t)
             return True
         self.unattributed_total += 1

@@ -143,3 +143,15 @@ def test_a_late_reason_after_grace_is_counted_and_noted_not_dropped_silently() -
     assert status["unattributed_reasons"] == 1
     assert status["last_unattributed_reason"]["code"] == "7"
     assert restarted(d).classifier.unattributed_total == 1
+
+
+def test_reason_grace_zero_turns_late_reasons_off() -> None:
+    """Documented: with 0s late reasons are off, even one stamped the instant the stop ended
+    (a source with its own timestamps can deliver it in the next batch)."""
+    doc = CFG.model_dump(mode="json")
+    doc["downtime"]["reason_grace"] = "0s"
+    d = MachineDetector("m1", MachineConfig.model_validate(doc), "s1")
+    feed(d, 0, st=1, rsn=0)
+    stop(d, 10, 40)
+    assert feed(d, 40, rsn=7) == []
+    assert d.classifier.unattributed_total == 1
