@@ -375,3 +375,19 @@ async def test_a_dead_letter_is_logged_with_its_episode_and_trace(
     assert parsed is not None and record.trace_id == parsed[0]
     assert record.event_id in record.getMessage() and parsed[0] in record.getMessage()
     assert record.episode_id == agent.rt.detectors["m1"].episode.episode_id  # type: ignore[union-attr]
+
+
+async def test_a_retry_warning_carries_the_trace_of_the_refused_request(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    """At the default level the only delivery lines are failures: the warning that a sink is
+    unavailable names the trace the receiver saw, so both logs can be matched."""
+    caplog.set_level(logging.WARNING)
+    agent.rx.faults.status, agent.rx.faults.count = 503, 1
+    await agent.plc.set_value(STATE, 3)
+    record = await wait_until(lambda: next((r for r in caplog.records
+                                            if "unavailable" in r.getMessage()), None),
+                              what="retry warning")
+    refused = next(r for r in agent.rx.requests if r.status == 503)
+    parsed = parse_traceparent(refused.headers.get("traceparent"))
+    assert parsed is not None and record.trace_id == parsed[0]  # type: ignore[attr-defined]
+    assert parsed[0] in record.getMessage()
