@@ -121,6 +121,25 @@ def test_open_stop_classified_its_end_carries_the_code_across_a_restart() -> Non
     assert d.episodes(1)[0]["classified_by"] == "operator"
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_reread_plc_code_never_undoes_an_operators_code_for_the_open_stop(
+        restart: bool) -> None:
+    """The PLC says 7 during the stop, the operator says 9; the PLC's unchanged 7 read again
+    (the first poll after a restart) is not news: the end carries 9 either way, as a restart
+    anywhere must change nothing."""
+    d = det()
+    feed(d, 0, st=1, rsn=0)
+    feed(d, 10, st=3, rsn=7)
+    feed(d, 16, st=3)  # announced
+    d.classify(None, "9", None, "operator", T0 + timedelta(seconds=20))
+    if restart:
+        d = restarted(d)
+    feed(d, 30, st=3, rsn=7)
+    ended = feed(d, 40, st=1, rsn=7)
+    assert ended[-1].type is EventType.DOWNTIME_ENDED
+    assert ended[-1].data["reason_code"] == "9" and ended[-1].data["last_reason_code"] == "9"
+
+
 def test_only_the_last_recent_ended_stops_are_kept() -> None:
     d = det()
     feed(d, 0, st=1, rsn=0)
