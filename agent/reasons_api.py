@@ -71,7 +71,7 @@ async def answer(runtime: Runtime, req: Request) -> Response:
     given = req.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                              token.encode()):
+                                                              token.strip().encode()):
         return Response.json({"error": "missing or wrong bearer token"}, 401,
                              {"WWW-Authenticate": 'Bearer realm="edge-agent"'})
     parts = req.path.strip("/").split("/")
