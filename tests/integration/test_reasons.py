@@ -18,12 +18,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT, wait_until
 
+from agent import reasons_api
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.sinks.http import batch_idempotency_key
 from agent.sinks.tracecontext import parse_traceparent, trace_id_for
 from agent.wiring.load import load_config_text
+from config.errors import StorageFullError
 from config.model import parse_time
 from config.redaction import redact
 from protocols.modbus.config import ModbusTag
@@ -391,3 +393,35 @@ async def test_a_retry_warning_carries_the_trace_of_the_refused_request(
     parsed = parse_traceparent(refused.headers.get("traceparent"))
     assert parsed is not None and record.trace_id == parsed[0]  # type: ignore[attr-defined]
     assert parsed[0] in record.getMessage()
+
+
+async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_once(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full while an operator classifies: 503 (queued, not committed), the repeat says
+    the same event id, and once commits work the repeat answers 200 and one event arrives."""
+    episode = await agent.one_stop()
+    monkeypatch.setattr(reasons_api, "COMMIT_TIMEOUT", 0.3)
+    buffer = agent.rt.committer._buffer
+    real_append = buffer.append
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise StorageFullError("disk full (test)")
+
+    monkeypatch.setattr(buffer, "append", full)
+    reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
+    async with httpx.AsyncClient() as http:
+        first = await http.post(reason, json={"code": "7"}, headers=AUTH)
+        assert first.status_code == 503 and "repeating" in first.json()["error"]
+        again = await http.post(reason, json={"code": "7"}, headers=AUTH)
+        assert again.status_code == 503
+        assert again.json()["event_id"] == first.json()["event_id"]
+        monkeypatch.setattr(buffer, "append", real_append)
+        done = await wait_until(lambda: _post_ok(http, reason), what="committed")
+        assert done.status_code == 200 and done.json()["event_id"] == first.json()["event_id"]
+    got = await wait_until(lambda: agent.of_type(CLASSIFIED), what="classified")
+    assert [e["id"] for e in got] == [first.json()["event_id"]]
+
+
+async def _post_ok(http: httpx.AsyncClient, url: str) -> httpx.Response | None:
+    r = await http.post(url, json={"code": "7"}, headers=AUTH)
+    return r if r.status_code != 503 else None
