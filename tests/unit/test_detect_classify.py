@@ -174,3 +174,16 @@ def test_reason_grace_zero_turns_late_reasons_off() -> None:
     stop(d, 10, 40)
     assert feed(d, 40, rsn=7) == []
     assert d.classifier.unattributed_total == 1
+
+
+def test_a_reason_before_any_reported_stop_is_counted_not_dropped_silently() -> None:
+    d = det()
+    feed(d, 0, st=1, rsn=0)
+    feed(d, 20, st=3)
+    feed(d, 22, st=1)  # a micro-stop: nothing reported yet
+    assert feed(d, 25, rsn=9) == []
+    assert d.classifier.unattributed_total == 1
+    notes = d.take_notes()
+    assert len(notes) == 1 and "'9'" in notes[0] and "no stop has been reported" in notes[0]
+    assert d.status()["last_unattributed_reason"]["last_episode_id"] is None
+    assert feed(d, 26, rsn=9) == [] and d.classifier.unattributed_total == 1  # not news
