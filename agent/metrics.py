@@ -24,6 +24,18 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
     edge_agent_disk_free_bytes                         free space where the buffer lives
     edge_agent_ready                                   1 when /readyz answers 200
     edge_agent_uptime_seconds                          since the runtime was created
+    edge_agent_build_info{version,python}              always 1; the labels say what runs
+    edge_agent_machine_state{machine,state}            1 for the machine's current state, 0
+                                                       for the others (running, idle, down,
+                                                       planned, unknown): a state timeline
+    edge_agent_machine_open_downtime_seconds{machine}  age of the open downtime episode (0
+                                                       when none)
+    process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+                                                       the standard process collector (Linux)
+
+``build_info`` is the one family with labels outside the vocabulary: the Prometheus convention
+for "which version runs where" (``count by (version) (edge_agent_build_info)``); its values are
+fixed for the life of the process. ``state`` is bounded by the MachineState enum.
 
 The two event histograms are the agent's time to detect (``agent/runtime/figures.py``) and
 time to synchronise (``agent/sinks/instrumented.py``); ``/status`` shows their recent
@@ -39,16 +51,18 @@ by the committer.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import generate_latest
+from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent import __version__
 from buffer.base import BufferStats
-from config.model import age_seconds
+from config.model import MachineState, age_seconds, utcnow
 
 if TYPE_CHECKING:
     from agent.runtime import Runtime
@@ -66,6 +80,8 @@ class Metrics:
         self.registry = runtime.registry
         self._snapshot = _RuntimeCollector(runtime)
         self.registry.register(self._snapshot)
+        # RSS, CPU seconds, open fds, start time: read from /proc at scrape time.
+        ProcessCollector(registry=self.registry)
 
     def render(self, stats: BufferStats | None = None, *, ready: bool | None = None,
                disk_free: int | None = None) -> bytes:
@@ -151,6 +167,28 @@ class _RuntimeCollector(Collector):
                                     value=1.0 if self.ready else 0.0)
         yield GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since the agent started.",
                                 value=max(0.0, time.time() - rt.started_at))
+        build = GaugeMetricFamily("edge_agent_build_info", "Always 1; the labels say what runs.",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+        yield from _machine_metrics(rt)
+
+
+def _machine_metrics(rt: Runtime) -> Iterator[Metric]:
+    state = GaugeMetricFamily("edge_agent_machine_state",
+                              "1 for the machine's current state, 0 for the others.",
+                              labels=["machine", "state"])
+    open_dt = GaugeMetricFamily("edge_agent_machine_open_downtime_seconds",
+                                "Age of the machine's open downtime episode (0 when none).",
+                                labels=["machine"])
+    now = utcnow()
+    for mid, det in rt.detectors.items():
+        for s in MachineState:
+            state.add_metric([mid, s.value], 1.0 if det.state is s else 0.0)
+        ep = det.episode
+        open_dt.add_metric([mid], 0.0 if ep is None
+                           else max(0.0, (now - ep.started_at).total_seconds()))
+    yield from (state, open_dt)
 
 
 def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:

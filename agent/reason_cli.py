@@ -37,14 +37,23 @@ _TIMEOUT = 10.0
 
 def add_parser(sub: Any) -> None:
     """Register ``reason`` and its actions on the CLI's subparsers."""
-    rsn = sub.add_parser("reason", help="list a machine's stops or give one its reason "
-                         "(talks to the running agent)")
+    from agent.cli_conventions import add_config_option, command
+
+    rsn = command(sub, "reason", "list a machine's stops or give one its reason "
+                  "(talks to the running agent)",
+                  "List a machine's open and recent stops, or give one its reason, through "
+                  "the running agent's reason entry endpoint.",
+                  ["edge-agent reason list press-3 --config /etc/edge-agent/config.yaml"])
     actions = rsn.add_subparsers(dest="reason_command", metavar="ACTION")
-    lst = actions.add_parser("list", help="the open and recent stops of a machine")
+    lst = command(actions, "list", "the open and recent stops of a machine",
+                  "The open and recent stops of a machine, with their reasons.",
+                  ["edge-agent reason list press-3 --recent 20 --json"])
     lst.add_argument("machine")
     lst.add_argument("--recent", type=int, default=10, help="ended stops (default %(default)s)")
     lst.add_argument("--json", action="store_true", help="print the raw JSON")
-    st = actions.add_parser("set", help="classify a stop: MACHINE [EPISODE] CODE")
+    st = command(actions, "set", "classify a stop: MACHINE [EPISODE] CODE",
+                 "Give a stop its reason code (default: the open stop, else the latest).",
+                 ["edge-agent reason set press-3 7 --text 'die change'"])
     st.add_argument("machine")
     st.add_argument("what", nargs="+", metavar="[EPISODE] CODE",
                     help="the episode id (default: the open stop, else the latest) and code")
@@ -52,8 +61,8 @@ def add_parser(sub: Any) -> None:
     st.add_argument("--by", default="operator", choices=["operator", "api"],
                     help="who classifies (default %(default)s)")
     for p in (lst, st):
-        p.add_argument("--config", "-c", type=Path, default=None,
-                       help="take the address and token reference from this file")
+        add_config_option(p, required=False,
+                          help="take the address and token reference from this file")
         p.add_argument("--url", default=None, help="health endpoint, e.g. "
                        "http://127.0.0.1:9780")
         p.add_argument("--token-file", type=Path, default=None,

@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.detect import MachineDetector
+from agent.detect.history import EpisodeHistory
 from buffer.base import NewEvent
 from buffer.writer import AsyncBuffer
 from config import failpoints
@@ -74,6 +75,7 @@ class Committer:
         self.full = False
         self.committed_total = 0
         self.detected: dict[tuple[str, str], int] = {}  # (machine, type) -> count
+        self.history = EpisodeHistory()  # recent downtime per machine, for people (/status)
 
     @property
     def uncommitted(self) -> int:
@@ -101,6 +103,7 @@ class Committer:
                 if trail:
                     log.debug("event %s detected: %s", e.id, e.type.value,
                               extra=_trail(e, "detected"))
+            self.history.take(det.machine_id, events)
             self._queue.extend(events)
             self._wakeup.set()
         elif det.dirty:

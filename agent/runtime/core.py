@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.detect import MachineDetector
+from agent.detect.history import EpisodeHistory
 from agent.runtime.commit import Committer
 from agent.runtime.components import Components, SourceSlot
 from agent.runtime.figures import DetectionFigures
@@ -127,6 +128,10 @@ class Runtime:
     @property
     def events_by_machine(self) -> dict[tuple[str, str], int]:
         return self.committer.detected
+
+    @property
+    def history(self) -> EpisodeHistory:
+        return self.committer.history
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -270,6 +275,7 @@ class Runtime:
 
     async def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        wall = utcnow()
         stats = await self.buffer.stats()
         sources = {}
         for name, info in self.sources.items():
@@ -291,7 +297,10 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "config_hash": self.config_hash,
             "sources": sources,
-            "machines": {mid: d.status() for mid, d in self.detectors.items()},
+            "time": format_time(wall),
+            "machines": {mid: {**d.status(), "last_event": self.history.last_event(mid),
+                               "recent_downtime": self.history.recent(mid, wall)}
+                         for mid, d in self.detectors.items()},
             "buffer": {
                 "path": str(self.config.buffer_path),
                 "events": stats.events,

@@ -158,7 +158,11 @@ class Forwarder:
         self._block_failed = False  # an attempt of the current block failed
         self.state = ForwarderState.IDLE
         self.last_success: str | None = None
+        # The error of the current failure; cleared on recovery, when it moves to
+        # previous_error (with the time it was last seen) so /status does not show a stale one.
         self.last_error: str | None = None
+        self.last_error_at: str | None = None
+        self.previous_error: dict[str, str | None] | None = None
         self.held_reason: str | None = None
         self.consecutive_failures = 0
         self.delivered_total = 0
@@ -179,6 +183,8 @@ class Forwarder:
             "state": str(self.state),
             "last_success": self.last_success,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "previous_error": self.previous_error,
             "consecutive_failures": self.consecutive_failures,
             "delivered_total": self.delivered_total,
             "retried_total": self.retried_total,
@@ -392,7 +398,7 @@ class Forwarder:
                     log.exception("sink %s: cannot settle %d delivered events in the buffer; "
                                   "retrying", self.sink.name,
                                   len(settlement.accepted) + len(settlement.dead))
-                self.last_error = f"cannot settle in the buffer: {exc}"
+                self._set_error(f"cannot settle in the buffer: {exc}")
                 if self._stopping.is_set():
                     return False
                 await self._pause(self._backoff.next_delay())
@@ -402,6 +408,7 @@ class Forwarder:
             if failures:
                 log.info("sink %s: settled in the buffer after %d failed tries",
                          self.sink.name, failures)
+                self._clear_error()
             self.delivered_total += len(settlement.accepted)
             return True
 
@@ -420,7 +427,16 @@ class Forwarder:
         self.state = ForwarderState.DELIVERING
         self.held_reason = None
         self.consecutive_failures = 0
+        self._clear_error()
         self._backoff.reset()
+
+    def _set_error(self, reason: str) -> None:
+        self.last_error, self.last_error_at = reason, format_time(utcnow())
+
+    def _clear_error(self) -> None:
+        if self.last_error is not None:
+            self.previous_error = {"error": self.last_error, "at": self.last_error_at}
+        self.last_error = self.last_error_at = None
 
     def _dead_lettered(self, rows: Sequence[LeasedEvent],
                        dead: dict[int, tuple[int | None, str]],
@@ -444,7 +460,7 @@ class Forwarder:
         reason = f"HTTP {status}: {detail}" if status is not None else detail
         trace = f", trace {trace_id}" if trace_id else ""
         self._block_failed = True
-        self.last_error = reason
+        self._set_error(reason)
         self.consecutive_failures += 1
         if attempt:
             self.retried_total += 1

@@ -54,7 +54,8 @@ def test_example_yaml_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ERP_TOKEN", "example-token")
     config = load_config(EXAMPLE)
     assert set(config.sources) == {"press-plc", "filler-plc", "packer-plc", "line2-broker"}
-    assert set(config.machines) == {"filler-1", "press-3", "packer-2", "oven-2", "sealer-5"}
+    assert set(config.machines) == {"filler-1", "press-3", "cutter-6", "packer-2", "oven-2",
+                                    "sealer-5"}
     token = config.sinks["erp"].auth.bearer_token
     assert isinstance(token, Secret)
     assert token.reference == "${env:ERP_TOKEN}"
