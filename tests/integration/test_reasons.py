@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ROOT, wait_until
+from support import ROOT, free_port, wait_until
 
 from agent import reasons_api
 from agent.health import HealthServer
@@ -282,6 +282,9 @@ async def test_reason_cli_against_the_running_agent(agent: Agent, tmp_path: Path
                                 str(tmp_path / "missing"))
     assert code == 2 and "cannot read" in err
     assert len(agent.of_type(CLASSIFIED)) == 1
+    code, out, err = await _cli("list", "m1", "--url", f"http://127.0.0.1:{free_port()}",
+                                "--token-file", str(token))
+    assert code == 3 and "no agent answers" in err  # the CLI's exit code for unreachable
 
 
 async def test_figures_and_trace_context_on_a_real_run(agent: Agent) -> None:
