@@ -313,6 +313,10 @@ class MachineDetector:
             return
         if self.state_since is not None and t < self.state_since:
             t = self.state_since  # a source clock that went backwards: never negative
+        if self.episode is not None and t < self.episode.started_at:
+            # A piece cut by max_duration starts after state_since: the next episode must not
+            # start before it (a clock stepping back right after a cut made them overlap).
+            t = self.episode.started_at
         self.state, self.state_since = new, t
         self.dirty = True
         if new is MachineState.RUNNING:

@@ -428,3 +428,18 @@ def test_clock_jump_flags_what_was_open_and_only_that() -> None:
                        ("downtime.started", None), ("downtime.ended", None),
                        ("scrap.recorded", True)]
     assert det.status()["clock_jumps"] == 1
+
+
+def test_no_overlap_when_the_clock_steps_back_right_after_a_cut() -> None:
+    """Found by the property above: a stall cut by max_duration at 20 s, then the source's
+    clock steps back to 17 s as the machine runs and stalls again; the new stop began at
+    17 s, inside the piece that had just ended at 20 s."""
+    cfg = MachineConfig.model_validate({
+        "line": "l1", "state": {"tag": "st", "map": {1: "running", 3: "down"},
+                                "production_counter": "prod", "stalled_after": "15s"},
+        "downtime": {"min_duration": "0s", "max_duration": "20s"}})
+    polls = [(0.0, 1), (5.0, 1), (10.0, 1), (15.0, 1), (20.0, 3), (17.0, 1)]
+    steps = [(t, [_sample("st", st, t), _sample("prod", 0, t)]) for t, st in polls]
+    events = _run(MachineDetector("m1", cfg, "plant-t"), steps, end=80.0)
+    assert sum(e.type.value == "plantedge.downtime.started" for e in events) >= 3
+    _check_episodes(events)
