@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     from agent import buffer_cli
 
     buffer_cli.add_parser(sub)
+    from agent import upgrade_cli
+
+    upgrade_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="run a simulated plant, the agent and a receiver")
     demo.add_argument("--duration", type=float, default=40.0,
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.buffer_cli import run as run_buffer
 
             return run_buffer(args)
+        if args.command in ("upgrade", "rollback"):
+            from agent.upgrade_cli import run as run_upgrade
+
+            return run_upgrade(args)
         if args.command == "demo":
             from agent.demo import run_demo
 
