@@ -3,7 +3,8 @@
 Upgrade and rollback tests need a version that migrates the buffer. Until a release adds a
 real schema step, this adds one (a new nullable column, as a real step would add) and runs the
 CLI, so ``python tests/support/next_version.py run --config F`` is "the new agent" and
-``python -m agent.cli run --config F`` "the old one".
+``python -m agent.cli run --config F`` "the old one"; ``next_version.py --never-ready run ...``
+is a bad release (it migrates, runs, and /readyz never answers 200).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if __name__ == "__main__":  # run as a script: the repository root on the path
 
 from buffer import migrations
 
-__all__ = ["NEXT", "install"]
+__all__ = ["NEXT", "install", "never_ready"]
 
 NEXT = migrations.Migration(
     migrations.SCHEMA_VERSION + 1, "test stand-in for the next release: a new nullable column",
@@ -30,8 +31,19 @@ def install() -> None:
         migrations.SCHEMA_VERSION = NEXT.version
 
 
+def never_ready() -> None:
+    """Make this process a release that starts, migrates, and never becomes ready."""
+    from agent.runtime import Runtime
+
+    Runtime.readiness = lambda self: ["a broken release (test stand-in)"]  # type: ignore
+
+
 if __name__ == "__main__":
     install()
+    args = sys.argv[1:]
+    if args[:1] == ["--never-ready"]:
+        never_ready()
+        args = args[1:]
     from agent.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(args))
