@@ -113,9 +113,11 @@ async def _scenario(tmp: Path, version: str) -> tuple[int, str, dict[str, Path],
         for box, _ in boxes.values():
             await _shell(START.format(box=box))
         code, out = await _play(tmp, inventory, version)
-        await wait_until(lambda: PREFILLED * 2 <= len(
-            {e["id"] for e in rx.events() if str(e["id"]).startswith("up-")}), timeout=30,
-            what="every prefilled event of both boxes delivered")
+        def delivered() -> int:
+            return len({e["id"] for e in rx.events() if str(e["id"]).startswith("up-")})
+
+        await wait_until(lambda: delivered() == PREFILLED * 2, timeout=30,
+                         what="every prefilled event of both boxes delivered")
     finally:
         for box, _ in boxes.values():
             await _shell(STOP.format(box=box))
