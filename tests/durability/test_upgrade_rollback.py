@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,10 +28,13 @@ from support import ROOT, free_port, wait_until_sync
 from support.next_version import NEXT
 
 from agent.cli import main
+from agent.fleet import heartbeat_document
+from agent.runtime import Runtime
 from buffer import migrations
 from buffer.base import BufferOpenError, NewEvent
 from buffer.snapshot import read_record, snapshot_path
 from buffer.sqlite import SqliteBuffer
+from config.loader import load_config
 
 NEXT_AGENT = ROOT / "tests" / "support" / "next_version.py"
 CURRENT = migrations.SCHEMA_VERSION
@@ -329,3 +333,36 @@ def test_a_rollback_with_100k_pending_events_loses_none(tmp_path: Path, backlog:
     assert received == N  # every event, each once
     assert duplicates >= sent_by_new  # those delivered before the rollback came again
     assert not _pending_ids(db)
+
+
+# --------------------------------------------------------------------------- fleet heartbeat
+
+
+async def _heartbeat(cfg: Path) -> dict[str, Any]:
+    rt = Runtime(load_config(cfg))
+    await rt.start()
+    try:
+        return await heartbeat_document(rt)
+    finally:
+        await rt.stop()
+
+
+async def test_the_heartbeat_carries_the_schema_version_and_the_last_upgrade(
+        data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, _ = data
+    beat = await _heartbeat(cfg)
+    assert beat["buffer"]["schema_version"] == CURRENT and beat["last_upgrade"] is None
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "MIGRATIONS", (*migrations.MIGRATIONS, NEXT))
+        m.setattr(migrations, "SCHEMA_VERSION", NEXT.version)
+        beat = await _heartbeat(cfg)
+        assert beat["buffer"]["schema_version"] == NEXT.version
+        up = beat["last_upgrade"]
+        assert (up["from_schema"], up["to_schema"], up["outcome"]) == (
+            CURRENT, NEXT.version, "migrated") and up["at"].endswith("Z")
+        assert main(["rollback", "--config", str(cfg)]) == 0
+    beat = await _heartbeat(cfg)
+    up = beat["last_upgrade"]
+    assert beat["buffer"]["schema_version"] == CURRENT
+    assert (up["from_schema"], up["to_schema"], up["outcome"]) == (
+        NEXT.version, CURRENT, "rolled back")
