@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from config.loader import load_config
+    from agent.wiring.load import load_config
 
     if args.command == "upgrade" and getattr(args, "upgrade_command", None) != "check":
         print("usage: edge-agent upgrade check --config FILE [--json]", file=sys.stderr)

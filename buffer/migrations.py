@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import SchemaTooNewError
 from buffer.snapshot import record_migrated, snapshot_before_migration
+from config.errors import SchemaTooNewError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
 

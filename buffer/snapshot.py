@@ -33,8 +33,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent.model import format_time, utcnow
 from buffer.base import BufferOpenError
+from config.model import format_time, utcnow
 
 __all__ = ["read_record", "record_migrated", "record_path", "snapshot_before_migration",
            "snapshot_path", "write_record"]

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FatalError
-from agent.model import format_time, utcnow
 from buffer import migrations
 from buffer.snapshot import read_record, snapshot_path, write_record
+from config.errors import FatalError
+from config.model import format_time, utcnow
 
 __all__ = ["RollbackResult", "UpgradeError", "UpgradePlan", "plan", "rollback", "snapshots"]
 

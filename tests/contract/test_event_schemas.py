@@ -24,7 +24,7 @@ import pytest
 from support import ROOT
 from support.events import SCHEMA_DIR, check_event, event_schema
 
-from agent.model import DATA_SCHEMA, EventType, data_schema_uri
+from config.model import DATA_SCHEMA, EventType, data_schema_uri
 
 FROZEN = Path(__file__).parent / "data" / "event_schemas_1.0"
 _DOC_KEYS = {"description", "title", "$schema"}  # wording; not part of the contract

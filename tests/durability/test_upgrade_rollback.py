@@ -30,11 +30,11 @@ from support.next_version import NEXT
 from agent.cli import main
 from agent.fleet import heartbeat_document
 from agent.runtime import Runtime
+from agent.wiring.load import load_config
 from buffer import migrations
 from buffer.base import BufferOpenError, NewEvent
 from buffer.snapshot import read_record, snapshot_path
 from buffer.sqlite import SqliteBuffer
-from config.loader import load_config
 
 NEXT_AGENT = ROOT / "tests" / "support" / "next_version.py"
 CURRENT = migrations.SCHEMA_VERSION
