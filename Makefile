@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench clean deb deb-test image image-test
+.PHONY: demo test lint typecheck unit bench clean deb deb-test image-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ deb: $(BIN)/.installed
 
 deb-test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_deb.py
+
+# The container image built and run by a Docker engine (started here when none answers; skips
+# with the reason when none can be): size, uid, health, demo, SIGTERM, upgrade on a volume.
+image-test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
