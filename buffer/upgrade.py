@@ -81,14 +81,14 @@ class UpgradePlan:
 def snapshots(path: Path) -> dict[int, Path]:
     """Snapshots beside the buffer file, by schema version."""
     out = {}
-    for p in path.parent.glob(f"{glob_escape(path.name)}.schema-v*.snapshot"):
+    for p in path.parent.glob(f"{_glob_escape(path.name)}.schema-v*.snapshot"):
         m = _SNAPSHOT.search(p.name)
         if m:
             out[int(m.group(1))] = p
     return dict(sorted(out.items()))
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
@@ -203,7 +203,8 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
 
 
 def _exclusive(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=0.5)
+    # uri=True: the snapshot is attached read-only by URI, whatever SQLite's build default.
+    conn = sqlite3.connect(path.resolve().as_uri(), uri=True, isolation_level=None, timeout=0.5)
     try:
         conn.execute("PRAGMA locking_mode = EXCLUSIVE")
         conn.execute("BEGIN EXCLUSIVE")

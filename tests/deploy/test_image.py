@@ -134,6 +134,11 @@ def docker() -> Iterator[Docker]:
     finally:
         proc.terminate()
         proc.wait(60)
+        # dockerd leaves its network namespace (and any stale layer) mounted under its roots.
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(work))]
+        for mount in sorted(mounts, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 
