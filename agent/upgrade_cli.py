@@ -9,7 +9,7 @@ run, how many undelivered events the file holds. Exit 0 yes, 1 no, 2 invalid con
 stopped, before the previous version is reinstalled: it restores the snapshot taken before the
 migration and carries over the events detected since (``buffer/upgrade.py``). Events the new
 version delivered meanwhile are sent again with the same ids; receivers deduplicate them.
-Exit 0 restored, 1 not possible (no snapshot, the agent still runs, nothing to undo).
+Exit 0 restored, 2 refused (no snapshot, the agent still runs, nothing to undo).
 """
 
 from __future__ import annotations
@@ -25,17 +25,32 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     """Register ``upgrade`` (action ``check``) and ``rollback`` on the CLI's subparsers."""
-    up = sub.add_parser("upgrade", help="upgrade helpers: 'check' tells whether this version "
-                        "can take over the data directory (read-only)")
+    from agent.cli_conventions import add_config_option, command
+
+    up = command(sub, "upgrade", "upgrade helpers: 'check' tells whether this version can take "
+                 "over the data directory (read-only)",
+                 "Checks run by the version about to be installed, before it starts.",
+                 ["edge-agent upgrade check --config /etc/edge-agent/config.yaml"])
     actions = up.add_subparsers(dest="upgrade_command", metavar="ACTION")
-    chk = actions.add_parser("check", help="can this version take over the buffer, and what "
-                             "will it migrate (changes nothing)")
-    chk.add_argument("--config", "-c", required=True, type=Path)
+    chk = command(actions, "check", "can this version take over the buffer, and what will it "
+                  "migrate (changes nothing)",
+                  "Validate the configuration with this version and read the buffer file "
+                  "without writing: its schema version, the migration steps this version "
+                  "would run after a snapshot, undelivered events, free space (exit 0 it can "
+                  "take over, 1 it cannot, 2 invalid configuration).",
+                  ["edge-agent upgrade check --config /etc/edge-agent/config.yaml --json"])
+    add_config_option(chk)
     chk.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    rb = sub.add_parser("rollback", help="with the agent stopped: restore the buffer snapshot "
-                        "taken before the last migration, for the previous version")
-    rb.add_argument("--config", "-c", required=True, type=Path)
+    rb = command(sub, "rollback", "with the agent stopped: restore the buffer snapshot taken "
+                 "before the last migration, for the previous version",
+                 "Run with the new version after stopping the agent, before reinstalling the "
+                 "previous one: puts back the snapshot taken before the migration and carries "
+                 "over events detected since; the migrated file is kept beside it. Events "
+                 "delivered meanwhile are sent again with the same ids (exit 0 restored, 2 "
+                 "refused: no snapshot, the agent still runs, nothing to undo).",
+                 ["edge-agent rollback --config /etc/edge-agent/config.yaml"])
+    add_config_option(rb)
     rb.add_argument("--to-schema", type=int, default=None,
                     help="schema version to restore (default: the one the last upgrade "
                     "started from)")
@@ -94,7 +109,7 @@ def _rollback(path: Path, to_schema: int | None) -> int:
         r = rollback(path, to_schema)
     except UpgradeError as exc:
         print(f"edge-agent rollback: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"rolled back {path} from schema version {r.from_schema} to {r.to_schema} "
           f"(snapshot {r.snapshot.name}); {r.carried_over} event(s) detected since the upgrade "
           f"carried over; {r.undelivered} undelivered delivery row(s) in the restored file.\n"

@@ -195,7 +195,7 @@ def test_rollback_restores_the_snapshot_and_carries_over_later_events(
     buf.open(["central"])
     assert buf.stats().sinks["central"].pending == 14
     buf.close()
-    assert main(["rollback", "--config", str(cfg)]) == 1
+    assert main(["rollback", "--config", str(cfg)]) == 2
     assert "nothing to roll back" in capsys.readouterr().err
 
 
@@ -205,7 +205,7 @@ def test_rollback_refuses_while_the_agent_holds_the_file(
     buf = SqliteBuffer(db, max_size=2**30)
     buf.open(["central"])  # migrates; stays open like a running agent
     try:
-        assert main(["rollback", "--config", str(cfg)]) == 1
+        assert main(["rollback", "--config", str(cfg)]) == 2
     finally:
         buf.close()
     assert "stop the agent" in capsys.readouterr().err
@@ -215,7 +215,7 @@ def test_rollback_refuses_while_the_agent_holds_the_file(
 def test_rollback_without_a_snapshot_says_so(data: tuple[Path, Path],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     cfg, _ = data
-    assert main(["rollback", "--config", str(cfg)]) == 1
+    assert main(["rollback", "--config", str(cfg)]) == 2
     assert "no snapshot" in capsys.readouterr().err
 
 

@@ -27,6 +27,7 @@ SCHEMA_DIR = resources.files("config") / "event_schemas"
 
 _ENVELOPE = {"specversion", "id", "source", "type", "time", "datacontenttype", "dataschema",
              "agentid", "sequence", "data"}
+_OPTIONAL = {"detectedat"}  # set when committed to the buffer; replay has none
 
 
 @functools.cache
@@ -62,7 +63,8 @@ def _validator(type_: str, major: int) -> jsonschema.Draft202012Validator:
 def check_event(doc: dict[str, Any]) -> list[str]:
     """What is wrong with one CloudEvent: envelope keys, its dataschema, its data."""
     where = f"event {doc.get('id')} ({doc.get('type')})"
-    problems = [f"{where}: unknown attribute {k!r}" for k in sorted(set(doc) - _ENVELOPE)]
+    problems = [f"{where}: unknown attribute {k!r}"
+                for k in sorted(set(doc) - _ENVELOPE - _OPTIONAL)]
     problems += [f"{where}: missing attribute {k!r}" for k in sorted(_ENVELOPE - set(doc))]
     uri = str(doc.get("dataschema", ""))
     prefix = f"urn:plant-edge-agent:event:{doc.get('type')}:"
