@@ -92,6 +92,10 @@ def snapshot_before_migration(conn: sqlite3.Connection, path: Path | str, found:
     except (OSError, sqlite3.Error) as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        code = getattr(e, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_CORRUPT,
+                                                     sqlite3.SQLITE_NOTADB):
+            raise  # a damaged file: the buffer's open salvages it (nothing to snapshot)
         raise BufferOpenError(
             f"buffer file {path} needs a migration from schema version {found} to {target}, "
             f"but the snapshot {dest.name} taken first failed ({e}); nothing was migrated and "
