@@ -44,9 +44,12 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 "$BUILD_PY" -m pip --python "$VENV/bin/python" i
 grep -rlI --null "$VENV" "$VENV/bin" "$VENV/pyvenv.cfg" | xargs -0 -r sed -i "s|$VENV|/opt/edge-agent|g"
 # Bytecode with the installed paths (the unit sets PYTHONDONTWRITEBYTECODE: no writes at run).
 "$TARGET_PY" -m compileall -q -j 0 -s "$ROOT" -p / "$VENV/lib" >/dev/null
-# What a box never needs from the venv: tests and type stubs of dependencies.
+# What a box never needs from the venv: the dependencies' test suites, debug symbols.
 find "$VENV/lib" -depth -type d \( -name tests -o -name test \) -path '*/site-packages/*' \
     -exec rm -rf {} +
+if command -v strip >/dev/null; then
+    find "$VENV/lib" -name '*.so' -exec strip --strip-unneeded {} +
+fi
 
 install -d "$ROOT/usr/bin" "$ROOT/lib/systemd/system" "$ROOT/etc/edge-agent" \
     "$ROOT/usr/share/doc/edge-agent" "$ROOT/DEBIAN"

@@ -103,6 +103,10 @@ def test_the_installed_agent_runs_on_debians_python(installed: tuple[Path, str])
     # Everything imports (all protocols), bytecode included, nothing from the build machine.
     schema = _chroot(root, "edge-agent", "config", "schema")
     assert schema.returncode == 0 and '"sources"' in schema.stdout, schema.stderr[-2000:]
+    # The compiled extensions load after stripping, on the target's libc.
+    native = _chroot(root, "/opt/edge-agent/bin/python", "-c", "import uvloop, pydantic_core, "
+                     "cryptography.hazmat.bindings._rust, asyncua; uvloop.new_event_loop()")
+    assert native.returncode == 0, native.stderr[-2000:]
 
 
 def test_systemd_analyze_verifies_the_installed_unit(installed: tuple[Path, str]) -> None:
