@@ -175,21 +175,22 @@ def _sink_error(s: dict[str, Any], now_text: Any) -> str:
 
 def reload_main(base: str, config: Path | None, pid_file: Path | None = None,
                 timeout: float = 30.0) -> int:
-    from agent.pidfile import PidFileError, check_pidfile
+    from agent.pidfile import PID_FILE, PidFileError, check_pidfile
 
     doc = _loose(config)
     agent = doc.get("agent") or {}
     if pid_file is not None:
-        data_dir, expected = pid_file.parent, None
+        path, expected = pid_file, None
     elif config is not None:
-        data_dir = Path(str(agent.get("data_dir") or DEFAULT_DATA_DIR))
+        # Relative to the file's directory, as the agent itself reads it (agent/wiring/load.py).
+        path = config.parent / str(agent.get("data_dir") or DEFAULT_DATA_DIR) / PID_FILE
         expected = str(agent["id"]) if agent.get("id") is not None else None
     else:
         print("edge-agent reload: name the agent's configuration with --config (its "
               "agent.data_dir holds the pid file) or give --pid-file", file=sys.stderr)
         return EXIT_INVALID
     try:
-        proc = check_pidfile(data_dir, expected)
+        proc = check_pidfile(path, expected)
     except PidFileError as exc:
         print(f"edge-agent reload: {exc}; nothing signalled", file=sys.stderr)
         return EXIT_INVALID
