@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from agent.cli_conventions import printable
+
 __all__ = ["DEFAULT_URL", "format_status", "health_url", "reload_main", "status_main"]
 
 DEFAULT_URL = "http://127.0.0.1:9780"
@@ -107,6 +109,7 @@ def _episode(ep: Any) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -152,7 +155,7 @@ def format_status(doc: dict[str, Any]) -> str:
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
          _sink_error(s, doc.get("time"))[:70]]
         for n, s in (doc.get("sinks") or {}).items()])
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _sink_error(s: dict[str, Any], now_text: Any) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, TextIO
 
+from agent.cli_conventions import printable
+
 __all__ = ["add_parser", "render", "run"]
 
 EXIT_OK, EXIT_UNREACHABLE = 0, 3
@@ -184,11 +186,12 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         return _age((now - t).total_seconds()) if t else "-"
 
     ready = "READY" if doc.get("ready") else "NOT READY"
-    head = (f"edge-agent {doc.get('agent_id')} @ {doc.get('site')}  "
+    head = (f"edge-agent {printable(doc.get('agent_id'))} @ {printable(doc.get('site'))}  "
             f"{_paint(ready, '32' if doc.get('ready') else '31', colour)}  "
-            f"up {_age(doc.get('uptime_s'))}  v{doc.get('version')}  {doc.get('time') or ''}")
+            f"up {_age(doc.get('uptime_s'))}  v{printable(doc.get('version'))}  "
+            f"{printable(doc.get('time') or '')}")
     lines = [head]
-    lines += [f"  ! {r}" for r in doc.get("readiness_reasons") or []]
+    lines += [f"  ! {printable(r)}" for r in doc.get("readiness_reasons") or []]
 
     machines = doc.get("machines") or {}
     rows = []
@@ -232,6 +235,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
 
 def _table(headers: list[str], rows: list[list[str]], colour: bool,
            palette: dict[str, str], state_col: int = 1) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in rows:

@@ -24,3 +24,20 @@ def test_leased_column_and_recovered_error() -> None:
 def test_current_error_is_shown_as_is() -> None:
     text = format_status(_doc({"last_error": "HTTP 503: busy", "state": "retrying"}))
     assert text.splitlines()[-1].endswith("HTTP 503: busy") and "recovered" not in text
+
+
+def test_text_from_elsewhere_cannot_break_the_table_or_drive_the_terminal() -> None:
+    """A proxy's multi-line error page and a PLC reason string with escape sequences: one row
+    each in `status` and `top`, and no control character reaches the terminal (top's own
+    colours are off here)."""
+    from agent.top import render
+
+    doc = _doc({"last_error": "HTTP 502: <html>\r\n<head><title>502</title></head>\r\n",
+                "state": "retrying"})
+    doc["machines"] = {"m\n1": {"state": "down", "open_downtime": {
+        "category": "unplanned", "reason_code": "JAM\x1b[2J\x1b]0;owned\x07\x9b31m"}}}
+    for text in (format_status(doc), "\n".join(render(doc, {}, colour=False))):
+        assert not any((ord(c) < 32 and c != "\n") or 0x7f <= ord(c) <= 0x9f for c in text)
+        assert len([line for line in text.splitlines() if "HTTP 502" in line]) == 1
+        jam = [line for line in text.splitlines() if "JAM" in line]
+        assert len(jam) == 1 and jam[0].split()[:2] == ["m", "1"]
