@@ -104,8 +104,9 @@ def _size(n: Any) -> str:
 def _episode(ep: Any) -> str:
     if not isinstance(ep, dict):
         return ""
-    reason = f" reason {ep['reason_code']}" if ep.get("reason_code") else ""
-    return f"{ep.get('category')} since {ep.get('started_at')}{reason}"
+    from agent.status_page import reason_label
+
+    return f"{ep.get('category')} since {ep.get('started_at')}, {reason_label(ep)}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -32,6 +32,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from agent.cli_conventions import printable
+from agent.status_page import reason_label
 
 __all__ = ["add_parser", "render", "run"]
 
@@ -200,7 +201,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         open_dt = ""
         if isinstance(ep, dict):
             open_dt = f"{ep.get('category')} {since(ep.get('started_at'))}"
-            open_dt += f" reason {ep['reason_code']}" if ep.get("reason_code") else " no reason"
+            open_dt += " " + reason_label(ep)
         last = m.get("last_event")
         last_s = f"{last.get('type')} {since(last.get('time'))} ago" \
             if isinstance(last, dict) else "-"

@@ -48,7 +48,7 @@ machines:
   press-2:
     line: l1
     state: {{tag: m2.state, map: {{1: running, 3: down}}}}
-    downtime: {{min_duration: 0s, reason_tag: m2.reason}}
+    downtime: {{min_duration: 0s, reason_tag: m2.reason, reasons: {{17: Die change}}}}
 sinks:
   central: {{type: http, url: "{sink_url}", timeout: 2s}}
 buffer: {{commit_interval: 10ms}}
@@ -99,7 +99,7 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         tiles = dict(re.findall(r'<section class="tile \w+" data-machine="([^"]+)" '
                                 r'data-state="(\w+)"', dom))
         assert tiles == {"filler-1": "running", "press-2": "down"}
-        assert re.search(r'data-machine="press-2".*?reason 17', dom, re.S)
+        assert re.search(r'data-machine="press-2".*?reason 17 \(Die change\)', dom, re.S)
         rows = dict(re.findall(r'class="row" data-machine="([^"]+)" data-episodes="(\d+)"', dom))
         assert rows == {"filler-1": "1", "press-2": "1"}  # one closed, one open
         assert '<tr data-source="plc">' in dom and '<tr data-sink="central">' in dom
@@ -124,7 +124,8 @@ def test_page_escapes_values_and_draws_open_downtime() -> None:
            "machines": {"m<1>": {"state": "down", "since": "2026-01-01T11:00:00Z",
                                  "open_downtime": {"category": "unplanned",
                                                    "started_at": "2026-01-01T11:00:00Z",
-                                                   "reason_code": "<r>"},
+                                                   "reason_code": "<r>",
+                                                   "reason": "Bottle <jam>"},
                                  "recent_downtime": [
                                      {"category": "planned", "started_at": "2026-01-01T01:00:00Z",
                                       "ended_at": "2026-01-01T02:00:00Z"},  # before the shift
@@ -135,3 +136,4 @@ def test_page_escapes_values_and_draws_open_downtime() -> None:
     assert 'data-machine="m&lt;1&gt;" data-state="down"' in page
     assert 'data-episodes="2"' in page  # the idle one and the open one; the 01:00 one is older
     assert "for 60m" in page and "NOT READY" in page
+    assert "reason &lt;r&gt; (Bottle &lt;jam&gt;)" in page  # the reason's name beside its code

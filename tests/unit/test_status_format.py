@@ -26,6 +26,17 @@ def test_current_error_is_shown_as_is() -> None:
     assert text.splitlines()[-1].endswith("HTTP 503: busy") and "recovered" not in text
 
 
+def test_open_downtime_shows_the_reason_name() -> None:
+    doc = _doc({})
+    doc["machines"] = {"m1": {"state": "down", "open_downtime": {
+        "category": "unplanned", "started_at": "2026-01-01T12:00:00.000Z",
+        "reason_code": "7", "reason": "Bottle jam"}},
+        "m2": {"state": "down", "open_downtime": {"category": "unplanned",
+                                                  "reason_code": None}}}
+    text = format_status(doc)
+    assert "reason 7 (Bottle jam)" in text and "no reason yet" in text
+
+
 def test_text_from_elsewhere_cannot_break_the_table_or_drive_the_terminal() -> None:
     """A proxy's multi-line error page and a PLC reason string with escape sequences: one row
     each in `status` and `top`, and no control character reaches the terminal (top's own
