@@ -79,7 +79,7 @@ sinks: {{erp: {{type: http, url: "http://127.0.0.1:9/events"}}}}
 
 def test_validate_without_secrets_and_from_stdin() -> None:
     r = cli("validate", "-c", str(EXAMPLE))
-    assert r.returncode == 2 and "ERP_TOKEN" in r.stderr
+    assert r.returncode == 2 and "ERP_TOKEN" in r.stderr and "--no-secrets" in r.stderr
     r = cli("validate", "--no-secrets", "-c", str(EXAMPLE))
     assert r.returncode == 0, r.stderr
     assert "references not resolved" in r.stdout
@@ -87,6 +87,13 @@ def test_validate_without_secrets_and_from_stdin() -> None:
     bad = EXAMPLE.read_text().replace("stop_timeout:", "stop_timeuot:")
     r = cli("validate", "--no-secrets", "--config", "-", stdin=bad)
     assert r.returncode == 2 and "<stdin>:" in r.stderr and "stop_timeuot" in r.stderr
+    assert "--no-secrets" not in r.stderr  # the hint only where a secret was missing
+    # --json says "invalid" on stdout too, with every located issue.
+    r = cli("validate", "--no-secrets", "--json", "--config", "-", stdin=bad)
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    assert doc["valid"] is False and doc["issues"][0]["path"] == "agent.stop_timeuot"
+    assert doc["issues"][0]["line"] and doc["issues"][0]["message"].startswith("<stdin>:")
     r = cli("validate", "--json", "--config", "-", stdin=EXAMPLE.read_text(),
             env={"ERP_TOKEN": "t"})
     assert r.returncode == 0, r.stderr
