@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if (getattr(args, "limit", 1) or 1) < 1:
         print("edge-agent buffer: --limit must be at least 1", file=sys.stderr)
         return 2
-    path = load_config(args.config).buffer_path
+    # Only the buffer's path is needed: the shell of an operator looking at the buffer often
+    # cannot read the service's secrets (systemd credentials, a root-only token file).
+    path = load_config(args.config, check_references=False).buffer_path
     if not path.exists():
         print(f"edge-agent buffer: no buffer file at {path} (has the agent run yet?)",
               file=sys.stderr)

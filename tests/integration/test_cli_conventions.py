@@ -165,3 +165,21 @@ def test_progress_only_on_a_terminal() -> None:
     assert "\rexported 1 of 3" in tty.getvalue().replace("\x1b[K", "")
     assert "exported 2 of 3" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
     assert pipe.getvalue() == ""
+
+
+def test_buffer_commands_need_no_secrets(tmp_path: Path) -> None:
+    """`buffer stats` on the edge box, from a shell that cannot read the service's token: the
+    buffer's path is all it needs from the configuration."""
+    from buffer.sqlite import SqliteBuffer
+
+    (tmp_path / "data").mkdir()
+    buf = SqliteBuffer(tmp_path / "data" / "buffer.db", 2**20)
+    buf.open(["erp"])
+    buf.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(EXAMPLE.read_text().replace("data_dir: /var/lib/edge-agent",
+                                                  "data_dir: data"))
+    assert "data_dir: data" in config.read_text()
+    r = cli("buffer", "stats", "--json", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sinks"]["erp"]["pending"] == 0
