@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import select
 import shutil
 import sys
@@ -119,8 +120,10 @@ def _live(client: Any, base: str, out: TextIO, colour: bool, interval: float) ->
                              for n, v in delivered.items()}
                 previous = (now, delivered)
                 lines = render(doc, rates, colour=colour)
-            height = shutil.get_terminal_size().lines
-            frame = "".join(f"{line}\x1b[K\r\n" for line in lines[:max(1, height - 1)])
+            width, height = shutil.get_terminal_size()
+            # Clipped to the width: a wrapped line would push the frame off the screen.
+            frame = "".join(f"{_clip(line, width)}\x1b[K\r\n"
+                            for line in lines[:max(1, height - 1)])
             out.write("\x1b[H" + frame + "\x1b[J")
             out.flush()
             if _wait_for_quit(interval):
@@ -245,6 +248,25 @@ def _table(headers: list[str], rows: list[list[str]], colour: bool,
                                   colour)
         out.append("  ".join(cells).rstrip())
     return out
+
+
+_SGR = re.compile(r"(\x1b\[[0-9;]*m)")
+
+
+def _clip(line: str, width: int) -> str:
+    """``line`` cut to ``width`` visible characters (colour codes do not count)."""
+    out: list[str] = []
+    left = width
+    for part in _SGR.split(line):
+        if part.startswith("\x1b["):
+            out.append(part)
+        elif len(part) <= left:
+            out.append(part)
+            left -= len(part)
+        else:
+            out.append(part[:left])
+            left = 0
+    return "".join(out) + ("\x1b[0m" if left == 0 and "\x1b[" in line else "")
 
 
 def _paint(text: str, code: str, colour: bool) -> str:

@@ -52,3 +52,22 @@ def test_text_from_elsewhere_cannot_break_the_table_or_drive_the_terminal() -> N
         assert len([line for line in text.splitlines() if "HTTP 502" in line]) == 1
         jam = [line for line in text.splitlines() if "JAM" in line]
         assert len(jam) == 1 and jam[0].split()[:2] == ["m", "1"]
+
+
+def test_top_clips_lines_to_the_terminal_width_not_counting_colours() -> None:
+    """A line wider than the terminal would wrap and push the live frame off the screen."""
+    import re
+
+    from agent.top import _clip, render
+
+    doc = _doc({})
+    doc["machines"] = {"press-3": {"state": "down", "order_id": "PO-" + "9" * 60,
+                                   "open_downtime": {"category": "unplanned",
+                                                     "reason_code": "7", "reason": "Jam"}}}
+    for line in render(doc, {}, colour=True):
+        clipped = _clip(line, 40)
+        visible = re.sub(r"\x1b\[[0-9;]*m", "", clipped)
+        assert visible == re.sub(r"\x1b\[[0-9;]*m", "", line)[:40]
+        assert clipped.count("\x1b[31m") == line.count("\x1b[31m")  # colour kept
+        if "\x1b[" in clipped:
+            assert clipped.endswith("\x1b[0m")  # never leaves the terminal red
