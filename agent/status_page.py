@@ -77,7 +77,9 @@ def render_page(doc: dict[str, Any], now: datetime | None = None) -> str:
     parts += [_tile(mid, m, now) for mid, m in machines.items()]
     parts.append("</div>")
     hours = SHIFT_SECONDS / 3600
-    parts.append(f"<h2>Downtime, last {hours:g} hours</h2><div class=timeline id=timeline>")
+    # Every time on the page is the agent's UTC (as in /status): the axis says so.
+    parts.append(f"<h2>Downtime, last {hours:g} hours (UTC)</h2>"
+                 "<div class=timeline id=timeline>")
     parts += [_timeline(mid, m, now) for mid, m in machines.items()]
     marks = [(now - timedelta(seconds=SHIFT_SECONDS * (1 - i / 4))).strftime("%H:%M")
              for i in range(5)]

@@ -135,5 +135,5 @@ def test_page_escapes_values_and_draws_open_downtime() -> None:
     assert "<a&b>" not in page and "&lt;a&amp;b&gt;" in page
     assert 'data-machine="m&lt;1&gt;" data-state="down"' in page
     assert 'data-episodes="2"' in page  # the idle one and the open one; the 01:00 one is older
-    assert "for 60m" in page and "NOT READY" in page
+    assert "for 60m" in page and "NOT READY" in page and "last 8 hours (UTC)" in page
     assert "reason &lt;r&gt; (Bottle &lt;jam&gt;)" in page  # the reason's name beside its code
