@@ -71,6 +71,12 @@ def _get_status(base: str) -> dict[str, Any]:
 def status_main(base: str, as_json: bool) -> int:
     try:
         doc = _get_status(base)
+    except httpx.HTTPStatusError as exc:
+        # Something answers: a stalled agent's watchdog (503) is there but not serving.
+        code = exc.response.status_code
+        print(f"edge-agent status: the agent at {base} answers HTTP {code}: "
+              f"{printable(exc.response.text[:200])}", file=sys.stderr)
+        return EXIT_NOT_READY if code == 503 else EXIT_UNREACHABLE
     except (httpx.HTTPError, ValueError) as exc:
         print(f"edge-agent status: no agent answers at {base} ({type(exc).__name__}: {exc})",
               file=sys.stderr)

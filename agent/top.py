@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         if args.once or args.json or not out.isatty():
             try:
                 doc = _fetch(client, base)
+            except httpx.HTTPStatusError as exc:
+                print(f"edge-agent top: the agent at {base} answers HTTP "
+                      f"{exc.response.status_code}: {printable(exc.response.text[:200])}",
+                      file=sys.stderr)
+                return EXIT_UNREACHABLE
             except (httpx.HTTPError, ValueError) as exc:
                 print(f"edge-agent top: no agent answers at {base} ({exc})", file=sys.stderr)
                 return EXIT_UNREACHABLE
@@ -108,6 +113,11 @@ def _live(client: Any, base: str, out: TextIO, colour: bool, interval: float) ->
         while True:
             try:
                 doc = _fetch(client, base)
+            except httpx.HTTPStatusError as exc:
+                lines = [f"edge-agent top: the agent at {base} answers HTTP "
+                         f"{exc.response.status_code}",
+                         f"  {printable(exc.response.text[:200])}",
+                         "  retrying every second; q or Ctrl-C quits"]
             except (httpx.HTTPError, ValueError) as exc:
                 lines = [f"edge-agent top: no agent answers at {base}", f"  {exc}",
                          "  retrying every second; q or Ctrl-C quits"]

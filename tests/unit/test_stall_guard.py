@@ -73,3 +73,19 @@ def test_stop_ends_the_thread_promptly(listener: socket.socket) -> None:
     assert time.monotonic() - started < 1.0
     assert not any(t.name == "health-stall-guard" and t.is_alive()
                    for t in threading.enumerate())
+
+
+def test_status_of_a_stalled_agent_says_so_and_exits_1(
+        listener: socket.socket, capsys: pytest.CaptureFixture[str]) -> None:
+    """The stall guard answers; `status` must not call that "no agent answers" (exit 3)."""
+    from agent.status_cli import status_main
+
+    stale = time.monotonic() - 60
+    guard = StallGuard(listener.fileno(), lambda: stale, stall_after=1.0)
+    guard.start()
+    try:
+        code = status_main(f"http://127.0.0.1:{listener.getsockname()[1]}", False)
+    finally:
+        guard.stop()
+    err = capsys.readouterr().err
+    assert code == 1 and "answers HTTP 503" in err and "event loop stalled" in err
