@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from support import wait_until
 
@@ -93,6 +94,10 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         await plc.set_value(M2, 3)
         await wait_until(lambda: (rt.detectors["press-2"].episode or 0) and
                          rt.detectors["press-2"].episode.reason_code == "17", what="reason")
+
+        async with httpx.AsyncClient() as http:
+            policy = (await http.get(url)).headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy and "script-src" not in policy
 
         profile = tmp_path / "chromium-profile"
         dom = (await _chromium(f"--user-data-dir={profile}", "--dump-dom", url)).decode()
