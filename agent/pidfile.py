@@ -58,8 +58,14 @@ def write_pidfile(data_dir: Path, agent_id: str) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     doc = {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()), "agent_id": agent_id,
            "written_at": format_time(utcnow())}
-    tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-    os.chmod(tmp, 0o644)
+    # A fresh file, never through a link someone else left at the temporary name (the agent
+    # may run as root); the rename then replaces whatever is at ``path`` without following it.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(json.dumps(doc) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -115,3 +115,17 @@ def test_reload_finds_the_pid_file_where_the_agent_writes_it(
     assert reload_main(_unreachable_url(), config, timeout=1) == EXIT_UNREACHABLE
     custom = written.rename(tmp_path / "agent.pid")
     assert reload_main(_unreachable_url(), None, custom, timeout=1) == EXIT_UNREACHABLE
+
+
+def test_writing_never_follows_a_link_left_at_the_temporary_name(tmp_path: Path) -> None:
+    """A link planted at edge-agent.pid.tmp (or at the pid file) must not make an agent
+    running as root write through it."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / (PID_FILE + ".tmp")).symlink_to(victim)
+    (tmp_path / "data" / PID_FILE).symlink_to(victim)
+    path = write_pidfile(tmp_path / "data", "edge-1")
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink() and check_pidfile(path, "edge-1").pid == os.getpid()
+    assert (path.stat().st_mode & 0o777) == 0o644
