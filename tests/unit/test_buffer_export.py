@@ -99,3 +99,15 @@ def test_purge_coverage_refuses_a_replayed_letter_that_failed_again_and_a_clock_
         assert sorted(d.id for d in covered) == ["e1", "e2", "e3", "e4"] and missing == 2
     finally:
         buf.close()
+
+
+def test_the_record_is_never_written_through_a_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    buffer_path = tmp_path / "buffer.db"
+    tmp = buffer_path.with_name(buffer_path.name + ".export.json.tmp")
+    tmp.symlink_to(victim)
+    write_record(buffer_path, ExportRecord("2026-01-01T00:00:00.000Z", None, {"erp": 3}, 3, None))
+    assert victim.read_text() == "precious\n"
+    record = read_record(buffer_path)
+    assert record is not None and record.highest_seq == {"erp": 3}
