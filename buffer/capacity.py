@@ -18,8 +18,9 @@ each checkpoint. When over ``max_size``:
   batch may fit again once deliveries free space. The detector states still commit: the
   detector has moved on, and the drop is reported as a data gap instead.
 
-Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``,
-so it survives a crash until reported) and ``meta.dropped_total``.
+Either way the count per type goes to the ``drops`` table (read by ``peek_drops`` and taken
+out by ``unrecord_drops`` in the transaction that stores the gap event reporting it, so it
+survives a crash until reported) and ``meta.dropped_total``.
 
 A ``plantedge.data.gap`` event is the report of earlier drops, not a fact of its own: when
 one is dropped (the oldest event under a long outage, or refused by ``reject_new`` while the
@@ -51,6 +52,7 @@ __all__ = [
     "live_bytes",
     "page_stats",
     "record_drops",
+    "unrecord_drops",
 ]
 
 # SQL fragments shared with sqlite.py. A list of seqs travels as one JSON parameter.
@@ -107,6 +109,16 @@ def record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str,
         "ON CONFLICT(type) DO UPDATE SET count = count + excluded.count, "
         "last_at = excluded.last_at",
         [(t, c, now, now) for t, c in both.items()])
+
+
+def unrecord_drops(conn: sqlite3.Connection, reported: dict[str, int]) -> None:
+    """Take counts that a data-gap event now reports out of the ``drops`` table (same
+    transaction as that event's insert)."""
+    if not reported:
+        return
+    conn.executemany("UPDATE drops SET count = count - ? WHERE type = ?",
+                     [(c, t) for t, c in reported.items()])
+    conn.execute("DELETE FROM drops WHERE count <= 0")
 
 
 def _split(events: Sequence[tuple[str, str]]) -> tuple[Counter[str], Counter[str]]:

@@ -105,9 +105,16 @@ class MemoryBuffer(Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         self._check()
         check_batch(events, states)
+        if reported is not None:
+            left = Counter(self._drops.by_type)
+            left.subtract(reported.by_type)
+            self._drops.by_type = {t: c for t, c in left.items() if c > 0}
+            if not self._drops.by_type:
+                self._drops = Drops()
         new: list[int] = []
         for e in events:
             if e.id in self._by_id:
@@ -170,6 +177,11 @@ class MemoryBuffer(Buffer):
     def load_states(self) -> dict[str, str]:
         self._check()
         return dict(self._states)
+
+    def peek_drops(self) -> Drops:
+        self._check()
+        d = self._drops
+        return Drops(dict(d.by_type), d.first_at, d.last_at)
 
     def take_drops(self) -> Drops:
         self._check()
