@@ -50,7 +50,8 @@ def commented_keys(text: str) -> set[str]:
     """Keys of commented-out alternatives: '#   name: value' and '{name: ...}' on such lines."""
     keys: set[str] = set()
     for line in text.splitlines():
-        m = re.match(r"^\s*#\s*([a-z_][a-z0-9_]*):(\s|$)", line)
+        # The first key may be a tag id (saw.state: {unit_id: 3, ...}); its flow keys count.
+        m = re.match(r"^\s*#\s*([a-z_][a-z0-9_.-]*):(\s|$)", line)
         if m:
             keys.add(m.group(1))
             keys.update(re.findall(r"[{,]\s*([a-z_][a-z0-9_]*):", line))
@@ -116,9 +117,6 @@ def test_cli_config_example_and_schema() -> None:
 
 # ------------------------------------------------- every option where it applies, not just its name
 
-_COMMENTED_KEY = re.compile(r"^\s*#\s*([a-z_][a-z0-9_]*):(\s|$)")
-
-
 class _Coverage:
     """Walks the example and the JSON Schema together: which (definition, option) pairs the
     example sets, and the line spans of each definition's instances (for commented
@@ -181,8 +179,8 @@ class _Coverage:
                 self._walk(props[key], name, data[key], first, last, here)
 
     def missing(self) -> list[str]:
-        commented = [(i, m.group(1)) for i, line in enumerate(self.lines)
-                     if (m := _COMMENTED_KEY.match(line))]
+        commented = [(i, key) for i, line in enumerate(self.lines)
+                     for key in sorted(commented_keys(line))]
         anywhere = {key for _, key in commented}
         out = []
         for name, node in [*self.defs.items(), ("<root>", self.schema)]:
