@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import wait_until
+from support import ROOT, wait_until
 
 from agent.health import HealthServer
 from agent.receiver import Receiver
@@ -115,7 +115,11 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         await _chromium(f"--user-data-dir={profile}", "--window-size=1280,900",
                         "--hide-scrollbars", f"--screenshot={shot}", url)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-        print(f"status page screenshot: {shot}")
+        # Kept as a test artifact where CI can collect it (build/ is not versioned).
+        kept = ROOT / "build" / "test-artifacts" / "status-page.png"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, kept)
+        print(f"status page screenshot: {kept}")
     finally:
         await health.aclose()
         await rt.stop()
