@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 
 from agent.cli_conventions import printable
+from config.errors import ConfigError, ConfigIssue
 
 __all__ = ["DEFAULT_URL", "format_status", "health_url", "reload_main", "status_main"]
 
@@ -37,14 +38,22 @@ EXIT_OK, EXIT_NOT_READY, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 def _loose(config: Path | None) -> dict[str, Any]:
     """The file's YAML without validating it (the shell running the command usually cannot
-    read the service's secrets); {} when unreadable."""
-    if config is None:
+    read the service's secrets); {} when it is not YAML. A file that cannot be read at all is
+    a ConfigError: the defaults would send the command to another agent's address, or to
+    another data directory's pid file, without a word."""
+    if config is None or str(config) == "-":
         return {}
     from ruamel.yaml import YAML
 
     try:
-        doc = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
-    except Exception:  # unreadable or odd file: the defaults apply
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([ConfigIssue("", f"cannot read the configuration file: {why}",
+                                       file=str(config))]) from None
+    try:
+        doc = YAML(typ="safe").load(text)
+    except Exception:  # not YAML the loose reading understands: the defaults apply
         return {}
     return doc if isinstance(doc, dict) else {}
 

@@ -183,3 +183,16 @@ def test_buffer_commands_need_no_secrets(tmp_path: Path) -> None:
     r = cli("buffer", "stats", "--json", "--config", str(config))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sinks"]["erp"]["pending"] == 0
+
+
+def test_a_config_that_cannot_be_read_is_bad_input_not_the_default_address(
+        tmp_path: Path) -> None:
+    """status/top/reload with a --config that is not there said "no agent answers at
+    http://127.0.0.1:9780" (exit 3): another address than the user meant, without a word."""
+    missing = str(tmp_path / "nope.yaml")
+    for args in (("status", "-c", missing), ("top", "--once", "-c", missing),
+                 ("reload", "-c", missing)):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert f"{missing}: cannot read the configuration file" in r.stderr
+        assert "127.0.0.1:9780" not in r.stderr
