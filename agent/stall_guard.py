@@ -7,6 +7,8 @@ the runtime's ticker) from a plain thread and, only while the heartbeat is older
 ``stall_after``, accepts connections on the same listening socket itself and answers::
 
     /healthz, /readyz   503 {"status": "stalled", "tick_age_s": ...}
+    /                   503, a short HTML page that refreshes itself (a status page on a wall
+                        screen comes back by itself once the loop turns again)
     anything else       503 {"error": "event loop stalled", "tick_age_s": ...}
                         (any method: a POST of a reason may be retried, it is not refused)
 
@@ -121,13 +123,25 @@ class StallGuard:
             status, doc = 503, {"status": "stalled", "tick_age_s": age}
         else:
             status, doc = 503, {"error": "event loop stalled", "tick_age_s": age}
-        body = json.dumps(doc).encode()
+        body, kind = json.dumps(doc).encode(), "application/json"
+        if path == "/" and status == 503:
+            body, kind = _page(age), "text/html; charset=utf-8"
         reason = "OK" if status == 200 else "Service Unavailable"
         head_only = method == b"HEAD"
-        response = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        response = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
                     "Cache-Control: no-store\r\n\r\n").encode() + (b"" if head_only else body)
         with contextlib.suppress(OSError):
             conn.sendall(response)
         self.answered += 1
 
+
+
+def _page(age: float) -> bytes:
+    """The status page's stand-in while the loop is stalled: it keeps refreshing, so the real
+    page comes back by itself."""
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+            '<meta http-equiv="refresh" content="5"><title>edge agent: stalled</title></head>'
+            f"<body><h1>Edge agent: event loop stalled for {age:.0f}s</h1>"
+            "<p>The agent does not answer; this page tries again every 5 seconds.</p>"
+            "</body></html>").encode()

@@ -89,3 +89,18 @@ def test_status_of_a_stalled_agent_says_so_and_exits_1(
         guard.stop()
     err = capsys.readouterr().err
     assert code == 1 and "answers HTTP 503" in err and "event loop stalled" in err
+
+
+def test_the_status_page_keeps_refreshing_while_stalled(listener: socket.socket) -> None:
+    """A wall screen showing / must come back by itself: the stand-in page refreshes too
+    (a JSON error has no refresh, and the screen stayed on it)."""
+    stale = time.monotonic() - 60
+    guard = StallGuard(listener.fileno(), lambda: stale, stall_after=1.0)
+    guard.start()
+    try:
+        got = _request(listener.getsockname()[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        guard.stop()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"Content-Type: text/html" in head
+    assert b'http-equiv="refresh"' in body and b"stalled for 60s" in body
