@@ -97,7 +97,7 @@ def status_view(det: MachineDetector) -> dict[str, Any]:
         "open_downtime": None if ep is None else {
             "episode_id": ep.episode_id, "category": ep.category,
             "started_at": format_time(ep.started_at), "reason_code": ep.reason_code,
-            "reported": ep.announced},
+            "reason": det.classifier.open_reason_text(ep), "reported": ep.announced},
         "counter_anomalies": det.scrap.anomalies if det.scrap else 0,
         "clock_jumps": det.clock_jumps,
         "unattributed_reasons": det.classifier.unattributed_total,
