@@ -36,7 +36,6 @@ from agent.logs import register_config_secrets
 from agent.model import format_time, utcnow
 from agent.sinks.backoff import Backoff
 from agent.sinks.forwarder import Forwarder
-from agent.sinks.http import HttpSink
 from agent.supervisor import Supervisor
 from config.models import Config
 from protocols.registry import build_source
@@ -217,6 +216,8 @@ def _swap_detectors(runtime: Runtime, old: Config, new: Config,
 
 
 async def _swap_sinks(runtime: Runtime, old: Config, new: Config) -> list[str]:
+    from agent.runtime import build_sink  # the runtime imports this module lazily too
+
     changes = []
     timeout = new.agent.stop_timeout / 2
     for name, cfg in new.sinks.items():
@@ -234,7 +235,7 @@ async def _swap_sinks(runtime: Runtime, old: Config, new: Config) -> list[str]:
             runtime._sinks.remove(sink)
             with contextlib.suppress(Exception):
                 await sink.aclose()
-        sink = HttpSink(name, cfg)
+        sink = build_sink(name, cfg, new.agent.id)
         runtime._sinks.append(sink)
         new_fw = Forwarder(runtime.metrics.instrument(sink), runtime.buffer, cfg.retry)
         runtime.forwarders[name] = new_fw

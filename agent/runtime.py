@@ -45,17 +45,20 @@ from agent.model import (
     utcnow,
 )
 from agent.sinks.backoff import Backoff
+from agent.sinks.base import Sink
 from agent.sinks.forwarder import Forwarder
 from agent.sinks.http import HttpSink
+from agent.sinks.mqtt import MqttSink
+from agent.sinks.nats import NatsSink
 from agent.supervisor import Supervisor
 from buffer.base import NewEvent
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.models import Config
+from config.models import Config, HttpSinkConfig, MqttSinkConfig, SinkConfig
 from protocols.base import Source, bad_samples
 from protocols.registry import build_source
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "build_sink"]
 
 log = logging.getLogger("edge_agent.runtime")
 _AGENT_STATE_KEY = "__agent__"
@@ -63,6 +66,15 @@ _TICK = 0.25
 # Detections held in memory while the buffer cannot commit (disk full); beyond this the oldest
 # are dropped and reported as a data gap. Events are small: this is tens of MB at most.
 _MAX_UNCOMMITTED = 100_000
+
+
+def build_sink(name: str, config: SinkConfig, agent_id: str) -> Sink:
+    """The sink of one ``sinks:`` entry (its ``type`` picks the class)."""
+    if isinstance(config, HttpSinkConfig):
+        return HttpSink(name, config)
+    if isinstance(config, MqttSinkConfig):
+        return MqttSink(name, config, agent_id=agent_id)
+    return NatsSink(name, config, agent_id=agent_id)
 
 
 @dataclass(slots=True)
@@ -102,7 +114,7 @@ class Runtime:
         self.detectors: dict[str, MachineDetector] = {}
         self._by_tag: dict[str, list[MachineDetector]] = {}
         self.forwarders: dict[str, Forwarder] = {}
-        self._sinks: list[HttpSink] = []
+        self._sinks: list[Sink] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fw_tasks: list[asyncio.Task[None]] = []
         self._queue: list[Event] = []
@@ -136,7 +148,7 @@ class Runtime:
         cfg.buffer_path.parent.mkdir(parents=True, exist_ok=True)
         await self.buffer.open(list(cfg.sinks))
         for name, sink_cfg in cfg.sinks.items():
-            sink = HttpSink(name, sink_cfg)
+            sink = build_sink(name, sink_cfg, cfg.agent.id)
             self._sinks.append(sink)
             self.forwarders[name] = Forwarder(self.metrics.instrument(sink), self.buffer,
                                               sink_cfg.retry)
