@@ -96,10 +96,16 @@ async def test_unreachable_broker_is_a_retry(tmp_path: Path) -> None:
     assert "cannot connect" in delivery.detail
 
 
-async def test_bad_password_holds(tmp_path: Path) -> None:
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
     pw = tmp_path / "passwd"
     pw.write_text("")
     subprocess.run(["mosquitto_passwd", "-b", str(pw), "edge", "right"], check=True)
+    return pw
+
+
+async def test_bad_password_holds(tmp_path: Path, password_file: Path) -> None:
+    pw = password_file
     b = MosquittoBroker(tmp_path / "auth", password_file=pw)
     b.start()
     try:

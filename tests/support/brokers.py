@@ -8,7 +8,6 @@ first deliveries kept per-machine order (each source's ``sequence`` increasing).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -265,7 +264,7 @@ async def stream_copies(url: str, stream: str = "EVENTS") -> Copies:
             while copies.total < total:
                 try:
                     batch = await sub.fetch(min(1000, total - copies.total), timeout=5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 for msg in batch:
                     copies.add_payload(msg.data)
