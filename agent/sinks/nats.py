@@ -68,6 +68,7 @@ class NatsSink(Sink):
         self._acks: dict[str, asyncio.Future[ItemResult]] = {}
         self._where = ", ".join(config.servers)
         self._auth_error: str | None = None
+        self._last_error: str | None = None
 
     @property
     def max_batch(self) -> int:
@@ -88,7 +89,9 @@ class NatsSink(Sink):
         opts: dict[str, Any] = {
             "servers": list(cfg.servers), "connect_timeout": max(1, round(cfg.connect_timeout)),
             "allow_reconnect": False, "name": f"edge-agent {self.agent_id} sink {self.name}",
-            "max_reconnect_attempts": 0, "error_cb": self._on_error,
+            # 0 would retry the first connect forever; 1 tries each server twice, quickly.
+            "max_reconnect_attempts": 1, "reconnect_time_wait": 0.1,
+            "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected, "closed_cb": self._on_disconnected}
         secrets = []
         if cfg.token is not None:
@@ -117,11 +120,15 @@ class NatsSink(Sink):
             opts = self._connect_options()
         except (SecretResolutionError, TlsSetupError) as exc:
             return Delivery(Outcome.HOLD, detail=str(exc))
-        self._auth_error = None
+        self._auth_error = self._last_error = None
         try:
-            nc = await nats.connect(**opts)
+            nc = await asyncio.wait_for(nats.connect(**opts),
+                                        timeout=3 * self.config.connect_timeout + 1)
         except (nats.errors.Error, OSError, ssl.SSLError, TimeoutError) as exc:
-            text = f"cannot connect to NATS {self._where}: {_describe(exc)}"
+            why = _describe(exc)
+            if self._last_error and isinstance(exc, nats.errors.NoServersError | TimeoutError):
+                why = f"{why} ({self._last_error})"
+            text = f"cannot connect to NATS {self._where}: {why}"
             if self._auth_error or "authorization" in text.lower():
                 return Delivery(Outcome.HOLD, detail=f"NATS {self._where} refused the "
                                 f"credentials: {self._auth_error or _describe(exc)}")
@@ -224,6 +231,7 @@ class NatsSink(Sink):
 
     async def _on_error(self, exc: Exception) -> None:
         text = _describe(exc)
+        self._last_error = text
         if "authorization" in text.lower() or "authentication" in text.lower():
             self._auth_error = text
 
