@@ -72,8 +72,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import EdgeAgentError, StorageFullError
-from agent.model import format_time, utcnow
 from buffer import views
 from buffer.base import (
     AppendResult,
@@ -99,9 +97,11 @@ from buffer.capacity import (
     live_bytes,
     page_stats,
 )
+from buffer.config import WhenFull
 from buffer.migrations import check_version, migrate
 from buffer.salvage import move_aside, read_salvageable, wal_missing
-from config.models import WhenFull
+from config.errors import EdgeAgentError, StorageFullError
+from config.model import format_time, utcnow
 
 __all__ = ["SqliteBuffer"]
 

@@ -41,13 +41,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.logs import add_secret_values
 from agent.sinks.addressing import address_of, render
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.config import MqttSinkConfig
 from agent.sinks.mqtt_link import LinkDown, LinkRefused, MqttLink, reason_text
 from agent.sinks.mqtt_state import MachineStates
 from agent.sinks.tls import TlsSetupError, client_context
-from config.models import MqttSinkConfig
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["CE_CONTENT_TYPE", "MqttSink"]

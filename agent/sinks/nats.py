@@ -40,11 +40,11 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from agent.logs import add_secret_values
 from agent.sinks.addressing import address_of, render
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.config import NatsSinkConfig
 from agent.sinks.tls import TlsSetupError, client_context
-from config.models import NatsSinkConfig
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["NatsSink"]

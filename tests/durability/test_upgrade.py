@@ -22,8 +22,8 @@ from support import ROOT, wait_until
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
+from agent.wiring.load import load_config
 from buffer.migrations import SCHEMA_VERSION
-from config.loader import load_config
 
 pytestmark = pytest.mark.slow
 

@@ -17,13 +17,13 @@ from support import wait_until
 from support.brokers import MqttConsumer, fill_buffer, make_events
 from support.mosquitto import BrokerTls, MosquittoBroker, make_certs, needs_mosquitto
 
-from agent.model import Event, EventType
+from agent.runtime.forwarder import Forwarder
 from agent.sinks.base import OutboundEvent, Outcome
-from agent.sinks.forwarder import Forwarder
+from agent.sinks.config import MqttSinkConfig, RetryPolicy
 from agent.sinks.mqtt import MqttSink
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.models import MqttSinkConfig, RetryPolicy
+from config.model import Event, EventType
 
 pytestmark = needs_mosquitto
 

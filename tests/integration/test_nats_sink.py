@@ -21,12 +21,12 @@ from support.brokers import (
     stream_copies,
 )
 
+from agent.runtime.forwarder import Forwarder
 from agent.sinks.base import OutboundEvent, Outcome
-from agent.sinks.forwarder import Forwarder
+from agent.sinks.config import NatsSinkConfig, RetryPolicy
 from agent.sinks.nats import NatsSink
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.models import NatsSinkConfig, RetryPolicy
 
 pytestmark = needs_nats
 

@@ -26,9 +26,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.model import Event, EventType, event_id
 from buffer.base import NewEvent
 from buffer.sqlite import SqliteBuffer
+from config.model import Event, EventType, event_id
 
 __all__ = ["Copies", "MqttConsumer", "NatsServer", "fill_buffer", "find_nats_server",
            "make_events", "needs_nats", "stream_copies"]

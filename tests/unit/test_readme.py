@@ -7,7 +7,7 @@ import re
 import pytest
 from support import ROOT
 
-from config.loader import load_config, load_config_text
+from agent.wiring.load import load_config, load_config_text
 
 README = (ROOT / "README.md").read_text()
 

@@ -2,7 +2,7 @@
 
 One forwarder per sink; it is the only leaser of that sink's rows. It leases the oldest rows,
 asks the sink for one attempt at a time and settles every row it leased as accepted or dead,
-retrying the rest. The sink classifies; the forwarder decides (DESIGN section 4)::
+retrying the rest. The sink classifies; the forwarder decides (docs/delivery.md)::
 
                   wake() / poll
           +------+ ----------> lease ---- rows ----> +------------+
@@ -56,12 +56,12 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Protocol
 
-from agent import failpoints
-from agent.model import format_time, utcnow
-from agent.sinks.backoff import Backoff
 from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
+from agent.sinks.config import RetryPolicy
 from buffer.base import LeasedEvent, Settlement
-from config.models import RetryPolicy
+from config import failpoints
+from config.backoff import Backoff
+from config.model import format_time, utcnow
 
 __all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
 
