@@ -29,7 +29,7 @@ from buffer.base import (
     SinkStats,
     check_batch,
 )
-from buffer.capacity import GAP_TYPE, carried_drops
+from buffer.capacity import GAP_TYPE, carried_drops, sink_key, split_drops, within_share
 from buffer.config import WhenFull
 from config.model import format_time, utcnow
 
@@ -129,8 +129,12 @@ class MemoryBuffer(Buffer):
         removed: Counter[str] = Counter()
         carried: Counter[str] = Counter()  # counts reported by dropped gap events
         lost_new = 0
+        spared = self._within_share(new)
         while self._size > self.max_size:
-            victim = self._victim(new)
+            victim = self._victim(new, spared)
+            if victim is None and spared:
+                spared = []  # nothing left that only over-share sinks need
+                continue
             if victim is None:
                 break
             event = self._events[victim]
@@ -138,6 +142,8 @@ class MemoryBuffer(Buffer):
                 carried.update(carried_drops(event.payload))
             else:
                 removed[event.type] += 1
+            carried.update(sink_key(sink, event.type) for sink, rows in self._rows.items()
+                           if victim in rows)
             lost_new += victim in new
             self._delete_event(victim)
         if removed or carried:
@@ -149,8 +155,16 @@ class MemoryBuffer(Buffer):
             self._dropped_total += sum(removed.values())
         return lost_new
 
-    def _victim(self, new: set[int]) -> int | None:
-        if self.when_full is WhenFull.REJECT_NEW:
+    def _within_share(self, new: set[int]) -> list[str]:
+        # reject_new decides before the batch goes in (as the SQLite buffer does).
+        skip = new if self.when_full is WhenFull.REJECT_NEW else set()
+        usage = {sink: len(rows.keys() - skip) for sink, rows in self._rows.items()
+                 if sink in self._sinks}
+        return within_share(usage, len(self._events) - len(skip))
+
+    def _victim(self, new: set[int], spared: Sequence[str] = ()) -> int | None:
+        reject = self.when_full is WhenFull.REJECT_NEW
+        if reject and not spared:
             return max((s for s in new if s in self._events), default=None)
 
         def states(seq: int) -> set[str]:
@@ -158,6 +172,8 @@ class MemoryBuffer(Buffer):
 
         with_dead = None
         for seq in self._events:
+            if (reject and seq in new) or any(seq in self._rows[sink] for sink in spared):
+                continue
             st = states(seq)
             if "leased" in st:
                 continue
@@ -174,6 +190,7 @@ class MemoryBuffer(Buffer):
     def take_drops(self) -> Drops:
         self._check()
         drops, self._drops = self._drops, Drops()
+        drops.by_type, drops.by_sink = split_drops(drops.by_type)
         return drops
 
     # ------------------------------------------------------------------ lease / settle

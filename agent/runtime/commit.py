@@ -158,8 +158,9 @@ class Committer:
                                  f"commits failed and more than {MAX_UNCOMMITTED} detections "
                                  "waited in memory")
         drops = await self._buffer.take_drops()
-        if drops.total:
-            self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at)
+        if drops.total or drops.by_sink:
+            self._queue_data_gap(drops.by_type, drops.first_at, drops.last_at,
+                                 by_sink=drops.by_sink)
         self._on_commit()
 
     def _bound_uncommitted(self) -> None:
@@ -175,11 +176,16 @@ class Committer:
                                   format_time(dropped[-1].time))
 
     def _queue_data_gap(self, by_type: dict[str, int], first: str | None,
-                        last: str | None, reason: str | None = None) -> None:
+                        last: str | None, reason: str | None = None, *,
+                        by_sink: dict[str, dict[str, int]] | None = None) -> None:
+        """``by_sink``: which sink lost what (buffer drops); left out when every sink lost
+        the same (detections dropped before they reached the buffer)."""
         self._agent_sequence += 1
         total = sum(by_type.values())
         reason = reason or f"buffer full ({self._when_full})"
-        log.error("%s: dropped %d event(s): %s", reason, total, by_type)
+        log.error("%s: dropped %d event(s): %s%s", reason, total, by_type,
+                  f"; lost per sink: {by_sink}" if by_sink else "")
+        extra = {"dropped_by_sink": by_sink} if by_sink else {}
         self._queue.append(Event(
             id=event_id(self.agent_source, EventType.DATA_GAP.value, first, last, total,
                         self._agent_sequence),
@@ -187,5 +193,5 @@ class Committer:
             sequence=self._agent_sequence,
             data={"agent": self._agent_id, "site": self._site,
                   "dropped": total, "dropped_by_type": by_type, "first_dropped_at": first,
-                  "last_dropped_at": last, "reason": reason}))
+                  "last_dropped_at": last, "reason": reason, **extra}))
         self._wakeup.set()
