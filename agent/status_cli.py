@@ -132,9 +132,10 @@ def format_status(doc: dict[str, Any]) -> str:
         for n, m in (doc.get("machines") or {}).items()])
     lines += ["", "SINKS"]
     bsinks = buf.get("sinks") or {}
-    lines += _table(["id", "state", "pending", "oldest", "dead letters", "delivered",
+    lines += _table(["id", "type", "state", "pending", "oldest", "dead letters", "delivered",
                      "last error"], [
-        [n, str(s.get("state")), str(bsinks.get(n, {}).get("pending", "-")),
+        [n, str(s.get("type") or "-"), str(s.get("state")),
+         str(bsinks.get(n, {}).get("pending", "-")),
          _age(bsinks.get(n, {}).get("oldest_pending_age_s")),
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
          str(s.get("held_reason") or s.get("last_error") or "")[:60]]

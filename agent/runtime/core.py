@@ -297,7 +297,8 @@ class Runtime:
                                  "oldest_pending_age_s": age_seconds(s.oldest_pending_time)}
                           for name, s in stats.sinks.items()},
             },
-            "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
+            "sinks": {name: {"type": getattr(self.config.sinks.get(name), "type", None),
+                             **fw.status()} for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
             "clock": {"state": "adjusted" if self.clock_jumps else "steady",
                       "jumps": self.clock_jumps, "last_jump": self.last_clock_jump,

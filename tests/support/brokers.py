@@ -206,6 +206,7 @@ class MqttConsumer:
         self.topics: Counter[str] = Counter()
         self.properties: list[Any] = []
         self.others: dict[str, Any] = {}  # topic -> last non-CloudEvent JSON (state topics)
+        self.raw: list[bytes] = []
         self._lock = threading.Lock()
         self._topic = topic
         self._subscribed = threading.Event()
@@ -236,12 +237,25 @@ class MqttConsumer:
                 self.others[msg.topic] = doc
                 return
             self.copies.add_payload(msg.payload)
+            self.raw.append(msg.payload)
             if len(self.properties) < 5:
                 self.properties.append(msg.properties)
 
     def distinct(self) -> int:
         with self._lock:
             return self.copies.distinct
+
+    def raw_of_type(self, type_: str) -> list[bytes]:
+        """Payloads of the first copy of each event of this CloudEvents type."""
+        seen: set[str] = set()
+        out = []
+        with self._lock:
+            for payload in self.raw:
+                doc = json.loads(payload)
+                if doc["type"] == type_ and doc["id"] not in seen:
+                    seen.add(doc["id"])
+                    out.append(payload)
+        return out
 
     def close(self) -> None:
         self.client.loop_stop()
