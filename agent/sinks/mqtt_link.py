@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -83,7 +84,11 @@ class MqttLink:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **kwargs)
         client.connect_timeout = connect_timeout
-        client.max_inflight_messages_set(max_inflight)
+        # paho walks every queued message on each PUBACK while an inflight limit is set
+        # (quadratic in the window); the sink never has more than one batch out, so the
+        # limit is off unless the broker's CONNACK asks for a smaller receive maximum.
+        self._window = max_inflight
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         if username is not None:
             client.username_pw_set(username, password)
@@ -134,6 +139,10 @@ class MqttLink:
         self._sock = client.socket()
         if self._sock is None:
             raise LinkDown(f"MQTT broker {self.where} closed the connection")
+        # Publishes go out one by one as PUBACKs free the window: without TCP_NODELAY, Nagle
+        # holds each small packet back until the previous one is acknowledged.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop.add_reader(self._sock, self._readable)
         self._flush()
         self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
@@ -193,6 +202,11 @@ class MqttLink:
                 self._connack.set_exception(err)
             return
         self.session_present = bool(getattr(flags, "session_present", False))
+        receive_max = getattr(_p, "ReceiveMaximum", None) if self._v5 else None
+        if isinstance(receive_max, int) and 0 < receive_max < self._window:
+            # paho refuses max_inflight_messages_set once connected and does not apply the
+            # broker's Receive Maximum itself; the attribute behind that setter does.
+            self._client._max_inflight_messages = receive_max
         if not self._connack.done():
             self._connack.set_result(None)
 
