@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds to run (default %(default)s)")
     demo.add_argument("--keep", type=Path, default=None,
                       help="keep the demo's data in this directory instead of a temporary one")
+    demo.add_argument("--sink", choices=["http", "mqtt"], default="http",
+                      help="where the demo's events go: the reference receiver (http) or a "
+                           "Unified Namespace on the local Mosquitto (mqtt)")
     return p
 
 
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from agent.demo import run_demo
 
-            return run_demo(args.duration, args.keep)
+            return run_demo(args.duration, args.keep, args.sink)
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_INVALID
