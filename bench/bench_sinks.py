@@ -150,9 +150,11 @@ def bare_mqtt(port: int, payloads: Path, window: int) -> None:
     messages = _messages(payloads, "mqtt")
     done = threading.Event()
     acked = [0]
+    room = threading.Semaphore(10_000)  # MQTT packet ids are 16 bits: bound what is queued
 
     def on_publish(*_a: Any) -> None:
         acked[0] += 1
+        room.release()
         if acked[0] == len(messages):
             done.set()
 
@@ -162,10 +164,16 @@ def bare_mqtt(port: int, payloads: Path, window: int) -> None:
     # (Mosquitto: 20, paho's default too), else the batch.
     c.max_inflight_messages_set(window)
     c.max_queued_messages_set(0)
+    connected = threading.Event()
     c.on_publish = on_publish
+    c.on_connect = lambda *_a: connected.set()
     c.connect("127.0.0.1", port)
     c.loop_start()
+    # Publishing before the CONNACK leaves paho's queue stalled past the inflight window.
+    if not connected.wait(10):
+        raise SystemExit("the bare client did not connect")
     for topic, payload, _ in messages:
+        room.acquire()
         c.publish(topic, payload, qos=1)
     done.wait(600)
     c.loop_stop()
