@@ -36,7 +36,8 @@ def test_mqtt_defaults_and_url_parts() -> None:
 
 @pytest.mark.parametrize(("doc", "message"), [
     ({"type": "mqtt", "url": "http://broker"}, "is not mqtt://host[:port]"),
-    ({"type": "mqtt", "url": "mqtt://b", "topic": "{site}/{cell}/x"}, "unknown placeholder '{cell}'"),
+    ({"type": "mqtt", "url": "mqtt://b", "topic": "{site}/{cell}/x"},
+     "unknown placeholder '{cell}'"),
     ({"type": "mqtt", "url": "mqtt://b", "topic": "{site}/#"}, "wildcards"),
     ({"type": "mqtt", "url": "mqtt://b", "protocol": "4"}, "protocol"),
     ({"type": "nats", "servers": ["mqtt://x"]}, "is not nats://host[:port] or tls://host"),
