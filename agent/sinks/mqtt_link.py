@@ -27,7 +27,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -101,7 +101,7 @@ class MqttLink:
         client.on_socket_register_write = lambda *_: self._want_write()
         self._client = client
         self._loop = asyncio.get_running_loop()
-        self._sock: Any = None
+        self._sock: _Batched | None = None
         self._writer = False
         self._write_soon = False
         self._misc: asyncio.TimerHandle | None = None
@@ -136,13 +136,15 @@ class MqttLink:
         except asyncio.CancelledError:
             connecting.add_done_callback(self._abandoned)
             raise
-        self._sock = client.socket()
-        if self._sock is None:
+        raw = client.socket()
+        if raw is None:
             raise LinkDown(f"MQTT broker {self.where} closed the connection")
-        # Publishes go out one by one as PUBACKs free the window: without TCP_NODELAY, Nagle
-        # holds each small packet back until the previous one is acknowledged.
+        # Publishes go out as PUBACKs free the window: without TCP_NODELAY, Nagle holds each
+        # small write back until the previous one is acknowledged.
         with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cast(Any, raw).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = _Batched(raw)
+        client._sock = self._sock  # paho reads and writes through it from now on
         self._loop.add_reader(self._sock, self._readable)
         self._flush()
         self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
@@ -265,11 +267,16 @@ class MqttLink:
         if self._sock is None:
             return
         if self._client.want_write():
-            self._client.loop_write()
+            self._client.loop_write()  # into the batch buffer
         sock = self._sock
         if sock is None:
             return
-        pending = self._client.want_write()
+        try:
+            pending = not sock.flush()
+        except OSError as exc:
+            self._lost(f"connection to MQTT broker {self.where} lost ({exc})")
+            self.close()
+            return
         if pending and not self._writer:
             self._loop.add_writer(sock, self._flush)
             self._writer = True
@@ -292,6 +299,59 @@ class MqttLink:
         with contextlib.suppress(Exception):
             self._loop.remove_writer(sock)
         self._writer = False
+
+
+class _Batched:
+    """Stands in for paho's socket so a burst costs one system call each way: paho reads a
+    PUBACK in three pieces and writes each PUBLISH on its own; here reads come from one large
+    ``recv`` and writes collect until ``flush``. (The MQTT source does the same in
+    ``protocols/mqtt/batched_socket.py``; sinks may not import protocols.)"""
+
+    __slots__ = ("_in", "_out", "_pos", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock, self._in, self._pos, self._out = sock, b"", 0, bytearray()
+
+    def recv(self, size: int) -> bytes:
+        if self._pos >= len(self._in):
+            data = self._sock.recv(max(size, 65536))  # BlockingIOError passes through
+            if len(data) <= size:
+                self._in, self._pos = b"", 0
+                return bytes(data)
+            self._in, self._pos = data, 0
+        pos, end = self._pos, min(self._pos + size, len(self._in))
+        self._pos = end
+        return self._in[pos:end]
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        self._out += data
+        return len(data)
+
+    def flush(self) -> bool:
+        """Write what paho queued; False when the socket would block (wait to write)."""
+        out = self._out
+        while out:
+            try:
+                sent = self._sock.send(out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return False
+            del out[:sent]
+        return True
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._in) - self._pos + (inner() if inner is not None else 0)
+
+    def fileno(self) -> int:
+        return int(self._sock.fileno())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.flush()  # a DISCONNECT paho just wrote
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def _describe(exc: BaseException) -> str:
