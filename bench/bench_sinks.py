@@ -1,7 +1,7 @@
 """Backlog drain to the broker sinks: the agent vs a bare client of the same library.
 
     .venv/bin/python bench/bench_sinks.py [--events 100000] [--batch 500] [--sinks mqtt,nats]
-                                          [--dir DIR]
+                                          [--runs 3] [--dir DIR]
 
 For each sink type, in the same run and against the same broker process:
 
@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,38 +308,45 @@ class NatsProgress:
         self._thread.join(5)
 
 
-def bench_mqtt(root: Path, payloads: Path, n: int, window: int) -> dict[str, Any]:
+def bench_mqtt(root: Path, payloads: Path, n: int, window: int, runs: int) -> dict[str, Any]:
     broker = MosquittoBroker(root / "mosquitto", max_queued_messages=1_000_000)
     broker.start()
     counter = MqttCount(broker.port)
+    out: dict[str, Any] = {"bare": [], "agent": []}
     try:
-        bare = run_bare("mqtt", str(broker.port), payloads, window, root,
-                        MqttProgress(counter, n))
-        bare["copies"] = counter.copies
-        counter.reset()
-        agent = run_agent("mqtt", broker.url, n, window, root, MqttProgress(counter, n))
-        agent["copies"] = counter.copies
+        for _ in range(runs):  # alternating, so both see the same machine load
+            counter.reset()
+            bare = run_bare("mqtt", str(broker.port), payloads, window, root,
+                            MqttProgress(counter, n))
+            bare["copies"] = counter.copies
+            counter.reset()
+            agent = run_agent("mqtt", broker.url, n, window, root, MqttProgress(counter, n))
+            agent["copies"] = counter.copies
+            out["bare"].append(bare)
+            out["agent"].append(agent)
     finally:
         counter.close()
         broker.kill()
-    return {"bare": bare, "agent": agent}
+    return out
 
 
-def bench_nats(root: Path, payloads: Path, n: int, window: int) -> dict[str, Any]:
+def bench_nats(root: Path, payloads: Path, n: int, window: int, runs: int) -> dict[str, Any]:
     server = NatsServer(root / "nats")
     server.start()
+    out: dict[str, Any] = {"bare": [], "agent": []}
     try:
-        asyncio.run(_recreate_stream(server.url))
-        progress = NatsProgress(server.url, n)
-        bare = run_bare("nats", server.url, payloads, window, root, progress)
-        progress.close()
-        asyncio.run(_recreate_stream(server.url))
-        progress = NatsProgress(server.url, n)
-        agent = run_agent("nats", server.url, n, window, root, progress)
-        progress.close()
+        for _ in range(runs):
+            for who in ("bare", "agent"):
+                asyncio.run(_recreate_stream(server.url))
+                progress = NatsProgress(server.url, n)
+                out[who].append(
+                    run_bare("nats", server.url, payloads, window, root, progress)
+                    if who == "bare" else
+                    run_agent("nats", server.url, n, window, root, progress))
+                progress.close()
     finally:
         server.kill()
-    return {"bare": bare, "agent": agent}
+    return out
 
 
 def main() -> None:
@@ -347,6 +355,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--sinks", default="mqtt,nats")
     ap.add_argument("--dir", type=Path)
+    ap.add_argument("--runs", type=int, default=3, help="alternating bare/agent runs (medians)")
     ap.add_argument("--bare", choices=["mqtt", "nats"], help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--payloads", type=Path, help=argparse.SUPPRESS)
@@ -365,16 +374,17 @@ def main() -> None:
     print(f"{args.events} events, batch/window {args.batch}, work dir {root}")
     for kind in args.sinks.split(","):
         result = (bench_mqtt if kind == "mqtt" else bench_nats)(root, payloads, args.events,
-                                                                  args.batch)
-        bare, agent = result["bare"], result["agent"]
-        share = agent["rate"] / bare["rate"] if bare["rate"] else 0.0
-        print(f"\n[{kind}] bare client: {bare['rate']:,} events/s ({bare['seconds']} s, "
-              f"received {bare['received']:,}{_copies(bare)})")
-        print(f"[{kind}] agent:        {agent['rate']:,} events/s ({agent['seconds']} s, "
-              f"received {agent['received']:,}{_copies(agent)})")
-        print(f"[{kind}] agent / bare: {share:.0%} (target >= {TARGET_SHARE:.0%}); RSS by "
-              f"progress {agent.get('rss_by_progress_mb')} MB, peak {agent.get('peak_rss_mb')}"
-              " MB")
+                                                                  args.batch, args.runs)
+        for who in ("bare", "agent"):
+            for i, res in enumerate(result[who], start=1):
+                print(f"[{kind}] run {i} {who + ':':<6} {res['rate']:>7,} events/s "
+                      f"({res['seconds']} s, received {res['received']:,}{_copies(res)})"
+                      + (f", RSS by progress {res.get('rss_by_progress_mb')} MB, peak "
+                         f"{res.get('peak_rss_mb')} MB" if who == "agent" else ""))
+        bare = statistics.median(r["rate"] for r in result["bare"])
+        agent = statistics.median(r["rate"] for r in result["agent"])
+        print(f"[{kind}] medians: bare {bare:,.0f} events/s, agent {agent:,.0f} events/s, "
+              f"agent / bare {agent / bare:.0%} (target >= {TARGET_SHARE:.0%})\n")
 
 
 def _copies(res: dict[str, Any]) -> str:

@@ -153,8 +153,14 @@ class MqttSink(Sink):
         if isinstance(link, Delivery):
             return link
         template = self.config.topic
-        futures = [link.publish(self._topic(e), e.payload.encode("utf-8"),
-                                properties=self._properties(e.id)) for e in events]
+        futures = []
+        for i, e in enumerate(events):
+            futures.append(link.publish(self._topic(e), e.payload.encode("utf-8"),
+                                        properties=self._properties(e.id)))
+            if i == link.window - 1:
+                # The first window goes on the wire now, while the rest is queued in paho
+                # (it follows as PUBACKs come back).
+                link.flush()
         _done, pending = await asyncio.wait(futures, timeout=self.config.ack_timeout)
         if pending:
             # PUBACKs overdue on a link that looks alive: start afresh on the next attempt.

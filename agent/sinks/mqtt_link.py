@@ -87,7 +87,7 @@ class MqttLink:
         # paho walks every queued message on each PUBACK while an inflight limit is set
         # (quadratic in the window); the sink never has more than one batch out, so the
         # limit is off unless the broker's CONNACK asks for a smaller receive maximum.
-        self._window = max_inflight
+        self._window = self.window = max_inflight
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         if username is not None:
@@ -175,6 +175,10 @@ class MqttLink:
             self._acks[info.mid] = fut
         return fut
 
+    def flush(self) -> None:
+        """Write what is queued now instead of at the end of this loop iteration."""
+        self._flush()
+
     def close(self) -> None:
         if self._misc is not None:
             self._misc.cancel()
@@ -209,6 +213,7 @@ class MqttLink:
             # paho refuses max_inflight_messages_set once connected and does not apply the
             # broker's Receive Maximum itself; the attribute behind that setter does.
             self._client._max_inflight_messages = receive_max
+            self.window = receive_max
         if not self._connack.done():
             self._connack.set_result(None)
 
