@@ -14,6 +14,9 @@ can deduplicate without parsing. Answers, per event::
       than one event in the attempt
     connection lost, no PUBACK within ack_timeout                RETRY (the link is dropped,
                                                                    the next attempt reconnects)
+    the link breaks on an answer paho cannot read (Mosquitto     RETRY; the second time the
+      refusing a message over its size limit) twice with the     same event is the first
+      same event first without a PUBACK                          unacknowledged one: REJECTED
 
 Connecting: a refused CONNECT (bad user name or password, not authorized, client id refused,
 unsupported protocol version), TLS files that cannot be loaded or a password that cannot be read
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 
 CE_CONTENT_TYPE = "application/cloudevents+json"
 _NOT_AUTHORIZED = 0x87
+_PROTOCOL_ERROR = 0x82
 # CONNACK refusals that a retry can cure (server busy/unavailable, rate or quota limits).
 _TRANSIENT_REFUSALS = {0x88, 0x89, 0x97, 0x9F}
 _PRIORITY = [Outcome.HOLD, Outcome.RETRY, Outcome.REJECTED, Outcome.ACCEPTED]
@@ -73,6 +77,7 @@ class MqttSink(Sink):
         self._accepted_on_link = 0
         self._states = MachineStates() if config.state_topic else None
         self._topics: dict[tuple[str, str], str] = {}
+        self._strikes: dict[str, int] = {}  # event id -> protocol errors it was first for
 
     @property
     def max_batch(self) -> int:
@@ -176,6 +181,8 @@ class MqttSink(Sink):
             elif item.status == _NOT_AUTHORIZED:
                 refused_auth += 1
         self._accepted_on_link += len(accepted)
+        if link.protocol_error:
+            self._strike(events, items)
         if refused_auth == len(events) and (len(events) > 1 or not self._accepted_on_link):
             topic = render(template, address_of(events[0], self.agent_id))
             return Delivery(Outcome.HOLD, _NOT_AUTHORIZED,
@@ -188,9 +195,27 @@ class MqttSink(Sink):
             return Delivery(Outcome.ACCEPTED)
         present = {i.outcome for i in items.values()}
         outcome = next(o for o in _PRIORITY if o in present)
-        if not accepted and outcome is Outcome.RETRY:
+        if not accepted and present == {Outcome.RETRY}:
             return Delivery(Outcome.RETRY, detail=next(iter(items.values())).detail)
         return Delivery(outcome, detail="per-event results", items=items)
+
+    def _strike(self, events: Sequence[OutboundEvent], items: dict[str, ItemResult]) -> None:
+        """The link broke on a broker answer paho cannot read. The first event without a
+        PUBACK is the likely cause; the second time it is, it goes to the dead letters
+        instead of blocking the sink forever (the events after it are only retried)."""
+        first = next((e for e in events if items[e.id].outcome is Outcome.RETRY), None)
+        if first is None:
+            return
+        strikes = self._strikes.get(first.id, 0) + 1
+        if len(self._strikes) > 1000:
+            self._strikes.clear()
+        self._strikes[first.id] = strikes
+        if strikes >= 2:
+            del self._strikes[first.id]
+            items[first.id] = ItemResult(
+                Outcome.REJECTED, _PROTOCOL_ERROR,
+                "the MQTT broker broke the connection each time this event was published "
+                "(an answer paho cannot read, e.g. the broker's message size limit)")
 
     def _publish_states(self, link: MqttLink, accepted: Sequence[OutboundEvent]) -> None:
         assert self._states is not None and self.config.state_topic is not None

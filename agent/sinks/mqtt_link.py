@@ -44,6 +44,7 @@ _MAX_PACKETS_PER_READ = 1000
 # CONNACK codes that mean "who you are is not accepted" (paho maps 3.1.1 codes 4 and 5 to
 # 0x86 and 0x87).
 _AUTH_CODES = {0x86, 0x87, 0x8C}
+_PROTOCOL_ERROR = 0x82
 
 
 class LinkDown(Exception):
@@ -108,6 +109,7 @@ class MqttLink:
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self._acks: dict[int, asyncio.Future[ReasonCode | None]] = {}
         self.down: str | None = None
+        self.protocol_error = False
         self.session_present = False
 
     @property
@@ -189,6 +191,10 @@ class MqttLink:
                 self._client.loop_write()
         self._lost("closed")
         sock, self._sock = self._sock, None
+        # paho would close its socket again when the client is garbage-collected, maybe
+        # after the loop is gone: it has nothing left to close or report.
+        self._client.on_socket_close = None
+        self._client._sock = None
         if sock is not None:
             self._unregister(sock)
             with contextlib.suppress(OSError):
@@ -227,10 +233,18 @@ class MqttLink:
                        _p: Any) -> None:
         if getattr(flags, "is_disconnect_packet_from_server", False):
             self._lost(f"MQTT broker {self.where} ended the session: {reason_text(rc)}")
+        elif rc.is_failure and rc.value == _PROTOCOL_ERROR:
+            # paho could not read the broker's answer: seen when a broker refuses a publish
+            # with a reason code paho does not know for PUBACK (Mosquitto, message too large).
+            self.protocol_error = True
+            self._lost(f"connection to MQTT broker {self.where} lost: paho could not read "
+                       "the broker's answer (protocol error)")
         else:
             self._lost(f"connection to MQTT broker {self.where} lost")
 
     def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        if self._loop.is_closed():
+            return
         self._unregister(sock)
         if sock is self._sock:
             self._sock = None

@@ -190,6 +190,38 @@ async def test_retained_state_topic(broker: MosquittoBroker) -> None:
     assert state["downtime"]["episode_id"] == "ep1"
 
 
+async def test_a_message_over_the_brokers_size_limit_is_dead_lettered(tmp_path: Path) -> None:
+    b = MosquittoBroker(tmp_path / "small", extra_config="message_size_limit 2000")
+    b.start()
+    events = make_events(5)
+    big = json.loads(events[2].payload)
+    big["data"]["note"] = "x" * 5000
+    events[2] = events[2].__class__(events[2].id, events[2].key, events[2].type,
+                                    events[2].time, json.dumps(big, separators=(",", ":"),
+                                                                sort_keys=True))
+    fill_buffer(tmp_path / "buffer.db", ["uns"], events)
+    buffer = AsyncBuffer(SqliteBuffer(tmp_path / "buffer.db", max_size=2**31))
+    await buffer.open(["uns"])
+    consumer = MqttConsumer(b.port)
+    s = MqttSink("uns", sink_config(b.url, batch_max_events=10), agent_id="edge-t")
+    fw = Forwarder(s, buffer, RetryPolicy(initial_backoff="20ms", max_backoff="100ms"))
+    task = asyncio.create_task(fw.run())
+    try:
+        await wait_until(lambda: consumer.distinct() == 4 and fw.dead_lettered_total == 1,
+                         timeout=15, what="4 delivered and the big one dead-lettered")
+        dead = await buffer.dead_letters("uns")
+    finally:
+        await fw.stop(5)
+        task.cancel()
+        await s.aclose()
+        await buffer.aclose()
+        consumer.close()
+        b.kill()
+    assert [d.id for d in dead] == [events[2].id]
+    assert "broke the connection" in dead[0].detail
+    assert consumer.copies.order_violations() == []
+
+
 @pytest.mark.slow
 async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: MosquittoBroker,
                                                       consumer: MqttConsumer) -> None:
