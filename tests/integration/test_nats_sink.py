@@ -144,3 +144,31 @@ async def test_server_restart_mid_drain_loses_nothing(tmp_path: Path,
     # JetStream's duplicate window dropped every re-send: exactly one copy of each event.
     assert copies.distinct == n and copies.total == n
     assert copies.order_violations() == []
+
+
+async def test_other_stream_holds_and_oversized_message_is_rejected(server: NatsServer) -> None:
+    import nats
+
+    nc = await nats.connect(server.url)
+    await nc.jetstream().add_stream(name="OTHER", subjects=["plantedge.>"], max_msg_size=2000)
+    await nc.close()
+    events = outbound(3)
+    s = NatsSink("stream", sink_config(server.url, stream="EVENTS"), agent_id="edge-t")
+    try:
+        held = await s.deliver(events)
+        assert held.outcome is Outcome.HOLD and "'OTHER' acknowledged" in held.detail
+    finally:
+        await s.aclose()
+    doc = json.loads(events[1].payload)
+    doc["data"]["note"] = "x" * 5000
+    doc["id"] = "big-1"  # a new id: the first three are already in the stream (duplicates)
+    big = OutboundEvent("big-1", events[1].source, json.dumps(doc))
+    s = NatsSink("stream", sink_config(server.url), agent_id="edge-t")
+    try:
+        delivery = await s.deliver([events[0], big, events[2]])
+    finally:
+        await s.aclose()
+    assert delivery.result_for(events[0].id).outcome is Outcome.ACCEPTED
+    refused = delivery.result_for(big.id)
+    assert refused.outcome is Outcome.REJECTED and "message size exceeds" in refused.detail
+    assert delivery.result_for(events[2].id).outcome is Outcome.ACCEPTED
