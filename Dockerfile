@@ -39,6 +39,9 @@ RUN groupadd --system --gid 10001 edge-agent \
  && install -d -m 0755 /etc/edge-agent
 COPY --from=build /opt/edge-agent /opt/edge-agent
 ENV PATH=/opt/edge-agent/bin:${PATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The CLI reads these as defaults, so `docker run -e EDGE_AGENT_LOG_FORMAT=json IMAGE` or another
+# config path needs no new command line (EDGE_AGENT_LOG_LEVEL works the same way).
+ENV EDGE_AGENT_CONFIG=/etc/edge-agent/config.yaml EDGE_AGENT_LOG_FORMAT=text
 USER 10001:10001
 WORKDIR /var/lib/edge-agent
 # The buffer: keep it on a volume so an upgrade (a new container) finds the pending events.
@@ -51,4 +54,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:9780/healthz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 RUN ["edge-agent", "--version"]
 ENTRYPOINT ["edge-agent"]
-CMD ["run", "--config", "/etc/edge-agent/config.yaml"]
+CMD ["run"]

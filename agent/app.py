@@ -14,6 +14,7 @@ from typing import Any
 from agent.fleet import run_fleet
 from agent.health import HealthServer, loop_alive
 from agent.notify import Notifier, run_watchdog
+from agent.pidfile import remove_pidfile, write_pidfile
 from agent.runtime import Runtime
 from agent.runtime.reload import ReloadRequests
 from agent.wiring.schema import Config, LoopImpl
@@ -39,9 +40,18 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
     helpers: list[asyncio.Task[None]] = []
     reloads = ReloadRequests(runtime, config_path) if config_path is not None else None
     loop = asyncio.get_running_loop()
+    pidfile: Path | None = None
     try:
         await runtime.start()
         port = await health.start()
+        # The local channel for `edge-agent reload` (never a pid read over HTTP). Without it
+        # the agent still runs; SIGHUP and `systemctl reload` still work.
+        try:
+            pidfile = write_pidfile(config.agent.data_dir, config.agent.id)
+        except OSError as exc:
+            log.warning("cannot write the pid file in %s (%s): `edge-agent reload` will not "
+                        "find this agent; SIGHUP still reloads", config.agent.data_dir,
+                        exc.strerror or exc)
         log.info("health endpoint on http://%s:%d/status",
                  config.health.listen.rpartition(":")[0], port)
         notifier.ready(_summary(runtime))
@@ -58,6 +68,8 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
         log.info("stopping (draining for up to %.0fs)", runtime.config.agent.stop_timeout)
     finally:
         notifier.stopping()
+        if pidfile is not None:
+            remove_pidfile(pidfile)
         if reloads is not None and sys.platform != "win32":
             loop.remove_signal_handler(signal.SIGHUP)
             await reloads.aclose()

@@ -113,6 +113,14 @@ class HttpServer:
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
+    @property
+    def listening_fds(self) -> list[int]:
+        """File descriptors of the listening sockets (empty before ``start``); the health
+        endpoint's stall guard answers on them while the event loop is blocked."""
+        if self._server is None:
+            return []
+        return [s.fileno() for s in self._server.sockets]
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -5,11 +5,13 @@ without validating it: the shell running the command usually cannot read the ser
 else ``http://127.0.0.1:9780``.
 
 ``status`` prints ``/status`` as a readable table (``--json`` for the raw document); exit 0 when
-the agent is ready, 1 when it is not ready or cannot be reached.
+the agent is ready, 1 when it is not ready, 3 when no agent answers.
 
-``reload`` sends SIGHUP to the pid that ``/status`` reports and waits until the agent reports the
-outcome in ``last_reload``: exit 0 applied, 2 rejected (the located errors are printed; the
-previous configuration keeps running), 1 no answer.
+``reload`` finds the agent through its pid file in ``agent.data_dir`` of ``--config`` (or
+``--pid-file``), checked as ``agent/pidfile.py`` says, sends it SIGHUP and waits until the agent
+reports the outcome in ``last_reload``: exit 0 applied, 2 rejected (the located errors are
+printed; the previous configuration keeps running) or no pid file to trust, 1 no outcome in
+time, 3 the health endpoint does not answer. The pid is never taken from ``/status``.
 """
 
 from __future__ import annotations
@@ -27,19 +29,29 @@ import httpx
 __all__ = ["DEFAULT_URL", "format_status", "health_url", "reload_main", "status_main"]
 
 DEFAULT_URL = "http://127.0.0.1:9780"
+DEFAULT_DATA_DIR = Path("/var/lib/edge-agent")
+EXIT_OK, EXIT_NOT_READY, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _loose(config: Path | None) -> dict[str, Any]:
+    """The file's YAML without validating it (the shell running the command usually cannot
+    read the service's secrets); {} when unreadable."""
+    if config is None:
+        return {}
+    from ruamel.yaml import YAML
+
+    try:
+        doc = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
+    except Exception:  # unreadable or odd file: the defaults apply
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def health_url(config: Path | None, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     if config is not None:
-        from ruamel.yaml import YAML
-
-        try:
-            doc = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
-            listen = str(((doc or {}).get("health") or {}).get("listen") or "")
-        except Exception:  # unreadable or odd file: fall back to the default address
-            listen = ""
+        listen = str((_loose(config).get("health") or {}).get("listen") or "")
         host, _, port = listen.rpartition(":")
         if host and port.isdigit() and port != "0":
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
@@ -60,9 +72,9 @@ def status_main(base: str, as_json: bool) -> int:
     except (httpx.HTTPError, ValueError) as exc:
         print(f"edge-agent status: no agent answers at {base} ({type(exc).__name__}: {exc})",
               file=sys.stderr)
-        return 1
+        return EXIT_UNREACHABLE
     print(json.dumps(doc, indent=2) if as_json else format_status(doc))
-    return 0 if doc.get("ready") else 1
+    return EXIT_OK if doc.get("ready") else EXIT_NOT_READY
 
 
 def _age(seconds: Any) -> str:
@@ -132,33 +144,72 @@ def format_status(doc: dict[str, Any]) -> str:
         for n, m in (doc.get("machines") or {}).items()])
     lines += ["", "SINKS"]
     bsinks = buf.get("sinks") or {}
-    lines += _table(["id", "type", "state", "pending", "oldest", "dead letters", "delivered",
-                     "last error"], [
+    lines += _table(["id", "type", "state", "pending", "leased", "oldest", "dead letters",
+                     "delivered", "last error"], [
         [n, str(s.get("type") or "-"), str(s.get("state")),
          str(bsinks.get(n, {}).get("pending", "-")),
+         str(bsinks.get(n, {}).get("leased", "-")),
          _age(bsinks.get(n, {}).get("oldest_pending_age_s")),
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
-         str(s.get("held_reason") or s.get("last_error") or "")[:60]]
+         _sink_error(s, doc.get("time"))[:70]]
         for n, s in (doc.get("sinks") or {}).items()])
     return "\n".join(lines)
 
 
-def reload_main(base: str, timeout: float = 30.0) -> int:
+def _sink_error(s: dict[str, Any], now_text: Any) -> str:
+    """The current problem; else the last one, as "recovered; last error 5m ago: ..."."""
+    current = s.get("held_reason") or s.get("last_error")
+    if current:
+        return str(current)
+    prev = s.get("previous_error")
+    if not isinstance(prev, dict) or not prev.get("error"):
+        return ""
+    from config.model import parse_time, utcnow
+
+    try:
+        now = parse_time(now_text) if isinstance(now_text, str) else utcnow()
+        ago = _age((now - parse_time(str(prev.get("at")))).total_seconds()) + " ago"
+    except ValueError:
+        ago = "earlier"
+    return f"(recovered; last error {ago}: {prev['error']})"
+
+
+def reload_main(base: str, config: Path | None, pid_file: Path | None = None,
+                timeout: float = 30.0) -> int:
+    from agent.pidfile import PidFileError, check_pidfile
+
+    doc = _loose(config)
+    agent = doc.get("agent") or {}
+    if pid_file is not None:
+        data_dir, expected = pid_file.parent, None
+    elif config is not None:
+        data_dir = Path(str(agent.get("data_dir") or DEFAULT_DATA_DIR))
+        expected = str(agent["id"]) if agent.get("id") is not None else None
+    else:
+        print("edge-agent reload: name the agent's configuration with --config (its "
+              "agent.data_dir holds the pid file) or give --pid-file", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        proc = check_pidfile(data_dir, expected)
+    except PidFileError as exc:
+        print(f"edge-agent reload: {exc}; nothing signalled", file=sys.stderr)
+        return EXIT_INVALID
     try:
         before = _get_status(base)
     except (httpx.HTTPError, ValueError) as exc:
-        print(f"edge-agent reload: no agent answers at {base} ({exc})", file=sys.stderr)
-        return 1
-    pid = before.get("pid")
-    if not isinstance(pid, int):
-        print("edge-agent reload: the agent did not report its pid", file=sys.stderr)
-        return 1
-    previous = (before.get("last_reload") or {}).get("at"), before.get("last_reload")
+        print(f"edge-agent reload: no agent answers at {base} ({exc}); nothing signalled",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if before.get("agent_id") != proc.agent_id:
+        print(f"edge-agent reload: {base} is agent {before.get('agent_id')!r}, the pid file "
+              f"names {proc.agent_id!r}; nothing signalled", file=sys.stderr)
+        return EXIT_INVALID
+    previous = before.get("last_reload")
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(proc.pid, signal.SIGHUP)
     except OSError as exc:
-        print(f"edge-agent reload: cannot signal pid {pid}: {exc.strerror}", file=sys.stderr)
-        return 1
+        print(f"edge-agent reload: cannot signal pid {proc.pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_NOT_READY
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)  # a CLI polling another process: no event to wait on
@@ -166,12 +217,12 @@ def reload_main(base: str, timeout: float = 30.0) -> int:
             last = _get_status(base).get("last_reload")
         except (httpx.HTTPError, ValueError):
             continue
-        if last and last != previous[1]:
+        if last and last != previous:
             print(describe_reload(last))
-            return 0 if last.get("ok") else 2
-    print(f"edge-agent reload: no answer from pid {pid} within {timeout:g}s; see its log",
+            return EXIT_OK if last.get("ok") else EXIT_INVALID
+    print(f"edge-agent reload: no answer from pid {proc.pid} within {timeout:g}s; see its log",
           file=sys.stderr)
-    return 1
+    return EXIT_NOT_READY
 
 
 def describe_reload(last_reload: dict[str, Any] | None) -> str:

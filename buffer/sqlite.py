@@ -67,7 +67,7 @@ import math
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -564,6 +564,22 @@ class SqliteBuffer(Buffer):
 
     def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
         return self._view("listing dead letters", views.dead_letters, sink, limit)
+
+    def iter_dead_letters(self, sink: str | None = None, ids: Sequence[str] | None = None
+                          ) -> tuple[int, Generator[DeadLetter, None, None]]:
+        """Every dead letter, streamed from one read snapshot, with the snapshot's count (for
+        ``buffer export``: no limit, constant memory)."""
+        total, rows = self._view("counting dead letters", views.iter_dead_letters, sink, ids)
+
+        def translated() -> Generator[DeadLetter, None, None]:
+            try:
+                yield from rows
+            except sqlite3.Error as e:
+                raise self._translate(e, "reading dead letters") from e
+            finally:
+                rows.close()
+
+        return total, translated()
 
     def replay_dead_letters(self, sink: str | None = None,
                             ids: Sequence[str] | None = None) -> int:

@@ -45,10 +45,14 @@ class Prepared:
 
 
 def prepare(data: Any, root: type[BaseModel], base_dir: FsPath,
-            environ: Mapping[str, str] | None = None) -> Prepared:
+            environ: Mapping[str, str] | None = None, *,
+            check_references: bool = True) -> Prepared:
+    """``check_references=False`` (``validate --no-secrets``): an unset variable or unreadable
+    file is not a problem; its place takes the text ``UNRESOLVED`` (the reference's syntax is
+    still checked)."""
     out = Prepared()
     env = os.environ if environ is None else environ
-    out.data = _Preparer(out, base_dir, env).walk(data, root, ())
+    out.data = _Preparer(out, base_dir, env, check_references).walk(data, root, ())
     return out
 
 
@@ -130,11 +134,16 @@ def _is(tp: Any, cls: type) -> bool:
     return isinstance(tp, type) and issubclass(tp, cls)
 
 
+UNRESOLVED = "UNRESOLVED"
+
+
 class _Preparer:
-    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str]) -> None:
+    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str],
+                 check_references: bool = True) -> None:
         self.out = out
         self.base_dir = base_dir
         self.env = env
+        self.check_references = check_references
 
     def walk(self, node: Any, tp: Any, path: Path) -> Any:
         tp = _resolve(tp, node)
@@ -191,6 +200,8 @@ class _Preparer:
                     return token
                 value = self.env.get(ref)
                 if value is None:
+                    if not self.check_references:
+                        return UNRESOLVED
                     self._fail(path, f"environment variable {ref} is not set")
                     return token
                 return value
@@ -198,6 +209,8 @@ class _Preparer:
             try:
                 return file.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
+                if not self.check_references:
+                    return UNRESOLVED
                 reason = getattr(exc, "strerror", None) or str(exc)
                 self._fail(path, f"cannot read file {file}: {reason}")
                 return token

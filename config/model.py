@@ -65,6 +65,7 @@ class EventType(StrEnum):
     SIGNAL_LOST = "plantedge.signal.lost"
     SIGNAL_RESTORED = "plantedge.signal.restored"
     DATA_GAP = "plantedge.data.gap"
+    DOWNTIME_CLASSIFIED = "plantedge.downtime.classified"
 
 
 def utcnow() -> datetime:
@@ -145,8 +146,11 @@ class Event:
     sequence: int
     data: dict[str, Any] = field(default_factory=dict)
 
-    def to_cloudevent(self, agent_id: str) -> dict[str, Any]:
-        return {
+    def to_cloudevent(self, agent_id: str, detected_at: datetime | None = None) -> dict[str, Any]:
+        """``detected_at``: when the agent committed it (the ``detectedat`` extension
+        attribute, so a receiver can tell detection lag from delivery delay); left out by
+        ``replay``, which has no commit."""
+        doc = {
             "specversion": "1.0",
             "id": self.id,
             "source": self.source,
@@ -157,6 +161,10 @@ class Event:
             "sequence": str(self.sequence),
             "data": self.data,
         }
+        if detected_at is not None:
+            doc["detectedat"] = format_time(detected_at)
+        return doc
 
-    def to_json(self, agent_id: str) -> str:
-        return json.dumps(self.to_cloudevent(agent_id), separators=(",", ":"), sort_keys=True)
+    def to_json(self, agent_id: str, detected_at: datetime | None = None) -> str:
+        return json.dumps(self.to_cloudevent(agent_id, detected_at), separators=(",", ":"),
+                          sort_keys=True)

@@ -13,7 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from config.base import Strict, check_id
 from config.units import Duration
 
-__all__ = ["DowntimeRule", "MachineConfig", "ScrapRule", "StateName", "StateRule"]
+__all__ = ["CategoryName", "DowntimeRule", "MachineConfig", "ScrapRule", "StateName",
+           "StateRule"]
 
 
 class StateName(StrEnum):
@@ -21,6 +22,12 @@ class StateName(StrEnum):
     IDLE = "idle"
     DOWN = "down"
     PLANNED = "planned"
+
+
+class CategoryName(StrEnum):
+    UNPLANNED = "unplanned"
+    PLANNED = "planned"
+    IDLE = "idle"
 
 
 class StateRule(Strict):
@@ -78,12 +85,26 @@ class DowntimeRule(Strict):
                                           "and the next starts (continued_from) every "
                                           "max_duration, so long stops show up in reports "
                                           "before they end.")
+    reason_grace: Duration = Field(300.0, description="A reason code that the PLC sets within "
+                                   "this long after a stop ended classifies that stop (a "
+                                   "plantedge.downtime.classified event); a later one is "
+                                   "logged and counted, not attributed. 0 turns it off.")
+    reason_categories: dict[str, CategoryName] = Field(
+        default_factory=dict, description="Reason code -> the category it implies (unplanned, "
+        "planned or idle); sent as 'category' on classification events.")
 
     @field_validator("reasons", mode="before")
     @classmethod
     def _keys_as_text(cls, v: object) -> object:
         if isinstance(v, dict):
             return {str(k).strip(): str(t) for k, t in v.items()}
+        return v
+
+    @field_validator("reason_categories", mode="before")
+    @classmethod
+    def _category_keys_as_text(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k).strip(): c for k, c in v.items()}
         return v
 
 

@@ -24,6 +24,9 @@ Invariants:
 - Event ids are UUIDv5 over (source, type, episode start or scrap window and counter range), so
   the same facts give the same ids after a restart. ``sequence`` is part of the saved state.
 - Durations come from sample times and are never negative.
+- A reason after a stop ended (the PLC within ``reason_grace``, an operator, an API) never
+  changes an event already sent: it is a ``downtime.classified`` event of its own (rules in
+  ``agent/detect/classify.py``, whose state is saved with the rest).
 - ``snapshot()`` captures everything needed to continue after a restart (the runtime commits it
   in the same transaction as the events it produced).
 """
@@ -34,6 +37,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from agent.detect.classify import Classification, Classifier
 from agent.detect.config import MachineConfig
 from agent.detect.episode import Episode, episode_data
 from agent.detect.scrap import ScrapTracker
@@ -105,6 +109,8 @@ class MachineDetector:
         self._out: list[Event] = []
         self.scrap = (ScrapTracker(self.cfg.scrap, self.counter_bits, self._emit)
                       if self.cfg.scrap else None)
+        self.classifier = Classifier(self.cfg.downtime, self._emit)
+        self._late_reason: tuple[str, datetime] | None = None  # within one on_samples call
         # Not persisted: the last good value applied per tag (the hot path's memory) and
         # agent-clock bookkeeping for staleness.
         self._last_values: dict[str, object] = {}
@@ -149,6 +155,8 @@ class MachineDetector:
             todo.sort(key=_first)
         for _, s in todo:
             self._sample(s)
+        if self._late_reason is not None:
+            self._attribute_late_reason()
         return self._drain() if self._out else []
 
     def _sample(self, s: TagSample) -> None:
@@ -321,6 +329,7 @@ class MachineDetector:
                       continued_from: str | None = None) -> None:
         # The sequence number makes two episodes clamped to the same start (a source clock
         # stepping back) distinct, and is itself restored with the state after a restart.
+        self.classifier.on_opened()
         self.episode = Episode(
             episode_id=event_id(self.source, "episode", format_time(t), self.sequence),
             started_at=t,
@@ -363,20 +372,53 @@ class MachineDetector:
                 data["split"] = True
             self._emit(EventType.DOWNTIME_ENDED, end, (ep.episode_id,), data)
             self.microstops, self.microstop_seconds = 0, 0.0
+            self.classifier.on_ended(ep, end, duration)
         else:
             self.microstops += 1
             self.microstop_seconds += duration
+            self.classifier.on_unannounced_end()
         self.episode = None
         self.dirty = True
 
     def _on_reason(self, s: TagSample) -> None:
-        self.reason = reason_code(s.value)
+        code = reason_code(s.value)
+        if self.episode is None and code is not None and code != self.reason:
+            # Judged after the whole batch: a stop read in the same poll takes it instead.
+            self._late_reason = (code, s.time)
+        self.reason = code
         ep = self.episode
         if ep is not None and self.reason is not None:
             if ep.reason_code is None:
                 ep.reason_code = self.reason
             ep.last_reason_code = self.reason
         self.dirty = True
+
+    def _attribute_late_reason(self) -> None:
+        assert self._late_reason is not None
+        code, t = self._late_reason
+        self._late_reason = None
+        if self.episode is None and self.classifier.on_plc_reason(code, t):
+            # The code stays the machine's current reason (a PLC that latches it hands it to
+            # the next stop, as before): only its change is news, never its re-reading.
+            self.dirty = True
+
+    def classify(self, episode_id: str | None, code: str, text: str | None, by: str,
+                 at: datetime) -> tuple[Classification, list[Event]]:
+        """An operator's or an API's reason for an episode (rules in detect/classify.py).
+        ``at`` is the classification time (the caller's clock: detection reads none).
+        Raises EpisodeNotFound or UnknownCode, changing nothing."""
+        result = self.classifier.classify(self.episode, episode_id, code, text, by, at)
+        if result.created:
+            self.dirty = True
+        return result, self._drain() if self._out else []
+
+    def episodes(self, recent: int) -> list[dict[str, Any]]:
+        """The open (reported) episode and the ``recent`` latest ended ones, newest first."""
+        return self.classifier.listing(self.episode, recent)
+
+    def take_notes(self) -> list[str]:
+        """Sentences for the runtime's log (a reason that could not be attributed)."""
+        return self.classifier.take_notes()
 
     def _on_order(self, s: TagSample) -> None:
         new = (str(s.value).strip() if s.value is not None else "") or None
@@ -393,7 +435,7 @@ class MachineDetector:
     # ------------------------------------------------------------------ output and state
 
     def _emit(self, type_: EventType, t: datetime, facts: tuple[object, ...],
-              data: dict[str, Any]) -> None:
+              data: dict[str, Any]) -> str:
         self.sequence += 1
         body: dict[str, Any] = {"machine": self.machine_id, "line": self.cfg.line,
                                 "site": self.site}
@@ -402,10 +444,10 @@ class MachineDetector:
         body.update(data)
         # The sequence is part of every id: two facts that look alike (a signal lost twice in
         # one instant) stay two events, and it is restored with the state after a restart.
-        self._out.append(Event(id=event_id(self.source, type_.value, *facts, self.sequence),
-                               type=type_,
-                               source=self.source, time=t, key=self.machine_id,
-                               sequence=self.sequence, data=body))
+        eid = event_id(self.source, type_.value, *facts, self.sequence)
+        self._out.append(Event(id=eid, type=type_, source=self.source, time=t,
+                               key=self.machine_id, sequence=self.sequence, data=body))
+        return eid
 
     def snapshot(self) -> str:
         """Everything needed to continue after a restart, as text (agent/detect/snapshot.py)."""

@@ -43,6 +43,7 @@ def dump_state(det: MachineDetector) -> str:
         "scrap": det.scrap.to_json() if det.scrap else None,
         "microstops": det.microstops, "microstop_seconds": det.microstop_seconds,
         "clock_jumps": det.clock_jumps,
+        "classify": det.classifier.to_json(),
     }, sort_keys=True)
 
 
@@ -78,6 +79,7 @@ def apply_state(det: MachineDetector, d: dict[str, Any]) -> None:
     det.microstops = int(d.get("microstops", 0))
     det.microstop_seconds = float(d.get("microstop_seconds", 0.0))
     det.clock_jumps = int(d.get("clock_jumps", 0))
+    det.classifier.restore(d.get("classify"))
 
 
 def status_view(det: MachineDetector) -> dict[str, Any]:
@@ -93,6 +95,8 @@ def status_view(det: MachineDetector) -> dict[str, Any]:
             "reported": ep.announced},
         "counter_anomalies": det.scrap.anomalies if det.scrap else 0,
         "clock_jumps": det.clock_jumps,
+        "unattributed_reasons": det.classifier.unattributed_total,
+        "last_unattributed_reason": det.classifier.last_unattributed,
     }
 
 

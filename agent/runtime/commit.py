@@ -16,15 +16,22 @@ Invariants:
   are dropped, counted and reported by one ``plantedge.data.gap`` event once commits work again.
 - The agent's own sequence (for its data-gap events) is saved with every commit under the state
   key ``AGENT_STATE_KEY``.
+- Every committed event carries ``detectedat`` (the commit time) in its payload; ``observe``
+  gets the committed events with that time (the detection-lag figures).
+- ``commit_now`` lets a caller outside the sample/tick path (an operator's reason) wait until
+  its event is committed; the event goes through the same queue, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
 from agent.detect import MachineDetector
+from agent.detect.history import EpisodeHistory
 from buffer.base import NewEvent
 from buffer.writer import AsyncBuffer
 from config import failpoints
@@ -45,7 +52,8 @@ MAX_UNCOMMITTED = 100_000
 class Committer:
     def __init__(self, buffer: AsyncBuffer, detectors: Callable[[], Mapping[str, MachineDetector]],
                  *, agent_id: str, site: str, interval: float, when_full: str,
-                 on_commit: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None],
+                 observe: Callable[[Sequence[Event], datetime], None] | None = None) -> None:
         self._buffer = buffer
         self._detectors = detectors
         self._agent_id = agent_id
@@ -54,6 +62,9 @@ class Committer:
         self._interval = interval
         self._when_full = when_full
         self._on_commit = on_commit
+        self._observe = observe
+        # Events someone waits to see committed (a reason entered over HTTP): id -> futures.
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._queue: list[Event] = []
         self._dirty: set[str] = set()
         self._wakeup = asyncio.Event()
@@ -64,6 +75,7 @@ class Committer:
         self.full = False
         self.committed_total = 0
         self.detected: dict[tuple[str, str], int] = {}  # (machine, type) -> count
+        self.history = EpisodeHistory()  # recent downtime per machine, for people (/status)
 
     @property
     def uncommitted(self) -> int:
@@ -81,14 +93,42 @@ class Committer:
         """What one detector returned; its state is committed with the events when dirty."""
         if det.dirty:
             self._dirty.add(det.machine_id)
+        for note in det.take_notes():
+            log.info("machine %s: %s", det.machine_id, note)
         if events:
+            trail = log.isEnabledFor(logging.DEBUG)
             for e in events:
                 key = (det.machine_id, e.type.value)
                 self.detected[key] = self.detected.get(key, 0) + 1
+                if trail:
+                    log.debug("event %s detected: %s", e.id, e.type.value,
+                              extra=_trail(e, "detected"))
+            self.history.take(det.machine_id, events)
             self._queue.extend(events)
             self._wakeup.set()
         elif det.dirty:
             self._wakeup.set()
+
+    async def commit_now(self, det: MachineDetector, events: list[Event],
+                         wait_for: str | None, timeout: float) -> bool:
+        """Take what ``det`` just produced outside a sample or tick and wait until the event
+        ``wait_for`` is committed (with the detector state), or ``timeout``: False then (it
+        stays queued and commits later, like any detection). An id that is neither among
+        ``events`` nor waited for already is committed."""
+        fut: asyncio.Future[None] | None = None
+        if wait_for is not None and (wait_for in self._waiters or
+                                     any(e.id == wait_for for e in events)):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(wait_for, []).append(fut)
+        self.take(det, events)
+        self._wakeup.set()
+        if fut is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except (TimeoutError, StorageFullError):
+            return False
 
     def forget(self, machine_id: str) -> None:
         """A removed machine: its state is no longer committed."""
@@ -137,8 +177,9 @@ class Committer:
         for mid in dirty:
             detectors[mid].dirty = False
         states[AGENT_STATE_KEY] = str(self._agent_sequence)
+        detected_at = utcnow()  # the detectedat attribute: a commit takes milliseconds
         rows = [NewEvent(id=e.id, key=e.key, type=e.type.value, time=format_time(e.time),
-                         payload=e.to_json(self._agent_id)) for e in events]
+                         payload=e.to_json(self._agent_id, detected_at)) for e in events]
         try:
             failpoints.hit("before_commit")
             await self._buffer.append(rows, states)
@@ -150,6 +191,7 @@ class Committer:
                 detectors[mid].dirty = True
             raise
         self.committed_total += len(rows)
+        self._committed(events, detected_at)
         failpoints.hit("after_commit")
         if self._memory_drops:
             by_type, self._memory_drops = self._memory_drops, {}
@@ -163,6 +205,19 @@ class Committer:
                                  by_sink=drops.by_sink)
         self._on_commit()
 
+    def _committed(self, events: list[Event], detected_at: datetime) -> None:
+        if self._observe is not None and events:
+            self._observe(events, detected_at)
+        if log.isEnabledFor(logging.DEBUG):
+            for e in events:
+                log.debug("event %s committed: %s", e.id, e.type.value,
+                          extra=_trail(e, "committed"))
+        if self._waiters:
+            for e in events:
+                for fut in self._waiters.pop(e.id, ()):
+                    if not fut.done():
+                        fut.set_result(None)
+
     def _bound_uncommitted(self) -> None:
         """While commits fail, detections wait in memory; past a bound the oldest are dropped
         and counted, and a data gap reports them once commits work again."""
@@ -170,6 +225,10 @@ class Committer:
         if excess <= 0:
             return
         dropped, self._queue = self._queue[:excess], self._queue[excess:]
+        for e in dropped:  # a waiter learns it will not see this one (a data gap says so)
+            for fut in self._waiters.pop(e.id, ()):
+                if not fut.done():
+                    fut.set_exception(StorageFullError("dropped before it could be committed"))
         for e in dropped:
             self._memory_drops[e.type.value] = self._memory_drops.get(e.type.value, 0) + 1
         self._memory_drop_span = (self._memory_drop_span[0] or format_time(dropped[0].time),
@@ -195,3 +254,9 @@ class Committer:
                   "dropped": total, "dropped_by_type": by_type, "first_dropped_at": first,
                   "last_dropped_at": last, "reason": reason, **extra}))
         self._wakeup.set()
+
+
+def _trail(e: Event, stage: str) -> dict[str, Any]:
+    """Structured log fields that let an integrator follow one event through the agent."""
+    return {"stage": stage, "event_id": e.id, "episode_id": e.data.get("episode_id"),
+            "machine": e.key}

@@ -31,8 +31,10 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.detect import MachineDetector
+from agent.detect.history import EpisodeHistory
 from agent.runtime.commit import Committer
 from agent.runtime.components import Components, SourceSlot
+from agent.runtime.figures import DetectionFigures
 from agent.runtime.forwarder import Forwarder
 from agent.sinks.instrumented import DeliveryMetrics
 from agent.wiring.build import build_detectors
@@ -40,7 +42,8 @@ from agent.wiring.schema import Config
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
 from config.errors import EdgeAgentError
-from config.model import TagSample, age_seconds, format_time, utcnow
+from config.model import Event, TagSample, age_seconds, format_time, utcnow
+from config.recent import WINDOW
 from protocols.base import Source, bad_samples
 
 __all__ = ["Runtime"]
@@ -75,14 +78,16 @@ class Runtime:
         # One registry per runtime (never the process-global one): the sinks' attempt
         # counters live here and the health endpoint renders it with the runtime's view.
         self.registry = CollectorRegistry(auto_describe=True)
-        delivery = DeliveryMetrics(self.registry)
-        self.components = Components(self.buffer, self._session_for, delivery.instrument,
-                                     agent_id=config.agent.id)
+        self.delivery_metrics = DeliveryMetrics(self.registry)
+        self.detection_figures = DetectionFigures(self.registry)
+        self.components = Components(self.buffer, self._session_for,
+                                     self.delivery_metrics.instrument, agent_id=config.agent.id)
         self.committer = Committer(
             self.buffer, lambda: self.components.detectors, agent_id=config.agent.id,
             site=config.agent.site, interval=config.buffer.commit_interval,
             when_full=config.buffer.when_full.value,
-            on_commit=self.components.wake_forwarders)
+            on_commit=self.components.wake_forwarders,
+            observe=self.detection_figures.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
@@ -123,6 +128,10 @@ class Runtime:
     @property
     def events_by_machine(self) -> dict[tuple[str, str], int]:
         return self.committer.detected
+
+    @property
+    def history(self) -> EpisodeHistory:
+        return self.committer.history
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +196,12 @@ class Runtime:
     async def flush(self) -> None:
         """Commit everything detected so far (events plus the states that produced them)."""
         await self.committer.flush()
+
+    async def commit_now(self, det: MachineDetector, events: list[Event],
+                         wait_for: str | None, timeout: float) -> bool:
+        """Commit what ``det`` produced outside a sample or tick (an operator's reason) and
+        wait for ``wait_for`` to be committed; see ``Committer.commit_now``."""
+        return await self.committer.commit_now(det, events, wait_for, timeout)
 
     # ------------------------------------------------------------------ samples and time
 
@@ -260,6 +275,7 @@ class Runtime:
 
     async def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        wall = utcnow()
         stats = await self.buffer.stats()
         sources = {}
         for name, info in self.sources.items():
@@ -281,7 +297,10 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "config_hash": self.config_hash,
             "sources": sources,
-            "machines": {mid: d.status() for mid, d in self.detectors.items()},
+            "time": format_time(wall),
+            "machines": {mid: {**d.status(), "last_event": self.history.last_event(mid),
+                               "recent_downtime": self.history.recent(mid, wall)}
+                         for mid, d in self.detectors.items()},
             "buffer": {
                 "path": str(self.config.buffer_path),
                 "events": stats.events,
@@ -300,6 +319,10 @@ class Runtime:
             "sinks": {name: {"type": getattr(self.config.sinks.get(name), "type", None),
                              **fw.status()} for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
+            # Recent time to detect (per machine) and to synchronise (per sink), in seconds.
+            "latency": {"window": WINDOW,
+                        "detection_lag_s": self.detection_figures.recent.status(),
+                        "delivery_delay_s": self.delivery_metrics.recent.status()},
             "clock": {"state": "adjusted" if self.clock_jumps else "steady",
                       "jumps": self.clock_jumps, "last_jump": self.last_clock_jump,
                       "threshold_s": self.config.agent.clock_jump_threshold},

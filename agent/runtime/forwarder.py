@@ -112,6 +112,15 @@ def _source_of(payload: str) -> str:
     return source if isinstance(source, str) else ""
 
 
+def _episode_of(payload: str) -> str | None:
+    """The ``data.episode_id`` of a CloudEvent's JSON text (dead letters only: rare)."""
+    try:
+        episode = json.loads(payload).get("data", {}).get("episode_id")
+    except (ValueError, AttributeError):
+        return None
+    return episode if isinstance(episode, str) else None
+
+
 # A block older than this does not lease ahead (far below any sensible lease timeout).
 _AHEAD_WITHIN = 1.0
 
@@ -149,7 +158,11 @@ class Forwarder:
         self._block_failed = False  # an attempt of the current block failed
         self.state = ForwarderState.IDLE
         self.last_success: str | None = None
+        # The error of the current failure; cleared on recovery, when it moves to
+        # previous_error (with the time it was last seen) so /status does not show a stale one.
         self.last_error: str | None = None
+        self.last_error_at: str | None = None
+        self.previous_error: dict[str, str | None] | None = None
         self.held_reason: str | None = None
         self.consecutive_failures = 0
         self.delivered_total = 0
@@ -170,6 +183,8 @@ class Forwarder:
             "state": str(self.state),
             "last_success": self.last_success,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "previous_error": self.previous_error,
             "consecutive_failures": self.consecutive_failures,
             "delivered_total": self.delivered_total,
             "retried_total": self.retried_total,
@@ -277,7 +292,7 @@ class Forwarder:
                 if not await self._settle(Settlement(dead=dead)):
                     return
                 queue.popleft()
-                self._dead_lettered(chunk, dead)
+                self._dead_lettered(chunk, dead, delivery.trace_id)
                 self._answered()
             else:  # TOO_LARGE: split; REJECTED: bisect. Either way, halves in order.
                 first, second = _halves(chunk)
@@ -312,14 +327,14 @@ class Forwarder:
             if (accepted or dead) and not await self._settle_behind(settlement):
                 return chunk, True
             if dead:
-                self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+                self._dead_lettered([r for r in chunk if r.seq in dead], dead, delivery.trace_id)
             self._succeeded()
             return [], False
         if not await self._caught_up() or (
                 (accepted or dead) and not await self._settle(settlement)):
             return chunk, True
         if dead:
-            self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+            self._dead_lettered([r for r in chunk if r.seq in dead], dead, delivery.trace_id)
         if accepted:
             self._mark_success_time()
         if held is not None:
@@ -381,7 +396,7 @@ class Forwarder:
                     log.exception("sink %s: cannot settle %d delivered events in the buffer; "
                                   "retrying", self.sink.name,
                                   len(settlement.accepted) + len(settlement.dead))
-                self.last_error = f"cannot settle in the buffer: {exc}"
+                self._set_error(f"cannot settle in the buffer: {exc}")
                 if self._stopping.is_set():
                     return False
                 await self._pause(self._backoff.next_delay())
@@ -391,6 +406,7 @@ class Forwarder:
             if failures:
                 log.info("sink %s: settled in the buffer after %d failed tries",
                          self.sink.name, failures)
+                self._clear_error()
             self.delivered_total += len(settlement.accepted)
             return True
 
@@ -409,15 +425,29 @@ class Forwarder:
         self.state = ForwarderState.DELIVERING
         self.held_reason = None
         self.consecutive_failures = 0
+        self._clear_error()
         self._backoff.reset()
 
+    def _set_error(self, reason: str) -> None:
+        self.last_error, self.last_error_at = reason, format_time(utcnow())
+
+    def _clear_error(self) -> None:
+        if self.last_error is not None:
+            self.previous_error = {"error": self.last_error, "at": self.last_error_at}
+        self.last_error = self.last_error_at = None
+
     def _dead_lettered(self, rows: Sequence[LeasedEvent],
-                       dead: dict[int, tuple[int | None, str]]) -> None:
+                       dead: dict[int, tuple[int | None, str]],
+                       trace_id: str | None = None) -> None:
         self.dead_lettered_total += len(dead)
         for row in rows:
             status, detail = dead[row.seq]
-            log.error("sink %s refused event %s (%s, HTTP %s): moved to dead letters: %s",
-                      self.sink.name, row.id, row.type, status, detail[:200])
+            episode = _episode_of(row.payload)
+            log.error("sink %s refused event %s (%s%s, HTTP %s, trace %s): moved to dead "
+                      "letters: %s", self.sink.name, row.id, row.type,
+                      f", episode {episode}" if episode else "", status, trace_id,
+                      detail[:200], extra={"stage": "dead_lettered", "event_id": row.id,
+                                           "episode_id": episode, "trace_id": trace_id})
 
     async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
                       status: int | None = None, *, attempt: bool = True) -> None:
@@ -425,7 +455,7 @@ class Forwarder:
         transition once, then back off."""
         reason = f"HTTP {status}: {detail}" if status is not None else detail
         self._block_failed = True
-        self.last_error = reason
+        self._set_error(reason)
         self.consecutive_failures += 1
         if attempt:
             self.retried_total += 1

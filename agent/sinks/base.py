@@ -55,6 +55,7 @@ class Delivery:
     ``items`` maps event id -> ItemResult and ``outcome`` is ACCEPTED only if every item was; an
     id missing from a 207 answer is RETRY (we cannot know it arrived).
     ``retry_after`` is the receiver's Retry-After in seconds (already parsed), if any.
+    ``trace_id`` is the W3C trace id the request carried (for log lines), if any.
     """
 
     outcome: Outcome
@@ -62,6 +63,7 @@ class Delivery:
     detail: str = ""
     retry_after: float | None = None
     items: dict[str, ItemResult] = field(default_factory=dict)
+    trace_id: str | None = None  # of the request's traceparent, for the log
 
     def result_for(self, event_id: str) -> ItemResult:
         if self.items:

@@ -30,6 +30,10 @@ expiry). A 401 answer triggers exactly one token refresh and one resend of the s
 (same Idempotency-Key, so harmless); a second 401 holds the sink. A token endpoint that refuses
 the client credentials holds the sink; one that cannot be reached is a retry.
 
+Every request carries a W3C ``traceparent`` (``agent/sinks/tracecontext.py``: one trace per
+request, shared by its retries); the returned ``Delivery`` carries its trace id, and the
+per-event DEBUG lines ("event ... delivered", "refused") name it with the event and episode.
+
 TLS (``tls:``, ``agent/sinks/tls.py``): verification on by default, a private CA, a client
 certificate for mutual TLS. TLS files that cannot be loaded hold the sink with the reason.
 """
@@ -41,6 +45,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -51,6 +56,7 @@ from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import HttpSinkConfig, SinkMode
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
+from agent.sinks.tracecontext import traceparent
 from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
@@ -202,6 +208,14 @@ class HttpSink(Sink):
         if self._token_error is not None:
             return Delivery(Outcome.HOLD, detail=f"bearer token unavailable: {self._token_error}")
         body, headers = self._request_parts(events)
+        headers["traceparent"], trace_id = traceparent(headers["Idempotency-Key"])
+        delivery = replace(await self._post(body, headers, events), trace_id=trace_id)
+        if log.isEnabledFor(logging.DEBUG):
+            _trail(self.name, events, delivery)
+        return delivery
+
+    async def _post(self, body: bytes, headers: dict[str, str],
+                    events: Sequence[OutboundEvent]) -> Delivery:
         try:
             http = self._http()
             if self._oauth is not None:
@@ -269,6 +283,25 @@ class HttpSink(Sink):
         outcome = next(o for o in _PRIORITY if o in present)
         return Delivery(outcome, 207, "" if outcome is Outcome.ACCEPTED else "per-item results",
                         retry_after, items)
+
+
+def _trail(sink: str, events: Sequence[OutboundEvent], delivery: Delivery) -> None:
+    """DEBUG: each event's verdict with its id, episode and the request's trace id (parsing
+    the payloads only when DEBUG is on: a drain sends thousands per second)."""
+    log.debug("sink %s: %d event(s) -> HTTP %s %s (trace %s)", sink, len(events),
+              delivery.status, delivery.outcome.value, delivery.trace_id,
+              extra={"sink": sink, "trace_id": delivery.trace_id})
+    for e in events:
+        item = delivery.result_for(e.id)
+        try:
+            episode = json.loads(e.payload).get("data", {}).get("episode_id")
+        except (ValueError, AttributeError):
+            episode = None
+        stage = "delivered" if item.outcome is Outcome.ACCEPTED else item.outcome.value
+        log.debug("event %s %s to sink %s (HTTP %s, trace %s)", e.id, stage, sink,
+                  item.status, delivery.trace_id,
+                  extra={"stage": stage, "event_id": e.id, "episode_id": episode,
+                         "sink": sink, "trace_id": delivery.trace_id})
 
 
 def _parse_multi(content: bytes) -> list[tuple[str, int, str]] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,11 +38,18 @@ from config.errors import ConfigError, ConfigIssue
 __all__ = ["config_hash", "load_config", "load_config_text"]
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the configuration file at ``path``; raises ``ConfigError``."""
+def load_config(path: str | Path, *, check_references: bool = True) -> Config:
+    """Read and validate the configuration file at ``path`` (``-``: standard input, relative
+    paths then relative to the current directory); raises ``ConfigError``.
+
+    ``check_references=False`` checks the file without its secrets: ``${env:...}`` and
+    ``${file:...}`` references are checked for form only (``validate --no-secrets``)."""
     name = str(path)
+    stdin = name == "-"
+    if stdin:
+        name = "<stdin>"
     try:
-        raw = Path(path).read_bytes()
+        raw = sys.stdin.buffer.read() if stdin else Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration file: "
                                        f"{exc.strerror or exc}", name)]) from exc
@@ -52,11 +60,12 @@ def load_config(path: str | Path) -> Config:
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError([ConfigIssue("", "the file is not UTF-8 text", name, line,
                                        column)]) from exc
-    return load_config_text(text, name, base_dir=Path(path).resolve().parent)
+    return load_config_text(text, name, base_dir=Path.cwd() if stdin
+                            else Path(path).resolve().parent, check_references=check_references)
 
 
 def load_config_text(text: str, filename: str = "<string>", *,
-                     base_dir: Path | None = None) -> Config:
+                     base_dir: Path | None = None, check_references: bool = True) -> Config:
     """Validate configuration ``text``; ``filename`` is only used in messages.
 
     Relative paths resolve against ``base_dir``: by default the directory of ``filename``
@@ -65,7 +74,7 @@ def load_config_text(text: str, filename: str = "<string>", *,
     if base_dir is None:
         named = not (filename.startswith("<") and filename.endswith(">"))
         base_dir = Path(filename).resolve().parent if named else Path.cwd()
-    return _Load(filename, base_dir).run(text)
+    return _Load(filename, base_dir, check_references).run(text)
 
 
 def config_hash(config: Config) -> str:
@@ -76,9 +85,10 @@ def config_hash(config: Config) -> str:
 
 
 class _Load:
-    def __init__(self, filename: str, base_dir: Path) -> None:
+    def __init__(self, filename: str, base_dir: Path, check_references: bool = True) -> None:
         self.filename = filename
         self.base_dir = base_dir
+        self.check_references = check_references
         self.marks: Marks = {}
         self.data: Any = None
         self.issues: list[ConfigIssue] = []
@@ -103,14 +113,16 @@ class _Load:
                       f"machines, sinks, buffer), not {kind}", self.marks.get(()))
             self._raise()
 
-        prepared = prepare(data, Config, self.base_dir)
+        prepared = prepare(data, Config, self.base_dir,
+                           check_references=self.check_references)
         data = self.data = prepared.data
         for path, message in prepared.issues:
             self._add(path, message, self._mark(path))
 
         config: Config | None = None
         try:
-            config = Config.model_validate(data)
+            config = Config.model_validate(
+                data, context={"check_references": self.check_references})
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
                 t = translate(err, data, Config)

@@ -59,23 +59,39 @@ async def browse(config: OpcuaSourceConfig, start: str = "i=85", depth: int = 2,
             root = parsed.resolve(session.namespaces)
         except UnknownNamespaceError as exc:
             raise ConnectionLostError(f"{session.where}: {exc}") from None
-        rows: list[BrowseRow] = []
-        level = [root]
+        # Fetched level by level (one data type read per level), printed depth first: each
+        # node directly followed by its own children, so the indentation is a true tree.
+        children: dict[int, list[tuple[int, BrowseRow]]] = {}
+        count = 0
+        level: list[tuple[int, Any]] = [(0, root)]  # (key of the parent row, node id)
         for d in range(max(1, depth)):
-            found: list[Any] = []
-            for node_id in level:
-                found.extend(await _children(session, node_id))
-            types = await _data_types(session, [r.NodeId for r in found
+            found: list[tuple[int, Any]] = []
+            for key, node_id in level:
+                found.extend((key, ref) for ref in await _children(session, node_id))
+            types = await _data_types(session, [r.NodeId for _, r in found
                                                 if r.NodeClass == ua.NodeClass.Variable])
-            for ref in found:
-                rows.append(BrowseRow(
-                    d, ref.BrowseName.Name, format_node_id(ref.NodeId, session.namespaces),
-                    ref.NodeClass.name, types.get(ref.NodeId.to_string(), "")))
-                if len(rows) >= _MAX_ROWS:
-                    return rows
-            level = [r.NodeId for r in found if r.NodeClass in (ua.NodeClass.Object,
-                                                                ua.NodeClass.Variable)]
-        return rows
+            level = []
+            for parent, ref in found:
+                count += 1
+                row = BrowseRow(d, ref.BrowseName.Name,
+                                format_node_id(ref.NodeId, session.namespaces),
+                                ref.NodeClass.name, types.get(ref.NodeId.to_string(), ""))
+                children.setdefault(parent, []).append((count, row))
+                if ref.NodeClass in (ua.NodeClass.Object, ua.NodeClass.Variable):
+                    level.append((count, ref.NodeId))
+                if count >= _MAX_ROWS:
+                    return _depth_first(children)
+        return _depth_first(children)
+
+
+def _depth_first(children: dict[int, list[tuple[int, BrowseRow]]]) -> list[BrowseRow]:
+    rows: list[BrowseRow] = []
+    stack = list(reversed(children.get(0, [])))
+    while stack:
+        key, row = stack.pop()
+        rows.append(row)
+        stack.extend(reversed(children.get(key, [])))
+    return rows
 
 
 async def _children(session: Session, node_id: Any) -> list[Any]:

@@ -80,13 +80,17 @@ def test_config_schema_is_json_schema() -> None:
 
 
 def test_demo_delivers_events_and_prints_summary() -> None:
-    r = cli("demo", "--duration", "8", timeout=90)
+    r = cli("demo", "--duration", "12", timeout=90)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     fields = dict(part.split("=") for part in last.split())
     assert set(fields) == {"delivered", "pending", "dead_letters"}
     assert int(fields["delivered"]) > 0 and fields["pending"] == "0"
     assert "DOWNTIME STARTED" in r.stdout and "SCRAP RECORDED" in r.stdout
+    # An operator classified press-3's stop from the command line while the demo ran.
+    assert "operator$ edge-agent reason set press-3 20" in r.stdout
+    assert "DOWNTIME CLASSIFIED  press-3    planned  reason=20 (Die change)  by operator" \
+        in r.stdout
 
 
 @pytest.mark.slow

@@ -225,8 +225,12 @@ async def test_sighup_and_reload_command_on_a_running_agent(
             assert (await status())["config_hash"] == first["config_hash"]
             assert agent.alive
             # `edge-agent reload` says so too, with exit code 2.
-            done = await asyncio.to_thread(cli, "reload", "--url", base)
+            done = await asyncio.to_thread(cli, "reload", "--config", str(path))
             assert done.returncode == 2 and "REJECTED" in done.stdout
+            # Without the configuration (its data_dir holds the pid file) nothing is signalled:
+            # the pid is never taken from /status.
+            done = await asyncio.to_thread(cli, "reload", "--url", base)
+            assert done.returncode == 2 and "--config" in done.stderr
 
             # 2. A valid change through `edge-agent reload --config`: applied; the PLC session
             #    is untouched; the open downtime continues under the new rules.
@@ -242,7 +246,9 @@ async def test_sighup_and_reload_command_on_a_running_agent(
             await wait_until(lambda: of(receiver, "m1", "ended"), what="episode ended")
             shown = await asyncio.to_thread(cli, "status", "--url", base)
             assert "last reload applied" in shown.stdout and "m1" in shown.stdout
+            assert (tmp_path / "agent" / "edge-agent.pid").exists()
         assert agent.terminate() == 0
+        assert not (tmp_path / "agent" / "edge-agent.pid").exists()  # removed on stop
     finally:
         agent.kill()
     log = (tmp_path / "agent.log").read_text()
