@@ -77,6 +77,7 @@ class MqttSink(Sink):
         self._accepted_on_link = 0
         self._states = MachineStates() if config.state_topic else None
         self._topics: dict[tuple[str, str], str] = {}
+        self._connecting = asyncio.Lock()
         self._strikes: dict[str, int] = {}  # event id -> protocol errors it was first for
 
     @property
@@ -95,7 +96,12 @@ class MqttSink(Sink):
             link.close()
 
     async def _connected(self) -> MqttLink | Delivery:
-        """The live link, or the Delivery that says why there is none."""
+        """The live link, or the Delivery that says why there is none. Attempts may run
+        concurrently: one connects, the others wait for it and share the link."""
+        async with self._connecting:
+            return await self._connect()
+
+    async def _connect(self) -> MqttLink | Delivery:
         if self._link is not None and self._link.connected:
             return self._link
         self._drop_link()

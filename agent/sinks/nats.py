@@ -71,6 +71,7 @@ class NatsSink(Sink):
         self._auth_error: str | None = None
         self._last_error: str | None = None
         self._subjects: dict[tuple[str, str], str] = {}
+        self._connecting = asyncio.Lock()
 
     @property
     def max_batch(self) -> int:
@@ -115,6 +116,12 @@ class NatsSink(Sink):
         return opts
 
     async def _connected(self) -> NatsClient | Delivery:
+        """The live connection, or the Delivery that says why there is none. Attempts may run
+        concurrently: one connects, the others wait for it and share the connection."""
+        async with self._connecting:
+            return await self._connect()
+
+    async def _connect(self) -> NatsClient | Delivery:
         if self._nc is not None and self._nc.is_connected:
             return self._nc
         await self.aclose()

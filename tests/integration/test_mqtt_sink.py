@@ -251,3 +251,12 @@ async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: Mo
     assert stats.sinks["uns"].pending == 0 and stats.events == 0
     assert consumer.copies.distinct == n
     assert consumer.copies.order_violations() == []
+
+
+async def test_concurrent_attempts_share_one_connection(sink: MqttSink,
+                                                        consumer: MqttConsumer) -> None:
+    events = outbound(40)
+    first, second = await asyncio.gather(sink.deliver(events[:20]), sink.deliver(events[20:]))
+    assert first.outcome is Outcome.ACCEPTED and second.outcome is Outcome.ACCEPTED
+    await wait_until(lambda: consumer.distinct() == 40, what="40 events")
+    assert consumer.copies.total == 40  # one link: nothing was sent twice

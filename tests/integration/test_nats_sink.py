@@ -172,3 +172,12 @@ async def test_other_stream_holds_and_oversized_message_is_rejected(server: Nats
     refused = delivery.result_for(big.id)
     assert refused.outcome is Outcome.REJECTED and "message size exceeds" in refused.detail
     assert delivery.result_for(events[2].id).outcome is Outcome.ACCEPTED
+
+
+async def test_concurrent_attempts_share_one_connection(server: NatsServer,
+                                                        sink: NatsSink) -> None:
+    await create_stream(server.url)
+    events = outbound(40)
+    first, second = await asyncio.gather(sink.deliver(events[:20]), sink.deliver(events[20:]))
+    assert first.outcome is Outcome.ACCEPTED and second.outcome is Outcome.ACCEPTED
+    assert (await stream_copies(server.url)).distinct == 40
