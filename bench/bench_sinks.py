@@ -144,11 +144,13 @@ def _messages(payloads: Path, kind: str) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def bare_mqtt(port: int, payloads: Path, window: int) -> None:
+Messages = list[tuple[str, bytes, str]]
+
+
+def bare_mqtt(port: int, messages: Messages, window: int) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    messages = _messages(payloads, "mqtt")
     done = threading.Event()
     acked = [0]
     room = threading.Semaphore(10_000)  # MQTT packet ids are 16 bits: bound what is queued
@@ -181,10 +183,9 @@ def bare_mqtt(port: int, payloads: Path, window: int) -> None:
     c.disconnect()
 
 
-async def bare_nats(url: str, payloads: Path, window: int) -> None:
+async def bare_nats(url: str, messages: Messages, window: int) -> None:
     import nats
 
-    messages = _messages(payloads, "nats")
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=window)
     for subject, payload, event_id in messages:
@@ -349,6 +350,59 @@ def bench_nats(root: Path, payloads: Path, n: int, window: int, runs: int) -> di
     return out
 
 
+def sink_alone(kind: str, root: Path, payloads: Path, window: int) -> tuple[float, float]:
+    """(sink, bare) rates in this process: the sink class alone, ``deliver()`` over batches
+    of ``window`` events, no buffer and no forwarder, timed from the first publish to the
+    last acknowledgement; then the bare client the same way, against the same peer."""
+    from agent.sinks.base import OutboundEvent, Sink
+    from agent.sinks.config import MqttSinkConfig, NatsSinkConfig
+    from agent.sinks.mqtt import MqttSink
+    from agent.sinks.nats import NatsSink
+
+    lines = payloads.read_text().splitlines()
+    events = [OutboundEvent(json.loads(t)["id"], json.loads(t)["source"], t) for t in lines]
+
+    async def drain(sink: Sink) -> float:
+        await sink.deliver(events[:1])  # connect outside the timing
+        t0 = time.perf_counter()
+        for i in range(1, len(events), window):
+            delivery = await sink.deliver(events[i:i + window])
+            if delivery.outcome != "accepted":
+                raise SystemExit(f"sink alone: {delivery}")
+        rate = (len(events) - 1) / (time.perf_counter() - t0)
+        await sink.aclose()
+        return rate
+
+    n = len(events)
+    if kind == "mqtt":
+        broker = MosquittoBroker(root / "mosquitto-alone", max_queued_messages=1_000_000)
+        broker.start()
+        try:
+            cfg = MqttSinkConfig.model_validate({"type": "mqtt", "url": broker.url,
+                                                 "batch_max_events": window})
+            rate = asyncio.run(drain(MqttSink("out", cfg, agent_id="bench-edge")))
+            messages = _messages(payloads, "mqtt")
+            t0 = time.perf_counter()
+            bare_mqtt(broker.port, messages, min(window, 20))
+            return rate, n / (time.perf_counter() - t0)
+        finally:
+            broker.kill()
+    server = NatsServer(root / "nats-alone")
+    server.start()
+    try:
+        asyncio.run(_recreate_stream(server.url))
+        ncfg = NatsSinkConfig.model_validate({"type": "nats", "servers": [server.url],
+                                              "batch_max_events": window})
+        rate = asyncio.run(drain(NatsSink("out", ncfg, agent_id="bench-edge")))
+        asyncio.run(_recreate_stream(server.url))
+        messages = _messages(payloads, "nats")
+        t0 = time.perf_counter()
+        asyncio.run(bare_nats(server.url, messages, window))
+        return rate, n / (time.perf_counter() - t0)
+    finally:
+        server.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=100_000)
@@ -361,10 +415,10 @@ def main() -> None:
     ap.add_argument("--payloads", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare == "mqtt":
-        bare_mqtt(int(args.peer), args.payloads, args.batch)
+        bare_mqtt(int(args.peer), _messages(args.payloads, "mqtt"), args.batch)
         return
     if args.bare == "nats":
-        asyncio.run(bare_nats(args.peer, args.payloads, args.batch))
+        asyncio.run(bare_nats(args.peer, _messages(args.payloads, "nats"), args.batch))
         return
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-sinks-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -383,6 +437,9 @@ def main() -> None:
                          f"{res.get('peak_rss_mb')} MB" if who == "agent" else ""))
         bare = statistics.median(r["rate"] for r in result["bare"])
         agent = statistics.median(r["rate"] for r in result["agent"])
+        alone, bare_here = sink_alone(kind, root, payloads, args.batch)
+        print(f"[{kind}] in this process, no buffer or forwarder: the sink class "
+              f"{alone:,.0f} events/s, the bare client {bare_here:,.0f} events/s")
         print(f"[{kind}] medians: bare {bare:,.0f} events/s, agent {agent:,.0f} events/s, "
               f"agent / bare {agent / bare:.0%} (target >= {TARGET_SHARE:.0%})\n")
 
