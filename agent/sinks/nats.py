@@ -198,7 +198,8 @@ class NatsSink(Sink):
             return Delivery(Outcome.ACCEPTED)
         outcome = next(o for o in _PRIORITY if o in present)
         first = next(i for i in items.values() if i.outcome is outcome)
-        if Outcome.ACCEPTED not in present and outcome in (Outcome.RETRY, Outcome.HOLD):
+        if len(present) == 1 and outcome is not Outcome.REJECTED:
+            # One verdict for all (a missing stream, a lost connection): nothing to settle.
             return Delivery(outcome, first.status, first.detail)
         return Delivery(outcome, detail="per-event results", items=items)
 
