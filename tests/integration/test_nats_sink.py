@@ -181,3 +181,32 @@ async def test_concurrent_attempts_share_one_connection(server: NatsServer,
     first, second = await asyncio.gather(sink.deliver(events[:20]), sink.deliver(events[20:]))
     assert first.outcome is Outcome.ACCEPTED and second.outcome is Outcome.ACCEPTED
     assert (await stream_copies(server.url)).distinct == 40
+
+
+async def test_mutual_tls_and_user_password(tmp_path: Path) -> None:
+    from support.mosquitto import make_certs
+
+    certs = make_certs(tmp_path / "pki")
+    server = NatsServer(tmp_path / "tls", config_text=(
+        f'tls {{ cert_file: "{certs.server_cert}", key_file: "{certs.server_key}", '
+        f'ca_file: "{certs.ca}", verify: true }}\n'
+        'authorization { user: edge, password: right }\n'))
+    server.start()
+    url = f"tls://127.0.0.1:{server.port}"
+    tls = {"ca_file": str(certs.ca), "client_cert": str(certs.client_cert),
+           "client_key": str(certs.client_key)}
+    try:
+        (tmp_path / "pw").write_text("right")
+        secret = "${file:" + str(tmp_path / "pw") + "}"
+        no_cert = NatsSink("s", sink_config(url, tls={"ca_file": str(certs.ca)},
+                                            username="edge", password=secret), agent_id="e")
+        refused = await no_cert.deliver(outbound(1))
+        await no_cert.aclose()
+        assert refused.outcome in (Outcome.RETRY, Outcome.HOLD)  # the server wants a cert
+        s = NatsSink("s", sink_config(url, tls=tls, username="edge", password=secret),
+                     agent_id="e")
+        delivery = await s.deliver(outbound(1))  # connected: now the missing stream speaks
+        await s.aclose()
+        assert delivery.outcome is Outcome.HOLD and "no JetStream stream" in delivery.detail
+    finally:
+        server.kill()
