@@ -13,19 +13,23 @@ Actions (all take ``--config FILE`` to find the buffer file, ``buffer.path`` or
                   what the last export covered unless --all (agent/buffer_export.py)
 
 Safety while the agent runs: the read actions open the file read-only (``mode=ro``: they never
-write, never take the write lock, never checkpoint); ``replay`` and ``purge`` write in one short
-transaction each, and the agent's writer waits for it (busy timeout) instead of failing. The
-agent notices the change (SQLite's ``data_version``) and recounts its statistics.
+write, never take the write lock, never checkpoint); ``replay`` and ``purge`` work in chunks,
+each its own short transaction (sized to stay near ``_CHUNK_SECONDS``, ~100 ms) with a pause
+between them, so the agent's commits wait at most about one chunk (busy timeout) and never
+fail. The agent notices the change (SQLite's ``data_version``) and recounts its statistics.
 
-Exit codes: 0 done, 1 the buffer cannot be read or written, 2 usage (bad arguments, a purge
-without ``--yes`` or of dead letters no export covered, an invalid configuration).
+Exit codes: 0 done, 1 the buffer cannot be read or written (a replay or purge that fails
+midway says how many it had already done: those are committed), 2 usage (bad arguments, a
+purge without ``--yes`` or of dead letters no export covered, an invalid configuration).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -47,6 +51,9 @@ _DESCRIPTIONS = {
              "failed after that export, nothing is deleted unless --all. Needs --yes.",
 }
 _EXCERPT = 80
+_CHUNK_SECONDS = 0.1  # target write-lock hold per replay/purge chunk
+_CHUNK_PAUSE = 0.05  # between chunks: the agent's writer takes its turn
+_FIRST_CHUNK, _MIN_CHUNK, _MAX_CHUNK = 1000, 50, 50_000
 
 
 def add_parser(sub: Any) -> None:
@@ -102,7 +109,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``buffer`` action; the exit code."""
-    from agent.wiring.load import load_config
+    from agent.wiring.load import load_buffer_path
     from buffer.sqlite import SqliteBuffer
 
     action = getattr(args, "buffer_command", None)
@@ -113,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if (getattr(args, "limit", 1) or 1) < 1:
         print("edge-agent buffer: --limit must be at least 1", file=sys.stderr)
         return 2
-    path = load_config(args.config).buffer_path
+    # Only what locates the file: no secret is resolved (see load_buffer_path).
+    path = load_buffer_path(args.config)
     if not path.exists():
         print(f"edge-agent buffer: no buffer file at {path} (has the agent run yet?)",
               file=sys.stderr)
@@ -239,8 +247,55 @@ def _export(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def in_chunks(step: Callable[[int], tuple[int, bool]], what: str) -> int:
+    """Run ``step(size)`` (one transaction of at most ``size`` rows; returns the rows done and
+    whether more may follow) until it says no more; chunk sizes adapt so that each holds the
+    write lock for about ``_CHUNK_SECONDS``. Raises ``PartialError`` saying how many rows were
+    done if a chunk fails after others committed."""
+    done, size = 0, _FIRST_CHUNK
+    while True:
+        started = time.monotonic()
+        try:
+            n, more = step(size)
+        except EdgeAgentError as exc:
+            if done:
+                raise PartialError(f"{what} {done} dead letter(s) (committed), then "
+                                   f"failed: {exc}") from exc
+            raise
+        done += n
+        if not more:
+            return done
+        took = time.monotonic() - started
+        size = max(_MIN_CHUNK, min(_MAX_CHUNK, int(size * _CHUNK_SECONDS / max(took, 1e-3))))
+        time.sleep(_CHUNK_PAUSE)
+
+
+def _limited(n: int, size: int) -> tuple[int, bool]:
+    """A chunk of a ``limit=size`` call: more may follow only if it came back full."""
+    return n, n == size
+
+
+def _slices(call: Callable[[list[str]], int],
+            ids: list[str]) -> Callable[[int], tuple[int, bool]]:
+    """Steps over ``ids`` in slices: each step calls ``call`` on the next ``size`` ids."""
+    pos = 0
+
+    def step(size: int) -> tuple[int, bool]:
+        nonlocal pos
+        chunk = ids[pos:pos + size]
+        pos += len(chunk)
+        return (call(chunk) if chunk else 0), pos < len(ids)
+    return step
+
+
+class PartialError(EdgeAgentError):
+    """A chunked replay or purge failed after some chunks were committed."""
+
+
 def _replay(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
-    n = buf.replay_dead_letters(args.sink, args.ids)
+    n = in_chunks(lambda size: _limited(buf.replay_dead_letters(args.sink, args.ids,
+                                                                 limit=size), size),
+                  "returned")
     out.write(f"returned {n} dead letter(s) to pending; the agent delivers them next\n")
     return 0
 
@@ -251,6 +306,9 @@ def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
     total, letters = buf.iter_dead_letters(args.sink, args.ids)
     try:
         if args.purge_all:
+            # Start the stream: closing one that never started would not end its read
+            # snapshot, and the first chunk's write would then fail with "database is locked".
+            next(letters, None)
             covered: list[DeadLetter] = []
             missing = 0
         else:
@@ -268,14 +326,15 @@ def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
               "deleted. Run again with --yes.", file=sys.stderr)
         return 2
     if args.purge_all:
-        n = buf.purge_dead_letters(args.sink, args.ids)
+        n = in_chunks(lambda size: _limited(buf.purge_dead_letters(args.sink, args.ids,
+                                                                     limit=size), size),
+                      "deleted")
     else:
-        n = 0
         by_sink: dict[str, list[str]] = {}
         for d in covered:
             by_sink.setdefault(d.sink, []).append(d.id)
-        for sink, ids in by_sink.items():
-            n += buf.purge_dead_letters(sink, ids)
+        n = sum(in_chunks(_slices(functools.partial(buf.purge_dead_letters, sink), ids),
+                          "deleted") for sink, ids in by_sink.items())
     out.write(f"deleted {n} dead letter(s)\n")
     return 0
 

@@ -167,13 +167,17 @@ def browse(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     if args.json:
         _dump([{"depth": r.depth, "browse_name": r.browse_name, "node_class": r.node_class,
-                "data_type": r.data_type, "node_id": r.node_id} for r in rows])
+                "data_type": r.data_type, "flags": list(r.flags), "node_id": r.node_id}
+               for r in rows])
         return EXIT_OK
     width = max([len("  " * r.depth + r.browse_name) for r in rows] + [11])
-    print(f"{'BROWSE NAME'.ljust(width)}  {'CLASS':<8}  {'DATA TYPE':<14}  NODE ID")
-    for r in rows:
+    flags = [",".join(r.flags) or "-" for r in rows]
+    fw = max([len(f) for f in flags] + [5])
+    print(f"{'BROWSE NAME'.ljust(width)}  {'CLASS':<8}  {'DATA TYPE':<14}  {'FLAGS'.ljust(fw)}"
+          "  NODE ID")
+    for r, f in zip(rows, flags, strict=True):
         print(f"{('  ' * r.depth + r.browse_name).ljust(width)}  {r.node_class:<8}  "
-              f"{r.data_type:<14}  {r.node_id}")
+              f"{r.data_type:<14}  {f.ljust(fw)}  {r.node_id}")
     return EXIT_OK
 
 

@@ -29,6 +29,8 @@ More pages hook in with ``HealthServer.route(path, handler)``; the built-in path
 first.
 
 Bound to 127.0.0.1 by default (config ``health.listen``): it is not meant for the plant network.
+Limits (``agent/httpserver.py``): no request body on GET, 64 KiB on other methods, 32
+connections (the longest-idle one makes room for a new one), 5 s to write an answer.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ __all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readine
            "status_document"]
 
 LOOP_STALL = 5.0
+_MAX_BODY = 64 * 1024
+_MAX_CONNECTIONS = 32
+_WRITE_TIMEOUT = 5.0
 _ENDPOINTS = ["/", "/healthz", "/readyz", "/status", "/metrics"]
 Route = Callable[[Request], Awaitable[Response]]
 
@@ -129,7 +134,11 @@ class HealthServer:
                  stall_after: float = LOOP_STALL) -> None:
         host, _, port = listen.rpartition(":")
         self._runtime = runtime
-        self._server = HttpServer(self._handle, host.strip("[]"), int(port))
+        # Requests here are small GETs: a small body limit (GETs take none at all) and a
+        # connection cap keep a flood from costing the agent memory or file descriptors.
+        self._server = HttpServer(self._handle, host.strip("[]"), int(port),
+                                  max_body_bytes=_MAX_BODY, max_connections=_MAX_CONNECTIONS,
+                                  write_timeout=_WRITE_TIMEOUT)
         self._metrics: Metrics | None = None  # made at the first scrape
         self.port: int | None = None
         self.stall_after = stall_after

@@ -53,7 +53,7 @@ def health_url(config: Path | None, url: str | None) -> str:
     if config is not None:
         listen = str((_loose(config).get("health") or {}).get("listen") or "")
         host, _, port = listen.rpartition(":")
-        if host and port.isdigit() and port != "0":
+        if host and port.isascii() and port.isdigit() and port != "0":
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
             return f"http://{host}:{port}"
     return DEFAULT_URL

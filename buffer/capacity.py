@@ -29,8 +29,9 @@ Attribution: every delivery row deleted (or, for ``reject_new``, never created) 
 ``drops`` table under keys ``sink:<sink>:<type>`` (sink ids cannot contain ``:``), which
 ``split_drops`` separates again. They are not added to ``dropped_total`` (that counts events).
 
-Either way the count per type goes to the ``drops`` table (read and cleared by ``take_drops``,
-so it survives a crash until reported) and ``meta.dropped_total``.
+Either way the count per type goes to the ``drops`` table (read by ``peek_drops`` and taken
+out by ``unrecord_drops`` in the transaction that stores the gap event reporting it, so it
+survives a crash until reported) and ``meta.dropped_total``.
 
 A ``plantedge.data.gap`` event is the report of earlier drops, not a fact of its own: when
 one is dropped (the oldest event under a long outage, or refused by ``reject_new`` while the
@@ -58,6 +59,7 @@ __all__ = [
     "Dropped",
     "append_or_reject",
     "carried_drops",
+    "drop_keys",
     "drop_oldest",
     "json_list",
     "live_bytes",
@@ -66,6 +68,7 @@ __all__ = [
     "record_drops",
     "sink_key",
     "split_drops",
+    "unrecord_drops",
     "within_share",
 ]
 
@@ -83,6 +86,15 @@ SINK_KEY = "sink:"
 
 def sink_key(sink: str, type_: str) -> str:
     return f"{SINK_KEY}{sink}:{type_}"
+
+
+def drop_keys(by_type: dict[str, int], by_sink: dict[str, dict[str, int]]) -> dict[str, int]:
+    """The ``drops`` table keys of a report: the inverse of ``split_drops``."""
+    keys = dict(by_type)
+    for sink, per in by_sink.items():
+        for type_, n in per.items():
+            keys[sink_key(sink, type_)] = n
+    return keys
 
 
 def split_drops(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
@@ -145,6 +157,16 @@ def record_drops(conn: sqlite3.Connection, removed: Counter[str], now: str,
         "ON CONFLICT(type) DO UPDATE SET count = count + excluded.count, "
         "last_at = excluded.last_at",
         [(t, c, now, now) for t, c in both.items()])
+
+
+def unrecord_drops(conn: sqlite3.Connection, reported: dict[str, int]) -> None:
+    """Take counts that a data-gap event now reports out of the ``drops`` table (same
+    transaction as that event's insert)."""
+    if not reported:
+        return
+    conn.executemany("UPDATE drops SET count = count - ? WHERE type = ?",
+                     [(c, t) for t, c in reported.items()])
+    conn.execute("DELETE FROM drops WHERE count <= 0")
 
 
 def _split(events: Sequence[tuple[str, str]]) -> tuple[Counter[str], Counter[str]]:

@@ -29,7 +29,14 @@ from buffer.base import (
     SinkStats,
     check_batch,
 )
-from buffer.capacity import GAP_TYPE, carried_drops, sink_key, split_drops, within_share
+from buffer.capacity import (
+    GAP_TYPE,
+    carried_drops,
+    drop_keys,
+    sink_key,
+    split_drops,
+    within_share,
+)
 from buffer.config import WhenFull
 from config.model import format_time, utcnow
 
@@ -105,9 +112,16 @@ class MemoryBuffer(Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         self._check()
         check_batch(events, states)
+        if reported is not None:
+            left = Counter(self._drops.by_type)
+            left.subtract(drop_keys(reported.by_type, reported.by_sink))
+            self._drops.by_type = {t: c for t, c in left.items() if c > 0}
+            if not self._drops.by_type:
+                self._drops = Drops()
         new: list[int] = []
         for e in events:
             if e.id in self._by_id:
@@ -186,6 +200,12 @@ class MemoryBuffer(Buffer):
     def load_states(self) -> dict[str, str]:
         self._check()
         return dict(self._states)
+
+    def peek_drops(self) -> Drops:
+        self._check()
+        d = self._drops  # by_type holds the drops-table keys, sink keys too (capacity.py)
+        by_type, by_sink = split_drops(d.by_type)
+        return Drops(by_type, by_sink, d.first_at, d.last_at)
 
     def take_drops(self) -> Drops:
         self._check()

@@ -92,12 +92,14 @@ from buffer.capacity import (
     IN_JSON,
     KNOWN_SINKS,
     append_or_reject,
+    drop_keys,
     drop_oldest,
     json_list,
     live_bytes,
     make_room_for_share,
     page_stats,
     split_drops,
+    unrecord_drops,
 )
 from buffer.config import WhenFull
 from buffer.migrations import check_version, migrate
@@ -108,6 +110,7 @@ from config.model import format_time, utcnow
 __all__ = ["SqliteBuffer"]
 
 log = logging.getLogger(__name__)
+_SHRINK_PAGES = 2048  # pages freed per incremental_vacuum step
 
 _T = TypeVar("_T")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -377,12 +380,15 @@ class SqliteBuffer(Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         check_batch(events, states)
         if not events and not states:
             return AppendResult(0, 0)
         now = format_time(utcnow())
         with self._write("appending events") as conn:
+            if reported is not None:
+                unrecord_drops(conn, drop_keys(reported.by_type, reported.by_sink))
             before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
             live_before = live_bytes(conn)
             if self.when_full is WhenFull.REJECT_NEW:
@@ -441,16 +447,16 @@ class SqliteBuffer(Buffer):
         rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
         return {str(k): str(v) for k, v in rows}
 
+    def peek_drops(self) -> Drops:
+        rows = self._read("reading drop counts",
+                          "SELECT type, count, first_at, last_at FROM drops")
+        return _drops_of(rows)
+
     def take_drops(self) -> Drops:
         with self._write("taking drop counts") as conn:
             rows = conn.execute("SELECT type, count, first_at, last_at FROM drops").fetchall()
             conn.execute("DELETE FROM drops")
-        if not rows:
-            return Drops()
-        by_type, by_sink = split_drops({str(t): int(c) for t, c, _, _ in rows})
-        return Drops(by_type=by_type, by_sink=by_sink,
-                     first_at=min(str(r[2]) for r in rows),
-                     last_at=max(str(r[3]) for r in rows))
+        return _drops_of(rows)
 
     def _fair_share(self) -> dict[str, Any]:
         """Rows held per sink and events, as of this transaction (see capacity.py)."""
@@ -554,7 +560,8 @@ class SqliteBuffer(Buffer):
             if free > 256 and free * 4 > page_count:
                 # Each step frees one page and a cursor would step once (the pragma returns no
                 # columns); executescript steps it to the end. No transaction is open here.
-                conn.executescript("PRAGMA incremental_vacuum;")
+                # A bounded step: a long vacuum would hold the write lock the agent needs.
+                conn.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES});")
         except sqlite3.Error as e:
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
@@ -582,8 +589,9 @@ class SqliteBuffer(Buffer):
         return total, translated()
 
     def replay_dead_letters(self, sink: str | None = None,
-                            ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                            ids: Sequence[str] | None = None, *,
+                            limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("replaying dead letters") as conn:
             moved = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
                                  "status = NULL, detail = NULL, failed_at = NULL "
@@ -593,8 +601,9 @@ class SqliteBuffer(Buffer):
         return len(moved)
 
     def purge_dead_letters(self, sink: str | None = None,
-                           ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                           ids: Sequence[str] | None = None, *,
+                           limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("purging dead letters") as conn:
             gone = conn.execute(f"DELETE FROM deliveries WHERE {where} RETURNING sink, seq",
                                 params).fetchall()
@@ -631,3 +640,11 @@ class SqliteBuffer(Buffer):
         return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
                            max_size=self.max_size, sinks=sinks,
                            dropped_total=int(dropped[0]) if dropped else 0)
+
+
+def _drops_of(rows: Sequence[tuple[Any, ...]]) -> Drops:
+    if not rows:
+        return Drops()
+    by_type, by_sink = split_drops({str(t): int(c) for t, c, _, _ in rows})
+    return Drops(by_type=by_type, by_sink=by_sink, first_at=min(str(r[2]) for r in rows),
+                 last_at=max(str(r[3]) for r in rows))

@@ -14,7 +14,8 @@ from collections.abc import Generator, Sequence
 from buffer.base import DeadLetter, LeasedEvent, SinkStats
 from buffer.capacity import IN_JSON, KNOWN_SINKS, json_list
 
-__all__ = ["dead_filter", "dead_letters", "iter_dead_letters", "sink_names", "sink_stats",
+__all__ = ["dead_filter", "dead_letters", "first_dead", "iter_dead_letters", "sink_names",
+           "sink_stats",
            "undelivered"]
 
 
@@ -35,6 +36,16 @@ def dead_filter(sink: str | None, ids: Sequence[str] | None) -> tuple[str, list[
         where += f" AND seq IN (SELECT seq FROM events WHERE id IN ({IN_JSON}))"
         params.append(json_list(list(ids)))
     return where, params
+
+
+def first_dead(where: str, params: list[object],
+               limit: int | None) -> tuple[str, list[object]]:
+    """Narrow a ``dead_filter`` to its first ``limit`` rows (None: all), so that replay and
+    purge can work in short transactions."""
+    if limit is None:
+        return where, params
+    return (f"state = 'dead' AND (sink, seq) IN (SELECT sink, seq FROM deliveries "
+            f"WHERE {where} ORDER BY seq, sink LIMIT ?)", [*params, limit])
 
 
 def dead_letters(conn: sqlite3.Connection, sink: str | None, limit: int) -> list[DeadLetter]:

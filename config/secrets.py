@@ -16,9 +16,11 @@ from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-__all__ = ["REFERENCE", "Secret", "SecretResolutionError"]
+__all__ = ["MAX_SECRET_BYTES", "REFERENCE", "Secret", "SecretResolutionError"]
 
 REFERENCE = re.compile(r"^\$\{(env|file):([^}]+)\}$")
+# A credential is a line of text; more than this is a wrong path (/dev/zero, a log file).
+MAX_SECRET_BYTES = 64 * 1024
 MASK = "***"
 
 
@@ -53,10 +55,20 @@ class Secret:
                 raise SecretResolutionError(f"environment variable {self._ref} is not set")
             return value
         try:
-            return Path(self._ref).read_text(encoding="utf-8").strip()
+            with Path(self._ref).open("rb") as f:
+                data = f.read(MAX_SECRET_BYTES + 1)  # /dev/zero must not fill the memory
         except OSError as exc:
             raise SecretResolutionError(
                 f"cannot read secret file {self._ref}: {exc.strerror or exc}") from None
+        if len(data) > MAX_SECRET_BYTES:
+            raise SecretResolutionError(f"secret file {self._ref} is larger than "
+                                        f"{MAX_SECRET_BYTES} bytes; is it the right file?")
+        try:
+            return data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            # Never the exception's text: it quotes the raw bytes.
+            raise SecretResolutionError(
+                f"secret file {self._ref} is not UTF-8 text") from None
 
     def check(self) -> None:
         self.reveal()

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from agent.detect.alarms import ActiveAlarms, AlarmReasonChoice
 from agent.detect.classify import Classification, Classifier
 from agent.detect.config import MachineConfig
 from agent.detect.episode import Episode, episode_data
@@ -75,7 +76,7 @@ class MachineDetector:
         self.tags = frozenset(tag for _, tag in cfg.tag_refs())
         # Order in which a batch is applied: context (order, reasons), state, the rest.
         ctx = {cfg.order_tag, cfg.downtime.reason_tag, cfg.scrap.reason_tag if cfg.scrap
-               else None}
+               else None, cfg.downtime.alarms.tag if cfg.downtime.alarms else None}
         self._rank = {t: 0 if t in ctx else 1 if t == cfg.state.tag else 2 for t in self.tags}
         self._stale_td = timedelta(seconds=self.stale_after) if self.stale_after else None
         # Tags whose every sample is a fact (a reject message of 2 followed by another of 2):
@@ -98,6 +99,7 @@ class MachineDetector:
         self.episode: Episode | None = None
         self.order: str | None = None
         self.reason: str | None = None
+        self.reason_since: datetime | None = None  # time of the last reason sample applied
         self.prod_last: int | None = None
         self.prod_moved_at: datetime | None = None
         self.prod_blind = False
@@ -109,6 +111,8 @@ class MachineDetector:
         self._out: list[Event] = []
         self.scrap = (ScrapTracker(self.cfg.scrap, self.counter_bits, self._emit)
                       if self.cfg.scrap else None)
+        self.alarms = ActiveAlarms(self.cfg.downtime.alarms) if self.cfg.downtime.alarms \
+            else None
         self.classifier = Classifier(self.cfg.downtime, self._emit)
         self._late_reason: tuple[str, datetime] | None = None  # within one on_samples call
         # Not persisted: the last good value applied per tag (the hot path's memory) and
@@ -165,6 +169,8 @@ class MachineDetector:
             self._on_order(s)
         if s.tag == cfg.downtime.reason_tag and s.good:
             self._on_reason(s)
+        if self.alarms is not None and s.tag == self.alarms.tag and s.good:
+            self._on_alarm(s)
         if s.tag == cfg.state.tag:
             self._on_state_sample(s)
         if s.tag == cfg.state.production_counter:
@@ -193,6 +199,21 @@ class MachineDetector:
         if self.scrap is not None and self.scrap.window is not None:
             self.scrap.on_tick(now)
         return self._drain() if self._out else []
+
+    def history_needed_from(self, tag: str) -> datetime | None:
+        """For a history backfill: the time since which this detector may have missed values
+        of ``tag`` (its state and reason tags), or None.
+
+        State tag: the start of the current state. Any later value that differs is a change
+        not seen yet, and the value at that instant is the one the detector holds (feeding it
+        again changes nothing). Reason tag: the later of that and the last reason value
+        applied, so a reason the detector already attributed is never fed again (it would
+        look like a new, late reason for a stop that has one)."""
+        if tag == self.cfg.state.tag:
+            return self.state_since
+        if tag == self.cfg.downtime.reason_tag and self.state_since is not None:
+            return max(self.state_since, self.reason_since or self.state_since)
+        return None
 
     def note_clock_jump(self, seconds: float) -> None:
         """The agent's clock jumped; flag what is open so its events say so."""
@@ -320,13 +341,36 @@ class MachineDetector:
                 self._close_episode(t)
             return
         category = _CATEGORY[new]
+        alarm = self._alarm_reason()
+        if alarm is not None and alarm.category is not None:
+            category = alarm.category
         if self.episode is not None and self.episode.category != category:
             self._close_episode(t)
         if self.episode is None:
-            self._open_episode(t, category, reason or self.reason)
+            reason = reason or self.reason
+            text = None
+            if reason is None and alarm is not None:
+                reason, text = alarm.code, alarm.text
+            self._open_episode(t, category, reason, reason_text=text)
+
+    def _alarm_reason(self) -> AlarmReasonChoice | None:
+        return self.alarms.reason(self.cfg.downtime.reasons) if self.alarms else None
+
+    def _on_alarm(self, s: TagSample) -> None:
+        assert self.alarms is not None
+        if not self.alarms.apply(s.value):
+            return
+        self.dirty = True
+        ep = self.episode
+        alarm = self._alarm_reason()
+        if ep is not None and ep.reason_code is None and alarm is not None:
+            # An alarm that arrives just after the stop still explains it.
+            ep.reason_code = ep.last_reason_code = alarm.code
+            ep.reason_text = alarm.text
 
     def _open_episode(self, t: datetime, category: str, reason: str | None,
-                      continued_from: str | None = None) -> None:
+                      continued_from: str | None = None, reason_text: str | None = None
+                      ) -> None:
         # The sequence number makes two episodes clamped to the same start (a source clock
         # stepping back) distinct, and is itself restored with the state after a restart.
         self.classifier.on_opened()
@@ -334,7 +378,7 @@ class MachineDetector:
             episode_id=event_id(self.source, "episode", format_time(t), self.sequence),
             started_at=t,
             category=category, reason_code=reason, last_reason_code=reason,
-            order_id=self.order, continued_from=continued_from)
+            order_id=self.order, continued_from=continued_from, reason_text=reason_text)
 
     def _maybe_announce(self, now: datetime) -> None:
         ep = self.episode
@@ -352,7 +396,8 @@ class MachineDetector:
             ep = self.episode
             cut = ep.started_at + timedelta(seconds=limit)
             self._close_episode(cut, split=True)
-            self._open_episode(cut, ep.category, ep.last_reason_code, ep.episode_id)
+            self._open_episode(cut, ep.category, ep.last_reason_code, ep.episode_id,
+                               reason_text=ep.reason_text)
             assert self.episode is not None
             self.episode.had_signal_gap = self.signal == "lost"
             self._maybe_announce(now)
@@ -386,6 +431,7 @@ class MachineDetector:
             # Judged after the whole batch: a stop read in the same poll takes it instead.
             self._late_reason = (code, s.time)
         self.reason = code
+        self.reason_since = s.time
         ep = self.episode
         if ep is not None and self.reason is not None:
             if ep.reason_code is None:

@@ -37,13 +37,15 @@ def dump_state(det: MachineDetector) -> str:
         "running_since": _iso(det.running_since),
         "signal": det.signal, "signal_detail": det.signal_detail,
         "lost_at": _iso(det.lost_at), "episode": ep, "order": det.order,
-        "reason": det.reason, "prod_last": det.prod_last,
+        "reason": det.reason, "reason_since": _iso(det.reason_since),
+        "prod_last": det.prod_last,
         "prod_moved_at": _iso(det.prod_moved_at), "prod_blind": det.prod_blind,
         "bad_inputs": det.bad_inputs,
         "scrap": det.scrap.to_json() if det.scrap else None,
         "microstops": det.microstops, "microstop_seconds": det.microstop_seconds,
         "clock_jumps": det.clock_jumps,
         "classify": det.classifier.to_json(),
+        "alarms": det.alarms.to_json() if det.alarms else None,
     }, sort_keys=True)
 
 
@@ -70,6 +72,7 @@ def apply_state(det: MachineDetector, d: dict[str, Any]) -> None:
         ep["started_at"] = datetime.fromisoformat(ep["started_at"])
         det.episode = Episode(**ep)
     det.order, det.reason = d.get("order"), d.get("reason")
+    det.reason_since = _dt(d.get("reason_since"))
     det.prod_last = d.get("prod_last")
     det.prod_moved_at = _dt(d.get("prod_moved_at"))
     det.prod_blind = bool(d.get("prod_blind", False))
@@ -80,6 +83,8 @@ def apply_state(det: MachineDetector, d: dict[str, Any]) -> None:
     det.microstop_seconds = float(d.get("microstop_seconds", 0.0))
     det.clock_jumps = int(d.get("clock_jumps", 0))
     det.classifier.restore(d.get("classify"))
+    if det.alarms is not None and d.get("alarms"):
+        det.alarms.restore(d["alarms"])
 
 
 def status_view(det: MachineDetector) -> dict[str, Any]:

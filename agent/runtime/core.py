@@ -15,6 +15,11 @@ states, then starts the committer, the sources and the ticker; stop reverses it:
 (no new samples), a final commit of what was detected, forwarders drain within
 ``stop_timeout``, then sinks and the buffer close. ``stop()`` is idempotent and safe after a
 failed start.
+
+Acknowledgements after commit (MQTT QoS 1, see ``Committer``): on stop, new samples are refused
+first, then what was taken is committed and acknowledged while the sources' connections are
+still open, and only then are the sources cancelled: a message read after that point is never
+acknowledged, and the peer redelivers it to the next run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -59,7 +65,12 @@ class _Out:
         self._rt, self._name = runtime, name
 
     def emit(self, samples: Sequence[TagSample]) -> None:
-        self._rt.on_samples(self._name, samples)
+        if self._rt.accepting:
+            self._rt.on_samples(self._name, samples)
+
+    def when_committed(self, ack: Callable[[], None], *, soon: bool = False) -> None:
+        if self._rt.accepting:  # refused samples are never acknowledged: redelivered
+            self._rt.committer.after_commit(ack, soon=soon)
 
     def connected(self) -> None:
         slot = self._rt.sources.get(self._name)
@@ -92,6 +103,7 @@ class Runtime:
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
         self._stopped = False
+        self.accepting = True  # False once stopping: new samples are not taken (nor acked)
         self.last_tick_mono = time.monotonic()
         self._clock_offset = time.time() - time.monotonic()
         self.clock_jumps = 0
@@ -169,6 +181,11 @@ class Runtime:
             return
         self._stopped = True
         timeout = self.config.agent.stop_timeout
+        # Commit and acknowledge what was taken while the sources' connections are open.
+        self.accepting = False
+        if self.committer.acks_waiting:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), timeout=timeout / 4)
         await self.components.stop_sources()
         ticker = [t for t in self._tasks if t.get_name() == "ticker"]
         committer = [t for t in self._tasks if t.get_name() == "committer"]
@@ -206,6 +223,8 @@ class Runtime:
     # ------------------------------------------------------------------ samples and time
 
     def _session_for(self, name: str, source: Source) -> Callable[[], Awaitable[None]]:
+        source.resume_from = self._resume_from
+
         async def session() -> None:
             try:
                 await source.run(_Out(self, name))
@@ -213,6 +232,12 @@ class Runtime:
                 self.on_samples(name, bad_samples(source.tag_ids, f"{name}: {exc}"))
                 raise
         return session
+
+    def _resume_from(self, tag: str) -> datetime | None:
+        """Since when detection lacks ``tag``'s history (for a source's backfill)."""
+        times = [t for det in self.components.by_tag.get(tag, ())
+                 if (t := det.history_needed_from(tag)) is not None]
+        return min(times) if times else None
 
     def on_samples(self, source: str, samples: Sequence[TagSample]) -> None:
         slot = self.components.sources.get(source)
@@ -289,6 +314,11 @@ class Runtime:
                 "bad_samples_total": info.bad_total,
                 "bad_tags": dict(info.bad_tags),
             }
+            # Protocol-specific detail (per-unit counters of an RTU line, ...), when offered.
+            detail = getattr(info.source, "status", None)
+            extra = detail() if callable(detail) else None
+            if extra:
+                sources[name]["detail"] = extra
         return {
             "version": __version__,
             "agent_id": self.config.agent.id,

@@ -17,12 +17,21 @@ Sinks translate httpx exceptions at the boundary; none escape ``deliver``.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink"]
+__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink", "is_header_token"]
+
+# A credential sent in a header: visible ASCII, no space, no control character (RFC 6750's
+# b64token is stricter; this is what any HTTP stack carries intact).
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def is_header_token(text: str) -> bool:
+    return _HEADER_TOKEN.fullmatch(text) is not None
 
 
 class Outcome(StrEnum):

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from config.base import Strict
 from config.secrets import Secret
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
 __all__ = ["HttpAuth", "HttpSinkConfig", "MqttSinkConfig", "NatsSinkConfig", "OAuth2ClientAuth",
            "OAuth2Config", "RetryPolicy", "SinkConfig", "SinkMode", "TlsConfig",
@@ -46,7 +46,7 @@ class OAuth2Config(Strict):
     client_secret: Secret = Field(description="OAuth2 client secret, usually "
                                   "${file:/run/credentials/...}.")
     scope: str | None = Field(None, description="Space-separated scopes to ask for.")
-    refresh_before: Duration = Field(30.0, description="Fetch a new token this long before "
+    refresh_before: DurationOrZero = Field(30.0, description="Fetch a new token this long before "
                                      "the cached one expires.")
     client_auth: OAuth2ClientAuth = Field(OAuth2ClientAuth.BASIC, description="How the "
                                           "client authenticates to the token endpoint: 'basic' "

@@ -23,7 +23,12 @@ Answer classes (also applied per item of a ``207``)::
 
 The bearer token is read once and cached; ``reload_credentials()`` re-reads it (the forwarder
 calls it when the sink is held), so a rotated ``${file:...}`` token works without a restart.
-A token that cannot be read holds the sink with the reason instead of sending no credentials.
+A token that cannot be read (missing, not UTF-8, too large) or is not a valid header value
+(a line break, a space, non-ASCII) holds the sink with the reason, naming the reference and
+never the value: a request never leaves without the authentication it is configured with.
+
+Every detail a delivery reports (stored with dead letters, shown in ``/status``) passes through
+``redact``: a receiver that echoes our headers in its error body gives ``***``.
 
 With ``auth.oauth2`` the token comes from ``agent/sinks/oauth.py`` (cached, refreshed before
 expiry). A 401 answer triggers exactly one token refresh and one resend of the same request
@@ -52,12 +57,12 @@ from typing import Any
 
 import httpx
 
-from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink, is_header_token
 from agent.sinks.config import HttpSinkConfig, SinkMode
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
 from agent.sinks.tracecontext import traceparent
-from config.redaction import add_secret_values
+from config.redaction import add_secret_values, redact
 from config.secrets import SecretResolutionError
 
 __all__ = ["CE_BATCH", "CE_SINGLE", "HttpSink", "batch_idempotency_key", "parse_retry_after"]
@@ -161,16 +166,24 @@ class HttpSink(Sink):
             await client.aclose()
 
     def _load_token(self) -> None:
-        self._token_loaded = True
         secret = self.config.auth.bearer_token
-        if secret is None:
-            self._token, self._token_error = None, None
-            return
-        try:
-            self._token, self._token_error = secret.reveal(), None
-            add_secret_values([self._token])
-        except SecretResolutionError as exc:
-            self._token, self._token_error = None, str(exc)
+        self._token, self._token_error = None, None
+        if secret is not None:
+            try:
+                token = secret.reveal()
+            except SecretResolutionError as exc:
+                self._token_error = str(exc)
+            except Exception as exc:  # whatever it is, the sink holds rather than go bare
+                self._token_error = f"{secret.reference}: {type(exc).__name__}"
+            else:
+                add_secret_values([token])
+                if is_header_token(token):
+                    self._token = token
+                else:
+                    self._token_error = (f"{secret.reference} is not a valid HTTP header value "
+                                         "(a line break, space, control or non-ASCII "
+                                         "character)")
+        self._token_loaded = True
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -198,6 +211,21 @@ class HttpSink(Sink):
         return body, headers
 
     async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        d = await self._deliver(events)
+        detail = redact(d.detail) if d.detail else d.detail
+        if not d.items and detail == d.detail:
+            return d
+        redacted: dict[ItemResult, ItemResult] = {}  # verdicts repeat: redact each once
+        items = {}
+        for event_id, r in d.items.items():
+            if r.detail:
+                if r not in redacted:
+                    redacted[r] = ItemResult(r.outcome, r.status, redact(r.detail))
+                r = redacted[r]
+            items[event_id] = r
+        return replace(d, detail=detail, items=items)
+
+    async def _deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
         if not events:
             return Delivery(Outcome.ACCEPTED, detail="nothing to send")
         if self.config.mode is SinkMode.SINGLE and len(events) > 1:
@@ -205,7 +233,8 @@ class HttpSink(Sink):
             return Delivery(Outcome.TOO_LARGE, detail="single mode sends one event per request")
         if not self._token_loaded:
             self._load_token()
-        if self._token_error is not None:
+        if self._token_error is not None or (
+                self.config.auth.bearer_token is not None and self._token is None):
             return Delivery(Outcome.HOLD, detail=f"bearer token unavailable: {self._token_error}")
         body, headers = self._request_parts(events)
         headers["traceparent"], trace_id = traceparent(headers["Idempotency-Key"])

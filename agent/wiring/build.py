@@ -24,6 +24,10 @@ _DEFAULT_COUNTER_BITS = 32
 def build_source(name: str, config: SourceConfig) -> Source:
     """A Source for one validated source config (no I/O: connecting happens in ``run``)."""
     if config.type == "modbus":
+        if config.is_rtu:
+            from protocols.modbus.line import ModbusLineSource
+
+            return ModbusLineSource(name, config)
         from protocols.modbus.source import ModbusSource
 
         return ModbusSource(name, config)

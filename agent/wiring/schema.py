@@ -22,7 +22,7 @@ from agent.sinks.config import HttpAuth, SinkConfig, TlsConfig, check_http_url
 from buffer.config import BufferConfig
 from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
-from config.units import ByteSize, Duration
+from config.units import Duration, SizeOrZero
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.opcua.config import OpcuaSourceConfig
@@ -72,13 +72,14 @@ class HealthConfig(Strict):
     @classmethod
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) \
+                or not 0 <= int(port) <= 65535:
             raise ValueError(f"'{v}' is not HOST:PORT (for example 127.0.0.1:9780)")
         return v
 
     max_pending_age: Duration = Field(3600.0, description="/readyz degrades when a sink's "
                                       "oldest undelivered event is older than this.")
-    min_disk_free: ByteSize = Field(100 * 2**20, description="/readyz degrades when the file "
+    min_disk_free: SizeOrZero = Field(100 * 2**20, description="/readyz degrades when the file "
                                     "system of the data directory has less free space.")
     buffer_full_ratio: float = Field(0.9, gt=0, le=1, description="/readyz degrades when the "
                                      "buffer file reaches this fraction of buffer.max_size.")

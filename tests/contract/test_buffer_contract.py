@@ -319,6 +319,24 @@ def test_drop_oldest_keeps_newest_and_counts_drops_by_type(make: Factory) -> Non
     assert b.load_states() == {"m1": "state-380"}  # states are never dropped
 
 
+def test_drop_counts_leave_only_with_the_gap_event_that_reports_them(make: Factory) -> None:
+    """peek_drops clears nothing; append(reported=...) takes exactly those counts out in the
+    transaction that stores the report, and drops recorded since stay (issue 11, #2)."""
+    b = make(max_size=200_000, when_full="drop_oldest")
+    b.open(SINKS)
+    all_events = _fill(b, 400, 20)
+    _, dropped = _dropped(b, all_events)
+    seen = b.peek_drops()
+    assert seen.by_type == dict(Counter(e.type for e in dropped))
+    assert b.peek_drops().by_type == seen.by_type  # reading is not taking
+    b.append([ev(10_000, "plantedge.data.gap")], {"__agent__": "1"}, reported=seen)
+    left = b.peek_drops()
+    # Whatever the gap's own append dropped is still recorded; the reported counts are gone.
+    _, dropped_now = _dropped(b, all_events)
+    assert left.total == len(dropped_now) - len(dropped)
+    assert b.stats().dropped_total == len(dropped_now)
+
+
 def test_reject_new_keeps_what_is_stored_and_reports_rejected(make: Factory) -> None:
     b = make(max_size=200_000, when_full="reject_new")
     b.open(SINKS)

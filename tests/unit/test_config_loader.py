@@ -138,9 +138,12 @@ def test_wrong_type() -> None:
 
 
 def test_missing_key_points_at_the_mapping_that_lacks_it() -> None:
-    text = BASE.replace("    host: 127.0.0.1\n", "")
+    text = BASE.replace("    line: line-2\n", "")
     assert errors(text) == [
-        "cfg.yaml:3:3: sources.press-plc.host: required key 'host' is missing"]
+        "cfg.yaml:10:3: machines.press-3.line: required key 'line' is missing"]
+    # 'host' is required by the transport (tcp, rtu-over-tcp), not by the schema alone.
+    text = BASE.replace("    host: 127.0.0.1\n", "")
+    assert errors(text) == ["cfg.yaml:3:3: sources.press-plc: transport tcp needs 'host'"]
 
 
 def test_missing_top_level_section_points_at_the_document_start() -> None:
