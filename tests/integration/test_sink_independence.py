@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from support import free_port, wait_until
 from support.brokers import MqttConsumer
+from support.events import check_event
 from support.mosquitto import MosquittoBroker, needs_mosquitto
 
 from agent.runtime import Runtime
@@ -84,8 +85,10 @@ async def test_one_sink_down_the_other_delivers_and_drops_are_attributed(
     machine_ids = {i for i, src, _ in consumer.copies.items if "/machines/" in src}
     assert len(machine_ids) == detected_total
     assert consumer.copies.order_violations() == []
-    # Nobody told uns it lost anything: it did not.
+    # Nobody told uns it lost anything: it did not. The reports follow the event contract.
     assert all(set(g["dropped_by_sink"]) == {"stream"} for g in _gaps(consumer))
+    assert [p for raw in consumer.raw_of_type("plantedge.data.gap")
+            for p in check_event(json.loads(raw))] == []
     # From the down sink's own view: the gap reports still waiting for it account exactly
     # for every machine event it lost (a report it lost itself is carried into a later one).
     lost: Counter[str] = Counter()
