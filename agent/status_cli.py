@@ -163,9 +163,10 @@ def format_status(doc: dict[str, Any]) -> str:
         for n, m in (doc.get("machines") or {}).items()])
     lines += ["", "SINKS"]
     bsinks = buf.get("sinks") or {}
-    lines += _table(["id", "state", "pending", "leased", "oldest", "dead letters", "delivered",
-                     "last error"], [
-        [n, str(s.get("state")), str(bsinks.get(n, {}).get("pending", "-")),
+    lines += _table(["id", "type", "state", "pending", "leased", "oldest", "dead letters",
+                     "delivered", "last error"], [
+        [n, str(s.get("type") or "-"), str(s.get("state")),
+         str(bsinks.get(n, {}).get("pending", "-")),
          str(bsinks.get(n, {}).get("leased", "-")),
          _age(bsinks.get(n, {}).get("oldest_pending_age_s")),
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
