@@ -137,13 +137,8 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
         doc = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         return Response.json({"error": f"body is not JSON: {exc}"}, 400)
-<<<<<<< HEAD
-    except RecursionError:  # nesting deeper than the parser goes: not a reason, not a 500
-        return Response.json({"error": "body is not JSON: nested too deeply"}, 400)
-=======
     except RecursionError:  # [[[[...]]]]: the parser's stack, not a crash of the request
         return Response.json({"error": "body is not a reason: JSON nested too deeply"}, 400)
->>>>>>> main
     if not isinstance(doc, dict):
         return Response.json({"error": "body must be a JSON object with 'code'"}, 400)
     raw = doc.get("code")

@@ -18,14 +18,9 @@ from config.base import Strict
 from config.secrets import Secret
 from config.units import Duration, DurationOrZero
 
-<<<<<<< HEAD
-__all__ = ["HttpAuth", "HttpSinkConfig", "OAuth2ClientAuth", "OAuth2Config", "RetryPolicy",
-           "SinkConfig", "SinkMode", "TlsConfig", "check_headers", "check_http_url"]
-=======
 __all__ = ["HttpAuth", "HttpSinkConfig", "MqttSinkConfig", "NatsSinkConfig", "OAuth2ClientAuth",
            "OAuth2Config", "RetryPolicy", "SinkConfig", "SinkMode", "TlsConfig",
-           "check_http_url"]
->>>>>>> main
+           "check_headers", "check_http_url"]
 
 
 def check_http_url(v: str) -> str:

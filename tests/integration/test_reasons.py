@@ -147,8 +147,6 @@ async def test_reason_entry_over_http(agent: Agent) -> None:
         assert r.status_code == 422  # only the PLC itself classifies as plc
         r = await http.post(reason, content=b"not json", headers=AUTH)
         assert r.status_code == 400
-        r = await http.post(reason, content=b"[" * 30000 + b"]" * 30000, headers=AUTH)
-        assert r.status_code == 400  # nested too deep for the parser: refused, not a 500
         r = await http.post(reason, content=b'{"code": "7", "text": "\\ud800 jam"}',
                             headers=AUTH)
         assert r.status_code == 422  # a lone surrogate could not be stored
