@@ -45,27 +45,32 @@ Connection states::
                                                           |--keep-alive--> idle
                                                           +--close-------> closed
 
-The public interface (``HttpServer(handler, host, port, ...)``, ``Request``, ``Response``,
-``Handler``) is what the health endpoint, the receiver and the tests build on; routing is the
-handler's business.
+The public interface (``HttpServer(handler, host, port, ...)``, and ``Request``, ``Response``,
+``Handler`` from ``agent/httpmessages.py``, re-exported here) is what the health endpoint, the
+receiver and the tests build on; routing is the handler's business.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
+
+from agent.httpmessages import (
+    BodyLimit,
+    Handler,
+    Request,
+    Response,
+    canned,
+    default_body_limit,
+)
 
 __all__ = ["BodyLimit", "Handler", "HttpServer", "Request", "Response", "default_body_limit"]
 
@@ -76,45 +81,6 @@ log = logging.getLogger(__name__)
 SLOW_REQUEST = 1.0
 _READ_CHUNK = 65536
 _SEND_BUFFER = 65536
-_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str  # upper case
-    path: str  # percent-decoded, without the query string
-    query: dict[str, str]  # last value wins for repeated keys
-    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
-    body: bytes
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str = "application/json"
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return cls(status, body, dict(headers or {}))
-
-    @classmethod
-    def text(cls, text: str, status: int = 200) -> Response:
-        return cls(status, text.encode("utf-8"), {}, "text/plain; charset=utf-8")
-
-
-Handler = Callable[[Request], Awaitable[Response]]
-# (method, path) -> the largest body accepted for that route, in bytes.
-BodyLimit = Callable[[str, str], int]
-
-
-def default_body_limit(max_body_bytes: int) -> BodyLimit:
-    """No body for methods whose requests carry none; ``max_body_bytes`` for the others."""
-    def limit(method: str, _path: str) -> int:
-        return 0 if method in _BODYLESS else max_body_bytes
-    return limit
 
 
 class _Refuse(Exception):
@@ -241,7 +207,7 @@ class HttpServer:
         if not self._make_room():
             self.refused_connections += 1
             with contextlib.suppress(Exception):
-                writer.write(_canned(503, "too many connections"))
+                writer.write(canned(503, "too many connections"))
                 writer.close()  # what did not fit into the socket at once is dropped
             return
         raw = writer.get_extra_info("socket")
@@ -274,7 +240,7 @@ class HttpServer:
             try:
                 request = await self._read_request(h, conn, reader)
             except _Refuse as exc:
-                await self._send_raw(writer, _canned(exc.status, exc.message))
+                await self._send_raw(writer, canned(exc.status, exc.message))
                 return
             conn.reading_since = None
             if request is None:
@@ -433,13 +399,3 @@ def _keep_alive(request: Request, h: h11.Connection) -> bool:
     if h.their_http_version == b"1.0":
         return False  # HTTP/1.0 closes (we do not do 1.0 keep-alive)
     return "close" not in request.headers.get("connection", "").lower()
-
-
-def _canned(status: int, message: str) -> bytes:
-    body = json.dumps({"error": message}).encode("utf-8")
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Error"
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
