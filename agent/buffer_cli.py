@@ -301,17 +301,17 @@ def _replay(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
-    from agent.buffer_export import coverage, read_record
+    from agent.buffer_export import covered_ids, read_record
 
+    by_sink: dict[str, list[str]] = {}
     if args.purge_all:
         # Only the count: deleting unseen needs no snapshot of the rows.
         total = buf.count_dead_letters(args.sink, args.ids)
-        covered: list[DeadLetter] = []
         missing = 0
     else:
         total, letters = buf.iter_dead_letters(args.sink, args.ids)
         with letters:
-            covered, missing = coverage(letters, read_record(buf.path))
+            by_sink, missing = covered_ids(letters, read_record(buf.path))
     if missing:
         print(f"edge-agent buffer purge: {missing} of {total} dead letter(s) are not in the "
               "last export (failed since, or never exported); nothing deleted. Run "
@@ -327,9 +327,6 @@ def _purge(buf: SqliteBuffer, args: argparse.Namespace, out: TextIO) -> int:
                                                                      limit=size), size),
                       "deleted")
     else:
-        by_sink: dict[str, list[str]] = {}
-        for d in covered:
-            by_sink.setdefault(d.sink, []).append(d.id)
         n = sum(in_chunks(_slices(functools.partial(buf.purge_dead_letters, sink), ids),
                           "deleted") for sink, ids in by_sink.items())
     out.write(f"deleted {n} dead letter(s)\n")

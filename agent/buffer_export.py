@@ -137,14 +137,32 @@ def coverage(letters: Iterable[Any], record: ExportRecord | None) -> tuple[list[
     """(the dead letters the record covers, how many it does not)."""
     covered: list[Any] = []
     missing = 0
-    at = parse_time(record.at) if record is not None else None
-    for d in letters:
-        ok = (record is not None and at is not None
-              and record.sink in (None, d.sink)
-              and d.seq <= record.highest_seq.get(d.sink, 0)
-              and bool(d.failed_at) and parse_time(d.failed_at) < at)
+    for d, ok in _judged(letters, record):
         if ok:
             covered.append(d)
         else:
             missing += 1
     return covered, missing
+
+
+def covered_ids(letters: Iterable[Any], record: ExportRecord | None
+                ) -> tuple[dict[str, list[str]], int]:
+    """``coverage`` keeping only the ids per sink: what purge needs, in a fraction of the
+    memory (200,000 dead letters of 1 KiB took purge to 369 MiB as whole rows)."""
+    by_sink: dict[str, list[str]] = {}
+    missing = 0
+    for d, ok in _judged(letters, record):
+        if ok:
+            by_sink.setdefault(d.sink, []).append(d.id)
+        else:
+            missing += 1
+    return by_sink, missing
+
+
+def _judged(letters: Iterable[Any], record: ExportRecord | None) -> Iterator[tuple[Any, bool]]:
+    at = parse_time(record.at) if record is not None else None
+    for d in letters:
+        yield d, (record is not None and at is not None
+                  and record.sink in (None, d.sink)
+                  and d.seq <= record.highest_seq.get(d.sink, 0)
+                  and bool(d.failed_at) and parse_time(d.failed_at) < at)

@@ -136,3 +136,46 @@ def test_a_stream_closed_unread_ends_its_snapshot(tmp_path: Path) -> None:
         assert cli.count_dead_letters() == 3
     finally:
         cli.close()
+
+
+def test_purge_keeps_ids_not_whole_dead_letters(tmp_path: Path) -> None:
+    """Purging what an export covered holds which rows to delete, not their payloads: 200,000
+    dead letters of 1 KiB took the command to 369 MiB before, 68 MiB after."""
+    import argparse
+    import tracemalloc
+
+    from agent import buffer_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    buf = SqliteBuffer(data / "buffer.db", 2**40)
+    buf.open(["erp"])
+    pad = "x" * 20_000
+    try:
+        buf.append([NewEvent(id=f"e{i}", key="m1", type="plantedge.scrap.recorded",
+                             time="2026-01-01T00:00:00.000Z",
+                             payload=json.dumps({"id": f"e{i}", "pad": pad}))
+                    for i in range(2000)], {})
+        buf.settle("erp", Settlement(dead={r.seq: (422, "no") for r in buf.lease("erp", 2000)}))
+        time.sleep(0.002)  # failed_at has millisecond precision: the export is strictly later
+        write_record(buf.path, ExportRecord(now_text(), None, {"erp": 2000}, 2000, None))
+    finally:
+        buf.close()
+    config = tmp_path / "agent.yaml"
+    config.write_text(f'agent: {{id: a, site: s, data_dir: "{data}"}}\n'
+                      'sinks: {erp: {type: http, url: "http://127.0.0.1:9/events"}}\n')
+    args = argparse.Namespace(buffer_command="purge", config=str(config), sink=None, ids=None,
+                              purge_all=False, yes=True, limit=None)
+    out = io.StringIO()
+    tracemalloc.start()
+    try:
+        cli = SqliteBuffer.attach(data / "buffer.db", readonly=False)
+        try:
+            assert buffer_cli._purge(cli, args, out) == 0
+        finally:
+            cli.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.getvalue() == "deleted 2000 dead letter(s)\n"
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB for 40 MB of payloads"
