@@ -39,5 +39,12 @@ async def post_bounded(http: httpx.AsyncClient, url: str, limit: int,
             if size > limit:
                 raise AnswerTooLarge(response.status_code, limit)
             chunks.append(chunk)
-    return httpx.Response(response.status_code, headers=response.headers,
+    # The chunks are decoded already: without its content coding (gzip, ...) and framing
+    # headers, the new response does not decode them a second time.
+    headers = [(k, v) for k, v in response.headers.multi_items()
+               if k.lower() not in _DECODED]
+    return httpx.Response(response.status_code, headers=headers,
                           content=b"".join(chunks), request=response.request)
+
+
+_DECODED = ("content-encoding", "content-length", "transfer-encoding")

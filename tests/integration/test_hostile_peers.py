@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,3 +101,22 @@ def _rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+async def test_a_compressed_answer_is_read_once_decoded() -> None:
+    """The bounded read decodes gzip; the response it builds must not decode again."""
+    async def gzipped(_req: Request) -> Response:
+        return Response(422, gzip.compress(b'{"error": "quantity must be positive"}'),
+                        {"Content-Encoding": "gzip"})
+
+    server = HttpServer(gzipped, "127.0.0.1", 0)
+    port = await server.start()
+    s = HttpSink("erp", HttpSinkConfig.model_validate(
+        {"type": "http", "url": f"http://127.0.0.1:{port}/events", "timeout": "2s"}))
+    try:
+        delivery = await s.deliver([event(1)])
+    finally:
+        await s.aclose()
+        await server.aclose()
+    assert delivery.outcome is Outcome.REJECTED, delivery
+    assert "quantity must be positive" in delivery.detail
