@@ -9,6 +9,7 @@ The sinks only ever need a short answer (a 207 verdict list, a token, an error e
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -24,21 +25,28 @@ class AnswerTooLarge(Exception):
         self.status = status
 
 
-async def post_bounded(http: httpx.AsyncClient, url: str, limit: int,
+async def post_bounded(http: httpx.AsyncClient, url: str, limit: int, read_within: float,
                        **kwargs: Any) -> httpx.Response:
     """``http.post(url, **kwargs)`` whose answer body is at most ``limit`` bytes (else
-    ``AnswerTooLarge``); the returned response has its content read."""
+    ``AnswerTooLarge``) and arrives within ``read_within`` seconds of its head (else
+    ``httpx.ReadTimeout``: a peer dripping a byte just inside the per-chunk timeout would hold
+    the sink for hours); the returned response has its content read."""
     async with http.stream("POST", url, **kwargs) as response:
         declared = response.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise AnswerTooLarge(response.status_code, limit)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise AnswerTooLarge(response.status_code, limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(read_within):
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise AnswerTooLarge(response.status_code, limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"answer body not read within {read_within:g}s",
+                                    request=response.request) from None
     # The chunks are decoded already: without its content coding (gzip, ...) and framing
     # headers, the new response does not decode them a second time.
     headers = [(k, v) for k, v in response.headers.multi_items()

@@ -266,13 +266,14 @@ class HttpSink(Sink):
             http = self._http()
             if self._oauth is not None:
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
-            response = await post_bounded(http, self.config.url, _MAX_ANSWER, content=body,
-                                          headers=headers)
+            response = await post_bounded(http, self.config.url, _MAX_ANSWER,
+                                          self.config.timeout, content=body, headers=headers)
             if response.status_code == 401 and self._oauth is not None:
                 self._oauth.invalidate()  # one refresh, one resend; a second 401 holds
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
                 response = await post_bounded(http, self.config.url, _MAX_ANSWER,
-                                              content=body, headers=headers)
+                                              self.config.timeout, content=body,
+                                              headers=headers)
         except TlsSetupError as exc:
             return Delivery(Outcome.HOLD, detail=str(exc))
         except OAuth2RejectedError as exc:

@@ -103,7 +103,8 @@ class OAuth2Token:
         self.requests += 1
         started = self._clock()
         try:
-            response = await post_bounded(http, cfg.token_url, _MAX_ANSWER, data=form,
+            response = await post_bounded(http, cfg.token_url, _MAX_ANSWER,
+                                          _timeout(http), data=form,
                                           headers={"Accept": "application/json"}, **extra)
         except AnswerTooLarge as exc:
             raise OAuth2UnavailableError(f"OAuth2 token endpoint {cfg.token_url}: {exc}") from exc
@@ -128,6 +129,12 @@ class OAuth2Token:
         self._valid_until = None if expires_in is None else \
             started + max(0.0, expires_in - cfg.refresh_before)
         log.debug("OAuth2 token fetched from %s (expires in %s s)", cfg.token_url, expires_in)
+
+
+def _timeout(http: httpx.AsyncClient) -> float:
+    """The client's read timeout (the sink's ``timeout``), as the bound for a whole answer."""
+    read = http.timeout.read
+    return read if read is not None else 30.0
 
 
 def basic_credentials(client_id: str, secret: str) -> str:

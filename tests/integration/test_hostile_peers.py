@@ -120,3 +120,31 @@ async def test_a_compressed_answer_is_read_once_decoded() -> None:
         await server.aclose()
     assert delivery.outcome is Outcome.REJECTED, delivery
     assert "quantity must be positive" in delivery.detail
+
+
+async def test_an_answer_dripped_inside_the_read_timeout_is_cut_off(tmp_path: Path) -> None:
+    """A byte every half second never trips httpx's per-chunk read timeout; the whole answer
+    must still arrive within the sink's timeout (the sink was held as long as the peer liked)."""
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 207 Multi-Status\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n")
+            for _ in range(1000):
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    s = HttpSink("erp", HttpSinkConfig.model_validate({
+        "type": "http", "url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/e",
+        "timeout": "1s"}))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        delivery = await asyncio.wait_for(s.deliver([event(1)]), 30)
+    finally:
+        await s.aclose()
+        server.close()
+    assert delivery.outcome is Outcome.RETRY and "timeout" in delivery.detail, delivery
+    assert loop.time() - started < 5
