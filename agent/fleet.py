@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from agent.sinks.bounded import AnswerTooLarge, post_bounded
 from agent.sinks.oauth import OAuth2Error, OAuth2Token
 from agent.sinks.tls import client_context
 from agent.wiring.schema import FleetConfig
@@ -94,7 +95,9 @@ class _Beat:
         elif self.oauth is not None:
             headers["Authorization"] = f"Bearer {await self.oauth.get(self.http)}"
         body = redact(json.dumps(doc, separators=(",", ":"), default=str)).encode("utf-8")
-        r = await self.http.post(self.cfg.url, content=body, headers=headers)
+        # The answer is not needed, only its status: read at most a little of it.
+        r = await post_bounded(self.http, self.cfg.url, 64 * 1024, self.cfg.timeout,
+                               content=body, headers=headers)
         if r.status_code == 401 and self.oauth is not None:
             self.oauth.invalidate()
         if not 200 <= r.status_code < 300:
@@ -123,7 +126,7 @@ async def run_fleet(runtime: Runtime) -> None:
                 beat = beat or _Beat(cfg)
                 await beat.send(await heartbeat_document(runtime))
             except (httpx.HTTPError, _Refused, OAuth2Error, EdgeAgentError,
-                    SecretResolutionError) as exc:
+                    SecretResolutionError, AnswerTooLarge) as exc:
                 error = f"{type(exc).__name__}: {exc}" if isinstance(exc, httpx.HTTPError) \
                     else str(exc)
                 if failing is None:

@@ -18,7 +18,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 
 from agent.detect.config import MachineConfig
-from agent.sinks.config import HttpAuth, SinkConfig, TlsConfig, check_http_url
+from agent.sinks.config import HttpAuth, SinkConfig, TlsConfig, check_headers, check_http_url
 from buffer.config import BufferConfig
 from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
@@ -105,6 +105,11 @@ class FleetConfig(Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         return check_http_url(v)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_headers(v)
 
 
 class Config(Strict):

@@ -148,3 +148,21 @@ async def test_an_answer_dripped_inside_the_read_timeout_is_cut_off(tmp_path: Pa
         server.close()
     assert delivery.outcome is Outcome.RETRY and "timeout" in delivery.detail, delivery
     assert loop.time() - started < 5
+
+
+async def test_the_fleet_heartbeat_reads_no_endless_answer() -> None:
+    from agent.fleet import _Beat
+    from agent.sinks.bounded import AnswerTooLarge
+    from agent.wiring.schema import FleetConfig
+
+    server = await asyncio.start_server(_endless, "127.0.0.1", 0)
+    beat = _Beat(FleetConfig.model_validate({
+        "url": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/fleet", "timeout": "5s"}))
+    before = _rss_mib()
+    try:
+        with pytest.raises(AnswerTooLarge):
+            await asyncio.wait_for(beat.send({"agent": "a"}), 30)
+    finally:
+        await beat.http.aclose()
+        server.close()
+    assert _rss_mib() - before < 64
