@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import re
 import signal
 import sqlite3
 import ssl
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.httpserver import HttpServer, Request, Response
+from agent.receiver_items import MAX_ATTRIBUTE, TooMany, compact, is_text, split_array
 from config.model import format_time, utcnow
 
 __all__ = ["KEEP_REQUESTS", "MAX_BATCH_EVENTS", "Faults", "Receiver", "SeenRequest",
@@ -58,13 +58,10 @@ __all__ = ["KEEP_REQUESTS", "MAX_BATCH_EVENTS", "Faults", "Receiver", "SeenReque
 
 MAX_BATCH_EVENTS = 10_000
 KEEP_REQUESTS = 1000
-_MAX_ATTRIBUTE = 1024  # characters of id, source, type and time
 
 CE_SINGLE = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
 
-_DECODER = json.JSONDecoder()
-_SPACE = re.compile(r"[ \t\n\r]*")
 _INSERT = ("INSERT OR IGNORE INTO received (source, id, type, time, payload, received_at) "
            "VALUES (?, ?, ?, ?, ?, ?)")
 
@@ -112,10 +109,6 @@ class _Recent(list[SeenRequest]):
         super().append(item)
         if len(self) >= 2 * KEEP_REQUESTS:
             del self[:len(self) - KEEP_REQUESTS]
-
-
-class _TooMany(Exception):
-    pass
 
 
 class Receiver:
@@ -258,8 +251,8 @@ class Receiver:
     def _ingest(self, ctype: str, body: bytes) -> tuple[Response, list[str]]:
         """Parse, check and store one POST body (in the worker thread)."""
         try:
-            items = _split_array(body, MAX_BATCH_EVENTS) if ctype == CE_BATCH else None
-        except _TooMany:
+            items = split_array(body, MAX_BATCH_EVENTS) if ctype == CE_BATCH else None
+        except TooMany:
             return Response.json({"error": f"at most {MAX_BATCH_EVENTS} events per batch"},
                                  413), []
         if items is not None:
@@ -278,7 +271,7 @@ class Receiver:
     def _single(self, doc: Any, size: int) -> tuple[Response, list[str]]:
         if not isinstance(doc, dict):
             return Response.json({"error": "expected one CloudEvent (a JSON object)"}, 400), []
-        event_id = doc.get("id") if _text(doc.get("id")) else None
+        event_id = doc.get("id") if is_text(doc.get("id")) else None
         ids = [event_id] if event_id else []
         limit = self.faults.max_event_bytes
         if limit is not None and size > limit:
@@ -286,7 +279,7 @@ class Receiver:
                                   "detail": f"event larger than {limit} bytes"}, 413), ids
         status, detail = self._verdict(doc)
         if status == 201:
-            status, detail = self._store([doc], [_compact(doc)])[0]
+            status, detail = self._store([doc], [compact(doc)])[0]
         return Response.json({"id": event_id, "status": status, "detail": detail}, status), ids
 
     def _batch(self, doc: Any, texts: list[str] | None = None) -> tuple[Response, list[str]]:
@@ -294,7 +287,7 @@ class Receiver:
         if not isinstance(doc, list) or not doc:
             return Response.json({"error": "expected a non-empty JSON array of CloudEvents"},
                                  400), []
-        ids = [d["id"] for d in doc if isinstance(d, dict) and _text(d.get("id"))]
+        ids = [d["id"] for d in doc if isinstance(d, dict) and is_text(d.get("id"))]
         limit = self.faults.max_batch_events
         if limit is not None and len(doc) > limit:
             return Response.json({"error": f"at most {limit} events per batch"}, 413), ids
@@ -307,12 +300,12 @@ class Receiver:
                 return Response.json({"error": f"event {where}: {detail}"}, status), ids
         texts = texts if texts is not None else [""] * len(doc)
         good = [(d, t) for d, t, v in zip(doc, texts, verdicts, strict=True) if v[0] == 201]
-        stored = iter(self._store([d for d, _ in good], [t or _compact(d) for d, t in good]))
+        stored = iter(self._store([d for d, _ in good], [t or compact(d) for d, t in good]))
         results = []
         for item, verdict in zip(doc, verdicts, strict=True):
             status, detail = next(stored) if verdict[0] == 201 else verdict
             item_id = item.get("id") if isinstance(item, dict) else None
-            results.append({"id": item_id if _text(item_id) else None,
+            results.append({"id": item_id if is_text(item_id) else None,
                             "status": status, "detail": detail})
         return Response.json({"results": results}, 207), ids
 
@@ -325,12 +318,12 @@ class Receiver:
         for attr in ("id", "source", "type"):
             if not isinstance(doc.get(attr), str) or not doc[attr]:
                 return 400, f"missing or empty '{attr}'"
-            if not _text(doc[attr]):
-                return 400, f"'{attr}' is not valid Unicode text of at most {_MAX_ATTRIBUTE} " \
+            if not is_text(doc[attr]):
+                return 400, f"'{attr}' is not valid Unicode text of at most {MAX_ATTRIBUTE} " \
                     "characters"
         t = doc.get("time")
-        if t is not None and not _text(t):
-            return 400, f"'time' must be an RFC 3339 string of at most {_MAX_ATTRIBUTE} " \
+        if t is not None and not is_text(t):
+            return 400, f"'time' must be an RFC 3339 string of at most {MAX_ATTRIBUTE} " \
                 "characters"
         if doc["id"] in self.faults.reject_ids:
             return 422, f"event {doc['id']} refused by the receiver (reject_ids)"
@@ -381,57 +374,6 @@ class Receiver:
                 db.execute("UPDATE counters SET value = value + 1 WHERE name='duplicates'")
                 out.append((409, "already received"))
         return out, new
-
-
-def _text(value: Any) -> bool:
-    """A string SQLite can store as text: valid Unicode (no lone surrogate), not too long."""
-    if not isinstance(value, str) or not value or len(value) > _MAX_ATTRIBUTE:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _compact(doc: Any) -> str:
-    return json.dumps(doc, separators=(",", ":"))
-
-
-def _split_array(body: bytes, limit: int) -> list[tuple[Any, str]] | None:
-    """The items of a JSON array body, each with its own JSON text; None when the body is not
-    a well-formed non-empty array (the caller then parses it whole, for the error message).
-    More than ``limit`` items raises ``_TooMany`` (before parsing the rest).
-
-    Storing each item's text as sent saves re-encoding every event: the payload is JSON all
-    the same, and ``events()`` parses it."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    pos = _SPACE.match(text).end()  # type: ignore[union-attr]  # matches the empty string
-    if not text.startswith("[", pos):
-        return None
-    items: list[tuple[Any, str]] = []
-    pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
-    try:
-        while True:
-            doc, end = _DECODER.raw_decode(text, pos)
-            items.append((doc, text[pos:end]))
-            if len(items) > limit:
-                raise _TooMany()
-            pos = _SPACE.match(text, end).end()  # type: ignore[union-attr]
-            if text.startswith(",", pos):
-                pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
-            elif text.startswith("]", pos):
-                break
-            else:
-                return None
-    except (ValueError, RecursionError):
-        return None
-    if _SPACE.match(text, pos + 1).end() != len(text):  # type: ignore[union-attr]
-        return None
-    return items
 
 
 def _print_event(doc: dict[str, Any]) -> None:
