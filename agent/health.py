@@ -155,7 +155,7 @@ class HealthServer:
         html = render_page(await status_document(self._runtime))
         # Every value is escaped; the policy is the second line: no script runs, nothing is
         # fetched, the page cannot be framed (it has no script and only inline style).
-        return Response(200, html.encode("utf-8"), {
+        return Response(200, html.encode("utf-8", "backslashreplace"), {
             "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                        "frame-ancestors 'none'"}, "text/html; charset=utf-8")

@@ -36,12 +36,16 @@ class Response:
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # backslashreplace: a lone surrogate (valid JSON, "\\ud800", from a plant value) is
+        # written back as that escape instead of failing the whole answer with a 500.
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "backslashreplace")
         return cls(status, body, dict(headers or {}))
 
     @classmethod
     def text(cls, text: str, status: int = 200) -> Response:
-        return cls(status, text.encode("utf-8"), {}, "text/plain; charset=utf-8")
+        return cls(status, text.encode("utf-8", "backslashreplace"), {},
+                   "text/plain; charset=utf-8")
 
 
 Handler = Callable[[Request], Awaitable[Response]]
