@@ -9,7 +9,8 @@ the state, the reason and the order). Each tag then takes its value:
 
 Anything that does not fit (invalid JSON, NaN/Infinity, a missing key, an object where a value
 was expected, a boolean where a number was configured, non-UTF-8 bytes) raises ``DecodeError``
-with a sentence saying what and where; the caller turns it into a bad sample. Nothing is
+with a sentence saying what and where; the caller turns it into a bad sample. A string with
+a lone surrogate escape (valid JSON, no text) is refused the same way. Nothing is
 converted by guesswork: ``"12"`` is not the number 12 when the tag wants a number.
 """
 
@@ -40,6 +41,16 @@ def _no_constants(name: str) -> Any:
 
 # One decoder for every message: json.loads with options builds a new one per call.
 _DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
+def _check_text(v: str, path: JsonPath | None) -> None:
+    """A JSON string is text only without a lone surrogate (``"\\ud800"`` is valid JSON):
+    carried into events as an order id, one would make strict receivers refuse them all."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DecodeError(f"{format_path(path or ())} is not valid Unicode text (a lone "
+                          "surrogate escape)") from None
 
 
 def excerpt(data: bytes | bytearray, limit: int = 60) -> str:
@@ -120,6 +131,8 @@ class TopicReader:
 
     def _typed(self, v: Any) -> Value:
         kind = self.value_type
+        if type(v) is str:
+            _check_text(v, self.value_path)
         if kind is ValueType.AUTO and type(v) in _SCALARS:
             return v
         where = format_path(self.value_path or ())

@@ -115,6 +115,10 @@ def test_values(kw: dict[str, Any], payload: str, value: Any) -> None:
     ({"value_type": "number"}, "twelve", "'twelve' is not a number"),
     ({"value_type": "number"}, "1e999", "out of range"),
     ({"value_type": "bool"}, "yes", "'yes' is not true or false"),
+    # Valid JSON, but no text: as an order id it made every event of the machine one that a
+    # strict receiver refuses, and /status answered 500.
+    ({"value": "$.s"}, '{"s": "PO-\\ud800"}', r"\$\.s is not valid Unicode text"),
+    ({"value": "$.s", "value_type": "string"}, '{"s": "\\udfff"}', "not valid Unicode"),
 ])
 def test_undecodable_payloads(kw: dict[str, Any], payload: bytes | str, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
