@@ -17,6 +17,7 @@ from support.rtu_peer import (
     NodeModbusDevice,
     PtyPair,
     RtuDevice,
+    WatchingDevice,
     have_node_modbus,
     have_socat,
 )
@@ -317,3 +318,30 @@ async def test_an_adapter_echoing_the_request_is_neither_an_answer_nor_a_fault(
         values = [await link.read(1, H, 0, 4) for _ in range(3)]
     assert values == [[7, 0, 1, 2]] * 3
     assert sum(link.stats.unit(1).faults.values()) == 0
+
+
+@pytest.mark.parametrize(("baudrate", "gap"), [(9600, 3.5 * 11 / 9600), (115200, 0.00175)])
+async def test_one_request_at_a_time_and_the_inter_frame_gap_under_load(
+        baudrate: int, gap: float) -> None:
+    """Polls and direct reads of three units (one silent) hammer one line at once: the device
+    never sees a request while another is unanswered, and before every request the line was
+    quiet for 3.5 character times (8N2 at 9600 baud: 4.0 ms), or 1.75 ms above 19,200 baud."""
+    tags = {f"u{u}.{k}": {"unit_id": u, "address": k} for u in (1, 2, 3) for k in (0, 1)}
+    with PtyPair() as line, WatchingDevice(line.device, [1, 2]) as dev:
+        cfg = ModbusSourceConfig.model_validate({
+            "type": "modbus", "transport": "serial", "timeout": "100ms", "retries": 0,
+            "serial": {"device": line.client, "baudrate": baudrate, "parity": "none",
+                       "stop_bits": 2}, "tags": tags})
+        source = ModbusLineSource("rs485", cfg)
+        async with opened(cfg) as link:
+            results: list[Any] = await asyncio.gather(
+                *(source.poll(link) for _ in range(3)),
+                *(link.read(1 + k % 2, H, k, 1) for k in range(12)))
+    for batch in results[:3]:
+        got = {s.tag: s for s in batch}
+        assert [got[f"u{u}.{k}"].value for u in (1, 2) for k in (0, 1)] == [100, 101, 200, 201]
+        assert got["u3.0"].quality is Quality.BAD
+    assert results[3:] == [[(1 + k % 2) * 100 + k] for k in range(12)]
+    assert dev.requests >= 3 * 3 + 12
+    assert dev.overlaps == 0
+    assert min(dev.gaps) >= gap, sorted(dev.gaps)[:5]
