@@ -154,6 +154,39 @@ async def test_alarms_raised_and_cleared_give_reasons(plc: NodeOpcuaServer,
         await wait_until(lambda: len(ended(pipe, "filler")) == 2)
 
 
+async def test_quick_toggles_and_the_most_severe_of_two_alarms(plc: NodeOpcuaServer) -> None:
+    """A door raised, cleared and raised again within one publishing interval ends active;
+    with a motor fault (more severe, raised later) also active, the motor fault is the reason;
+    once it clears, the door is."""
+    det = MachineDetector("filler", MACHINE, "s")
+    pipe = Pipeline([det])
+    plc.severity("Filler.DoorOpen", 300)
+    plc.severity("Filler.MotorFault", 700)
+    try:
+        async with session(source_config(plc.endpoint), pipe):
+            await wait_until(lambda: det.state.value == "running")
+            for value in (True, False, True, False, True):
+                plc.set("Filler.DoorOpen", value)
+            plc.set("Filler.MotorFault", True)
+            alarms = det.alarms
+            assert alarms is not None
+            await wait_until(lambda: sorted(a["condition"] for _, a in alarms.active.values())
+                             == ["DoorOpen", "MotorFault"])
+            plc.set("Filler.State", 3)
+            await wait_until(lambda: len(started(pipe, "filler")) == 1)
+            assert started(pipe, "filler")[0]["reason_code"] == "MotorFault"
+            plc.set("Filler.MotorFault", False)
+            await wait_until(lambda: len(alarms.active) == 1)
+            plc.set("Filler.State", 1)
+            await wait_until(lambda: len(ended(pipe, "filler")) == 1)
+            plc.set("Filler.State", 3)
+            await wait_until(lambda: len(started(pipe, "filler")) == 2)
+            assert started(pipe, "filler")[1]["reason_code"] == "DOOR"
+    finally:
+        plc.severity("Filler.DoorOpen", 150)
+        plc.severity("Filler.MotorFault", 150)
+
+
 async def test_active_alarms_known_after_a_reconnect(plc: NodeOpcuaServer) -> None:
     det = MachineDetector("filler", MACHINE, "s")
     pipe = Pipeline([det])
