@@ -133,7 +133,8 @@ class AlarmFeeds:
         self.tags = tags  # server handle -> tag id
         self.marker = marker  # server handle of the refresh-marker item, if one was added
         self.overflowed = False  # the server dropped events: ConditionRefresh again
-        self._collecting: dict[str, list[dict[str, Any]]] = {}
+        # tag -> condition (source node or name | condition name) -> its latest active state
+        self._collecting: dict[str, dict[str, dict[str, Any]]] = {}
         self._own_markers: set[str] = set()
         self._refresh_until = 0.0
 
@@ -146,7 +147,7 @@ class AlarmFeeds:
 
     def begin_refresh(self, now_mono: float) -> None:
         self.overflowed = False
-        self._collecting = {tag: [] for tag in self.tags.values()}
+        self._collecting = {tag: {} for tag in self.tags.values()}
         self._own_markers = set()
         self._refresh_until = now_mono + self.REFRESH_LIMIT
 
@@ -170,7 +171,7 @@ class AlarmFeeds:
             if tag is not None:
                 if not self._collecting:
                     self._refresh_until = now_mono + self.REFRESH_LIMIT
-                self._collecting[tag] = []
+                self._collecting[tag] = {}
                 self._own_markers.add(tag)
             return []
         if ident == _O.RefreshEndEventType:
@@ -186,17 +187,23 @@ class AlarmFeeds:
             return []
         fields = _fields(event)
         if tag in self._collecting:
+            # Live events may interleave with the refresh's: the latest state of a condition
+            # wins (one raised and cleared meanwhile is not active; one sent twice is one).
+            key = f"{fields['source_node'] or fields['source']}|{fields['condition']}"
             if fields["active"]:
-                self._collecting[tag].append(fields)
+                self._collecting[tag][key] = fields
+            else:
+                self._collecting[tag].pop(key, None)
             return []
         return [_sample(tag, {"kind": "alarm", **fields}, _time(get("Time")) or now, now)]
 
     def _emit(self, tags: list[str], now: datetime) -> list[TagSample]:
         out = []
         for tag in tags:
-            alarms = self._collecting.pop(tag, None)
-            if alarms is None:
+            collected = self._collecting.pop(tag, None)
+            if collected is None:
                 continue
+            alarms = list(collected.values())
             alarms.sort(key=lambda a: (a["source"] or "", a["condition"] or ""))
             out.append(_sample(tag, {"kind": "active", "alarms": alarms}, now, now))
         return out

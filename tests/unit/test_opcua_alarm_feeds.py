@@ -78,3 +78,16 @@ def test_queue_overflow_asks_for_a_refresh_and_unknown_items_are_ignored() -> No
     feeds = AlarmFeeds({A: "a"})
     assert run(feeds, [(A, event(_O.EventQueueOverflowEventType)), (77, cond("X"))]) == []
     assert feeds.overflowed
+
+
+def test_an_alarm_cleared_during_a_refresh_is_not_in_its_answer() -> None:
+    """Live events may come between ConditionRefresh and RefreshEnd (on a tag that sees no
+    markers of its own, everything after the call is collected): the latest state of each
+    condition wins, so a door raised and cleared meanwhile is not reported active."""
+    feeds = AlarmFeeds({A: "a"}, marker=MARKER)
+    feeds.begin_refresh(0.0)
+    out = run(feeds, [(A, cond("Door")), (MARKER, event(_O.RefreshStartEventType)),
+                      (A, cond("Jam")), (A, cond("Door", active=False)),
+                      (A, cond("Jam")),  # the refresh's copy of a live event: once
+                      (MARKER, event(_O.RefreshEndEventType))])
+    assert active(out, "a") == ["Jam"]
