@@ -13,6 +13,9 @@ server answers with RefreshStart, the current state of every retained condition,
 What arrives in between is collected and emitted as one ``active`` sample at RefreshEnd, which
 *replaces* what detection believed (alarms cleared while the agent was away are gone).
 
+Condition branches (a server keeping an earlier activation until it is acknowledged) are
+ignored: only events with a null BranchId describe a condition's current state.
+
 Queue size: the event item's queue is ``queue_size`` (default 1000, never 0: a server may
 revise 0 to 1 and keep only the last event of a publishing interval). The where clause also
 lets EventQueueOverflow events through; one makes the source run ConditionRefresh again, so
@@ -43,6 +46,7 @@ _SELECT = (
     ("Severity", _O.BaseEventType, ("Severity",)),
     ("ConditionName", _O.ConditionType, ("ConditionName",)),
     ("Retain", _O.ConditionType, ("Retain",)),
+    ("BranchId", _O.ConditionType, ("BranchId",)),
     ("ActiveState/Id", _O.AlarmConditionType, ("ActiveState", "Id")),
 )
 _PASS_TYPES = (_O.AlarmConditionType, _O.RefreshStartEventType, _O.RefreshEndEventType,
@@ -184,6 +188,11 @@ class AlarmFeeds:
             return []  # the marker item carries nothing else
         if ident == _O.EventQueueOverflowEventType:
             self.overflowed = True
+            return []
+        branch = get("BranchId")
+        if isinstance(branch, ua.NodeId) and not branch.is_null():
+            # The state of an earlier activation kept for acknowledgement (a condition
+            # branch), not the condition's current state.
             return []
         fields = _fields(event)
         if tag in self._collecting:

@@ -91,3 +91,21 @@ def test_an_alarm_cleared_during_a_refresh_is_not_in_its_answer() -> None:
                       (A, cond("Jam")),  # the refresh's copy of a live event: once
                       (MARKER, event(_O.RefreshEndEventType))])
     assert active(out, "a") == ["Jam"]
+
+
+def test_a_branch_state_is_not_the_condition_state() -> None:
+    """A server with condition branches sends the state of an earlier activation (still to be
+    acknowledged) with a BranchId, live and in every refresh: that is history, not an active
+    alarm of the condition itself."""
+    branch = cond("Door")
+    branch.BranchId = ua.NodeId(77, 1)
+    feeds = AlarmFeeds({A: "a"}, marker=MARKER)
+    feeds.begin_refresh(0.0)
+    out = run(feeds, [(MARKER, event(_O.RefreshStartEventType)), (A, branch),
+                      (A, cond("Door", active=False)), (MARKER, event(_O.RefreshEndEventType))])
+    assert active(out, "a") == []
+    assert run(feeds, [(A, branch)]) == []
+    main = cond("Door")
+    main.BranchId = ua.NodeId()  # servers without branches send a null BranchId
+    ((_, body),) = run(feeds, [(A, main)])
+    assert body["kind"] == "alarm" and body["active"] is True
