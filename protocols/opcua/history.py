@@ -164,16 +164,18 @@ async def _read(session: Session, settings: OpcuaHistory, node_id: Any, start: d
         page = getattr(result.HistoryData, "DataValues", None) or []
         values.extend(page)
         continuation = result.ContinuationPoint or None
+        # A server may answer with more values than asked for (it ignores the count): the
+        # bound holds all the same.
+        capped = len(values) > settings.max_values or (
+            len(values) == settings.max_values and continuation is not None)
         # A server may hand out the same continuation point bytes for every page (node-opcua
         # does): progress is judged by the values, not by a changed token.
-        if continuation is None:
-            return values, False
-        if not page:
+        if continuation is not None and (capped or not page):
             await session.history_page(node_id, start, end, 0, continuation, release=True)
-            return values, False
-        if len(values) >= settings.max_values:
-            await session.history_page(node_id, start, end, 0, continuation, release=True)
+        if capped:
             return values[:settings.max_values], True
+        if continuation is None or not page:
+            return values, False
 
 
 def _good(dv: Any) -> bool:
