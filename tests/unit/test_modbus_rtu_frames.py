@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from agent.wiring.load import load_config_text
+from config.errors import ConfigError
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.rtu import (
     READ_COILS,
@@ -174,3 +176,25 @@ def test_a_corrupted_exception_answer_is_never_taken(unit: int, function: int, c
     good = frame(bytes([unit, function | 0x80, code]))
     scan = find_answer(_flip(good, [bit]), unit, function, 2)
     assert scan.answer is None or scan.answer.exception_code == code
+
+
+def test_two_sources_on_one_rtu_line_are_refused() -> None:
+    """Each source serialises only its own requests: two on one line would collide."""
+    text = """
+agent: {id: edge-01, site: plant-a}
+sources:
+  a: {type: modbus, transport: serial, serial: {device: /dev/ttyUSB0}, tags: {t1: {address: 0}}}
+  b: {type: modbus, transport: serial, serial: {device: /dev/ttyUSB0, baudrate: 19200},
+      tags: {t2: {address: 0, unit_id: 2}}}
+  c: {type: modbus, transport: rtu-over-tcp, host: gw, port: 4001, tags: {t3: {address: 0}}}
+  d: {type: modbus, transport: rtu-over-tcp, host: gw, port: 4001, tags: {t4: {address: 0}}}
+  e: {type: modbus, transport: rtu-over-tcp, host: gw, port: 4002, tags: {t5: {address: 0}}}
+  f: {type: modbus, host: gw, port: 4001, tags: {t6: {address: 0}}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "cfg.yaml")
+    messages = [str(i) for i in info.value.issues]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("cfg.yaml:5:49: sources.b.serial.device: ")
+    assert "sources 'a' and 'b' both use the RTU line /dev/ttyUSB0" in messages[0]
+    assert "sources 'c' and 'd' both use the RTU line gw:4001" in messages[1]
