@@ -90,6 +90,8 @@ BASE: dict[str, Any] = {"type": "modbus", "tags": {"a": {"address": 0}}}
     ({"host": "h", "tags": {"a": {"address": 0, "unit_id": 4}}}, "one source per unit id"),
     ({"transport": "serial", "serial": {"device": "/dev/ttyS0"}, "unit_id": 0},
      "1..247"),
+    ({"transport": "serial", "serial": {"device": "/dev/ttyS0", "data_bits": 7}},
+     "needs 8 data bits"),
 ])
 def test_transport_settings_are_checked(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
