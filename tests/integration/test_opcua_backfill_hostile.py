@@ -14,7 +14,7 @@ from asyncua import Server, ua
 from asyncua.server.history import HistoryStorageInterface
 from support import free_port
 
-from config.model import utcnow
+from config.model import parse_time, utcnow
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.session import Session
@@ -110,3 +110,22 @@ async def test_max_values_holds_when_the_server_ignores_the_count(server: str) -
     assert [(s.time - RESUME, s.value) for b in batches for s in b] == [
         (timedelta(seconds=-5), 1)]
     assert report.tags["st"]["truncated"] is True
+
+
+async def test_max_span_caps_how_far_back_the_backfill_goes(server: str) -> None:
+    """Detection lacks ten minutes, max_span allows one: only the last minute is replayed,
+    starting from the state at its beginning, and /status says the span was capped."""
+    cfg = OpcuaSourceConfig.model_validate({
+        "type": "opcua", "endpoint": server, "history": {"margin": "10s", "max_span": "1m"},
+        "tags": {"st": {"node": "nsu=urn:test:hostile-history;s=State", "type": "int"}}})
+    assert cfg.history is not None
+    report = BackfillReport()
+    async with Session("t", cfg) as session:
+        node = ua.NodeId("State", session.namespaces.index("urn:test:hostile-history"))
+        batches = await backfill(session, cfg.history, {"st": (node, "State")},
+                                 lambda _t: RESUME, {"st": None}, report)
+    assert [(s.time - RESUME, s.value) for b in batches for s in b] == [
+        (timedelta(seconds=20), 1)]
+    note = report.tags["st"]
+    assert note["span_capped"] is True and parse_time(note["from"]) > RESUME
+    assert report.as_dict()["last_tags"]["st"]["span_capped"] is True
