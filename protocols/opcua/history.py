@@ -5,7 +5,7 @@ After every (re)connect, before any live value is emitted::
     tags with a resume time (Source.resume_from: detection lacks their values since then)
       └─> read AccessLevel, UserAccessLevel, Historizing
             └─> HistoryRead bit set, or Historizing ──> raw history of
-                  [max(resume, now - max_span) - margin, now], page by page
+                  [max(resume, now - max_span) - margin, now + margin], page by page
                   (continuation points), at most max_values per node
                     └─> keep the last value at or before the resume time (the state at the
                         start of the gap) and every value after it
@@ -102,8 +102,11 @@ async def backfill(session: Session, settings: OpcuaHistory,
                                 "history_read_access": bool(bits & HISTORY_READ),
                                 "span_capped": since > resume, "truncated": False}
         try:
+            # Past now too: a change between this read and the first live read would be in
+            # neither, and a server's clock may be ahead of ours.
             values, capped = await _read(session, settings, node_id,
-                                         since - timedelta(seconds=settings.margin), now)
+                                         since - timedelta(seconds=settings.margin),
+                                         now + timedelta(seconds=settings.margin))
         except _Refused as exc:
             note["skipped"] = f"the server refused history: {exc}"
             notes[tag] = note

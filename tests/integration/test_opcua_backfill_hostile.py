@@ -36,12 +36,21 @@ HISTORY = [at(-3600, 3), at(-30, 1), at(-20, 3), at(-5, 1), at(5, 3), at(5, 3), 
            at(10, 3), at(20, 1)]
 
 
+# A node whose history honours the bounds; its last value came after the backfill began
+# (or the server's clock is ahead of the agent's).
+LATE = [at(-5, 1), at(5, 3)]
+
+
 class IgnoresBounds(HistoryStorageInterface):  # type: ignore[misc]
-    """Every stored value for every request, whatever the bounds and counts asked for."""
+    """Every stored value of node State for every request, whatever the bounds and counts
+    asked for; node Honest's values within the bounds."""
 
     async def read_node_history(self, node_id: ua.NodeId, start: datetime | None,
                                 end: datetime | None, nb_values: int
                                 ) -> tuple[list[ua.DataValue], datetime | None]:
+        if node_id.Identifier == "Honest":
+            assert start is not None and end is not None
+            return [dv for dv in LATE if start <= dv.SourceTimestamp <= end], None
         return list(HISTORY), None
 
     async def new_historized_node(self, *args: Any, **kw: Any) -> None:
@@ -64,8 +73,11 @@ async def server() -> AsyncIterator[str]:
     idx = await srv.register_namespace("urn:test:hostile-history")
     var = await srv.nodes.objects.add_variable(ua.NodeId("State", idx), "State",
                                                ua.Variant(1, ua.VariantType.Int32))
-    await var.write_attribute(ua.AttributeIds.Historizing,
-                              ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
+    honest = await srv.nodes.objects.add_variable(ua.NodeId("Honest", idx), "Honest",
+                                                  ua.Variant(1, ua.VariantType.Int32))
+    for node in (var, honest):
+        await node.write_attribute(ua.AttributeIds.Historizing,
+                                   ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))
     await srv.start()
     try:
         yield f"opc.tcp://127.0.0.1:{port}"
@@ -129,3 +141,21 @@ async def test_max_span_caps_how_far_back_the_backfill_goes(server: str) -> None
     note = report.tags["st"]
     assert note["span_capped"] is True and parse_time(note["from"]) > RESUME
     assert report.as_dict()["last_tags"]["st"]["span_capped"] is True
+
+
+async def test_values_stamped_after_the_backfill_began_are_read(server: str) -> None:
+    """A change between the start of the backfill and the first live read would otherwise be
+    in neither (a whole short stop lost); the same for values of a server whose clock is
+    ahead. The read reaches ``margin`` past the agent's now."""
+    cfg = OpcuaSourceConfig.model_validate({
+        "type": "opcua", "endpoint": server, "history": {"margin": "10s"},
+        "tags": {"st": {"node": "nsu=urn:test:hostile-history;s=Honest", "type": "int"}}})
+    assert cfg.history is not None
+    LATE[-1] = ua.DataValue(ua.Variant(3, ua.VariantType.Int32),
+                            SourceTimestamp=utcnow() + timedelta(seconds=5))
+    report = BackfillReport()
+    async with Session("t", cfg) as session:
+        node = ua.NodeId("Honest", session.namespaces.index("urn:test:hostile-history"))
+        batches = await backfill(session, cfg.history, {"st": (node, "Honest")},
+                                 lambda _t: RESUME, {"st": None}, report)
+    assert [s.value for b in batches for s in b] == [1, 3]
