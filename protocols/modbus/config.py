@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from config.base import Backoff, Strict
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
 __all__ = [
     "ByteOrder",
@@ -163,10 +163,10 @@ class ModbusSourceConfig(Strict):
     retries: int = Field(1, ge=0, le=5, description="RTU transports: further attempts of a "
                          "request that got no good answer before its device counts as silent "
                          "for this poll. A device silent in the last poll gets one attempt.")
-    request_gap: Duration = Field(0.0, description="RTU transports: extra silence between the "
-                                  "end of one answer and the next request (slow devices or "
-                                  "RS-485 converters). On a serial port at least 3.5 character "
-                                  "times are always kept.")
+    request_gap: DurationOrZero = Field(0.0, description="RTU transports: extra silence "
+                                        "between the end of one answer and the next request "
+                                        "(slow devices or RS-485 converters). On a serial port "
+                                        "at least 3.5 character times are always kept.")
     max_registers_per_read: int = Field(125, ge=1, le=125, description="Upper bound for "
                                         "coalesced reads; lower it for devices with small "
                                         "request limits.")

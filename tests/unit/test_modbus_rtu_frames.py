@@ -200,3 +200,10 @@ sources:
     assert messages[0].startswith("cfg.yaml:5:49: sources.b.serial.device: ")
     assert "sources 'a' and 'b' both use the RTU line /dev/ttyUSB0" in messages[0]
     assert "sources 'c' and 'd' both use the RTU line gw:4001" in messages[1]
+
+
+def test_zero_request_gap_is_allowed() -> None:
+    """0 is request_gap's default and the value docs/brownfield.md shows."""
+    cfg = ModbusSourceConfig.model_validate({**BASE, "transport": "serial", "request_gap": "0ms",
+                                             "serial": {"device": "/dev/ttyUSB0"}})
+    assert cfg.request_gap == 0.0
