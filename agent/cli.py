@@ -170,6 +170,9 @@ def _parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
     buffer_cli.add_parser(sub)
     top.add_parser(sub)
     reason_cli.add_parser(sub)
+    from agent import upgrade_cli
+
+    upgrade_cli.add_parser(sub)
 
     demo = command(sub, "demo", "run a simulated plant, the agent and a receiver",
                    "Run a simulated plant (Modbus), the agent and a receiver, and print what "
@@ -217,6 +220,11 @@ def _handlers() -> dict[str, Handler]:
 
         return run(args)
 
+    def upgrade(args: argparse.Namespace) -> int:
+        from agent.upgrade_cli import run
+
+        return run(args)
+
     def demo(args: argparse.Namespace) -> int:
         from agent.demo import run_demo
 
@@ -231,7 +239,8 @@ def _handlers() -> dict[str, Handler]:
     return {"run": c.run, "validate": c.validate, "config": config, "receiver": receiver,
             "replay": c.replay, "record": c.record, "probe": c.probe, "browse": browse,
             "opcua": c.gen_cert, "status": status, "reload": status, "top": top,
-            "buffer": buffer, "reason": reason, "demo": demo}
+            "buffer": buffer, "reason": reason, "upgrade": upgrade, "rollback": upgrade,
+            "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

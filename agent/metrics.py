@@ -14,7 +14,7 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
     edge_agent_delivery_duration_seconds{sink}         histogram of one delivery attempt
     edge_agent_event_detection_lag_seconds{machine}    histogram: event time -> committed
     edge_agent_event_delivery_delay_seconds{sink}      histogram: committed -> accepted
-    edge_agent_reasons_unattributed_total{machine}     PLC reasons past the grace period
+    edge_agent_reasons_unattributed_total{machine}     PLC reasons no stop could take
     edge_agent_sink_held{sink}                         1 while the sink is held (401/403)
     edge_agent_buffer_pending_events{sink}             events waiting for the sink
     edge_agent_buffer_oldest_pending_age_seconds{sink} age of the oldest of them
@@ -149,7 +149,8 @@ class _RuntimeCollector(Collector):
 
         unattributed = CounterMetricFamily(
             "edge_agent_reasons_unattributed",
-            "PLC reason codes that came after the grace period (not attributed to a stop).",
+            "PLC reason codes set while no stop could take them (after the grace period, after "
+            "another stop began, or before any stop was reported).",
             labels=["machine"])
         for mid, det in sorted(rt.detectors.items()):
             unattributed.add_metric([mid], det.classifier.unattributed_total)

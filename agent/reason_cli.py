@@ -13,9 +13,10 @@ The address comes from ``--url``, else ``health.listen`` in ``--config``, else t
 ``EDGE_AGENT_REASON_TOKEN``, else the ``health.reason_entry.bearer_token`` reference in
 ``--config`` (``${env:...}``/``${file:...}``, resolved by this command).
 
-Exit codes: 0 done (also when the episode already had exactly this classification), 1 the
-agent cannot be reached or failed, 2 refused (wrong token, unknown machine, episode or code;
-the agent's reason is printed, with the known codes for an unknown code).
+Exit codes (the CLI's conventions): 0 done (also when the episode already had exactly this
+classification), 1 the agent failed (5xx, e.g. the commit did not finish in time), 2 refused
+(wrong token, unknown machine, episode or code; the agent's reason is printed, with the known
+codes for an unknown code), 3 no agent answers at the address.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``reason`` action; the exit code."""
+    from agent.cli_conventions import EXIT_UNREACHABLE
     from agent.status_cli import health_url
 
     action = getattr(args, "reason_command", None)
@@ -91,8 +93,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=_TIMEOUT) as http:
             return _list(http, args) if action == "list" else _set(http, args)
-    except httpx.HTTPError as exc:
-        print(f"edge-agent reason: cannot reach the agent at {base}: {exc}", file=sys.stderr)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        print(f"edge-agent reason: no agent answers at {base}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except httpx.HTTPError as exc:  # reached, but the answer went missing: it may have committed
+        print(f"edge-agent reason: no answer from the agent at {base} "
+              f"({type(exc).__name__}: {exc}); repeating the command is safe", file=sys.stderr)
         return 1
 
 

@@ -16,9 +16,10 @@ file works at once)::
 
 Errors: 401 missing or wrong token (checked first, so machine names do not leak); 404 unknown
 machine or episode (or reason entry off); 422 a code not in the machine's ``reasons`` map
-(with ``known_codes``), or a malformed field; 400 a body that is not a JSON object; 503 the
-commit did not finish in time (the classification is queued and commits; repeating the
-request is safe and answers 200 once it has).
+(with ``known_codes``), or a malformed field; 400 a body that is not a JSON object; 413 a body
+over the health listener's limit (64 KiB); 503 the token cannot be read or is empty
+(everyone is refused), or the commit did not finish in time (the classification is queued and
+commits; repeating the request is safe and answers 200 once it has).
 
 Durability: the answer is sent only after the ``plantedge.downtime.classified`` event is
 committed together with the detector state that knows about it (``Runtime.commit_now``), so a
@@ -37,6 +38,7 @@ from agent.detect.classify import RECENT, EpisodeNotFound, UnknownCode
 from agent.httpserver import Request, Response
 from agent.runtime import Runtime
 from config.model import utcnow
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["COMMIT_TIMEOUT", "answer"]
@@ -59,10 +61,17 @@ async def answer(runtime: Runtime, req: Request) -> Response:
     except SecretResolutionError as exc:
         log.error("reason entry: the bearer token cannot be read: %s", exc)
         return Response.json({"error": "the agent cannot read its reason-entry token"}, 503)
+    if not token.strip():
+        # An empty token (an empty file, a file caught mid-rotation, an empty variable) would
+        # match "Authorization: Bearer" with nothing after it: refuse everyone instead.
+        log.error("reason entry: the bearer token is empty (%s); every request is refused",
+                  settings.bearer_token.reference)
+        return Response.json({"error": "the agent's reason-entry token is empty"}, 503)
+    add_secret_values([token])  # a rotated token is hidden from logs like the configured one
     given = req.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                              token.encode()):
+                                                              token.strip().encode()):
         return Response.json({"error": "missing or wrong bearer token"}, 401,
                              {"WWW-Authenticate": 'Bearer realm="edge-agent"'})
     parts = req.path.strip("/").split("/")
@@ -128,12 +137,17 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
         doc = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         return Response.json({"error": f"body is not JSON: {exc}"}, 400)
+    except RecursionError:  # [[[[...]]]]: the parser's stack, not a crash of the request
+        return Response.json({"error": "body is not a reason: JSON nested too deeply"}, 400)
     if not isinstance(doc, dict):
         return Response.json({"error": "body must be a JSON object with 'code'"}, 400)
     raw = doc.get("code")
-    if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
         return Response.json({"error": "'code' is required: the reason code (text or number)"},
                              422)
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        return Response.json({"error": "'code' must be text or a whole number, not "
+                              f"{json.dumps(raw)[:40]}"}, 422)
     code = str(raw).strip()
     text = doc.get("text")
     by = doc.get("by", "api")

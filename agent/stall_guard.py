@@ -8,6 +8,7 @@ the runtime's ticker) from a plain thread and, only while the heartbeat is older
 
     /healthz, /readyz   503 {"status": "stalled", "tick_age_s": ...}
     anything else       503 {"error": "event loop stalled", "tick_age_s": ...}
+                        (GET and HEAD, and POST for reason entry; other methods 405)
 
 States::
 
@@ -109,7 +110,10 @@ class StallGuard:
         age = round(exact, 1)
         doc: dict[str, object]
         method = parts[0] if len(parts) == 3 else b""
-        if method not in (b"GET", b"HEAD"):
+        if method not in (b"GET", b"HEAD") and not (method == b"POST"
+                                                    and path.startswith("/machines/")):
+            # (A reason entry POST gets the 503 below: the operator's terminal should say
+            # "try again", not that the command was wrong.)
             status, doc = 405, {"error": "method not allowed"}
         elif exact <= self._stall_after and path == "/healthz":
             status, doc = 200, {"status": "ok"}

@@ -101,6 +101,7 @@ from buffer.capacity import (
 from buffer.config import WhenFull
 from buffer.migrations import check_version, migrate
 from buffer.salvage import move_aside, read_salvageable, wal_missing
+from buffer.snapshot import read_record
 from config.errors import EdgeAgentError, StorageFullError
 from config.model import format_time, utcnow
 
@@ -156,6 +157,10 @@ class SqliteBuffer(Buffer):
         self.salvage = salvage
         # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
         self.degraded_reason: str | None = None
+        # The file's schema version once opened, and the last upgrade's record (snapshot.py):
+        # shown in the fleet heartbeat.
+        self.schema_version: int | None = None
+        self.last_upgrade: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +189,8 @@ class SqliteBuffer(Buffer):
             conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
         self._owner = True
         self._load_counts()
+        self.schema_version = int(self._require().execute("PRAGMA user_version").fetchone()[0])
+        self.last_upgrade = read_record(self.path)
 
     def _load_counts(self) -> None:
         """Count rows once at open (a scan); from here on each commit adjusts the counts."""

@@ -134,24 +134,31 @@ class Classifier:
         """A new reason code while no episode is open; True when it belongs to the last
         ended episode (it classified it, or it is that episode's code already)."""
         rec = self.recent[-1] if self.recent else None
-        if rec is None:
+        if rec is None:  # no reported stop yet (a fresh state): still never silent
+            self._unattributed(code, t, None, None, "no stop has been reported yet")
             return False
         if code == rec.reason_code:
             return self.grace_open
         late = (t - parse_time(rec.ended_at)).total_seconds()
-        if self.grace_open and late <= self.rule.reason_grace:
+        grace = self.rule.reason_grace
+        if self.grace_open and grace > 0 and late <= grace:  # 0 is off, even at late == 0
             self._classify_record(rec, code, None, "plc", t)
             return True
-        self.unattributed_total += 1
-        self.last_unattributed = {"code": code, "at": format_time(t),
-                                  "last_episode_id": rec.episode_id,
-                                  "seconds_after_end": round(late, 3)}
         why = ("another stop began since" if not self.grace_open
                else f"{late:.0f}s after it ended, grace {self.rule.reason_grace:g}s")
-        self.notes.append(f"reason code {code!r} at {format_time(t)} not attributed to "
-                          f"episode {rec.episode_id} ({why}); classify it with `edge-agent "
-                          f"reason set` if it belongs there")
+        self._unattributed(code, t, rec.episode_id, late, why)
         return False
+
+    def _unattributed(self, code: str, t: datetime, episode_id: str | None,
+                      late: float | None, why: str) -> None:
+        self.unattributed_total += 1
+        self.last_unattributed = {"code": code, "at": format_time(t),
+                                  "last_episode_id": episode_id,
+                                  "seconds_after_end": None if late is None else round(late, 3)}
+        target = f"to episode {episode_id}" if episode_id else "to a stop"
+        self.notes.append(f"reason code {code!r} at {format_time(t)} not attributed {target} "
+                          f"({why}); classify it with `edge-agent reason set` if it belongs "
+                          "there")
 
     # ------------------------------------------------------------------ operator / API
 

@@ -125,10 +125,11 @@ class DowntimeRule(Strict):
                                           "and the next starts (continued_from) every "
                                           "max_duration, so long stops show up in reports "
                                           "before they end.")
-    reason_grace: Duration = Field(300.0, description="A reason code that the PLC sets within "
-                                   "this long after a stop ended classifies that stop (a "
-                                   "plantedge.downtime.classified event); a later one is "
-                                   "logged and counted, not attributed. 0 turns it off.")
+    reason_grace: DurationOrZero = Field(300.0, description="A reason code that the PLC sets "
+                                         "within this long after a stop ended classifies that "
+                                         "stop (a plantedge.downtime.classified event); a later "
+                                         "one is logged and counted, not attributed. 0 turns "
+                                         "it off.")
     reason_categories: dict[str, CategoryName] = Field(
         default_factory=dict, description="Reason code -> the category it implies (unplanned, "
         "planned or idle); sent as 'category' on classification events.")

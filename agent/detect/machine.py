@@ -334,6 +334,10 @@ class MachineDetector:
             return
         if self.state_since is not None and t < self.state_since:
             t = self.state_since  # a source clock that went backwards: never negative
+        if self.episode is not None and t < self.episode.started_at:
+            # A piece cut by max_duration starts after state_since: the next episode must not
+            # start before it (a clock stepping back right after a cut made them overlap).
+            t = self.episode.started_at
         self.state, self.state_since = new, t
         self.dirty = True
         if new is MachineState.RUNNING:
@@ -427,16 +431,19 @@ class MachineDetector:
 
     def _on_reason(self, s: TagSample) -> None:
         code = reason_code(s.value)
-        if self.episode is None and code is not None and code != self.reason:
+        changed = code != self.reason
+        if self.episode is None and code is not None and changed:
             # Judged after the whole batch: a stop read in the same poll takes it instead.
             self._late_reason = (code, s.time)
         self.reason = code
         self.reason_since = s.time
         ep = self.episode
-        if ep is not None and self.reason is not None:
+        # Only a change is news: a re-read of the same code (after a restart, or while the
+        # signal is not steady) never undoes an operator's classification of the open stop.
+        if ep is not None and code is not None and changed:
             if ep.reason_code is None:
-                ep.reason_code = self.reason
-            ep.last_reason_code = self.reason
+                ep.reason_code = code
+            ep.last_reason_code = code
         self.dirty = True
 
     def _attribute_late_reason(self) -> None:

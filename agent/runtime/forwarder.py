@@ -283,10 +283,11 @@ class Forwarder:
                 self._succeeded()
             elif outcome is Outcome.RETRY:
                 await self._failed(delivery.detail or "retry", delivery.retry_after,
-                                   ForwarderState.RETRYING, delivery.status)
+                                   ForwarderState.RETRYING, delivery.status,
+                                   trace_id=delivery.trace_id)
             elif outcome is Outcome.HOLD:
                 await self._failed(delivery.detail or "held", None, ForwarderState.HELD,
-                                   delivery.status)
+                                   delivery.status, trace_id=delivery.trace_id)
             elif len(chunk) == 1:  # TOO_LARGE or REJECTED, one event: it is the poison
                 dead = {chunk[0].seq: (delivery.status, delivery.detail)}
                 if not await self._settle(Settlement(dead=dead)):
@@ -338,10 +339,11 @@ class Forwarder:
         if accepted:
             self._mark_success_time()
         if held is not None:
-            await self._failed(held, None, ForwarderState.HELD, 207)
+            await self._failed(held, None, ForwarderState.HELD, 207, trace_id=delivery.trace_id)
         else:
             await self._failed(f"{len(rest)} of {len(chunk)} events to retry: {retry_detail}",
-                               delivery.retry_after, ForwarderState.RETRYING, 207)
+                               delivery.retry_after, ForwarderState.RETRYING, 207,
+                               trace_id=delivery.trace_id)
         return rest, False
 
     # ------------------------------------------------------------------ bookkeeping
@@ -450,10 +452,13 @@ class Forwarder:
                                            "episode_id": episode, "trace_id": trace_id})
 
     async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
-                      status: int | None = None, *, attempt: bool = True) -> None:
+                      status: int | None = None, *, attempt: bool = True,
+                      trace_id: str | None = None) -> None:
         """A retryable or held attempt (or a buffer error when ``attempt`` is False): log the
-        transition once, then back off."""
+        transition once (with the request's trace id, to find it at the receiver), then back
+        off."""
         reason = f"HTTP {status}: {detail}" if status is not None else detail
+        trace = f", trace {trace_id}" if trace_id else ""
         self._block_failed = True
         self._set_error(reason)
         self.consecutive_failures += 1
@@ -461,11 +466,13 @@ class Forwarder:
             self.retried_total += 1
         if state is ForwarderState.HELD:
             if self.state is not ForwarderState.HELD:
-                log.error("sink %s is held (%s); events stay buffered until the credentials "
-                          "or permissions are fixed", self.sink.name, reason)
+                log.error("sink %s is held (%s%s); events stay buffered until the credentials "
+                          "or permissions are fixed", self.sink.name, reason, trace,
+                          extra={"sink": self.sink.name, "trace_id": trace_id})
             self.held_reason = reason
         elif self.state is not ForwarderState.RETRYING:
-            log.warning("sink %s unavailable (%s); retrying with backoff", self.sink.name, reason)
+            log.warning("sink %s unavailable (%s%s); retrying with backoff", self.sink.name,
+                        reason, trace, extra={"sink": self.sink.name, "trace_id": trace_id})
         self.state = state
         await self._pause(self._backoff.next_delay(retry_after))
         if state is ForwarderState.HELD and not self._stopping.is_set():

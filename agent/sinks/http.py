@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 CE_SINGLE = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
 _EXCERPT = 500
+_OWN_HEADERS = ("content-type", "idempotency-key", "traceparent")
 
 
 def batch_idempotency_key(ids: Sequence[str]) -> str:
@@ -146,6 +147,16 @@ class HttpSink(Sink):
         self._token_error: str | None = None
         self._token_loaded = False
         self._oauth = OAuth2Token(config.auth.oauth2) if config.auth.oauth2 else None
+        # Static headers never duplicate one the agent sets per request: two Idempotency-Key
+        # or traceparent lines (names differ only in case) reach a receiver as one joined,
+        # malformed value.
+        own = set(_OWN_HEADERS)
+        if config.auth.bearer_token is not None or self._oauth is not None:
+            own.add("authorization")
+        self._static_headers = {k: v for k, v in config.headers.items() if k.lower() not in own}
+        for k in sorted(set(config.headers) - set(self._static_headers)):
+            log.warning("sink %s: static header %r is ignored: the agent sets it per request",
+                        name, k)
 
     @property
     def max_batch(self) -> int:
@@ -197,7 +208,7 @@ class HttpSink(Sink):
         return self._client
 
     def _request_parts(self, events: Sequence[OutboundEvent]) -> tuple[bytes, dict[str, str]]:
-        headers = dict(self.config.headers)
+        headers = dict(self._static_headers)
         if self.config.mode is SinkMode.BATCH:
             body = ("[" + ",".join(e.payload for e in events) + "]").encode("utf-8")
             headers["Content-Type"] = CE_BATCH

@@ -42,6 +42,9 @@ health: {{listen: "127.0.0.1:0"}}
                     if r.status_code == 503:
                         seen.append((r.status_code, r.json()))
                         seen.append((httpx.get(url + "/status", timeout=1).status_code, {}))
+                        r = httpx.post(url + "/machines/m1/episodes/e1/reason",
+                                       json={"code": "7"}, timeout=1)
+                        seen.append((r.status_code, r.json()))
                 unblock.set()
 
             thread = threading.Thread(target=probe)
@@ -53,7 +56,9 @@ health: {{listen: "127.0.0.1:0"}}
             assert seen and seen[0][0] == 503 and seen[0][1]["status"] == "stalled"
             assert float(seen[0][1]["tick_age_s"]) >= 0.5  # type: ignore[arg-type]
             assert seen[1][0] == 503  # every path: the loop cannot serve /status either
-            assert sum(g.answered for g in health.guards) >= 2
+            # A reason entered meanwhile: "try again" (503), not "wrong method" (405).
+            assert seen[2][0] == 503 and "stalled" in str(seen[2][1]["error"])
+            assert sum(g.answered for g in health.guards) >= 3
 
             async def healthy() -> bool:
                 return (await http.get(url + "/healthz")).status_code == 200

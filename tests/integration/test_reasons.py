@@ -16,15 +16,18 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ROOT, wait_until
+from support import ROOT, free_port, wait_until
 
+from agent import reasons_api
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.sinks.http import batch_idempotency_key
 from agent.sinks.tracecontext import parse_traceparent, trace_id_for
 from agent.wiring.load import load_config_text
+from config.errors import StorageFullError
 from config.model import parse_time
+from config.redaction import redact
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
@@ -192,6 +195,44 @@ async def test_an_open_stop_can_be_classified_and_its_end_carries_the_code(
     assert len(classified) == 1 and classified[0]["data"]["ended_at"] is None
 
 
+async def test_an_empty_token_refuses_everyone_and_a_rotated_one_is_redacted(
+        agent: Agent, tmp_path: Path) -> None:
+    """An empty token file (emptied, or caught mid-rotation) must not let an empty bearer
+    in; a token rotated while the agent runs works at once and is hidden from logs."""
+    token_file = tmp_path / "reason-token"
+    url = f"{agent.base}/machines/m1/episodes"
+    async with httpx.AsyncClient() as http:
+        token_file.write_text("\n", encoding="utf-8")
+        # (The server strips header values: "Bearer " arrives as "Bearer".)
+        r = await http.get(url, headers={"Authorization": "Bearer"})
+        assert r.status_code == 503 and "empty" in r.json()["error"], r.text
+        rotated = "rotated-line-token-2"
+        token_file.write_text(rotated, encoding="utf-8")
+        assert (await http.get(url, headers=AUTH)).status_code == 401
+        r = await http.get(url, headers={"Authorization": f"Bearer {rotated}"})
+        assert r.status_code == 200
+    assert redact(f"token {rotated}") == "token ***"
+
+
+async def test_hostile_bodies_get_clear_answers(agent: Agent) -> None:
+    episode = await agent.one_stop()
+    reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
+    async with httpx.AsyncClient() as http:
+        # Deep nesting is bad input (400), not a handler crash (500).
+        r = await http.post(reason, content=b"[" * 100_000 + b"]" * 100_000, headers=AUTH)
+        assert r.status_code == 413  # over the listener's body limit already
+        r = await http.post(reason, content=b"[" * 20_000 + b"]" * 20_000, headers=AUTH)
+        assert r.status_code == 400 and "nested" in r.json()["error"], r.text
+        # Nobody, with a token or not, makes the health listener buffer megabytes.
+        big = b'{"code": "7", "text": "' + b"x" * 100_000 + b'"}'
+        assert (await http.post(reason, content=big)).status_code == 413
+        r = await http.post(reason, json={"code": 7.5}, headers=AUTH)
+        assert r.status_code == 422 and "whole number" in r.json()["error"]
+        r = await http.post(reason, json={"code": "  "}, headers=AUTH)
+        assert r.status_code == 422 and "required" in r.json()["error"]
+    assert agent.of_type(CLASSIFIED) == []
+
+
 async def test_reason_entry_is_off_by_default(tmp_path: Path) -> None:
     async for a in _start(tmp_path, entry=False):
         async with httpx.AsyncClient() as http:
@@ -241,6 +282,9 @@ async def test_reason_cli_against_the_running_agent(agent: Agent, tmp_path: Path
                                 str(tmp_path / "missing"))
     assert code == 2 and "cannot read" in err
     assert len(agent.of_type(CLASSIFIED)) == 1
+    code, out, err = await _cli("list", "m1", "--url", f"http://127.0.0.1:{free_port()}",
+                                "--token-file", str(token))
+    assert code == 3 and "no agent answers" in err  # the CLI's exit code for unreachable
 
 
 async def test_figures_and_trace_context_on_a_real_run(agent: Agent) -> None:
@@ -336,3 +380,51 @@ async def test_a_dead_letter_is_logged_with_its_episode_and_trace(
     assert parsed is not None and record.trace_id == parsed[0]
     assert record.event_id in record.getMessage() and parsed[0] in record.getMessage()
     assert record.episode_id == agent.rt.detectors["m1"].episode.episode_id  # type: ignore[union-attr]
+
+
+async def test_a_retry_warning_carries_the_trace_of_the_refused_request(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    """At the default level the only delivery lines are failures: the warning that a sink is
+    unavailable names the trace the receiver saw, so both logs can be matched."""
+    caplog.set_level(logging.WARNING)
+    agent.rx.faults.status, agent.rx.faults.count = 503, 1
+    await agent.plc.set_value(STATE, 3)
+    record = await wait_until(lambda: next((r for r in caplog.records
+                                            if "unavailable" in r.getMessage()), None),
+                              what="retry warning")
+    refused = next(r for r in agent.rx.requests if r.status == 503)
+    parsed = parse_traceparent(refused.headers.get("traceparent"))
+    assert parsed is not None and record.trace_id == parsed[0]  # type: ignore[attr-defined]
+    assert parsed[0] in record.getMessage()
+
+
+async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_once(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full while an operator classifies: 503 (queued, not committed), the repeat says
+    the same event id, and once commits work the repeat answers 200 and one event arrives."""
+    episode = await agent.one_stop()
+    monkeypatch.setattr(reasons_api, "COMMIT_TIMEOUT", 0.3)
+    buffer = agent.rt.committer._buffer
+    real_append = buffer.append
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise StorageFullError("disk full (test)")
+
+    monkeypatch.setattr(buffer, "append", full)
+    reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
+    async with httpx.AsyncClient() as http:
+        first = await http.post(reason, json={"code": "7"}, headers=AUTH)
+        assert first.status_code == 503 and "repeating" in first.json()["error"]
+        again = await http.post(reason, json={"code": "7"}, headers=AUTH)
+        assert again.status_code == 503
+        assert again.json()["event_id"] == first.json()["event_id"]
+        monkeypatch.setattr(buffer, "append", real_append)
+        done = await wait_until(lambda: _post_ok(http, reason), what="committed")
+        assert done.status_code == 200 and done.json()["event_id"] == first.json()["event_id"]
+    got = await wait_until(lambda: agent.of_type(CLASSIFIED), what="classified")
+    assert [e["id"] for e in got] == [first.json()["event_id"]]
+
+
+async def _post_ok(http: httpx.AsyncClient, url: str) -> httpx.Response | None:
+    r = await http.post(url, json={"code": "7"}, headers=AUTH)
+    return r if r.status_code != 503 else None

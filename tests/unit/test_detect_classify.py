@@ -121,6 +121,25 @@ def test_open_stop_classified_its_end_carries_the_code_across_a_restart() -> Non
     assert d.episodes(1)[0]["classified_by"] == "operator"
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_reread_plc_code_never_undoes_an_operators_code_for_the_open_stop(
+        restart: bool) -> None:
+    """The PLC says 7 during the stop, the operator says 9; the PLC's unchanged 7 read again
+    (the first poll after a restart) is not news: the end carries 9 either way, as a restart
+    anywhere must change nothing."""
+    d = det()
+    feed(d, 0, st=1, rsn=0)
+    feed(d, 10, st=3, rsn=7)
+    feed(d, 16, st=3)  # announced
+    d.classify(None, "9", None, "operator", T0 + timedelta(seconds=20))
+    if restart:
+        d = restarted(d)
+    feed(d, 30, st=3, rsn=7)
+    ended = feed(d, 40, st=1, rsn=7)
+    assert ended[-1].type is EventType.DOWNTIME_ENDED
+    assert ended[-1].data["reason_code"] == "9" and ended[-1].data["last_reason_code"] == "9"
+
+
 def test_only_the_last_recent_ended_stops_are_kept() -> None:
     d = det()
     feed(d, 0, st=1, rsn=0)
@@ -143,3 +162,28 @@ def test_a_late_reason_after_grace_is_counted_and_noted_not_dropped_silently() -
     assert status["unattributed_reasons"] == 1
     assert status["last_unattributed_reason"]["code"] == "7"
     assert restarted(d).classifier.unattributed_total == 1
+
+
+def test_reason_grace_zero_turns_late_reasons_off() -> None:
+    """Documented: with 0s late reasons are off, even one stamped the instant the stop ended
+    (a source with its own timestamps can deliver it in the next batch)."""
+    doc = CFG.model_dump(mode="json")
+    doc["downtime"]["reason_grace"] = "0s"
+    d = MachineDetector("m1", MachineConfig.model_validate(doc), "s1")
+    feed(d, 0, st=1, rsn=0)
+    stop(d, 10, 40)
+    assert feed(d, 40, rsn=7) == []
+    assert d.classifier.unattributed_total == 1
+
+
+def test_a_reason_before_any_reported_stop_is_counted_not_dropped_silently() -> None:
+    d = det()
+    feed(d, 0, st=1, rsn=0)
+    feed(d, 20, st=3)
+    feed(d, 22, st=1)  # a micro-stop: nothing reported yet
+    assert feed(d, 25, rsn=9) == []
+    assert d.classifier.unattributed_total == 1
+    notes = d.take_notes()
+    assert len(notes) == 1 and "'9'" in notes[0] and "no stop has been reported" in notes[0]
+    assert d.status()["last_unattributed_reason"]["last_episode_id"] is None
+    assert feed(d, 26, rsn=9) == [] and d.classifier.unattributed_total == 1  # not news
