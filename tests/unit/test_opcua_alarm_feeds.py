@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from asyncua import ua
 
 from config.model import utcnow
@@ -109,3 +110,24 @@ def test_a_branch_state_is_not_the_condition_state() -> None:
     main.BranchId = ua.NodeId()  # servers without branches send a null BranchId
     ((_, body),) = run(feeds, [(A, main)])
     assert body["kind"] == "alarm" and body["active"] is True
+
+
+def test_a_machine_taking_reasons_from_a_tag_that_is_no_alarm_tag_is_refused() -> None:
+    from agent.wiring.load import load_config_text
+    from config.errors import ConfigError
+
+    text = """
+agent: {id: e, site: s}
+sources:
+  p: {type: opcua, endpoint: "opc.tcp://h:4840",
+      tags: {st: {node: "ns=1;s=A"}, al: {node: "ns=1;s=B"}, ok: {node: "i=2253", kind: alarms}}}
+machines:
+  m: {line: l, state: {tag: st, map: {1: running}}, downtime: {alarms: {tag: al}}}
+  n: {line: l, state: {tag: st, map: {1: running}}, downtime: {alarms: {tag: ok}}}
+sinks: {c: {type: http, url: "http://h/e"}}
+"""
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "c.yaml")
+    (issue,) = [str(i) for i in info.value.issues]
+    assert issue.startswith("c.yaml:7:") and "machines.m.downtime.alarms.tag" in issue
+    assert "not an OPC UA tag of kind: alarms" in issue
