@@ -279,3 +279,49 @@ sinks:
               if e["type"].startswith("plantedge.downtime")]
     assert [e["type"].rsplit(".", 1)[1] for e in events] == ["started", "ended"]
     assert all(e["data"]["reason_code"] == "DOOR" for e in events), (events, path.read_text())
+
+
+async def test_a_network_outage_ends_with_a_condition_refresh(plc: NodeOpcuaServer) -> None:
+    """The same source object reconnecting (as its supervisor does after the link drops):
+    alarms that changed during the outage are right as soon as it is back."""
+    from support.tcp_proxy import TcpProxy
+
+    from config.errors import EdgeAgentError
+
+    det = MachineDetector("filler", MACHINE, "s")
+    pipe = Pipeline([det])
+    proxy = await TcpProxy("127.0.0.1", plc.port).start()
+    cfg = source_config(f"opc.tcp://127.0.0.1:{proxy.port}").model_copy(
+        update={"keepalive_interval": 0.3, "timeout": 1.0})
+    source = OpcuaSource("cell", cfg)
+    sessions = 0
+
+    async def supervise() -> None:
+        nonlocal sessions
+        while True:
+            sessions += 1
+            with contextlib.suppress(EdgeAgentError, OSError):
+                await source.run(pipe)
+            await asyncio.sleep(0.1)
+
+    plc.set("Filler.DoorOpen", True)
+    task = asyncio.create_task(supervise())
+    try:
+        alarms = det.alarms
+        assert alarms is not None
+        await wait_until(lambda: [a["condition"] for _, a in alarms.active.values()]
+                         == ["DoorOpen"])
+        proxy.cut()
+        await wait_until(lambda: sessions >= 2)
+        plc.set("Filler.DoorOpen", False)
+        plc.set("Filler.MotorFault", True)
+        await asyncio.sleep(0.3)
+        assert [a["condition"] for _, a in alarms.active.values()] == ["DoorOpen"]
+        proxy.restore()
+        await wait_until(lambda: [a["condition"] for _, a in alarms.active.values()]
+                         == ["MotorFault"])
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await proxy.aclose()
