@@ -5,7 +5,8 @@ A tag with ``kind: alarms`` is an event monitored item on an event notifier (the
 through detection, replay and record like any other value::
 
     {"kind": "alarm", "condition": "DoorOpen", "source": "Filler", "source_node": "ns=1;s=..",
-     "event_type": "i=10637", "active": true, "message": "...", "severity": 500}
+     "source_nsu": "nsu=urn:..;s=..", "event_type": "i=10637", "active": true,
+     "message": "...", "severity": 500}
     {"kind": "active", "alarms": [ {...one per active alarm, same fields...} ]}
 
 The second form is a snapshot: after every (re)connect the source calls ConditionRefresh; the
@@ -104,13 +105,26 @@ def _time(value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _fields(event: Any) -> dict[str, Any]:
+def _by_uri(node: Any, namespaces: list[str]) -> str | None:
+    """``nsu=<uri>;<identifier>`` for a node outside namespace 0 (the form tags use)."""
+    if not isinstance(node, ua.NodeId) or not 0 < node.NamespaceIndex < len(namespaces):
+        return None
+    text = node.to_string()
+    return f"nsu={namespaces[node.NamespaceIndex]};{text.split(';', 1)[1]}" \
+        if ";" in text else None
+
+
+def _fields(event: Any, namespaces: list[str]) -> dict[str, Any]:
     get = event.__dict__.get
     active = get("ActiveState/Id")
-    return {"condition": _text(get("ConditionName")), "source": _text(get("SourceName")),
-            "source_node": _text(get("SourceNode")), "event_type": _text(get("EventType")),
-            "active": bool(active), "message": _text(get("Message")) or "",
-            "severity": int(get("Severity") or 0)}
+    fields = {"condition": _text(get("ConditionName")), "source": _text(get("SourceName")),
+              "source_node": _text(get("SourceNode")), "event_type": _text(get("EventType")),
+              "active": bool(active), "message": _text(get("Message")) or "",
+              "severity": int(get("Severity") or 0)}
+    nsu = _by_uri(get("SourceNode"), namespaces)
+    if nsu is not None:
+        fields["source_nsu"] = nsu
+    return fields
 
 
 class AlarmFeeds:
@@ -133,9 +147,11 @@ class AlarmFeeds:
 
     REFRESH_LIMIT = 30.0
 
-    def __init__(self, tags: dict[int, str], marker: int | None = None) -> None:
+    def __init__(self, tags: dict[int, str], marker: int | None = None,
+                 namespaces: list[str] | None = None) -> None:
         self.tags = tags  # server handle -> tag id
         self.marker = marker  # server handle of the refresh-marker item, if one was added
+        self.namespaces = namespaces or []  # the session's NamespaceArray (for source_nsu)
         self.overflowed = False  # the server dropped events: ConditionRefresh again
         # tag -> condition (source node or name | condition name) -> its latest active state
         self._collecting: dict[str, dict[str, dict[str, Any]]] = {}
@@ -194,7 +210,7 @@ class AlarmFeeds:
             # The state of an earlier activation kept for acknowledgement (a condition
             # branch), not the condition's current state.
             return []
-        fields = _fields(event)
+        fields = _fields(event, self.namespaces)
         if tag in self._collecting:
             # Live events may interleave with the refresh's: the latest state of a condition
             # wins (one raised and cleared meanwhile is not active; one sent twice is one).

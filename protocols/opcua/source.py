@@ -323,6 +323,7 @@ class OpcuaSource(Source):
         if added:
             feeds.tags.update(added.tags)
             feeds.marker = added.marker
+            feeds.namespaces = added.namespaces
             await self._condition_refresh(session, feeds, out)
         return again
 

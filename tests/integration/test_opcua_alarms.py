@@ -325,3 +325,29 @@ async def test_a_network_outage_ends_with_a_condition_refresh(plc: NodeOpcuaServ
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await proxy.aclose()
+
+
+async def test_machine_sources_by_namespace_uri(plc: NodeOpcuaServer) -> None:
+    """A machine fed from the Server object's alarms names its source nodes the way tags do,
+    nsu=<namespace URI>;s=...: its alarms are its reasons, another machine's are not."""
+    from protocols.opcua.session import Session
+
+    async with Session("t", source_config(plc.endpoint)) as s:
+        uri = s.namespaces[1]
+    alarms = MACHINE_VIA_SERVER.downtime.alarms
+    assert alarms is not None
+    machine = MACHINE_VIA_SERVER.model_copy(update={"downtime": MACHINE.downtime.model_copy(
+        update={"alarms": alarms.model_copy(update={"sources": [
+            f"nsu={uri};s=Filler.DoorOpen", f"nsu={uri};s=Filler.MotorFault"]})})})
+    det = MachineDetector("filler", machine, "s")
+    pipe = Pipeline([det])
+    async with session(source_config(plc.endpoint), pipe):
+        await wait_until(lambda: det.state.value == "running")
+        plc.set("Press.Jam", True)
+        plc.set("Filler.DoorOpen", True)
+        await wait_until(lambda: det.alarms is not None and bool(det.alarms.active))
+        plc.set("Filler.State", 3)
+        await wait_until(lambda: len(started(pipe, "filler")) == 1)
+        assert started(pipe, "filler")[0]["reason_code"] == "DOOR"
+        assert det.alarms is not None
+        assert [a["condition"] for _, a in det.alarms.active.values()] == ["DoorOpen"]

@@ -131,3 +131,21 @@ sinks: {c: {type: http, url: "http://h/e"}}
     (issue,) = [str(i) for i in info.value.issues]
     assert issue.startswith("c.yaml:7:") and "machines.m.downtime.alarms.tag" in issue
     assert "not an OPC UA tag of kind: alarms" in issue
+
+
+def test_the_source_node_is_also_given_by_namespace_uri() -> None:
+    """Tags name nodes as nsu=<uri>;... (stable when the server renumbers its namespaces), so
+    a machine's alarm ``sources`` and rules may too: the sample carries both forms."""
+    from agent.detect.alarms import ActiveAlarms
+    from agent.detect.config import AlarmsRule
+
+    feeds = AlarmFeeds({A: "a"}, namespaces=["http://opcfoundation.org/UA/", "urn:acme:plant"])
+    ((_, body),) = run(feeds, [(A, cond("Door"))])
+    assert (body["source_node"], body["source_nsu"]) == ("ns=1;i=5", "nsu=urn:acme:plant;i=5")
+    rule = AlarmsRule.model_validate({
+        "tag": "a", "sources": ["nsu=urn:acme:plant;i=5"],
+        "reasons": [{"source": "nsu=urn:acme:plant;i=5", "code": "DOOR"}]})
+    alarms = ActiveAlarms(rule)
+    assert alarms.apply(json.dumps(body))
+    choice = alarms.reason({})
+    assert choice is not None and choice.code == "DOOR"
