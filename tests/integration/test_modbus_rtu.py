@@ -345,3 +345,31 @@ async def test_one_request_at_a_time_and_the_inter_frame_gap_under_load(
     assert dev.requests >= 3 * 3 + 12
     assert dev.overlaps == 0
     assert min(dev.gaps) >= gap, sorted(dev.gaps)[:5]
+
+
+def test_probe_json_carries_the_per_unit_report(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-agent probe --json` gives the same per-unit answers and frame errors as the
+    table (a commissioning script reads those)."""
+    import json
+
+    from agent.cli import main
+
+    with PtyPair() as line, RtuDevice(line.device, [1]):
+        path = tmp_path / "agent.yaml"
+        path.write_text(f"""
+agent: {{id: e, site: s}}
+sources:
+  rs485:
+    type: modbus
+    transport: serial
+    serial: {{device: "{line.client}", baudrate: 115200, parity: none}}
+    timeout: 200ms
+    tags:
+      a: {{unit_id: 1, address: 0}}
+      b: {{unit_id: 4, address: 0}}
+""", encoding="utf-8")
+        assert main(["probe", "--config", str(path), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["report"][0].startswith("unit 1: answers;")
+    assert result["report"][1].startswith("unit 4: SILENT;")
