@@ -159,7 +159,9 @@ class ModbusSourceConfig(Strict):
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave/device) id; on an RTU "
                          "line the default for tags without their own unit_id.")
     poll_interval: Duration = Field(1.0, description="How often every tag is read.")
-    timeout: Duration = Field(1.0, description="Timeout of one read request (one attempt).")
+    timeout: Duration = Field(1.0, description="Timeout of one read request (one attempt); "
+                              "on a serial port the time the request and its answer take on "
+                              "the wire at the baud rate is added.")
     retries: int = Field(1, ge=0, le=5, description="RTU transports: further attempts of a "
                          "request that got no good answer before its device counts as silent "
                          "for this poll. A device silent in the last poll gets one attempt.")

@@ -373,3 +373,16 @@ sources:
     (result,) = json.loads(capsys.readouterr().out)
     assert result["report"][0].startswith("unit 1: answers;")
     assert result["report"][1].startswith("unit 4: SILENT;")
+
+
+async def test_a_long_answer_at_a_low_baud_rate_is_not_cut_off() -> None:
+    """20 registers at 1200 baud 8N1 take 45 x 8.3 ms = 0.38 s on the wire: more than a
+    timeout of 0.2 s, which is the device's time to answer, not the line's."""
+    with PtyPair() as line, WatchingDevice(line.device, [1], char_time=10 / 1200) as dev:
+        cfg = ModbusSourceConfig.model_validate({
+            "type": "modbus", "transport": "serial", "timeout": "200ms", "retries": 0,
+            "serial": {"device": line.client, "baudrate": 1200, "parity": "none"},
+            "tags": {"a": {"unit_id": 1, "address": 0}}})
+        async with opened(cfg) as link:
+            assert await link.read(1, H, 0, 20) == [100 + k for k in range(20)]
+    assert dev.requests == 1

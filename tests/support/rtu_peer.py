@@ -238,8 +238,12 @@ class WatchingDevice:
     Requests to other units are answered by nobody, but still occupy the line for ``delay``.
     """
 
-    def __init__(self, path: str, units: list[int], delay: float = 0.003) -> None:
+    def __init__(self, path: str, units: list[int], delay: float = 0.003,
+                 char_time: float = 0.0) -> None:
         self.path, self.units, self.delay = path, set(units), delay
+        # > 0: the answer goes out one byte per char_time, as on a slow line (a pty has no
+        # baud rate of its own).
+        self.char_time = char_time
         self.overlaps = 0
         self.requests = 0
         self.gaps: list[float] = []
@@ -292,5 +296,11 @@ class WatchingDevice:
             if unit in self.units and request[1] == 3:
                 body = bytes([unit, 3, 2 * count]) + b"".join(
                     (unit * 100 + start + k).to_bytes(2, "big") for k in range(count))
-                self._port.write(body + crc16(body).to_bytes(2, "little"))
-                self._port.flush()
+                answer = body + crc16(body).to_bytes(2, "little")
+                for k in range(len(answer)) if self.char_time else ():
+                    time.sleep(self.char_time)
+                    self._port.write(answer[k:k + 1])
+                    self._port.flush()
+                if not self.char_time:
+                    self._port.write(answer)
+                    self._port.flush()
