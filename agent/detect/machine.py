@@ -169,7 +169,7 @@ class MachineDetector:
             self._on_order(s)
         if s.tag == cfg.downtime.reason_tag and s.good:
             self._on_reason(s)
-        if self.alarms is not None and s.tag == self.alarms.tag and s.good:
+        if self.alarms is not None and s.tag == self.alarms.tag:
             self._on_alarm(s)
         if s.tag == cfg.state.tag:
             self._on_state_sample(s)
@@ -362,6 +362,12 @@ class MachineDetector:
 
     def _on_alarm(self, s: TagSample) -> None:
         assert self.alarms is not None
+        if not s.good:
+            # Unknown (a new session before its ConditionRefresh, a lost link): no alarm
+            # reason rather than a stale one.
+            self.dirty = self.dirty or bool(self.alarms.active)
+            self.alarms.active = {}
+            return
         if not self.alarms.apply(s.value):
             return
         self.dirty = True

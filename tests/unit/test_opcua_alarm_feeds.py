@@ -149,3 +149,28 @@ def test_the_source_node_is_also_given_by_namespace_uri() -> None:
     assert alarms.apply(json.dumps(body))
     choice = alarms.reason({})
     assert choice is not None and choice.code == "DOOR"
+
+
+def test_an_unknown_alarm_set_gives_no_reason() -> None:
+    """A bad sample of the alarm tag (a session before its ConditionRefresh, a lost link)
+    empties the set: a stop then has no alarm reason rather than a stale one."""
+    from datetime import timedelta
+
+    from agent.detect.config import MachineConfig
+    from agent.detect.machine import MachineDetector
+    from config.model import Quality, TagSample
+
+    det = MachineDetector("m", MachineConfig.model_validate({
+        "line": "l", "state": {"tag": "st", "map": {1: "running", 3: "down"}},
+        "downtime": {"alarms": {"tag": "al"}}}), "s")
+    t0 = utcnow()
+    door = json.dumps({"kind": "alarm", "condition": "Door", "source": "M", "active": True})
+    det.on_samples([TagSample("st", 1, Quality.GOOD, t0, t0),
+                    TagSample("al", door, Quality.GOOD, t0, t0)])
+    assert det.alarms is not None and det.alarms.active
+    t1 = t0 + timedelta(seconds=1)
+    det.on_samples([TagSample("al", None, Quality.BAD, t1, None, "unknown")])
+    assert not det.alarms.active and det.dirty
+    t2 = t1 + timedelta(seconds=1)
+    events = det.on_samples([TagSample("st", 3, Quality.GOOD, t2, t2)])
+    assert [e.data["reason_code"] for e in events] == [None]
