@@ -19,8 +19,10 @@ agent), and the record is about the operator's files, not about delivery.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +107,15 @@ def record_path(buffer_path: Path) -> Path:
 def write_record(buffer_path: Path, record: ExportRecord) -> None:
     path = record_path(buffer_path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"at": record.at, "sink": record.sink,
-                               "highest_seq": record.highest_seq, "count": record.count,
-                               "out": record.out}, indent=2) + "\n", encoding="utf-8")
+    # A fresh file, never through a link left at the temporary name (export may run as root
+    # in a directory the agent's user can write).
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"at": record.at, "sink": record.sink,
+                            "highest_seq": record.highest_seq, "count": record.count,
+                            "out": record.out}, indent=2) + "\n")
     tmp.replace(path)
 
 

@@ -181,6 +181,9 @@ def _parser(defaults: dict[str, str]) -> argparse.ArgumentParser:
                       help="seconds to run (default %(default)s)")
     demo.add_argument("--keep", type=Path, default=None,
                       help="keep the demo's data in this directory instead of a temporary one")
+    demo.add_argument("--sink", choices=["http", "mqtt"], default="http",
+                      help="where the demo's events go: the reference receiver (http) or a "
+                           "Unified Namespace on the local Mosquitto (mqtt)")
     return p
 
 
@@ -228,7 +231,7 @@ def _handlers() -> dict[str, Handler]:
     def demo(args: argparse.Namespace) -> int:
         from agent.demo import run_demo
 
-        return run_demo(args.duration, args.keep)
+        return run_demo(args.duration, args.keep, args.sink)
 
     def browse(args: argparse.Namespace) -> int:
         if not args.endpoint and args.config is None:

@@ -21,10 +21,28 @@ def _dump(doc: Any) -> None:
 
 def validate(args: argparse.Namespace) -> int:
     from agent.wiring.load import load_config
+    from config.errors import ConfigError
 
     checked = not args.no_secrets
-    config = load_config(args.config, check_references=checked)
     name = "<stdin>" if str(args.config) == "-" else str(args.config)
+    try:
+        config = load_config(args.config, check_references=checked)
+    except ConfigError as exc:
+        if args.json:  # a pipeline reading stdout gets the verdict there too
+            _dump({"file": name, "valid": False, "secrets_checked": checked,
+                   "issues": [{"message": str(i), "path": i.path, "line": i.line,
+                               "column": i.column} for i in exc.issues]})
+            return EXIT_INVALID
+        n = len(exc.issues)
+        print(f"edge-agent: the configuration has {n} problem{'s' if n != 1 else ''}:",
+              file=sys.stderr)
+        for issue in exc.issues:
+            print(f"  {issue}", file=sys.stderr)
+        if checked and any("environment variable" in i.message or "secret file" in i.message
+                           for i in exc.issues):
+            print("(to check the file without its secrets at hand: edge-agent validate "
+                  "--no-secrets)", file=sys.stderr)
+        return EXIT_INVALID
     if args.json:
         _dump({"file": name, "valid": True, "secrets_checked": checked,
                "sources": list(config.sources), "machines": list(config.machines),

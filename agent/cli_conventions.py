@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import time
@@ -29,7 +30,7 @@ from typing import Any, TextIO
 
 __all__ = ["ENV_CONFIG", "EXIT_CLOSED_PIPE", "EXIT_FAILURE", "EXIT_INVALID", "EXIT_OK",
            "EXIT_UNREACHABLE", "GLOBAL_OPTIONS", "Progress", "add_config_option", "command",
-           "global_defaults", "hoist_global_options"]
+           "global_defaults", "hoist_global_options", "printable"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by it
@@ -37,6 +38,17 @@ ENV_CONFIG = "EDGE_AGENT_CONFIG"
 GLOBAL_OPTIONS = {"--log-level": ("EDGE_AGENT_LOG_LEVEL", "info",
                                   ("debug", "info", "warning", "error")),
                   "--log-format": ("EDGE_AGENT_LOG_FORMAT", "text", ("text", "json"))}
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def printable(value: Any) -> str:
+    """``value`` as one line of plain text for a terminal table. What the agent reports comes
+    partly from elsewhere (a peer's error body, a PLC's reason string): its line breaks would
+    break the table and its escape sequences would drive the terminal, so every run of control
+    characters becomes one space."""
+    return _CONTROL.sub(" ", str(value))
 
 
 def global_defaults() -> dict[str, str]:

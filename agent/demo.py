@@ -24,6 +24,8 @@ first stop of ``press-3`` (which has no reason tag) is reported, an operator com
 reason-entry endpoint) classifies it, and the receiver prints the classification; the agent reads
 the device, detects episodes and scrap, buffers them in SQLite and delivers them to the
 receiver, which prints each event once. It ends with ``delivered=N pending=N dead_letters=N``.
+With ``--sink mqtt`` the events go to a Unified Namespace on the local Mosquitto instead
+(``agent/demo_uns.py``) and a subscriber prints them as they arrive on their topics.
 The configuration below goes through the same loader as a plant's own file.
 """
 
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.app import run_async, serve
+from agent.demo_uns import UNS_SINK_YAML, UnsWatcher
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.wiring.load import config_hash, load_config_text
@@ -253,15 +256,22 @@ def _describe(doc: dict[str, Any]) -> str:
     return f"  {doc.get('time', '')[11:23]}  " + "  ".join(what)
 
 
-async def _demo(duration: float, data_dir: Path) -> int:
+async def _demo(duration: float, data_dir: Path, sink: str = "http") -> int:
     sim = ModbusSimulator(size=100)
     modbus_port = await sim.start()
     opcua = OpcuaTestServer({"Packer.State": 1, "Packer.Reason": 0, "Packer.Scrap": 0,
                              "Packer.Order": ""}, namespace="urn:demo-plant:packer")
     await opcua.start()
     sealer = MqttDemoMachine.create(data_dir / "mosquitto")
+    if sink == "mqtt" and sealer is None:
+        await sim.stop()
+        await opcua.stop()
+        print("demo: --sink mqtt needs the mosquitto binary (apt-get install mosquitto)",
+              file=sys.stderr)
+        return 2
+    uns = UnsWatcher(sealer.broker.port, _describe) if sink == "mqtt" and sealer else None
     receiver = Receiver(data_dir / "receiver.db",
-                        echo=lambda doc: print(_describe(doc), flush=True))
+                        echo=None if uns else lambda doc: print(_describe(doc), flush=True))
     await receiver.start()
     token_file = data_dir / "agent" / "reason-token"
     token_file.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +283,9 @@ async def _demo(duration: float, data_dir: Path) -> int:
         text = (text.replace("\nmachines:\n", "\n" + MQTT_SOURCE_YAML.replace(
             "{mqtt_url}", sealer.url) + "machines:\n", 1)
             .replace("\nsinks:\n", "\n" + MQTT_MACHINE_YAML + "sinks:\n", 1))
+    if uns is not None and sealer is not None:  # the UNS on the local broker instead
+        text = text[:text.index("\nsinks:\n") + 1] + UNS_SINK_YAML.replace(
+            "{mqtt_url}", sealer.url) + text[text.index("\nbuffer:") + 1:]
     config = load_config_text(text, "<demo plant>")
     plant_cfg = config.sources["plant-sim"]
     assert isinstance(plant_cfg, ModbusSourceConfig)
@@ -291,8 +304,11 @@ async def _demo(duration: float, data_dir: Path) -> int:
         print(f"demo: MQTT broker (Mosquitto) at {sealer.url} with machine sealer-5" if sealer
               else "demo: no mosquitto binary, so no MQTT machine (apt-get install mosquitto "
               "to add sealer-5)", flush=True)
-        print(f"demo: running for {duration:g}s; events appear as the receiver gets them\n",
-              flush=True)
+        if uns is not None:
+            print("demo: events go to the Unified Namespace on that broker (sink 'uns', topics "
+                  "demo-plant/<line>/<machine>/events/<type>, retained .../state)", flush=True)
+        print(f"demo: running for {duration:g}s; events appear as "
+              f"{'the UNS watcher sees' if uns else 'the receiver gets'} them\n", flush=True)
 
     async def script() -> None:
         plant_task = asyncio.create_task(plant.run(stop_plant))
@@ -325,7 +341,9 @@ async def _demo(duration: float, data_dir: Path) -> int:
     finally:
         stop_agent.set()
         await script_task
-        summary["delivered"] = receiver.stats()["received"]
+        summary["delivered"] = uns.received() if uns else receiver.stats()["received"]
+        if uns is not None:
+            uns.close()
         await receiver.aclose()
         await sim.stop()
         await opcua.stop()
@@ -336,11 +354,11 @@ async def _demo(duration: float, data_dir: Path) -> int:
     return 0 if summary.get("delivered", 0) > 0 and summary.get("pending", 1) == 0 else 1
 
 
-def run_demo(duration: float, keep: Path | None = None) -> int:
+def run_demo(duration: float, keep: Path | None = None, sink: str = "http") -> int:
     data_dir = keep or Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_async(lambda: _demo(duration, data_dir))
+        return run_async(lambda: _demo(duration, data_dir, sink))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -153,8 +153,12 @@ class HealthServer:
         from agent.status_page import render_page
 
         html = render_page(await status_document(self._runtime))
-        return Response(200, html.encode("utf-8"), {"Cache-Control": "no-store"},
-                        "text/html; charset=utf-8")
+        # Every value is escaped; the policy is the second line: no script runs, nothing is
+        # fetched, the page cannot be framed (it has no script and only inline style).
+        return Response(200, html.encode("utf-8"), {
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                       "frame-ancestors 'none'"}, "text/html; charset=utf-8")
 
     async def start(self) -> int:
         self.port = await self._server.start()

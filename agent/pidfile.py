@@ -5,8 +5,10 @@ clock ticks since boot from ``/proc/<pid>/stat``, agent id, written at) atomical
 and removes it on stop if it is still its own. ``edge-agent reload`` reads it from the data
 directory named in the configuration and signals the pid only when every check holds:
 
-- the file is a regular file owned by the same user as the process it names (or by root);
-- that process exists and started at the recorded time (a pid reused after a crash differs);
+- the file is a regular file (not a symlink) owned by the same user as the process it names
+  (or by root);
+- that process exists and started at the recorded time (a pid reused after a crash differs;
+  a file without a start time is refused where ``/proc`` can tell it);
 - the agent id in the file is the one in the configuration.
 
 Why not the pid from ``/status``: the health port may be published from a container (pid 1 in
@@ -56,8 +58,14 @@ def write_pidfile(data_dir: Path, agent_id: str) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     doc = {"pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()), "agent_id": agent_id,
            "written_at": format_time(utcnow())}
-    tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-    os.chmod(tmp, 0o644)
+    # A fresh file, never through a link someone else left at the temporary name (the agent
+    # may run as root); the rename then replaces whatever is at ``path`` without following it.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(json.dumps(doc) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -69,9 +77,9 @@ def remove_pidfile(path: Path) -> None:
             path.unlink()
 
 
-def check_pidfile(data_dir: Path, agent_id: str | None) -> AgentProcess:
-    """The agent process named by the pid file in ``data_dir``, after every check."""
-    path = data_dir / PID_FILE
+def check_pidfile(path: Path, agent_id: str | None) -> AgentProcess:
+    """The agent process named by the pid file ``path`` (usually ``<data_dir>/PID_FILE``),
+    after every check."""
     try:
         st = path.lstat()
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -80,8 +88,11 @@ def check_pidfile(data_dir: Path, agent_id: str | None) -> AgentProcess:
                            "configuration (agent.data_dir)?") from None
     except (OSError, ValueError) as exc:
         raise PidFileError(f"cannot read the pid file {path}: {exc}") from None
-    pid, ticks = doc.get("pid") if isinstance(doc, dict) else None, doc.get("start_ticks")
-    if not path.is_file() or path.is_symlink() or not isinstance(pid, int) or pid <= 0:
+    if not isinstance(doc, dict):
+        doc = {}
+    pid, ticks = doc.get("pid"), doc.get("start_ticks")
+    if (not path.is_file() or path.is_symlink() or not isinstance(pid, int)
+            or isinstance(pid, bool) or pid <= 0):
         raise PidFileError(f"{path} is not a pid file written by the agent")
     try:
         proc_uid = Path(f"/proc/{pid}").stat().st_uid
@@ -93,9 +104,10 @@ def check_pidfile(data_dir: Path, agent_id: str | None) -> AgentProcess:
     if st.st_uid not in (proc_uid, 0):
         raise PidFileError(f"{path} is owned by uid {st.st_uid}, but pid {pid} runs as uid "
                            f"{proc_uid}: not trusted")
-    if ticks is not None and _start_ticks(pid) != ticks:
+    actual = _start_ticks(pid)
+    if actual is not None and (not isinstance(ticks, int) or actual != ticks):
         raise PidFileError(f"pid {pid} is not the agent that wrote {path} (it started at "
-                           "another time: the pid was reused)")
+                           "another time than the file records: the pid was reused)")
     found = str(doc.get("agent_id"))
     if agent_id is not None and found != agent_id:
         raise PidFileError(f"{path} belongs to agent {found!r}, not {agent_id!r}")

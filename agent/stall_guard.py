@@ -7,15 +7,19 @@ the runtime's ticker) from a plain thread and, only while the heartbeat is older
 ``stall_after``, accepts connections on the same listening socket itself and answers::
 
     /healthz, /readyz   503 {"status": "stalled", "tick_age_s": ...}
+    /                   503, a short HTML page that refreshes itself (a status page on a wall
+                        screen comes back by itself once the loop turns again)
     anything else       503 {"error": "event loop stalled", "tick_age_s": ...}
-                        (GET and HEAD, and POST for reason entry; other methods 405)
+                        (any method: a POST of a reason may be retried, it is not refused)
 
 States::
 
     watching --heartbeat older than stall_after--> answering --heartbeat fresh--> watching
         \\--stop()--> stopped <--stop()--/
 
-While watching it never touches the socket, so the loop's server serves every request. The
+While watching it never touches the socket, so the loop's server serves every request, and it
+sleeps until the heartbeat could first be stale (about once per ``stall_after`` while the loop
+ticks, not at a fixed rate); while answering it polls the socket every 0.1 s. The
 socket is shared (a duplicate descriptor of the same listening socket, which is non-blocking):
 the thread waits with ``select`` and an ``accept`` the loop won is simply a
 ``BlockingIOError``. A connection accepted just as the loop recovers still gets a correct
@@ -54,6 +58,7 @@ class StallGuard:
         self._thread = threading.Thread(target=self._run, name="health-stall-guard",
                                         daemon=True)
         self.answered = 0  # requests this thread answered (tests, logs)
+        self.wakeups = 0  # times the thread looked at the heartbeat (tests: it stays cheap)
 
     def start(self) -> None:
         self._thread.start()
@@ -69,12 +74,14 @@ class StallGuard:
     def _run(self) -> None:
         stalled = False
         while not self._stop.is_set():
+            self.wakeups += 1
             age = self._age()
             if age <= self._stall_after:
                 if stalled:
                     log.info("event loop turns again; the health endpoint answers normally")
                 stalled = False
-                self._stop.wait(_POLL)
+                # Nothing can be stale before the heartbeat is stall_after old: sleep till then.
+                self._stop.wait(max(_POLL, self._stall_after - age + 0.01))
                 continue
             if not stalled:
                 log.error("event loop stalled for %.1fs; /healthz answers 503 from a watchdog "
@@ -110,24 +117,31 @@ class StallGuard:
         age = round(exact, 1)
         doc: dict[str, object]
         method = parts[0] if len(parts) == 3 else b""
-        if method not in (b"GET", b"HEAD") and not (method == b"POST"
-                                                    and path.startswith("/machines/")):
-            # (A reason entry POST gets the 503 below: the operator's terminal should say
-            # "try again", not that the command was wrong.)
-            status, doc = 405, {"error": "method not allowed"}
-        elif exact <= self._stall_after and path == "/healthz":
+        if exact <= self._stall_after and path == "/healthz" and method in (b"GET", b"HEAD"):
             status, doc = 200, {"status": "ok"}
         elif path in ("/healthz", "/readyz"):
             status, doc = 503, {"status": "stalled", "tick_age_s": age}
         else:
             status, doc = 503, {"error": "event loop stalled", "tick_age_s": age}
-        body = json.dumps(doc).encode()
-        reason = {200: "OK", 405: "Method Not Allowed"}.get(status, "Service Unavailable")
+        body, kind = json.dumps(doc).encode(), "application/json"
+        if path == "/" and status == 503:
+            body, kind = _page(age), "text/html; charset=utf-8"
+        reason = "OK" if status == 200 else "Service Unavailable"
         head_only = method == b"HEAD"
-        response = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        response = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
                     "Cache-Control: no-store\r\n\r\n").encode() + (b"" if head_only else body)
         with contextlib.suppress(OSError):
             conn.sendall(response)
         self.answered += 1
 
+
+
+def _page(age: float) -> bytes:
+    """The status page's stand-in while the loop is stalled: it keeps refreshing, so the real
+    page comes back by itself."""
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+            '<meta http-equiv="refresh" content="5"><title>edge agent: stalled</title></head>'
+            f"<body><h1>Edge agent: event loop stalled for {age:.0f}s</h1>"
+            "<p>The agent does not answer; this page tries again every 5 seconds.</p>"
+            "</body></html>").encode()

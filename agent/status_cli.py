@@ -26,6 +26,9 @@ from typing import Any
 
 import httpx
 
+from agent.cli_conventions import printable
+from config.errors import ConfigError, ConfigIssue
+
 __all__ = ["DEFAULT_URL", "format_status", "health_url", "reload_main", "status_main"]
 
 DEFAULT_URL = "http://127.0.0.1:9780"
@@ -35,14 +38,22 @@ EXIT_OK, EXIT_NOT_READY, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 def _loose(config: Path | None) -> dict[str, Any]:
     """The file's YAML without validating it (the shell running the command usually cannot
-    read the service's secrets); {} when unreadable."""
-    if config is None:
+    read the service's secrets); {} when it is not YAML. A file that cannot be read at all is
+    a ConfigError: the defaults would send the command to another agent's address, or to
+    another data directory's pid file, without a word."""
+    if config is None or str(config) == "-":
         return {}
     from ruamel.yaml import YAML
 
     try:
-        doc = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
-    except Exception:  # unreadable or odd file: the defaults apply
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([ConfigIssue("", f"cannot read the configuration file: {why}",
+                                       file=str(config))]) from None
+    try:
+        doc = YAML(typ="safe").load(text)
+    except Exception:  # not YAML the loose reading understands: the defaults apply
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -69,6 +80,12 @@ def _get_status(base: str) -> dict[str, Any]:
 def status_main(base: str, as_json: bool) -> int:
     try:
         doc = _get_status(base)
+    except httpx.HTTPStatusError as exc:
+        # Something answers: a stalled agent's watchdog (503) is there but not serving.
+        code = exc.response.status_code
+        print(f"edge-agent status: the agent at {base} answers HTTP {code}: "
+              f"{printable(exc.response.text[:200])}", file=sys.stderr)
+        return EXIT_NOT_READY if code == 503 else EXIT_UNREACHABLE
     except (httpx.HTTPError, ValueError) as exc:
         print(f"edge-agent status: no agent answers at {base} ({type(exc).__name__}: {exc})",
               file=sys.stderr)
@@ -102,11 +119,13 @@ def _size(n: Any) -> str:
 def _episode(ep: Any) -> str:
     if not isinstance(ep, dict):
         return ""
-    reason = f" reason {ep['reason_code']}" if ep.get("reason_code") else ""
-    return f"{ep.get('category')} since {ep.get('started_at')}{reason}"
+    from agent.status_page import reason_label
+
+    return f"{ep.get('category')} since {ep.get('started_at')}, {reason_label(ep)}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -144,15 +163,16 @@ def format_status(doc: dict[str, Any]) -> str:
         for n, m in (doc.get("machines") or {}).items()])
     lines += ["", "SINKS"]
     bsinks = buf.get("sinks") or {}
-    lines += _table(["id", "state", "pending", "leased", "oldest", "dead letters", "delivered",
-                     "last error"], [
-        [n, str(s.get("state")), str(bsinks.get(n, {}).get("pending", "-")),
+    lines += _table(["id", "type", "state", "pending", "leased", "oldest", "dead letters",
+                     "delivered", "last error"], [
+        [n, str(s.get("type") or "-"), str(s.get("state")),
+         str(bsinks.get(n, {}).get("pending", "-")),
          str(bsinks.get(n, {}).get("leased", "-")),
          _age(bsinks.get(n, {}).get("oldest_pending_age_s")),
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
          _sink_error(s, doc.get("time"))[:70]]
         for n, s in (doc.get("sinks") or {}).items()])
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _sink_error(s: dict[str, Any], now_text: Any) -> str:
@@ -175,21 +195,22 @@ def _sink_error(s: dict[str, Any], now_text: Any) -> str:
 
 def reload_main(base: str, config: Path | None, pid_file: Path | None = None,
                 timeout: float = 30.0) -> int:
-    from agent.pidfile import PidFileError, check_pidfile
+    from agent.pidfile import PID_FILE, PidFileError, check_pidfile
 
     doc = _loose(config)
     agent = doc.get("agent") or {}
     if pid_file is not None:
-        data_dir, expected = pid_file.parent, None
+        path, expected = pid_file, None
     elif config is not None:
-        data_dir = Path(str(agent.get("data_dir") or DEFAULT_DATA_DIR))
+        # Relative to the file's directory, as the agent itself reads it (agent/wiring/load.py).
+        path = config.parent / str(agent.get("data_dir") or DEFAULT_DATA_DIR) / PID_FILE
         expected = str(agent["id"]) if agent.get("id") is not None else None
     else:
         print("edge-agent reload: name the agent's configuration with --config (its "
               "agent.data_dir holds the pid file) or give --pid-file", file=sys.stderr)
         return EXIT_INVALID
     try:
-        proc = check_pidfile(data_dir, expected)
+        proc = check_pidfile(path, expected)
     except PidFileError as exc:
         print(f"edge-agent reload: {exc}; nothing signalled", file=sys.stderr)
         return EXIT_INVALID

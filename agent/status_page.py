@@ -20,7 +20,7 @@ from typing import Any
 from agent.detect.history import SHIFT_SECONDS
 from config.model import parse_time, utcnow
 
-__all__ = ["REFRESH_SECONDS", "STATE_COLOURS", "render_page"]
+__all__ = ["REFRESH_SECONDS", "STATE_COLOURS", "reason_label", "render_page"]
 
 REFRESH_SECONDS = 5
 STATE_COLOURS = {"running": "#2e7d32", "idle": "#f9a825", "down": "#c62828",
@@ -77,7 +77,9 @@ def render_page(doc: dict[str, Any], now: datetime | None = None) -> str:
     parts += [_tile(mid, m, now) for mid, m in machines.items()]
     parts.append("</div>")
     hours = SHIFT_SECONDS / 3600
-    parts.append(f"<h2>Downtime, last {hours:g} hours</h2><div class=timeline id=timeline>")
+    # Every time on the page is the agent's UTC (as in /status): the axis says so.
+    parts.append(f"<h2>Downtime, last {hours:g} hours (UTC)</h2>"
+                 "<div class=timeline id=timeline>")
     parts += [_timeline(mid, m, now) for mid, m in machines.items()]
     marks = [(now - timedelta(seconds=SHIFT_SECONDS * (1 - i / 4))).strftime("%H:%M")
              for i in range(5)]
@@ -99,10 +101,9 @@ def _tile(mid: str, m: dict[str, Any], now: datetime) -> str:
     ep = m.get("open_downtime")
     if isinstance(ep, dict):
         start = _time(ep.get("started_at"))
-        reason = ep.get("reason_code")
         lines.append(f"<p class=downtime>open {_e(ep.get('category'))} downtime "
-                     f"{_e(_age((now - start).total_seconds()) if start else '')}"
-                     f"{', reason ' + _e(reason) if reason else ', no reason yet'}</p>")
+                     f"{_e(_age((now - start).total_seconds()) if start else '')}, "
+                     f"{_e(reason_label(ep))}</p>")
     if m.get("order_id"):
         lines.append(f"<p>order {_e(m['order_id'])}</p>")
     last = m.get("last_event")
@@ -128,8 +129,8 @@ def _timeline(mid: str, m: dict[str, Any], now: datetime) -> str:
         x = max(0.0, (a - start).total_seconds()) / SHIFT_SECONDS * 1000
         w = max(2.0, (b - max(a, start)).total_seconds() / SHIFT_SECONDS * 1000)
         colour = _CATEGORY_COLOURS.get(str(e.get("category")), STATE_COLOURS["unknown"])
-        tip = (f"{e.get('category')} {e.get('started_at')} - {e.get('ended_at') or 'now'}"
-               f"{' reason ' + str(e['reason_code']) if e.get('reason_code') else ''}")
+        tip = (f"{e.get('category')} {e.get('started_at')} - {e.get('ended_at') or 'now'}, "
+               f"{reason_label(e)}")
         rects.append(f'<rect class=episode x="{x:.1f}" y="0" width="{w:.1f}" height="10" '
                      f'fill="{colour}"><title>{_e(tip)}</title></rect>')
     return (f'<div class=row data-machine="{_e(mid)}" data-episodes="{len(rects)}">'
@@ -172,6 +173,14 @@ def _sinks(doc: dict[str, Any]) -> str:
     return ("<h2>Sinks</h2><table id=sinks><tr><th>sink</th><th>state</th><th>pending</th>"
             "<th>leased</th><th>dead letters</th><th>oldest pending</th><th>delivered</th>"
             "<th>problem</th></tr>" + "".join(rows) + "</table>")
+
+
+def reason_label(ep: dict[str, Any]) -> str:
+    """'reason 7 (Bottle jam)', 'reason 7' or 'no reason yet' for an episode of /status."""
+    code, text = ep.get("reason_code"), ep.get("reason")
+    if not code:
+        return "no reason yet"
+    return f"reason {code}" + (f" ({text})" if text and text != code else "")
 
 
 def _e(value: Any) -> str:

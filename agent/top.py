@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import select
 import shutil
 import sys
@@ -30,6 +31,9 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, TextIO
+
+from agent.cli_conventions import printable
+from agent.status_page import reason_label
 
 __all__ = ["add_parser", "render", "run"]
 
@@ -75,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         if args.once or args.json or not out.isatty():
             try:
                 doc = _fetch(client, base)
+            except httpx.HTTPStatusError as exc:
+                print(f"edge-agent top: the agent at {base} answers HTTP "
+                      f"{exc.response.status_code}: {printable(exc.response.text[:200])}",
+                      file=sys.stderr)
+                return EXIT_UNREACHABLE
             except (httpx.HTTPError, ValueError) as exc:
                 print(f"edge-agent top: no agent answers at {base} ({exc})", file=sys.stderr)
                 return EXIT_UNREACHABLE
@@ -104,6 +113,11 @@ def _live(client: Any, base: str, out: TextIO, colour: bool, interval: float) ->
         while True:
             try:
                 doc = _fetch(client, base)
+            except httpx.HTTPStatusError as exc:
+                lines = [f"edge-agent top: the agent at {base} answers HTTP "
+                         f"{exc.response.status_code}",
+                         f"  {printable(exc.response.text[:200])}",
+                         "  retrying every second; q or Ctrl-C quits"]
             except (httpx.HTTPError, ValueError) as exc:
                 lines = [f"edge-agent top: no agent answers at {base}", f"  {exc}",
                          "  retrying every second; q or Ctrl-C quits"]
@@ -116,8 +130,10 @@ def _live(client: Any, base: str, out: TextIO, colour: bool, interval: float) ->
                              for n, v in delivered.items()}
                 previous = (now, delivered)
                 lines = render(doc, rates, colour=colour)
-            height = shutil.get_terminal_size().lines
-            frame = "".join(f"{line}\x1b[K\r\n" for line in lines[:max(1, height - 1)])
+            width, height = shutil.get_terminal_size()
+            # Clipped to the width: a wrapped line would push the frame off the screen.
+            frame = "".join(f"{_clip(line, width)}\x1b[K\r\n"
+                            for line in lines[:max(1, height - 1)])
             out.write("\x1b[H" + frame + "\x1b[J")
             out.flush()
             if _wait_for_quit(interval):
@@ -184,11 +200,12 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         return _age((now - t).total_seconds()) if t else "-"
 
     ready = "READY" if doc.get("ready") else "NOT READY"
-    head = (f"edge-agent {doc.get('agent_id')} @ {doc.get('site')}  "
+    head = (f"edge-agent {printable(doc.get('agent_id'))} @ {printable(doc.get('site'))}  "
             f"{_paint(ready, '32' if doc.get('ready') else '31', colour)}  "
-            f"up {_age(doc.get('uptime_s'))}  v{doc.get('version')}  {doc.get('time') or ''}")
+            f"up {_age(doc.get('uptime_s'))}  v{printable(doc.get('version'))}  "
+            f"{printable(doc.get('time') or '')}")
     lines = [head]
-    lines += [f"  ! {r}" for r in doc.get("readiness_reasons") or []]
+    lines += [f"  ! {printable(r)}" for r in doc.get("readiness_reasons") or []]
 
     machines = doc.get("machines") or {}
     rows = []
@@ -197,7 +214,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         open_dt = ""
         if isinstance(ep, dict):
             open_dt = f"{ep.get('category')} {since(ep.get('started_at'))}"
-            open_dt += f" reason {ep['reason_code']}" if ep.get("reason_code") else " no reason"
+            open_dt += " " + reason_label(ep)
         last = m.get("last_event")
         last_s = f"{last.get('type')} {since(last.get('time'))} ago" \
             if isinstance(last, dict) else "-"
@@ -232,6 +249,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
 
 def _table(headers: list[str], rows: list[list[str]], colour: bool,
            palette: dict[str, str], state_col: int = 1) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in rows:
@@ -240,6 +258,25 @@ def _table(headers: list[str], rows: list[list[str]], colour: bool,
                                   colour)
         out.append("  ".join(cells).rstrip())
     return out
+
+
+_SGR = re.compile(r"(\x1b\[[0-9;]*m)")
+
+
+def _clip(line: str, width: int) -> str:
+    """``line`` cut to ``width`` visible characters (colour codes do not count)."""
+    out: list[str] = []
+    left = width
+    for part in _SGR.split(line):
+        if part.startswith("\x1b["):
+            out.append(part)
+        elif len(part) <= left:
+            out.append(part)
+            left -= len(part)
+        else:
+            out.append(part[:left])
+            left = 0
+    return "".join(out) + ("\x1b[0m" if left == 0 and "\x1b[" in line else "")
 
 
 def _paint(text: str, code: str, colour: bool) -> str:

@@ -123,6 +123,9 @@ class Drops:
     """Events dropped by the capacity policy since the last ``take_drops()``."""
 
     by_type: dict[str, int] = field(default_factory=dict)
+    # Delivery rows lost per sink and event type: which sink lost what (a sink that had
+    # already delivered an event lost nothing when it was dropped).
+    by_sink: dict[str, dict[str, int]] = field(default_factory=dict)
     first_at: str | None = None
     last_at: str | None = None
 

@@ -92,10 +92,13 @@ from buffer.capacity import (
     IN_JSON,
     KNOWN_SINKS,
     append_or_reject,
+    drop_keys,
     drop_oldest,
     json_list,
     live_bytes,
+    make_room_for_share,
     page_stats,
+    split_drops,
     unrecord_drops,
 )
 from buffer.config import WhenFull
@@ -392,19 +395,28 @@ class SqliteBuffer(Buffer):
         now = format_time(utcnow())
         with self._write("appending events") as conn:
             if reported is not None:
-                unrecord_drops(conn, reported.by_type)
+                unrecord_drops(conn, drop_keys(reported.by_type, reported.by_sink))
             before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
             live_before = live_bytes(conn)
             if self.when_full is WhenFull.REJECT_NEW:
+                share = self._fair_share()
+                freed = make_room_for_share(conn, events, max_size=self.max_size, now=now,
+                                            usage=share.get("usage"),
+                                            total=share.get("events", 0))
+                self._delta_events -= freed.events
+                self._delta.subtract(freed.rows)
+                live_before = live_bytes(conn) if freed.events else live_before
                 stored, rejected = append_or_reject(
                     conn, events, lambda batch: self._insert(conn, batch, before, now),
-                    max_size=self.max_size, before=before, live_before=live_before, now=now)
+                    max_size=self.max_size, before=before, live_before=live_before, now=now,
+                    sinks=self._sinks)
                 self._count_new(stored)
             else:
                 inserted = self._insert(conn, events, before, now)
                 self._count_new(inserted)
                 dropped = drop_oldest(conn, max_size=self.max_size, before=before,
-                                      inserted=inserted, live_before=live_before, now=now)
+                                      inserted=inserted, live_before=live_before, now=now,
+                                      **self._fair_share())
                 self._delta_events -= dropped.events
                 self._delta.subtract(dropped.rows)
                 stored, rejected = inserted - dropped.new, 0
@@ -452,6 +464,15 @@ class SqliteBuffer(Buffer):
             rows = conn.execute("SELECT type, count, first_at, last_at FROM drops").fetchall()
             conn.execute("DELETE FROM drops")
         return _drops_of(rows)
+
+    def _fair_share(self) -> dict[str, Any]:
+        """Rows held per sink and events, as of this transaction (see capacity.py)."""
+        if self._counts is None or len(self._sinks) < 2:
+            return {}
+        now = self._counts + self._delta
+        usage = {sink: sum(now[(sink, st)] for st in ("pending", "leased", "dead"))
+                 for sink in self._sinks}
+        return {"usage": usage, "events": self._events + self._delta_events}
 
     # ------------------------------------------------------------------ lease / settle
 
@@ -631,5 +652,6 @@ class SqliteBuffer(Buffer):
 def _drops_of(rows: Sequence[tuple[Any, ...]]) -> Drops:
     if not rows:
         return Drops()
-    return Drops(by_type={str(t): int(c) for t, c, _, _ in rows},
-                 first_at=min(str(r[2]) for r in rows), last_at=max(str(r[3]) for r in rows))
+    by_type, by_sink = split_drops({str(t): int(c) for t, c, _, _ in rows})
+    return Drops(by_type=by_type, by_sink=by_sink, first_at=min(str(r[2]) for r in rows),
+                 last_at=max(str(r[3]) for r in rows))

@@ -77,7 +77,9 @@ class EventType(StrEnum):
 # anything else (a field removed, renamed, retyped, newly required) is a new major version in a
 # new file, and the old file stays. tests/contract/test_event_schemas.py holds the rule against
 # a frozen copy of the first release's schemas.
-DATA_SCHEMA_VERSION: dict[EventType, str] = {t: "1.0" for t in EventType}
+DATA_SCHEMA_VERSION: dict[EventType, str] = {t: "1.0" for t in EventType} | {
+    EventType.DATA_GAP: "1.1",  # 1.1: dropped_by_sink (issue 15)
+}
 
 
 def data_schema_uri(type_: str, version: str) -> str:

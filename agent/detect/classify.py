@@ -215,6 +215,12 @@ class Classifier:
     def _text(self, code: str | None, text: str | None) -> str | None:
         return self.rule.reasons.get(code or "") or text
 
+    def open_reason_text(self, ep: Episode) -> str | None:
+        """The open episode's reason as people read it: the configured name of its code, else
+        the text an operator gave with it."""
+        oc = self.open_classification
+        return self._text(ep.reason_code, oc[1] if oc else None)
+
     def classify_open(self, ep: Episode, code: str, text: str | None, by: str,
                       at: datetime) -> Classification:
         latest = self.open_classification

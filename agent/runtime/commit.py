@@ -246,7 +246,7 @@ class Committer:
             return
         sequence = self._agent_sequence + 1
         gap = self._data_gap_event(sequence, drops.by_type, drops.first_at, drops.last_at,
-                                   None)
+                                   None, drops.by_sink)
         detected_at = utcnow()
         row = NewEvent(id=gap.id, key=gap.key, type=gap.type.value, time=format_time(gap.time),
                        payload=gap.to_json(self._agent_id, detected_at))
@@ -293,10 +293,15 @@ class Committer:
         self._wakeup.set()
 
     def _data_gap_event(self, sequence: int, by_type: dict[str, int], first: str | None,
-                        last: str | None, reason: str | None) -> Event:
+                        last: str | None, reason: str | None,
+                        by_sink: dict[str, dict[str, int]] | None = None) -> Event:
+        """``by_sink``: which sink lost what (buffer drops); left out when every sink lost
+        the same (detections dropped before they reached the buffer)."""
         total = sum(by_type.values())
         reason = reason or f"buffer full ({self._when_full})"
-        log.error("%s: dropped %d event(s): %s", reason, total, by_type)
+        log.error("%s: dropped %d event(s): %s%s", reason, total, by_type,
+                  f"; lost per sink: {by_sink}" if by_sink else "")
+        extra = {"dropped_by_sink": by_sink} if by_sink else {}
         return Event(
             id=event_id(self.agent_source, EventType.DATA_GAP.value, first, last, total,
                         sequence),
@@ -304,7 +309,7 @@ class Committer:
             sequence=sequence,
             data={"agent": self._agent_id, "site": self._site,
                   "dropped": total, "dropped_by_type": by_type, "first_dropped_at": first,
-                  "last_dropped_at": last, "reason": reason})
+                  "last_dropped_at": last, "reason": reason, **extra})
 
 
 def _run_acks(acks: list[Callable[[], None]]) -> None:

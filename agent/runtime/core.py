@@ -92,7 +92,7 @@ class Runtime:
         self.delivery_metrics = DeliveryMetrics(self.registry)
         self.detection_figures = DetectionFigures(self.registry)
         self.components = Components(self.buffer, self._session_for,
-                                     self.delivery_metrics.instrument)
+                                     self.delivery_metrics.instrument, agent_id=config.agent.id)
         self.committer = Committer(
             self.buffer, lambda: self.components.detectors, agent_id=config.agent.id,
             site=config.agent.site, interval=config.buffer.commit_interval,
@@ -346,7 +346,8 @@ class Runtime:
                                  "oldest_pending_age_s": age_seconds(s.oldest_pending_time)}
                           for name, s in stats.sinks.items()},
             },
-            "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
+            "sinks": {name: {"type": getattr(self.config.sinks.get(name), "type", None),
+                             **fw.status()} for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
             # Recent time to detect (per machine) and to synchronise (per sink), in seconds.
             "latency": {"window": WINDOW,

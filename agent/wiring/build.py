@@ -11,6 +11,8 @@ from agent.detect.machine import MachineDetector
 from agent.sinks.base import Sink
 from agent.sinks.config import SinkConfig
 from agent.sinks.http import HttpSink
+from agent.sinks.mqtt import MqttSink
+from agent.sinks.nats import NatsSink
 from agent.wiring.schema import Config, SourceConfig
 from protocols.base import Source
 
@@ -40,10 +42,15 @@ def build_source(name: str, config: SourceConfig) -> Source:
     raise ValueError(f"source {name}: no implementation for type {config.type!r}")
 
 
-def build_sink(name: str, config: SinkConfig) -> Sink:
-    """A Sink for one validated sink config (no I/O until the first delivery)."""
+def build_sink(name: str, config: SinkConfig, agent_id: str = "edge-agent") -> Sink:
+    """A Sink for one validated sink config (no I/O until the first delivery). ``agent_id``
+    names the broker sinks' client (MQTT client id, NATS connection name)."""
     if config.type == "http":
         return HttpSink(name, config)
+    if config.type == "mqtt":
+        return MqttSink(name, config, agent_id=agent_id)
+    if config.type == "nats":
+        return NatsSink(name, config, agent_id=agent_id)
     raise ValueError(f"sink {name}: no implementation for type {config.type!r}")
 
 

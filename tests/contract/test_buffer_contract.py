@@ -543,3 +543,41 @@ def test_sqlite_behaves_like_the_reference(ops: list[tuple]) -> None:
             counted.close()
             for b in pair:
                 b.close()
+
+
+@pytest.mark.parametrize("when_full", ["drop_oldest", "reject_new"])
+def test_a_down_sink_loses_its_own_oldest_while_the_other_keeps_receiving(
+        make: Factory, when_full: str) -> None:
+    """Fair share: 'erp' is down and fills the buffer; 'mes' keeps delivering and loses
+    nothing (not even under reject_new), and the drops say that 'erp' lost what."""
+    b = make(max_size=200_000, when_full=when_full)
+    b.open(SINKS)
+    all_events = [ev(i, DOWN if i % 3 else SCRAP, size=1500) for i in range(400)]
+    got: list[str] = []
+    for start in range(0, 400, 20):
+        b.append(all_events[start:start + 20], {})
+        rows = b.lease("mes", 100)
+        got += [r.id for r in rows]
+        b.settle("mes", Settlement(accepted=[r.seq for r in rows]))
+    assert got == [e.id for e in all_events]  # everything, in order
+    erp_kept = ids(b.pending("erp"))
+    lost = [e for e in all_events if e.id not in set(erp_kept)]
+    assert lost, "the buffer never filled"
+    assert erp_kept == [e.id for e in all_events[len(lost):]]  # erp keeps its newest
+    drops = b.take_drops()
+    assert drops.by_sink == {"erp": dict(Counter(e.type for e in lost))}
+    assert drops.by_type == dict(Counter(e.type for e in lost))
+    assert b.stats().size_bytes <= 200_000
+
+
+def test_drops_attribute_rows_only_to_sinks_that_still_needed_them(make: Factory) -> None:
+    b = make(max_size=200_000, when_full="drop_oldest")
+    b.open(SINKS)
+    b.append([ev(i, size=1500) for i in range(40)], {})
+    early = b.lease("mes", 10)  # mes delivered e0..e9 before the buffer filled
+    b.settle("mes", Settlement(accepted=[r.seq for r in early]))
+    b.append([ev(i, size=1500) for i in range(40, 400)], {})  # nobody delivers any more
+    drops = b.take_drops()
+    dropped = drops.by_type[DOWN]
+    assert drops.by_sink["erp"] == {DOWN: dropped}
+    assert drops.by_sink["mes"] == {DOWN: dropped - 10}  # e0..e9 were no loss for mes

@@ -79,7 +79,7 @@ sinks: {{erp: {{type: http, url: "http://127.0.0.1:9/events"}}}}
 
 def test_validate_without_secrets_and_from_stdin() -> None:
     r = cli("validate", "-c", str(EXAMPLE))
-    assert r.returncode == 2 and "ERP_TOKEN" in r.stderr
+    assert r.returncode == 2 and "ERP_TOKEN" in r.stderr and "--no-secrets" in r.stderr
     r = cli("validate", "--no-secrets", "-c", str(EXAMPLE))
     assert r.returncode == 0, r.stderr
     assert "references not resolved" in r.stdout
@@ -87,6 +87,13 @@ def test_validate_without_secrets_and_from_stdin() -> None:
     bad = EXAMPLE.read_text().replace("stop_timeout:", "stop_timeuot:")
     r = cli("validate", "--no-secrets", "--config", "-", stdin=bad)
     assert r.returncode == 2 and "<stdin>:" in r.stderr and "stop_timeuot" in r.stderr
+    assert "--no-secrets" not in r.stderr  # the hint only where a secret was missing
+    # --json says "invalid" on stdout too, with every located issue.
+    r = cli("validate", "--no-secrets", "--json", "--config", "-", stdin=bad)
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    assert doc["valid"] is False and doc["issues"][0]["path"] == "agent.stop_timeuot"
+    assert doc["issues"][0]["line"] and doc["issues"][0]["message"].startswith("<stdin>:")
     r = cli("validate", "--json", "--config", "-", stdin=EXAMPLE.read_text(),
             env={"ERP_TOKEN": "t"})
     assert r.returncode == 0, r.stderr
@@ -158,3 +165,34 @@ def test_progress_only_on_a_terminal() -> None:
     assert "\rexported 1 of 3" in tty.getvalue().replace("\x1b[K", "")
     assert "exported 2 of 3" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
     assert pipe.getvalue() == ""
+
+
+def test_buffer_commands_need_no_secrets(tmp_path: Path) -> None:
+    """`buffer stats` on the edge box, from a shell that cannot read the service's token: the
+    buffer's path is all it needs from the configuration."""
+    from buffer.sqlite import SqliteBuffer
+
+    (tmp_path / "data").mkdir()
+    buf = SqliteBuffer(tmp_path / "data" / "buffer.db", 2**20)
+    buf.open(["erp"])
+    buf.close()
+    config = tmp_path / "c.yaml"
+    config.write_text(EXAMPLE.read_text().replace("data_dir: /var/lib/edge-agent",
+                                                  "data_dir: data"))
+    assert "data_dir: data" in config.read_text()
+    r = cli("buffer", "stats", "--json", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sinks"]["erp"]["pending"] == 0
+
+
+def test_a_config_that_cannot_be_read_is_bad_input_not_the_default_address(
+        tmp_path: Path) -> None:
+    """status/top/reload with a --config that is not there said "no agent answers at
+    http://127.0.0.1:9780" (exit 3): another address than the user meant, without a word."""
+    missing = str(tmp_path / "nope.yaml")
+    for args in (("status", "-c", missing), ("top", "--once", "-c", missing),
+                 ("reload", "-c", missing)):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert f"{missing}: cannot read the configuration file" in r.stderr
+        assert "127.0.0.1:9780" not in r.stderr

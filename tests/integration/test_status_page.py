@@ -9,8 +9,9 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
-from support import wait_until
+from support import ROOT, wait_until
 
 from agent.health import HealthServer
 from agent.receiver import Receiver
@@ -48,7 +49,7 @@ machines:
   press-2:
     line: l1
     state: {{tag: m2.state, map: {{1: running, 3: down}}}}
-    downtime: {{min_duration: 0s, reason_tag: m2.reason}}
+    downtime: {{min_duration: 0s, reason_tag: m2.reason, reasons: {{17: Die change}}}}
 sinks:
   central: {{type: http, url: "{sink_url}", timeout: 2s}}
 buffer: {{commit_interval: 10ms}}
@@ -94,12 +95,16 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         await wait_until(lambda: (rt.detectors["press-2"].episode or 0) and
                          rt.detectors["press-2"].episode.reason_code == "17", what="reason")
 
+        async with httpx.AsyncClient() as http:
+            policy = (await http.get(url)).headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy and "script-src" not in policy
+
         profile = tmp_path / "chromium-profile"
         dom = (await _chromium(f"--user-data-dir={profile}", "--dump-dom", url)).decode()
         tiles = dict(re.findall(r'<section class="tile \w+" data-machine="([^"]+)" '
                                 r'data-state="(\w+)"', dom))
         assert tiles == {"filler-1": "running", "press-2": "down"}
-        assert re.search(r'data-machine="press-2".*?reason 17', dom, re.S)
+        assert re.search(r'data-machine="press-2".*?reason 17 \(Die change\)', dom, re.S)
         rows = dict(re.findall(r'class="row" data-machine="([^"]+)" data-episodes="(\d+)"', dom))
         assert rows == {"filler-1": "1", "press-2": "1"}  # one closed, one open
         assert '<tr data-source="plc">' in dom and '<tr data-sink="central">' in dom
@@ -110,7 +115,11 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         await _chromium(f"--user-data-dir={profile}", "--window-size=1280,900",
                         "--hide-scrollbars", f"--screenshot={shot}", url)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-        print(f"status page screenshot: {shot}")
+        # Kept as a test artifact where CI can collect it (build/ is not versioned).
+        kept = ROOT / "build" / "test-artifacts" / "status-page.png"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, kept)
+        print(f"status page screenshot: {kept}")
     finally:
         await health.aclose()
         await rt.stop()
@@ -124,7 +133,8 @@ def test_page_escapes_values_and_draws_open_downtime() -> None:
            "machines": {"m<1>": {"state": "down", "since": "2026-01-01T11:00:00Z",
                                  "open_downtime": {"category": "unplanned",
                                                    "started_at": "2026-01-01T11:00:00Z",
-                                                   "reason_code": "<r>"},
+                                                   "reason_code": "<r>",
+                                                   "reason": "Bottle <jam>"},
                                  "recent_downtime": [
                                      {"category": "planned", "started_at": "2026-01-01T01:00:00Z",
                                       "ended_at": "2026-01-01T02:00:00Z"},  # before the shift
@@ -134,4 +144,5 @@ def test_page_escapes_values_and_draws_open_downtime() -> None:
     assert "<a&b>" not in page and "&lt;a&amp;b&gt;" in page
     assert 'data-machine="m&lt;1&gt;" data-state="down"' in page
     assert 'data-episodes="2"' in page  # the idle one and the open one; the 01:00 one is older
-    assert "for 60m" in page and "NOT READY" in page
+    assert "for 60m" in page and "NOT READY" in page and "last 8 hours (UTC)" in page
+    assert "reason &lt;r&gt; (Bottle &lt;jam&gt;)" in page  # the reason's name beside its code

@@ -54,7 +54,7 @@ machines:
   filler-1:
     line: l1
     state: {{tag: m.state, map: {{1: running, 3: down}}}}
-    downtime: {{min_duration: 0s, reason_tag: m.reason}}
+    downtime: {{min_duration: 0s, reason_tag: m.reason, reasons: {{42: Film break}}}}
 sinks:
   central: {{type: http, url: "{rx.url}", timeout: 2s}}
 buffer: {{commit_interval: 10ms}}
@@ -105,7 +105,8 @@ async def test_top_live_under_tmux(plant: Plant, tmp_path: Path) -> None:
         # Live: the machine stops with reason 42 and the same running top shows it.
         await plant.plc.set_value(REASON, 42)
         await plant.plc.set_value(STATE, 3)
-        screen = await wait_until(lambda: _has(pane(), "DOWN", "reason 42"), what="redraw")
+        screen = await wait_until(lambda: _has(pane(), "DOWN", "reason 42 (Film break)"),
+                                  what="redraw")
         assert "unplanned" in screen
         coloured = await pane(colour=True)
         assert "\x1b[31mDOWN" in coloured  # red, as the terminal received it

@@ -67,3 +67,47 @@ def test_every_row_in_each_format_and_purge_coverage(tmp_path: Path) -> None:
         assert coverage(letters, None) == ([], 1503)  # never exported: nothing covered
     finally:
         buf.close()
+
+
+def test_purge_coverage_refuses_a_replayed_letter_that_failed_again_and_a_clock_step(
+        tmp_path: Path) -> None:
+    """Each condition of the record has its own case: a dead letter replayed after the export
+    and dead again keeps its seq (only failed_at tells), and one that failed after the export
+    while the wall clock stepped back has an old failed_at (only its seq tells)."""
+    import sqlite3
+
+    buf = SqliteBuffer(tmp_path / "buffer.db", 2**30)
+    buf.open(["erp"])
+    try:
+        _dead(buf, 0, 5)
+        time.sleep(0.002)
+        at = now_text()
+        highest: dict[str, int] = {}
+        total, letters = buf.iter_dead_letters()
+        assert export_rows(tracked(letters, highest), io.StringIO(), "jsonl",
+                           Progress("x", total)) == 5
+        record = ExportRecord(at, None, highest, 5, None)
+        time.sleep(0.002)
+        assert buf.replay_dead_letters("erp", ["e0"]) == 1
+        buf.settle("erp", Settlement(dead={r.seq: (422, "again") for r in buf.lease("erp", 1)}))
+        _dead(buf, 5, 1)
+        with sqlite3.connect(buf.path) as conn:  # as if the clock had stepped back an hour
+            conn.execute("UPDATE deliveries SET failed_at = '2000-01-01T00:00:00.000Z' "
+                         "WHERE seq = ?", (highest["erp"] + 1,))
+        _, letters = buf.iter_dead_letters()
+        covered, missing = coverage(letters, record)
+        assert sorted(d.id for d in covered) == ["e1", "e2", "e3", "e4"] and missing == 2
+    finally:
+        buf.close()
+
+
+def test_the_record_is_never_written_through_a_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    buffer_path = tmp_path / "buffer.db"
+    tmp = buffer_path.with_name(buffer_path.name + ".export.json.tmp")
+    tmp.symlink_to(victim)
+    write_record(buffer_path, ExportRecord("2026-01-01T00:00:00.000Z", None, {"erp": 3}, 3, None))
+    assert victim.read_text() == "precious\n"
+    record = read_record(buffer_path)
+    assert record is not None and record.highest_seq == {"erp": 3}

@@ -50,7 +50,8 @@ def commented_keys(text: str) -> set[str]:
     """Keys of commented-out alternatives: '#   name: value' and '{name: ...}' on such lines."""
     keys: set[str] = set()
     for line in text.splitlines():
-        m = re.match(r"^\s*#\s*([a-z_][a-z0-9_]*):(\s|$)", line)
+        # The first key may be a tag id (saw.state: {unit_id: 3, ...}); its flow keys count.
+        m = re.match(r"^\s*#\s*([a-z_][a-z0-9_.-]*):(\s|$)", line)
         if m:
             keys.add(m.group(1))
             keys.update(re.findall(r"[{,]\s*([a-z_][a-z0-9_]*):", line))
@@ -112,3 +113,98 @@ def test_cli_config_example_and_schema() -> None:
     assert cli("config", "example") == EXAMPLE.read_text(encoding="utf-8")
     assert json.loads(cli("config", "schema")) == json_schema()
     assert json.loads(cli("config", "schema", "--draft", "7")) == json_schema("7")
+
+
+# ------------------------------------------------- every option where it applies, not just its name
+
+class _Coverage:
+    """Walks the example and the JSON Schema together: which (definition, option) pairs the
+    example sets, and the line spans of each definition's instances (for commented
+    alternatives). A name shared by several definitions (stale_after: machines and three
+    source types) must be shown for each of them, not once anywhere."""
+
+    def __init__(self, text: str) -> None:
+        self.schema = json_schema()
+        self.defs: dict[str, Any] = self.schema.get("$defs", {})
+        self.lines = text.splitlines()
+        self.seen: set[tuple[str, str]] = set()
+        self.spans: dict[str, list[tuple[int, int]]] = {}
+        self._walk(self.schema, "<root>", YAML().load(text), 0, len(self.lines), None)
+
+    def _resolve(self, node: Any, name: str) -> tuple[Any, str]:
+        while "$ref" in node:
+            name = node["$ref"].split("/")[-1]
+            node = self.defs[name]
+        return node, name
+
+    def _branches(self, node: Any, name: str, data: Any) -> list[Any]:
+        out = []
+        for key in ("anyOf", "oneOf", "allOf"):
+            for branch in node.get(key, []):
+                props = self._resolve(branch, name)[0].get("properties")
+                if isinstance(data, dict) and props is not None:
+                    kind = props.get("type") or {}
+                    const = kind.get("const") or (kind.get("enum") or [None])[0]
+                    if ("type" in data and const is not None and data["type"] != const) \
+                            or not set(data) <= set(props):
+                        continue
+                out.append(branch)
+        return out
+
+    def _walk(self, node: Any, name: str, data: Any, start: int, end: int,
+              parent: tuple[int, int] | None) -> None:
+        node, name = self._resolve(node, name)
+        for branch in self._branches(node, name, data):
+            self._walk(branch, name, data, start, end, parent)
+        if isinstance(data, list) and isinstance(node.get("items"), dict):
+            for item in data:
+                self._walk(node["items"], name, item, start, end, parent)
+        props, extra = node.get("properties"), node.get("additionalProperties")
+        if not isinstance(data, dict) or (props is None and not isinstance(extra, dict)):
+            return
+        here = parent
+        if props is not None:
+            # A commented alternative may sit in the instance or in the block around it.
+            self.spans.setdefault(name, []).extend([(start, end), *([parent] if parent else [])])
+            here = (start, end) if name != "<root>" else None
+        keys = list(data)
+        for i, key in enumerate(keys):
+            first = data.lc.key(key)[0]
+            last = data.lc.key(keys[i + 1])[0] if i + 1 < len(keys) else end
+            if props is None:
+                self._walk(extra, name, data[key], first, last, here)
+                continue
+            self.seen.add((name, key))
+            if key in props:
+                self._walk(props[key], name, data[key], first, last, here)
+
+    def missing(self) -> list[str]:
+        commented = [(i, key) for i, line in enumerate(self.lines)
+                     for key in sorted(commented_keys(line))]
+        anywhere = {key for _, key in commented}
+        out = []
+        for name, node in [*self.defs.items(), ("<root>", self.schema)]:
+            for option in node.get("properties") or {}:
+                if (name, option) in self.seen:
+                    continue
+                if name in self.spans:  # shown in (or around) one of its instances
+                    shown = any(a <= i < b and key == option for i, key in commented
+                                for a, b in self.spans[name])
+                else:  # only shown commented out (e.g. oauth2): its name anywhere
+                    shown = option in anywhere
+                if not shown:
+                    out.append(f"{name}.{option}")
+        return sorted(out)
+
+
+def test_example_shows_every_option_where_it_applies() -> None:
+    assert _Coverage(EXAMPLE.read_text(encoding="utf-8")).missing() == []
+
+
+def test_the_per_definition_check_finds_an_option_shown_only_elsewhere() -> None:
+    """stale_after of a machine is missing when only the sources show stale_after."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines(keepends=True)
+             if not line.startswith("    # stale_after: 30s          # state unknown")]
+    assert len(lines) == len(text.splitlines()) - 1
+    assert _Coverage("".join(lines)).missing() == ["MachineConfig.stale_after"]
