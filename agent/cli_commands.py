@@ -145,7 +145,9 @@ def probe(args: argparse.Namespace) -> int:
 
         _dump([{"source": r.source, "error": r.error, "tags": [
             {"tag": s.tag, "value": s.value, "quality": s.quality.value, "detail": s.detail,
-             "time": format_time(s.time)} for s in r.samples]} for r in results])
+             "time": format_time(s.time)} for s in r.samples],
+            # Protocol-specific lines (an RTU line: answers and frame errors per unit id).
+            "report": r.report} for r in results])
     else:
         print(format_results(results))
     return EXIT_UNREACHABLE if any(r.error for r in results) else EXIT_OK

@@ -10,7 +10,7 @@ the runtime's ticker) from a plain thread and, only while the heartbeat is older
     /                   503, a short HTML page that refreshes itself (a status page on a wall
                         screen comes back by itself once the loop turns again)
     anything else       503 {"error": "event loop stalled", "tick_age_s": ...}
-                        (any method: a POST of a reason may be retried, it is not refused)
+                        (GET and HEAD, and POST for reason entry; other methods 405)
 
 States::
 
@@ -117,7 +117,12 @@ class StallGuard:
         age = round(exact, 1)
         doc: dict[str, object]
         method = parts[0] if len(parts) == 3 else b""
-        if exact <= self._stall_after and path == "/healthz" and method in (b"GET", b"HEAD"):
+        if method not in (b"GET", b"HEAD") and not (method == b"POST"
+                                                    and path.startswith("/machines/")):
+            # A wrong method stays wrong while stalled; a reason entry POST gets the 503
+            # below: the operator's terminal should say "try again", not that it was wrong.
+            status, doc = 405, {"error": "method not allowed"}
+        elif exact <= self._stall_after and path == "/healthz":
             status, doc = 200, {"status": "ok"}
         elif path in ("/healthz", "/readyz"):
             status, doc = 503, {"status": "stalled", "tick_age_s": age}
@@ -126,7 +131,7 @@ class StallGuard:
         body, kind = json.dumps(doc).encode(), "application/json"
         if path == "/" and status == 503:
             body, kind = _page(age), "text/html; charset=utf-8"
-        reason = "OK" if status == 200 else "Service Unavailable"
+        reason = {200: "OK", 405: "Method Not Allowed"}.get(status, "Service Unavailable")
         head_only = method == b"HEAD"
         response = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
@@ -134,7 +139,6 @@ class StallGuard:
         with contextlib.suppress(OSError):
             conn.sendall(response)
         self.answered += 1
-
 
 
 def _page(age: float) -> bytes:

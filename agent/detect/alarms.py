@@ -3,8 +3,8 @@
 Pure: ``apply(sample value)`` updates the set, ``reason()`` answers from it. The samples are
 JSON texts made by the OPC UA source (``protocols/opcua/alarms.py``)::
 
-    {"kind": "alarm", "condition", "source", "source_node", "event_type", "active",
-     "message", "severity"}                     one activation or clearing
+    {"kind": "alarm", "condition", "source", "source_node", "source_nsu", "event_type",
+     "active", "message", "severity"}           one activation or clearing
     {"kind": "active", "alarms": [...]}         after a (re)connect: the whole active set,
                                                  which replaces what was known
 
@@ -35,6 +35,10 @@ class AlarmReasonChoice:
     category: str | None
 
 
+# How an alarm's source may be named: SourceName, SourceNode as ns=<index>;.. or nsu=<uri>;..
+_SOURCE_FIELDS = ("source", "source_node", "source_nsu")
+
+
 def _key(alarm: dict[str, Any]) -> str:
     return f"{alarm.get('source_node') or alarm.get('source')}|{alarm.get('condition')}"
 
@@ -51,7 +55,7 @@ class ActiveAlarms:
     def _mine(self, alarm: dict[str, Any]) -> bool:
         if not self._sources:
             return True
-        return alarm.get("source") in self._sources or alarm.get("source_node") in self._sources
+        return any(alarm.get(f) in self._sources for f in _SOURCE_FIELDS)
 
     def apply(self, value: object) -> bool:
         """Apply one sample value; False if it is not an alarm sample (nothing changes)."""
@@ -117,7 +121,6 @@ class ActiveAlarms:
 def _matches(rule: AlarmReason, alarm: dict[str, Any]) -> bool:
     if rule.condition is not None and rule.condition != alarm.get("condition"):
         return False
-    if rule.source is not None and rule.source not in (alarm.get("source"),
-                                                       alarm.get("source_node")):
+    if rule.source is not None and rule.source not in (alarm.get(f) for f in _SOURCE_FIELDS):
         return False
     return rule.event_type is None or rule.event_type == alarm.get("event_type")

@@ -103,8 +103,9 @@ class AlarmsRule(Strict):
     tag: str = Field(description="An OPC UA tag of kind: alarms (the alarm events of a "
                      "notifier).")
     sources: list[str] = Field(default_factory=list, description="Only alarms whose "
-                               "SourceName or SourceNode is one of these belong to this "
-                               "machine (default: every alarm of the tag).")
+                               "SourceName or SourceNode (as 'ns=2;s=..' or 'nsu=<uri>;s=..') "
+                               "is one of these belong to this machine (default: every alarm "
+                               "of the tag).")
     reasons: list[AlarmReason] = Field(default_factory=list, description="Alarm -> reason "
                                        "code rules, first match wins. An active alarm no rule "
                                        "matches gives its ConditionName as the code and its "

@@ -78,8 +78,15 @@ class Context:
             self._out.dirty = True
 
     def on_alarm(self, s: TagSample, ep: Episode | None) -> None:
-        """Apply a good sample of the alarm tag."""
+        """Apply a sample of the alarm tag."""
         assert self.alarms is not None
+        if not s.good:
+            # Unknown (a new session before its ConditionRefresh, a lost link): no alarm
+            # reason rather than a stale one.
+            if self.alarms.active:
+                self.alarms.active = {}
+                self._out.dirty = True
+            return
         if not self.alarms.apply(s.value):
             return
         self._out.dirty = True

@@ -181,7 +181,7 @@ class MachineDetector:
             self.scrap.on_order_change(s.time, ctx.order)  # its window closes early
         if s.tag == cfg.downtime.reason_tag and s.good:
             ctx.on_reason(s, self.downtime.episode)
-        if ctx.alarms is not None and s.tag == ctx.alarms.tag and s.good:
+        if ctx.alarms is not None and s.tag == ctx.alarms.tag:
             ctx.on_alarm(s, self.downtime.episode)
         if s.tag == cfg.state.tag:
             self._on_state_sample(s)

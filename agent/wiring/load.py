@@ -225,6 +225,7 @@ class _Load:
                         self._add(path, f"tag '{tag}' is defined by both source '{first}' and "
                                   f"source '{sid}'; a tag id must be unique across sources",
                                   self._mark(path))
+            self._one_source_per_rtu_line(sources)
         machines = data.get("machines")
         if not isinstance(machines, dict):
             return
@@ -240,11 +241,48 @@ class _Load:
                 hint = suggest(tag, list(defined))
                 self._add(path, f"machine '{mid}' uses tag '{tag}', which no source "
                           f"defines{hint}", self._mark(path))
+            alarms = machine.downtime.alarms
+            if alarms is not None and alarms.tag in defined and \
+                    not self._is_alarm_tag(sources, defined[alarms.tag], alarms.tag):
+                at = ("machines", mid, "downtime", "alarms", "tag")
+                self._add(at, f"machine '{mid}' takes reasons from the alarms of tag "
+                          f"'{alarms.tag}', which is not an OPC UA tag of kind: alarms "
+                          "(its values would never be alarm events)", self._mark(at))
         sinks = data.get("sinks", {})
         if machines and isinstance(sinks, dict) and not sinks:
             anchor = ("sinks",) if "sinks" in data else ("machines",)
             self._add(("sinks",), "no sinks configured: the machines' events would only "
                       "accumulate in the buffer; add one under 'sinks'", self._mark(anchor))
+
+    @staticmethod
+    def _is_alarm_tag(sources: Any, sid: str, tag: str) -> bool:
+        source = next((v for k, v in sources.items() if str(k) == sid), None) \
+            if isinstance(sources, dict) else None
+        tags = source.get("tags") if isinstance(source, dict) else None
+        tag_cfg = tags.get(tag) if isinstance(tags, dict) else None
+        return isinstance(tag_cfg, dict) and tag_cfg.get("kind") == "alarms"
+
+    def _one_source_per_rtu_line(self, sources: dict[Any, Any]) -> None:
+        """Two sources on one RTU line would poll it in parallel (the line serialises only
+        its own requests), and RTU answers carry no transaction id: they would collide."""
+        lines: dict[str, str] = {}  # serial device or gateway host:port -> source id
+        for sid, source in sources.items():
+            if not isinstance(source, dict) or source.get("type") != "modbus":
+                continue
+            transport, serial = source.get("transport"), source.get("serial")
+            path: KeyPath
+            if transport == "serial" and isinstance(serial, dict):
+                line, path = str(serial.get("device")), ("sources", sid, "serial", "device")
+            elif transport == "rtu-over-tcp" and source.get("host") is not None:
+                line = f"{source['host']}:{source.get('port', 502)}"
+                path = ("sources", sid, "host")
+            else:
+                continue
+            first = lines.setdefault(line, str(sid))
+            if first != str(sid):
+                self._add(path, f"sources '{first}' and '{sid}' both use the RTU line {line}: "
+                          "requests on one line must go one at a time, so put all devices of "
+                          "a line in one source (each tag names its unit_id)", self._mark(path))
 
     # ------------------------------------------------------------------ issues
 

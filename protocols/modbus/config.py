@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from config.base import Backoff, Strict
 from config.units import Duration, DurationOrZero
@@ -80,10 +80,19 @@ class ModbusSerialSettings(Strict):
                         "/dev/serial/by-id/usb-FTDI_...-port0 (stable across reboots).")
     baudrate: int = Field(9600, ge=300, le=4_000_000, description="Bits per second; every "
                           "device on the line must use the same.")
-    data_bits: Literal[7, 8] = Field(8, description="Data bits per character (RTU uses 8).")
+    data_bits: int = Field(8, description="Data bits per character: always 8 (RTU frames are "
+                           "binary; 7 data bits is Modbus ASCII, which the agent does not speak).")
     parity: Parity = Field(Parity.EVEN, description="Parity bit; the Modbus default is even. "
                            "Many devices are set to none (then usually with 2 stop bits).")
     stop_bits: Literal[1, 2] = Field(1, description="Stop bits per character.")
+
+    @field_validator("data_bits")
+    @classmethod
+    def _eight_bits(cls, v: int) -> int:
+        if v != 8:
+            raise ValueError(f"data_bits {v}: Modbus RTU needs 8 data bits (7 is Modbus ASCII, "
+                             "which is not supported)")
+        return v
 
     @property
     def char_time(self) -> float:
@@ -150,7 +159,9 @@ class ModbusSourceConfig(Strict):
     unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave/device) id; on an RTU "
                          "line the default for tags without their own unit_id.")
     poll_interval: Duration = Field(1.0, description="How often every tag is read.")
-    timeout: Duration = Field(1.0, description="Timeout of one read request (one attempt).")
+    timeout: Duration = Field(1.0, description="Timeout of one read request (one attempt); "
+                              "on a serial port the time the request and its answer take on "
+                              "the wire at the baud rate is added.")
     retries: int = Field(1, ge=0, le=5, description="RTU transports: further attempts of a "
                          "request that got no good answer before its device counts as silent "
                          "for this poll. A device silent in the last poll gets one attempt.")

@@ -44,6 +44,7 @@ from protocols.modbus.rtu import (
     READ_HOLDING,
     READ_INPUT,
     FrameFault,
+    expected_data_bytes,
     find_answer,
     read_request,
     unpack_bits,
@@ -140,10 +141,12 @@ class RtuLine:
             spec_gap = 0.00175 if config.serial.baudrate > 19200 \
                 else 3.5 * config.serial.char_time
             self._gap = max(config.request_gap, spec_gap)
+            self._char_time = config.serial.char_time
         else:
             assert config.host is not None
             self._stream = TcpStream(config.host, config.port, config.timeout)
             self._gap = config.request_gap
+            self._char_time = 0.0  # the gateway's serial timing is not ours to add
         self._quiet_since = 0.0
         # How long the line must stay silent before a frame counts as finished.
         self._quiet = max(_FLUSH_QUIET, self._gap)
@@ -217,7 +220,10 @@ class RtuLine:
         self._check_lost()
         s.rx.clear()
         s.write(request)
-        deadline = loop.time() + self._config.timeout
+        # The timeout is the device's time to answer; the request and the answer also take
+        # their time on the wire (at 1200 baud a 125-register answer takes 2.3 s).
+        wire = (len(request) + 5 + expected_data_bytes(function, count)) * self._char_time
+        deadline = loop.time() + self._config.timeout + wire
         echo: bytes | None = request
         try:
             while True:

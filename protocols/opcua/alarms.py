@@ -5,13 +5,17 @@ A tag with ``kind: alarms`` is an event monitored item on an event notifier (the
 through detection, replay and record like any other value::
 
     {"kind": "alarm", "condition": "DoorOpen", "source": "Filler", "source_node": "ns=1;s=..",
-     "event_type": "i=10637", "active": true, "message": "...", "severity": 500}
+     "source_nsu": "nsu=urn:..;s=..", "event_type": "i=10637", "active": true,
+     "message": "...", "severity": 500}
     {"kind": "active", "alarms": [ {...one per active alarm, same fields...} ]}
 
 The second form is a snapshot: after every (re)connect the source calls ConditionRefresh; the
 server answers with RefreshStart, the current state of every retained condition, RefreshEnd.
 What arrives in between is collected and emitted as one ``active`` sample at RefreshEnd, which
 *replaces* what detection believed (alarms cleared while the agent was away are gone).
+
+Condition branches (a server keeping an earlier activation until it is acknowledged) are
+ignored: only events with a null BranchId describe a condition's current state.
 
 Queue size: the event item's queue is ``queue_size`` (default 1000, never 0: a server may
 revise 0 to 1 and keep only the last event of a publishing interval). The where clause also
@@ -43,6 +47,7 @@ _SELECT = (
     ("Severity", _O.BaseEventType, ("Severity",)),
     ("ConditionName", _O.ConditionType, ("ConditionName",)),
     ("Retain", _O.ConditionType, ("Retain",)),
+    ("BranchId", _O.ConditionType, ("BranchId",)),
     ("ActiveState/Id", _O.AlarmConditionType, ("ActiveState", "Id")),
 )
 _PASS_TYPES = (_O.AlarmConditionType, _O.RefreshStartEventType, _O.RefreshEndEventType,
@@ -100,13 +105,26 @@ def _time(value: Any) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _fields(event: Any) -> dict[str, Any]:
+def _by_uri(node: Any, namespaces: list[str]) -> str | None:
+    """``nsu=<uri>;<identifier>`` for a node outside namespace 0 (the form tags use)."""
+    if not isinstance(node, ua.NodeId) or not 0 < node.NamespaceIndex < len(namespaces):
+        return None
+    text = node.to_string()
+    return f"nsu={namespaces[node.NamespaceIndex]};{text.split(';', 1)[1]}" \
+        if ";" in text else None
+
+
+def _fields(event: Any, namespaces: list[str]) -> dict[str, Any]:
     get = event.__dict__.get
     active = get("ActiveState/Id")
-    return {"condition": _text(get("ConditionName")), "source": _text(get("SourceName")),
-            "source_node": _text(get("SourceNode")), "event_type": _text(get("EventType")),
-            "active": bool(active), "message": _text(get("Message")) or "",
-            "severity": int(get("Severity") or 0)}
+    fields = {"condition": _text(get("ConditionName")), "source": _text(get("SourceName")),
+              "source_node": _text(get("SourceNode")), "event_type": _text(get("EventType")),
+              "active": bool(active), "message": _text(get("Message")) or "",
+              "severity": int(get("Severity") or 0)}
+    nsu = _by_uri(get("SourceNode"), namespaces)
+    if nsu is not None:
+        fields["source_nsu"] = nsu
+    return fields
 
 
 class AlarmFeeds:
@@ -129,11 +147,14 @@ class AlarmFeeds:
 
     REFRESH_LIMIT = 30.0
 
-    def __init__(self, tags: dict[int, str], marker: int | None = None) -> None:
+    def __init__(self, tags: dict[int, str], marker: int | None = None,
+                 namespaces: list[str] | None = None) -> None:
         self.tags = tags  # server handle -> tag id
         self.marker = marker  # server handle of the refresh-marker item, if one was added
+        self.namespaces = namespaces or []  # the session's NamespaceArray (for source_nsu)
         self.overflowed = False  # the server dropped events: ConditionRefresh again
-        self._collecting: dict[str, list[dict[str, Any]]] = {}
+        # tag -> condition (source node or name | condition name) -> its latest active state
+        self._collecting: dict[str, dict[str, dict[str, Any]]] = {}
         self._own_markers: set[str] = set()
         self._refresh_until = 0.0
 
@@ -146,7 +167,7 @@ class AlarmFeeds:
 
     def begin_refresh(self, now_mono: float) -> None:
         self.overflowed = False
-        self._collecting = {tag: [] for tag in self.tags.values()}
+        self._collecting = {tag: {} for tag in self.tags.values()}
         self._own_markers = set()
         self._refresh_until = now_mono + self.REFRESH_LIMIT
 
@@ -170,7 +191,7 @@ class AlarmFeeds:
             if tag is not None:
                 if not self._collecting:
                     self._refresh_until = now_mono + self.REFRESH_LIMIT
-                self._collecting[tag] = []
+                self._collecting[tag] = {}
                 self._own_markers.add(tag)
             return []
         if ident == _O.RefreshEndEventType:
@@ -184,19 +205,30 @@ class AlarmFeeds:
         if ident == _O.EventQueueOverflowEventType:
             self.overflowed = True
             return []
-        fields = _fields(event)
+        branch = get("BranchId")
+        if isinstance(branch, ua.NodeId) and not branch.is_null():
+            # The state of an earlier activation kept for acknowledgement (a condition
+            # branch), not the condition's current state.
+            return []
+        fields = _fields(event, self.namespaces)
         if tag in self._collecting:
+            # Live events may interleave with the refresh's: the latest state of a condition
+            # wins (one raised and cleared meanwhile is not active; one sent twice is one).
+            key = f"{fields['source_node'] or fields['source']}|{fields['condition']}"
             if fields["active"]:
-                self._collecting[tag].append(fields)
+                self._collecting[tag][key] = fields
+            else:
+                self._collecting[tag].pop(key, None)
             return []
         return [_sample(tag, {"kind": "alarm", **fields}, _time(get("Time")) or now, now)]
 
     def _emit(self, tags: list[str], now: datetime) -> list[TagSample]:
         out = []
         for tag in tags:
-            alarms = self._collecting.pop(tag, None)
-            if alarms is None:
+            collected = self._collecting.pop(tag, None)
+            if collected is None:
                 continue
+            alarms = list(collected.values())
             alarms.sort(key=lambda a: (a["source"] or "", a["condition"] or ""))
             out.append(_sample(tag, {"kind": "active", "alarms": alarms}, now, now))
         return out

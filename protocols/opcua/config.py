@@ -124,9 +124,10 @@ class OpcuaHistory(Strict):
                                "/status).")
     max_values: int = Field(50_000, ge=1, le=10_000_000, description="At most this many "
                             "values per node and backfill; more are left unread (reported).")
-    margin: Duration = Field(60.0, description="Read from this long before the gap: servers "
+    margin: DurationOrZero = Field(60.0, description="Read from this long before the gap (servers "
                              "may ignore the start bound, and the value at the gap's start is "
-                             "needed.")
+                             "needed) to this long after now (changes while the backfill runs, "
+                             "a server clock ahead of the agent's).")
     page_size: int = Field(1000, ge=10, le=100_000, description="Values asked for per history "
                            "request (continuation points page through the rest).")
 

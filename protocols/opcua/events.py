@@ -62,7 +62,7 @@ async def alarm_feeds(session: Session, config: OpcuaSourceConfig, tags: list[st
                     session.namespaces) == _SERVER
     if by_server and not on_server and marker is None:
         marker = await session.monitor_refresh_markers()
-    return AlarmFeeds(by_server, marker)
+    return AlarmFeeds(by_server, marker, list(session.namespaces))
 
 
 async def condition_refresh(session: Session, feeds: AlarmFeeds) -> list[TagSample]:

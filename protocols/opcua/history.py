@@ -5,7 +5,7 @@ After every (re)connect, before any live value is emitted::
     tags with a resume time (Source.resume_from: detection lacks their values since then)
       └─> read AccessLevel, UserAccessLevel, Historizing
             └─> HistoryRead bit set, or Historizing ──> raw history of
-                  [max(resume, now - max_span) - margin, now], page by page
+                  [max(resume, now - max_span) - margin, now + margin], page by page
                   (continuation points), at most max_values per node
                     └─> keep the last value at or before the resume time (the state at the
                         start of the gap) and every value after it
@@ -102,8 +102,11 @@ async def backfill(session: Session, settings: OpcuaHistory,
                                 "history_read_access": bool(bits & HISTORY_READ),
                                 "span_capped": since > resume, "truncated": False}
         try:
+            # Past now too: a change between this read and the first live read would be in
+            # neither, and a server's clock may be ahead of ours.
             values, capped = await _read(session, settings, node_id,
-                                         since - timedelta(seconds=settings.margin), now)
+                                         since - timedelta(seconds=settings.margin),
+                                         now + timedelta(seconds=settings.margin))
         except _Refused as exc:
             note["skipped"] = f"the server refused history: {exc}"
             notes[tag] = note
@@ -164,16 +167,18 @@ async def _read(session: Session, settings: OpcuaHistory, node_id: Any, start: d
         page = getattr(result.HistoryData, "DataValues", None) or []
         values.extend(page)
         continuation = result.ContinuationPoint or None
+        # A server may answer with more values than asked for (it ignores the count): the
+        # bound holds all the same.
+        capped = len(values) > settings.max_values or (
+            len(values) == settings.max_values and continuation is not None)
         # A server may hand out the same continuation point bytes for every page (node-opcua
         # does): progress is judged by the values, not by a changed token.
-        if continuation is None:
-            return values, False
-        if not page:
+        if continuation is not None and (capped or not page):
             await session.history_page(node_id, start, end, 0, continuation, release=True)
-            return values, False
-        if len(values) >= settings.max_values:
-            await session.history_page(node_id, start, end, 0, continuation, release=True)
+        if capped:
             return values[:settings.max_values], True
+        if continuation is None or not page:
+            return values, False
 
 
 def _good(dv: Any) -> bool:

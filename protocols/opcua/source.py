@@ -107,6 +107,13 @@ class OpcuaSource(Source):
             await session.open()
             resolved, bad = self._resolve(session)
             values = self._values_only(resolved)
+            # What was active is unknown until this session's ConditionRefresh: a stale set
+            # must not explain the stops the backfill is about to replay.
+            self._emit(out, [TagSample(t, None, Quality.BAD, utcnow(), None,
+                                       f"tag {t}: active alarms unknown until the "
+                                       "ConditionRefresh of this session")
+                             for t, tag in self.config.tags.items()
+                             if tag.kind is TagKind.ALARMS])
             await self._backfill(session, values, out)
             first = self._read_samples(values, bad, await session.read(
                 [n for n, _ in values.values()]))
@@ -323,6 +330,7 @@ class OpcuaSource(Source):
         if added:
             feeds.tags.update(added.tags)
             feeds.marker = added.marker
+            feeds.namespaces = added.namespaces
             await self._condition_refresh(session, feeds, out)
         return again
 

@@ -17,6 +17,7 @@ from support.rtu_peer import (
     NodeModbusDevice,
     PtyPair,
     RtuDevice,
+    WatchingDevice,
     have_node_modbus,
     have_socat,
 )
@@ -317,3 +318,71 @@ async def test_an_adapter_echoing_the_request_is_neither_an_answer_nor_a_fault(
         values = [await link.read(1, H, 0, 4) for _ in range(3)]
     assert values == [[7, 0, 1, 2]] * 3
     assert sum(link.stats.unit(1).faults.values()) == 0
+
+
+@pytest.mark.parametrize(("baudrate", "gap"), [(9600, 3.5 * 11 / 9600), (115200, 0.00175)])
+async def test_one_request_at_a_time_and_the_inter_frame_gap_under_load(
+        baudrate: int, gap: float) -> None:
+    """Polls and direct reads of three units (one silent) hammer one line at once: the device
+    never sees a request while another is unanswered, and before every request the line was
+    quiet for 3.5 character times (8N2 at 9600 baud: 4.0 ms), or 1.75 ms above 19,200 baud."""
+    tags = {f"u{u}.{k}": {"unit_id": u, "address": k} for u in (1, 2, 3) for k in (0, 1)}
+    with PtyPair() as line, WatchingDevice(line.device, [1, 2]) as dev:
+        cfg = ModbusSourceConfig.model_validate({
+            "type": "modbus", "transport": "serial", "timeout": "100ms", "retries": 0,
+            "serial": {"device": line.client, "baudrate": baudrate, "parity": "none",
+                       "stop_bits": 2}, "tags": tags})
+        source = ModbusLineSource("rs485", cfg)
+        async with opened(cfg) as link:
+            results: list[Any] = await asyncio.gather(
+                *(source.poll(link) for _ in range(3)),
+                *(link.read(1 + k % 2, H, k, 1) for k in range(12)))
+    for batch in results[:3]:
+        got = {s.tag: s for s in batch}
+        assert [got[f"u{u}.{k}"].value for u in (1, 2) for k in (0, 1)] == [100, 101, 200, 201]
+        assert got["u3.0"].quality is Quality.BAD
+    assert results[3:] == [[(1 + k % 2) * 100 + k] for k in range(12)]
+    assert dev.requests >= 3 * 3 + 12
+    assert dev.overlaps == 0
+    assert min(dev.gaps) >= gap, sorted(dev.gaps)[:5]
+
+
+def test_probe_json_carries_the_per_unit_report(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-agent probe --json` gives the same per-unit answers and frame errors as the
+    table (a commissioning script reads those)."""
+    import json
+
+    from agent.cli import main
+
+    with PtyPair() as line, RtuDevice(line.device, [1]):
+        path = tmp_path / "agent.yaml"
+        path.write_text(f"""
+agent: {{id: e, site: s}}
+sources:
+  rs485:
+    type: modbus
+    transport: serial
+    serial: {{device: "{line.client}", baudrate: 115200, parity: none}}
+    timeout: 200ms
+    tags:
+      a: {{unit_id: 1, address: 0}}
+      b: {{unit_id: 4, address: 0}}
+""", encoding="utf-8")
+        assert main(["probe", "--config", str(path), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["report"][0].startswith("unit 1: answers;")
+    assert result["report"][1].startswith("unit 4: SILENT;")
+
+
+async def test_a_long_answer_at_a_low_baud_rate_is_not_cut_off() -> None:
+    """20 registers at 1200 baud 8N1 take 45 x 8.3 ms = 0.38 s on the wire: more than a
+    timeout of 0.2 s, which is the device's time to answer, not the line's."""
+    with PtyPair() as line, WatchingDevice(line.device, [1], char_time=10 / 1200) as dev:
+        cfg = ModbusSourceConfig.model_validate({
+            "type": "modbus", "transport": "serial", "timeout": "200ms", "retries": 0,
+            "serial": {"device": line.client, "baudrate": 1200, "parity": "none"},
+            "tags": {"a": {"unit_id": 1, "address": 0}}})
+        async with opened(cfg) as link:
+            assert await link.read(1, H, 0, 20) == [100 + k for k in range(20)]
+    assert dev.requests == 1

@@ -11,6 +11,7 @@ import pytest
 from support import free_port, wait_until
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
+import protocols.mqtt.acks as mqtt_acks
 import protocols.mqtt.source as mqtt_source
 from agent.runtime import Runtime
 from agent.wiring.load import load_config_text
@@ -23,7 +24,7 @@ REJECT = "p/l1/m1/reject"
 
 async def test_reading_pauses_while_commits_fail_and_nothing_is_lost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mqtt_source, "_MAX_OUTSTANDING", 10)
+    monkeypatch.setattr(mqtt_acks, "_MAX_OUTSTANDING", 10)
     broker = MosquittoBroker(tmp_path / "broker")
     broker.start()
     rt = Runtime(load_config_text(f"""

@@ -154,6 +154,39 @@ async def test_alarms_raised_and_cleared_give_reasons(plc: NodeOpcuaServer,
         await wait_until(lambda: len(ended(pipe, "filler")) == 2)
 
 
+async def test_quick_toggles_and_the_most_severe_of_two_alarms(plc: NodeOpcuaServer) -> None:
+    """A door raised, cleared and raised again within one publishing interval ends active;
+    with a motor fault (more severe, raised later) also active, the motor fault is the reason;
+    once it clears, the door is."""
+    det = MachineDetector("filler", MACHINE, "s")
+    pipe = Pipeline([det])
+    plc.severity("Filler.DoorOpen", 300)
+    plc.severity("Filler.MotorFault", 700)
+    try:
+        async with session(source_config(plc.endpoint), pipe):
+            await wait_until(lambda: det.state.value == "running")
+            for value in (True, False, True, False, True):
+                plc.set("Filler.DoorOpen", value)
+            plc.set("Filler.MotorFault", True)
+            alarms = det.alarms
+            assert alarms is not None
+            await wait_until(lambda: sorted(a["condition"] for _, a in alarms.active.values())
+                             == ["DoorOpen", "MotorFault"])
+            plc.set("Filler.State", 3)
+            await wait_until(lambda: len(started(pipe, "filler")) == 1)
+            assert started(pipe, "filler")[0]["reason_code"] == "MotorFault"
+            plc.set("Filler.MotorFault", False)
+            await wait_until(lambda: len(alarms.active) == 1)
+            plc.set("Filler.State", 1)
+            await wait_until(lambda: len(ended(pipe, "filler")) == 1)
+            plc.set("Filler.State", 3)
+            await wait_until(lambda: len(started(pipe, "filler")) == 2)
+            assert started(pipe, "filler")[1]["reason_code"] == "DOOR"
+    finally:
+        plc.severity("Filler.DoorOpen", 150)
+        plc.severity("Filler.MotorFault", 150)
+
+
 async def test_active_alarms_known_after_a_reconnect(plc: NodeOpcuaServer) -> None:
     det = MachineDetector("filler", MACHINE, "s")
     pipe = Pipeline([det])
@@ -195,14 +228,16 @@ async def test_an_alarm_tag_on_a_node_that_is_no_notifier_is_bad_and_says_why(
     pipe = Pipeline([])
     task = asyncio.create_task(OpcuaSource("cell", cfg).run(pipe))
     try:
-        await wait_until(lambda: any(s.tag == "wrong.alarms" for s in pipe.samples))
+        await wait_until(lambda: any(s.tag == "wrong.alarms" and "notifier" in (s.detail or "")
+                                     for s in pipe.samples))
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    # First "unknown until the ConditionRefresh" (every alarm tag, every session), then why.
     wrong = [s for s in pipe.samples if s.tag == "wrong.alarms"]
-    assert wrong[0].quality.value == "bad"
-    assert "not an event notifier" in (wrong[0].detail or "")
+    assert all(s.quality.value == "bad" for s in wrong)
+    assert "not an event notifier" in (wrong[-1].detail or "")
     assert any(s.tag == "filler.state" and s.good for s in pipe.samples)
 
 
@@ -246,3 +281,75 @@ sinks:
               if e["type"].startswith("plantedge.downtime")]
     assert [e["type"].rsplit(".", 1)[1] for e in events] == ["started", "ended"]
     assert all(e["data"]["reason_code"] == "DOOR" for e in events), (events, path.read_text())
+
+
+async def test_a_network_outage_ends_with_a_condition_refresh(plc: NodeOpcuaServer) -> None:
+    """The same source object reconnecting (as its supervisor does after the link drops):
+    alarms that changed during the outage are right as soon as it is back."""
+    from support.tcp_proxy import TcpProxy
+
+    from config.errors import EdgeAgentError
+
+    det = MachineDetector("filler", MACHINE, "s")
+    pipe = Pipeline([det])
+    proxy = await TcpProxy("127.0.0.1", plc.port).start()
+    cfg = source_config(f"opc.tcp://127.0.0.1:{proxy.port}").model_copy(
+        update={"keepalive_interval": 0.3, "timeout": 1.0})
+    source = OpcuaSource("cell", cfg)
+    sessions = 0
+
+    async def supervise() -> None:
+        nonlocal sessions
+        while True:
+            sessions += 1
+            with contextlib.suppress(EdgeAgentError, OSError):
+                await source.run(pipe)
+            await asyncio.sleep(0.1)
+
+    plc.set("Filler.DoorOpen", True)
+    task = asyncio.create_task(supervise())
+    try:
+        alarms = det.alarms
+        assert alarms is not None
+        await wait_until(lambda: [a["condition"] for _, a in alarms.active.values()]
+                         == ["DoorOpen"])
+        proxy.cut()
+        await wait_until(lambda: sessions >= 2)
+        plc.set("Filler.DoorOpen", False)
+        plc.set("Filler.MotorFault", True)
+        await asyncio.sleep(0.3)
+        assert [a["condition"] for _, a in alarms.active.values()] == ["DoorOpen"]
+        proxy.restore()
+        await wait_until(lambda: [a["condition"] for _, a in alarms.active.values()]
+                         == ["MotorFault"])
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await proxy.aclose()
+
+
+async def test_machine_sources_by_namespace_uri(plc: NodeOpcuaServer) -> None:
+    """A machine fed from the Server object's alarms names its source nodes the way tags do,
+    nsu=<namespace URI>;s=...: its alarms are its reasons, another machine's are not."""
+    from protocols.opcua.session import Session
+
+    async with Session("t", source_config(plc.endpoint)) as s:
+        uri = s.namespaces[1]
+    alarms = MACHINE_VIA_SERVER.downtime.alarms
+    assert alarms is not None
+    machine = MACHINE_VIA_SERVER.model_copy(update={"downtime": MACHINE.downtime.model_copy(
+        update={"alarms": alarms.model_copy(update={"sources": [
+            f"nsu={uri};s=Filler.DoorOpen", f"nsu={uri};s=Filler.MotorFault"]})})})
+    det = MachineDetector("filler", machine, "s")
+    pipe = Pipeline([det])
+    async with session(source_config(plc.endpoint), pipe):
+        await wait_until(lambda: det.state.value == "running")
+        plc.set("Press.Jam", True)
+        plc.set("Filler.DoorOpen", True)
+        await wait_until(lambda: det.alarms is not None and bool(det.alarms.active))
+        plc.set("Filler.State", 3)
+        await wait_until(lambda: len(started(pipe, "filler")) == 1)
+        assert started(pipe, "filler")[0]["reason_code"] == "DOOR"
+        assert det.alarms is not None
+        assert [a["condition"] for _, a in det.alarms.active.values()] == ["DoorOpen"]

@@ -208,3 +208,57 @@ async def test_a_stop_during_a_network_outage_is_backfilled_after_the_reconnect(
     assert events == [("started", format_time(t1), None),
                       ("ended", format_time(t1), format_time(t2))]
     assert signal == ["lost", "restored"]
+
+
+async def test_a_backfilled_stop_takes_no_reason_from_alarms_known_before_the_gap(
+        tmp_path: Path, plc: NodeOpcuaServer) -> None:
+    """The door alarm was active when the agent stopped and cleared while it was away; the
+    stop it missed is backfilled before the ConditionRefresh tells what is active now. The
+    saved alarm set is stale by then: the stop must not take the door as its reason."""
+    await change(plc, 1)
+    plc.set("Filler.DoorOpen", True)
+    receiver = Receiver(tmp_path / "rx.db")
+    await receiver.start()
+    cfg = load_config_text(f"""
+agent: {{id: edge-bfa, site: plant-bf, data_dir: "{tmp_path / 'agent'}", stop_timeout: 3s}}
+health: {{listen: "127.0.0.1:0"}}
+sources:
+  plc:
+    type: opcua
+    endpoint: {plc.endpoint}
+    publishing_interval: 100ms
+    history: {{margin: 5s, max_span: 1h}}
+    tags:
+      f.state: {{node: "ns=1;s=Filler.State", type: int}}
+      f.alarms: {{node: "ns=1;s=Filler", kind: alarms}}
+machines:
+  filler:
+    line: l1
+    state: {{tag: f.state, map: {{1: running, 3: down}}}}
+    downtime:
+      min_duration: 0s
+      alarms: {{tag: f.alarms, reasons: [{{condition: DoorOpen, code: DOOR}}]}}
+sinks:
+  central: {{type: http, url: "{receiver.url}", retry: {{initial_backoff: 50ms}}}}
+buffer: {{commit_interval: 10ms}}
+""", "<test>")
+    try:
+        rt = Runtime(cfg)
+        await rt.start()
+        alarms = rt.detectors["filler"].alarms
+        assert alarms is not None
+        await wait_until(lambda: rt.detectors["filler"].state.value == "running"
+                         and bool(alarms.active), what="running, door alarm active")
+        await rt.stop()
+        plc.set("Filler.DoorOpen", False)
+        await change(plc, 3)
+        await change(plc, 1)
+        rt = Runtime(cfg)
+        await rt.start()
+        await wait_until(lambda: len(downtime(receiver)) == 2, what="backfilled stop")
+        await rt.stop()
+        codes = reasons(receiver)
+    finally:
+        plc.set("Filler.DoorOpen", False)
+        await receiver.aclose()
+    assert codes == [None, None]

@@ -69,6 +69,10 @@ class NodeOpcuaServer:
             cmd["time"] = time.isoformat()
         self._command(cmd)
 
+    def severity(self, alarm: str, value: int) -> None:
+        """The Severity (1..1000) an alarm, e.g. ``Filler.MotorFault``, has when next raised."""
+        self._command({"severity": alarm, "value": value})
+
     def _command(self, cmd: dict[str, Any]) -> dict[str, Any]:
         assert self._proc is not None and self._proc.stdin is not None
         self._proc.stdin.write(json.dumps(cmd) + "\n")

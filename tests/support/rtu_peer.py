@@ -9,6 +9,8 @@
 - ``NodeModbusDevice``: npm ``modbus-serial``'s ``ServerSerial`` (a second implementation)
   on the device end: holding register k of unit u holds ``u * 100 + k``; units not listed are
   silent. Needs ``npm ci`` in ``tests/support/node_modbus`` (``.ci/run`` does it).
+- ``WatchingDevice``: a slow Python device that counts overlapping requests and measures the
+  silence before each request (line discipline under load, inter-frame gap).
 - Frame faults are injected between the device and the line: ``RtuDevice.inject(unit, fault)``
   spoils the next answer of that unit (bad CRC, garbage before the frame, truncated frame).
 """
@@ -26,8 +28,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAULTS", "Gateway", "NodeModbusDevice", "PtyPair", "RtuDevice", "have_node_modbus",
-           "have_socat", "spoil"]
+__all__ = ["FAULTS", "Gateway", "NodeModbusDevice", "PtyPair", "RtuDevice", "WatchingDevice",
+           "have_node_modbus", "have_socat", "spoil"]
 
 NODE_MODBUS = Path(__file__).resolve().parent / "node_modbus"
 
@@ -224,3 +226,81 @@ class NodeModbusDevice:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(5)
+
+
+class WatchingDevice:
+    """A deliberately slow RTU device that watches the line discipline (Python, on a pty end).
+
+    It answers read-holding requests of ``units`` (register k of unit u holds ``u * 100 + k``)
+    after ``delay`` seconds, and records what a bus would suffer from: ``overlaps`` counts
+    requests that arrived while an earlier one was still unanswered (two requests on the bus at
+    once), ``gaps`` the silences between the end of each answer and the next request.
+    Requests to other units are answered by nobody, but still occupy the line for ``delay``.
+    """
+
+    def __init__(self, path: str, units: list[int], delay: float = 0.003,
+                 char_time: float = 0.0) -> None:
+        self.path, self.units, self.delay = path, set(units), delay
+        # > 0: the answer goes out one byte per char_time, as on a slow line (a pty has no
+        # baud rate of its own).
+        self.char_time = char_time
+        self.overlaps = 0
+        self.requests = 0
+        self.gaps: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> WatchingDevice:
+        import serial
+
+        self._port = serial.Serial(self.path, baudrate=9600, timeout=0.01)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._port.close()
+
+    def _read(self) -> bytes:
+        # read(1) returns as soon as a byte is there: arrival times stay exact.
+        waiting = self._port.in_waiting
+        return bytes(self._port.read(waiting or 1))
+
+    def _serve(self) -> None:
+        from protocols.modbus.rtu import crc16
+
+        buf = b""
+        answered_at: float | None = None
+        while not self._stop.is_set():
+            buf += self._read()
+            if len(buf) < 8:
+                continue
+            got = time.monotonic()
+            request, buf = buf[:8], buf[8:]
+            self.requests += 1
+            if answered_at is not None:
+                self.gaps.append(got - answered_at)
+            # Anything more that arrives while this request is being served is a collision.
+            deadline = got + self.delay
+            while time.monotonic() < deadline:
+                buf += self._read()
+            if buf:
+                self.overlaps += 1
+            unit, start, count = request[0], int.from_bytes(request[2:4], "big"), \
+                int.from_bytes(request[4:6], "big")
+            # Taken before the write: the master cannot see the answer any earlier.
+            answered_at = time.monotonic()
+            if unit in self.units and request[1] == 3:
+                body = bytes([unit, 3, 2 * count]) + b"".join(
+                    (unit * 100 + start + k).to_bytes(2, "big") for k in range(count))
+                answer = body + crc16(body).to_bytes(2, "little")
+                for k in range(len(answer)) if self.char_time else ():
+                    time.sleep(self.char_time)
+                    self._port.write(answer[k:k + 1])
+                    self._port.flush()
+                if not self.char_time:
+                    self._port.write(answer)
+                    self._port.flush()

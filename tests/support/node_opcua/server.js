@@ -14,6 +14,7 @@
 // Control: one JSON object per line on stdin, one JSON answer per line on stdout:
 //   {"set": "Filler.DoorOpen", "value": true}                     -> {"ok": true}
 //   {"set": "Filler.State", "value": 3, "time": "2026-...Z"}      (source time; kept in history)
+//   {"severity": "Filler.MotorFault", "value": 700}               (its Severity when next raised)
 // Options: --port N; --seed-seconds N [--seed-values "[1, 3]"]: Filler.State gets a history
 // of N values at 1 s steps ending now, cycling through the seed values.
 // Lines on stdout that do not start with '{"' are node-opcua's own diagnostics.
@@ -50,6 +51,7 @@ async function main() {
     const rw = makeAccessLevelFlag("CurrentRead | CurrentWrite");
     const rwh = makeAccessLevelFlag("CurrentRead | CurrentWrite | HistoryRead");
     const vars = {};
+    const alarms = {};
 
     function machine(name) {
         return ns.addObject({
@@ -100,6 +102,15 @@ async function main() {
             componentOf: owner, conditionSource: input, inputNode: input, normalState: normal,
         });
         alarm.setEnabledState(true);
+        // An active alarm reports the severity the tests give it (node-opcua's default: 150).
+        alarm.activeSeverity = 150;
+        const info = alarm.calculateConditionInfo.bind(alarm);
+        alarm.calculateConditionInfo = (stateData, isActive, value, old) => {
+            const result = info(stateData, isActive, value, old);
+            if (stateData) result.severity = alarm.activeSeverity;
+            return result;
+        };
+        alarms[`${owner.browseName.name}.${name}`] = alarm;
         return alarm;
     }
 
@@ -128,6 +139,11 @@ async function main() {
                 const when = cmd.time ? new Date(cmd.time) : new Date();
                 v.setValueFromSource(new Variant({ dataType: dt, value: cmd.value }),
                     StatusCodes.Good, when);
+                answer = { ok: true };
+            } else if (cmd.severity !== undefined) {
+                const alarm = alarms[cmd.severity];
+                if (!alarm) throw new Error(`no alarm ${cmd.severity}`);
+                alarm.activeSeverity = cmd.value;  // from its next activation on
                 answer = { ok: true };
             } else {
                 throw new Error("unknown command");

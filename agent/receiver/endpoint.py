@@ -1,31 +1,21 @@
-"""The reference central endpoint: the delivery contract (docs/delivery.md) as running code.
-
-``edge-agent receiver --listen HOST:PORT --db FILE [--print]`` serves it; the demo and the tests
-use it, and integrators can read it as the contract's executable example.
+"""The reference receiver's HTTP side: routes, fault injection, and the answer per request.
 
 - ``POST <any path>`` with ``Content-Type: application/cloudevents+json`` (one event) answers
   ``201`` (new), ``409`` (already have it: the agent settles it as accepted), ``400`` (not a
   valid CloudEvent, with a detail). With ``application/cloudevents-batch+json`` (a JSON array)
   it answers ``207`` with ``{"results": [{"id", "status", "detail"}]}``, one result per item in
   request order. A body that is not JSON is ``400``; another content type is ``415``.
-- Events are deduplicated by ``(source, id)`` in the receiver's own SQLite file; every duplicate
-  is counted. Each new event is committed before it is answered. The file runs in WAL mode with
-  ``synchronous=NORMAL``: a commit survives the receiver process crashing (which is what the
-  agent's exactly-once test needs); a power cut may lose the last commits, acceptable for a
-  reference receiver, not for a production one.
-- A batch is stored in one transaction with one ``executemany`` and each event's own JSON text
-  (the array is split, not re-encoded); only a batch that meets a duplicate (already stored, or
-  twice in the same array) is redone row by row to tell which items are 409.
 - ``GET /events[?source=...]`` lists what arrived (arrival order), ``GET /stats`` gives
   ``{"received": n, "duplicates": n}``.
 
 Limits (a reference receiver faces the same network as a production one): parsing, checking
 and storing a POST run in one worker thread, never on the event loop, so a large batch does
-not stall other connections; a batch holds at most ``MAX_BATCH_EVENTS`` items (more is 413, and
-the agent splits); bodies up to 16 MiB on POST, none on GET; ``requests`` keeps only the last
-``KEEP_REQUESTS`` (tests read it; nothing grows forever). An item that cannot be stored as it
-is (``time`` not a string, text that is not valid Unicode, an over-long id) gets its own 400
-in the 207 answer; the rest of the batch is stored.
+not stall other connections (queries run in a second thread); a batch holds at most
+``MAX_BATCH_EVENTS`` items (more is 413, and the agent splits); bodies up to 16 MiB on POST,
+none on GET; ``requests`` keeps only the last ``KEEP_REQUESTS`` (tests read it; nothing grows
+forever). An item that cannot be stored as it is (``time`` not a string, text that is not valid
+Unicode, an over-long id) gets its own 400 in the 207 answer; the rest of the batch is stored.
+New events are passed to ``echo`` (if given) after their commit, in the worker thread.
 
 Fault injection (``receiver.faults``), so tests and integrators can exercise the whole contract
 against a real socket: answer N requests with a status and a Retry-After, commit and then answer
@@ -39,56 +29,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import signal
-import sqlite3
 import ssl
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.httpserver import HttpServer, Request, Response
-from agent.receiver_items import MAX_ATTRIBUTE, TooMany, compact, is_text, split_array
-from config.model import format_time, utcnow
+from agent.receiver.contract import (
+    CE_BATCH,
+    CE_SINGLE,
+    MAX_BATCH_EVENTS,
+    Faults,
+    TooMany,
+    compact,
+    is_text,
+    split_array,
+    verdict,
+)
+from agent.receiver.store import EventStore
 
-__all__ = ["KEEP_REQUESTS", "MAX_BATCH_EVENTS", "Faults", "Receiver", "SeenRequest",
-           "run_receiver", "serve_receiver"]
+__all__ = ["KEEP_REQUESTS", "Receiver", "SeenRequest"]
 
-MAX_BATCH_EVENTS = 10_000
 KEEP_REQUESTS = 1000
-
-CE_SINGLE = "application/cloudevents+json"
-CE_BATCH = "application/cloudevents-batch+json"
-
-_INSERT = ("INSERT OR IGNORE INTO received (source, id, type, time, payload, received_at) "
-           "VALUES (?, ?, ?, ?, ?, ?)")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS received (
-    source TEXT NOT NULL, id TEXT NOT NULL, type TEXT NOT NULL, time TEXT,
-    payload TEXT NOT NULL, received_at TEXT NOT NULL, PRIMARY KEY (source, id));
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO counters (name, value) VALUES ('duplicates', 0);
-"""
-
-
-@dataclass
-class Faults:
-    """Misbehaviour on demand; every field is safe to change while the receiver runs."""
-
-    status: int | None = None  # answer the next ``count`` POSTs with this status
-    count: int = 0
-    retry_after: str | None = None  # Retry-After header sent with the injected status
-    body: str = '{"error":"injected fault"}'
-    delay_after_commit: float = 0.0  # commit, then wait this long before answering ...
-    delay_count: int = 0  # ... for this many POSTs
-    reject_ids: set[str] = field(default_factory=set)  # these event ids get 422
-    require_token: str | None = None  # 401 unless "Authorization: Bearer <token>"
-    max_batch_events: int | None = None  # a bigger batch gets 413
-    max_event_bytes: int | None = None  # a single event bigger than this gets 413
-    atomic_batches: bool = False  # any bad item refuses the whole batch (422/400), stores none
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,22 +88,16 @@ class Receiver:
         self._scheme = "https" if ssl_context is not None else "http"
         self._server = HttpServer(self._handle, host, port, ssl=ssl_context,
                                   max_body_bytes=16 * 2**20)
-        self._db: sqlite3.Connection | None = None  # the worker's: parse, check, store
-        self._reader: sqlite3.Connection | None = None  # queries (WAL: committed rows only)
+        self._store = EventStore(self.db_path)
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._reads: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> int:
-        # The connections move between threads (one at a time): the worker thread stores,
-        # the reader serves GETs in its own thread and the caller's queries.
-        self._db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
-        self._db.executescript(_SCHEMA)
-        self._reader = sqlite3.connect(self.db_path, isolation_level=None,
-                                       check_same_thread=False)
+        # The store's connections move between threads (one at a time): the worker thread
+        # stores, the reader serves GETs in its own thread and the caller's queries.
+        self._store.open()
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "receiver-store")
         self._reads = concurrent.futures.ThreadPoolExecutor(1, "receiver-read")
         try:
@@ -157,10 +115,7 @@ class Receiver:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._worker = self._reads = None
-        for db in (self._db, self._reader):
-            if db is not None:
-                db.close()
-        self._db = self._reader = None
+        self._store.close()
 
     @property
     def port(self) -> int | None:
@@ -183,30 +138,12 @@ class Receiver:
 
     # ------------------------------------------------------------------ queries
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("receiver is not started")
-        return self._db
-
-    def _read_conn(self) -> sqlite3.Connection:
-        if self._reader is None:
-            raise RuntimeError("receiver is not started")
-        return self._reader
-
     def stats(self) -> dict[str, int]:
-        db = self._read_conn()
-        received = db.execute("SELECT count(*) FROM received").fetchone()[0]
-        dups = db.execute("SELECT value FROM counters WHERE name='duplicates'").fetchone()[0]
-        return {"received": int(received), "duplicates": int(dups)}
+        return self._store.stats()
 
     def events(self, source: str | None = None) -> list[dict[str, Any]]:
         """Received CloudEvents (parsed), in arrival order."""
-        sql = "SELECT payload FROM received"
-        args: tuple[str, ...] = ()
-        if source is not None:
-            sql, args = sql + " WHERE source = ?", (source,)
-        rows = self._read_conn().execute(sql + " ORDER BY rowid", args).fetchall()
-        return [json.loads(r[0]) for r in rows]
+        return self._store.events(source)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -279,7 +216,7 @@ class Receiver:
                                   "detail": f"event larger than {limit} bytes"}, 413), ids
         status, detail = self._verdict(doc)
         if status == 201:
-            status, detail = self._store([doc], [compact(doc)])[0]
+            status, detail = self._commit([doc], [compact(doc)])[0]
         return Response.json({"id": event_id, "status": status, "detail": detail}, status), ids
 
     def _batch(self, doc: Any, texts: list[str] | None = None) -> tuple[Response, list[str]]:
@@ -300,123 +237,24 @@ class Receiver:
                 return Response.json({"error": f"event {where}: {detail}"}, status), ids
         texts = texts if texts is not None else [""] * len(doc)
         good = [(d, t) for d, t, v in zip(doc, texts, verdicts, strict=True) if v[0] == 201]
-        stored = iter(self._store([d for d, _ in good], [t or compact(d) for d, t in good]))
+        stored = iter(self._commit([d for d, _ in good], [t or compact(d) for d, t in good]))
         results = []
-        for item, verdict in zip(doc, verdicts, strict=True):
-            status, detail = next(stored) if verdict[0] == 201 else verdict
+        for item, given in zip(doc, verdicts, strict=True):
+            status, detail = next(stored) if given[0] == 201 else given
             item_id = item.get("id") if isinstance(item, dict) else None
             results.append({"id": item_id if is_text(item_id) else None,
                             "status": status, "detail": detail})
         return Response.json({"results": results}, 207), ids
 
     def _verdict(self, doc: Any) -> tuple[int, str]:
-        """(201, "") for an acceptable CloudEvent, else (4xx, why)."""
-        if not isinstance(doc, dict):
-            return 400, "not a JSON object"
-        if doc.get("specversion") != "1.0":
-            return 400, "specversion must be \"1.0\""
-        for attr in ("id", "source", "type"):
-            if not isinstance(doc.get(attr), str) or not doc[attr]:
-                return 400, f"missing or empty '{attr}'"
-            if not is_text(doc[attr]):
-                return 400, f"'{attr}' is not valid Unicode text of at most {MAX_ATTRIBUTE} " \
-                    "characters"
-        t = doc.get("time")
-        if t is not None and not is_text(t):
-            return 400, f"'time' must be an RFC 3339 string of at most {MAX_ATTRIBUTE} " \
-                "characters"
-        if doc["id"] in self.faults.reject_ids:
-            return 422, f"event {doc['id']} refused by the receiver (reject_ids)"
-        return 201, ""
+        """(201, "") for an acceptable CloudEvent, else (4xx, why); a hook for test receivers
+        that refuse more (``_post`` is the other one)."""
+        return verdict(doc, self.faults.reject_ids)
 
-    def _store(self, docs: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, str]]:
-        """Insert in one transaction; (201, "") new or (409, ...) duplicate for each.
-
-        ``texts[i]`` is the JSON text stored for ``docs[i]``. The common case (all new) is one
-        ``executemany``; if fewer rows went in than were offered, that attempt is rolled back
-        and the batch is redone row by row, so each item gets its own verdict."""
-        db = self._conn()
-        now = format_time(utcnow())
-        rows = [(d["source"], d["id"], d["type"], d.get("time"), t, now)
-                for d, t in zip(docs, texts, strict=True)]
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            before = db.total_changes
-            db.executemany(_INSERT, rows)
-            if db.total_changes - before == len(rows):
-                out = [(201, "")] * len(rows)
-                new = docs
-            else:
-                db.execute("ROLLBACK")
-                db.execute("BEGIN IMMEDIATE")
-                out, new = self._store_each(db, docs, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    def _commit(self, docs: list[dict[str, Any]], texts: list[str]) -> list[tuple[int, str]]:
+        """Store (committed on return), echo the new events; the verdict of each."""
+        out, new = self._store.store(docs, texts)
         if self._echo is not None:
             for doc in new:
                 self._echo(doc)
         return out
-
-    @staticmethod
-    def _store_each(db: sqlite3.Connection, docs: list[dict[str, Any]],
-                    rows: list[tuple[Any, ...]]) -> tuple[list[tuple[int, str]],
-                                                          list[dict[str, Any]]]:
-        out: list[tuple[int, str]] = []
-        new: list[dict[str, Any]] = []
-        for doc, row in zip(docs, rows, strict=True):
-            if db.execute(_INSERT, row).rowcount == 1:
-                out.append((201, ""))
-                new.append(doc)
-            else:
-                db.execute("UPDATE counters SET value = value + 1 WHERE name='duplicates'")
-                out.append((409, "already received"))
-        return out, new
-
-
-def _print_event(doc: dict[str, Any]) -> None:
-    print(json.dumps(doc, separators=(",", ":")), flush=True)
-
-
-async def serve_receiver(listen: str, db: Path, echo: bool,
-                         stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"'{listen}' is not HOST:PORT (for example 127.0.0.1:8080)")
-    stop = stop or asyncio.Event()
-    receiver = Receiver(db, host.strip("[]"), int(port_text),
-                        echo=_print_event if echo else None)
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread: the caller stops us through ``stop``
-    try:
-        port = await receiver.start()
-        print(f"receiver listening on http://{host}:{port}/ (database {db})",
-              file=sys.stderr, flush=True)
-        await stop.wait()
-    finally:
-        await receiver.aclose()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def run_receiver(listen: str, db: Path, echo: bool) -> int:
-    """Entry point for ``edge-agent receiver``: serve until SIGINT/SIGTERM; the exit code."""
-    try:
-        asyncio.run(serve_receiver(listen, db, echo))
-    except ValueError as exc:
-        print(f"edge-agent receiver: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"edge-agent receiver: cannot serve on {listen} with {db}: {exc}",
-              file=sys.stderr)
-        return 1
-    return 0
