@@ -254,6 +254,10 @@ def main() -> None:
     print(f"target >= {TARGET_RATE:,} events/s: {'MET' if rate >= TARGET_RATE else 'MISSED'}; "
           f"peak RSS < {TARGET_RSS_MB} MB: "
           f"{'MET' if result['peak_rss_mb'] < TARGET_RSS_MB else 'MISSED'}")
+    # The one line to compare runs by (issue 12: ratio >= 0.8, <= 25 us per event).
+    print(f"drain: agent={rate:.0f}/s receiver={absorb:.0f}/s ratio={rate / absorb:.2f} "
+          f"cpu_us_per_event={result['agent_cpu_us_per_event']:.1f} "
+          f"peak_rss_mb={result['peak_rss_mb']:.1f}")
 
 
 if __name__ == "__main__":
