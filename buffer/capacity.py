@@ -8,8 +8,9 @@ batch while it is being cut back); the WAL beside it is bounded by ``journal_siz
 each checkpoint. When over ``max_size``:
 
 - ``drop_oldest`` deletes whole events, oldest first: first those with only pending rows, then
-  (dead letters are kept longest) those holding a dead letter; never one with a leased row (if
-  only leased rows are left, the batch commits over the limit until they settle). Deletion
+  (dead letters are kept longest) those holding a dead letter; never one the process holds
+  (leased, or settled but not yet deleted: ``held``; if only those are left, the batch commits
+  over the limit until they settle). Deletion
   frees pages only as they empty, so it may drop a few more events than the byte count alone
   would say; each one is counted.
 - ``reject_new`` keeps the longest head of the batch that fits (a savepoint is rolled back and
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from buffer.base import NewEvent
@@ -58,7 +59,7 @@ IN_JSON = "SELECT value FROM json_each(?)"
 # "Every row of this event" = every (sink, state) prefix of the delivery key with this seq;
 # every sink that ever had rows stays in ``sinks``.
 KNOWN_SINKS = "(SELECT name FROM sinks)"
-ANY_STATE = "('pending', 'leased', 'dead')"
+ANY_STATE = "('pending', 'dead')"  # leases are not in the file (schema 2, leases.py)
 
 
 GAP_TYPE = "plantedge.data.gap"
@@ -162,8 +163,9 @@ class Dropped:
 
 
 def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserted: int,
-                live_before: int, now: str) -> Dropped:
-    """drop_oldest after the batch is inserted (``before``: the highest seq before it)."""
+                live_before: int, now: str, held: Callable[[], Collection[int]]) -> Dropped:
+    """drop_oldest after the batch is inserted (``before``: the highest seq before it);
+    ``held()`` gives the seqs that must not be dropped (asked only when over the limit)."""
     dropped = Dropped()
     live = live_bytes(conn)
     if inserted == 0 or live <= max_size:
@@ -173,8 +175,9 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
     per_event = max((live - live_before) / inserted, 64.0)
     removed: Counter[str] = Counter()
     carried: Counter[str] = Counter()
+    keep = json_list(sorted(held()))
     while live > max_size:
-        victims = _victims(conn, int((live - max_size) / per_event) + 1)
+        victims = _victims(conn, int((live - max_size) / per_event) + 1, keep)
         if not victims:
             break  # only leased rows left (or nothing): commit over capacity for now
         seqs = json_list([s for s, _ in victims])
@@ -199,12 +202,12 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
     return dropped
 
 
-def _victims(conn: sqlite3.Connection, n: int) -> list[tuple[int, str]]:
-    for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
-        rows = conn.execute(
-            "SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
-            f"WHERE d.sink IN {KNOWN_SINKS} AND d.state IN {keep} AND d.seq = e.seq) "
-            "ORDER BY seq LIMIT ?", (n,)).fetchall()
+def _victims(conn: sqlite3.Connection, n: int, held_json: str) -> list[tuple[int, str]]:
+    spare = f"e.seq NOT IN ({IN_JSON})"
+    for extra in (f"AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.sink IN {KNOWN_SINKS} "
+                  "AND d.state = 'dead' AND d.seq = e.seq)", ""):  # dead letters go last
+        rows = conn.execute(f"SELECT seq, type FROM events e WHERE {spare} {extra} "
+                            "ORDER BY seq LIMIT ?", (held_json, n)).fetchall()
         if rows:
             return [(int(s), str(t)) for s, t in rows]
     return []
