@@ -116,6 +116,10 @@ class InstrumentedSink(Sink):
     def max_batch(self) -> int:
         return self.inner.max_batch
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.inner.max_in_flight
+
     async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
         started = time.monotonic()
         delivery = await self.inner.deliver(events)

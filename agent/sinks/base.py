@@ -78,6 +78,12 @@ class Sink(ABC):
     def max_batch(self) -> int:
         """Most events per ``deliver`` call (1 in single mode)."""
 
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the forwarder may have in flight at once (never two carrying events of
+        the same machine)."""
+        return 1
+
     @abstractmethod
     async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
         """One attempt; never raises for network or protocol problems."""

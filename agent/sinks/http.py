@@ -140,6 +140,10 @@ class HttpSink(Sink):
     def max_batch(self) -> int:
         return self.config.batch_max_events if self.config.mode is SinkMode.BATCH else 1
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
+
     async def reload_credentials(self) -> None:
         self._load_token()
         if self._oauth is not None:

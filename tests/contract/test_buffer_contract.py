@@ -528,7 +528,8 @@ def test_sqlite_behaves_like_the_reference(ops: list[tuple]) -> None:
                         b.open(SINKS)
                 a, s = _observe(memory), _observe(sqlite)
                 assert a == s, f"after step {step} {op}"
-                assert as_in_file(sqlite.stats()) == counted.stats(), f"counts after step {step} {op}"
+                assert as_in_file(sqlite.stats()) == counted.stats(), \
+                    f"counts after step {step} {op}"
         finally:
             counted.close()
             for b in pair:
