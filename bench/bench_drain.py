@@ -8,8 +8,9 @@
    after the other over one keep-alive connection by a bare httpx client: the time spent in
    the requests gives the receiver's absorb rate, the ceiling for any agent.
 3. Drain: a fresh receiver process and the agent (``edge-agent run``, its own process, batch
-   mode, ``batch_max_events`` = --batch) on the built file. The agent's /status is polled for
-   progress; its RSS is sampled from /proc every 0.2 s, and its peak (VmHWM) read at the end.
+   mode, ``batch_max_events`` = --batch, ``max_in_flight`` = --in-flight if given) on the
+   built file. The agent's /status is polled for progress every 0.1 s; its RSS is sampled from
+   /proc every 0.05 s, and its peak (VmHWM) read at the end.
    The drain rate is N / (time of the last settle - time of the first delivery).
 
 Targets (issue 6): at least 20,000 events/s; peak RSS under 200 MB, not growing with the
@@ -147,7 +148,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drain(root: Path, db: Path, port: int, n: int, batch: int) -> dict[str, Any]:
+def drain(root: Path, db: Path, port: int, n: int, batch: int,
+          in_flight: int | None) -> dict[str, Any]:
     health = _port()
     cfg = root / "agent.yaml"
     cfg.write_text("\n".join([
@@ -155,6 +157,7 @@ def drain(root: Path, db: Path, port: int, n: int, batch: int) -> dict[str, Any]
         f'health: {{listen: "127.0.0.1:{health}"}}',
         "sinks:", "  central:", "    type: http", f'    url: "http://127.0.0.1:{port}/events"',
         "    mode: batch", f"    batch_max_events: {batch}", "    timeout: 30s",
+        *([f"    max_in_flight: {in_flight}"] if in_flight else []),
         f'buffer: {{path: "{db}", max_size: 4TiB}}', ""]))
     log = (root / "agent.log").open("wb")
     t_spawn = time.perf_counter()
@@ -175,7 +178,7 @@ def drain(root: Path, db: Path, port: int, n: int, batch: int) -> dict[str, Any]
                 if agent.poll() is not None:
                     raise SystemExit(f"the agent exited with {agent.returncode}; see "
                                      f"{root / 'agent.log'}")
-                if now - last_poll >= 0.5:
+                if now - last_poll >= 0.1:
                     last_poll = now
                     try:
                         sink = client.get(status_url).json()["buffer"]["sinks"]["central"]
@@ -188,7 +191,7 @@ def drain(root: Path, db: Path, port: int, n: int, batch: int) -> dict[str, Any]
                     samples.append((now, undelivered, rss))
                 if undelivered == 0:
                     break
-                time.sleep(0.2)
+                time.sleep(0.05)
         t_end = time.perf_counter()
         peak = _rss_kb(agent.pid, "VmHWM") or 0
         cpu = _cpu_seconds(agent.pid) - cpu_first
@@ -215,6 +218,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="batch_max_events")
     parser.add_argument("--baseline-events", type=int, default=None,
                         help="events for the receiver baseline (default: --events)")
+    parser.add_argument("--in-flight", type=int, default=None,
+                        help="the sink's max_in_flight (default: the config default)")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     n, batch = args.events, args.batch
@@ -237,7 +242,7 @@ def main() -> None:
         port = _port()
         rx = start_receiver(root / "rx-drain.db", port)
         try:
-            result = drain(root, db, port, n, batch)
+            result = drain(root, db, port, n, batch, args.in_flight)
         finally:
             stop(rx)
     rate = result["rate"]

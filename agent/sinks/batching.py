@@ -1,50 +1,80 @@
 """Forming requests from leased rows: which rows may go out together, and now.
 
-Pure functions used by the forwarder (``forwarder.py``). The rule they keep: a machine's
-event never reaches the receiver before an earlier event of that machine was accepted or
-dead-lettered. So two requests in flight at once never share an ordering key (the machine id,
-``LeasedEvent.key``): ``next_chunk`` takes rows only of keys not in flight, in seq order, and
-once a key is skipped, every later row of it is skipped too (it stays behind its earlier rows).
-Within one request rows stay in seq order, which the receiver processes in array order.
+Used by the forwarder (``forwarder.py``). The rule kept here: a machine's event never reaches
+the receiver before an earlier event of that machine was accepted or dead-lettered. So two
+requests in flight at once never share an ordering key (the machine id, ``LeasedEvent.key``):
+``Lanes`` keeps the rows waiting to be sent in one FIFO per key (seq order, as leased), and
+``take`` forms a request only from keys with no request in flight, taking each key's rows from
+the front. Within one request rows are in seq order (the receiver processes an array in order).
 
-To let several requests run at once, a chunk takes at most ``key_cap`` keys: with 8 machines
-and 4 free request slots, each request carries the rows of 2 machines.
+To let several requests run at once, a request takes at most ``cap`` keys: with 8 machines and
+4 free request slots, each request carries the rows of 2 machines. Keys are taken in the order
+their rows first arrived, so the machine waiting longest goes first.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Collection, Sequence
+from collections import deque
+from collections.abc import Collection, Iterable
 
 from agent.sinks.base import OutboundEvent
 from buffer.base import LeasedEvent
 
-__all__ = ["halves", "key_cap", "next_chunk", "outbound", "source_of"]
+__all__ = ["Lanes", "halves", "outbound"]
 
 
-def key_cap(remaining: Sequence[LeasedEvent], busy: Collection[str], free_slots: int) -> int:
-    """Keys one new request may take so that ``free_slots`` requests can share the free keys."""
-    free = {r.key for r in remaining} - set(busy)
-    return max(1, math.ceil(len(free) / max(free_slots, 1)))
+class Lanes:
+    """Rows leased and not yet sent, one FIFO per ordering key."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[LeasedEvent]] = {}
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, rows: Iterable[LeasedEvent]) -> None:
+        lanes = self._lanes
+        n = 0
+        for row in rows:
+            lane = lanes.get(row.key)
+            if lane is None:
+                lane = lanes[row.key] = deque()
+            lane.append(row)
+            n += 1
+        self.count += n
+
+    def cap(self, busy: Collection[str], free_slots: int) -> int:
+        """Keys one request may take so that ``free_slots`` requests share the free keys."""
+        free = sum(1 for k in self._lanes if k not in busy)
+        return max(1, math.ceil(free / max(free_slots, 1)))
+
+    def take(self, busy: Collection[str], size: int, cap: int) -> list[LeasedEvent]:
+        """Up to ``size`` rows of at most ``cap`` keys not in ``busy``, in seq order."""
+        chunk: list[LeasedEvent] = []
+        keys = 0
+        for key in list(self._lanes):
+            if key in busy:
+                continue
+            lane = self._lanes[key]
+            room = size - len(chunk)
+            if len(lane) <= room:
+                chunk.extend(lane)
+                del self._lanes[key]
+            else:
+                chunk.extend(lane.popleft() for _ in range(room))
+            keys += 1
+            if len(chunk) >= size or keys >= cap:
+                break
+        if keys > 1:
+            chunk.sort(key=_seq)  # a few sorted runs: linear
+        self.count -= len(chunk)
+        return chunk
 
 
-def next_chunk(remaining: list[LeasedEvent], busy: Collection[str], size: int,
-               cap: int) -> tuple[list[LeasedEvent], list[LeasedEvent]]:
-    """(rows for the next request, rows left) from ``remaining`` (seq order)."""
-    chunk: list[LeasedEvent] = []
-    left: list[LeasedEvent] = []
-    taken: set[str] = set()
-    for row in remaining:
-        key = row.key
-        if len(chunk) < size and key not in busy and (key in taken or len(taken) < cap):
-            chunk.append(row)
-            taken.add(key)
-        else:
-            # Once a row of a key is left, so is every later one: the condition only gets
-            # stricter along the list (the chunk fills, ``taken`` grows to the cap).
-            left.append(row)
-    return chunk, left
+def _seq(row: LeasedEvent) -> int:
+    return row.seq
 
 
 def halves(rows: list[LeasedEvent]) -> tuple[list[LeasedEvent], list[LeasedEvent]]:
@@ -53,29 +83,4 @@ def halves(rows: list[LeasedEvent]) -> tuple[list[LeasedEvent], list[LeasedEvent
 
 
 def outbound(row: LeasedEvent) -> OutboundEvent:
-    return OutboundEvent(row.id, source_of(row.payload), row.payload)
-
-
-_SOURCE_KEY = '"source":"'
-_NEXT_KEY = ',"specversion":"'
-
-
-def source_of(payload: str) -> str:
-    """The top-level ``source`` of a CloudEvent's JSON text.
-
-    Parsing every payload cost more than anything else the forwarder does per event in a
-    backlog drain, so the agent's own serialisation (compact, sorted keys: ``source`` is
-    followed by ``specversion`` at the top level) is read without parsing; anything else falls
-    back to ``json.loads``."""
-    i = payload.rfind(_SOURCE_KEY)
-    if i >= 0:
-        start = i + len(_SOURCE_KEY)
-        end = payload.find('"', start)
-        value = payload[start:end]
-        if end > 0 and "\\" not in value and payload.startswith(_NEXT_KEY, end + 1):
-            return value
-    try:
-        source = json.loads(payload).get("source", "")
-    except (ValueError, AttributeError):
-        source = ""
-    return source if isinstance(source, str) else ""
+    return OutboundEvent(row.id, None, row.payload)  # source: read only if a sink asks

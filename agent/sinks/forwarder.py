@@ -47,7 +47,7 @@ import random
 from typing import Any
 
 from agent.sinks.base import Delivery, Outcome, Sink
-from agent.sinks.batching import key_cap, next_chunk
+from agent.sinks.batching import Lanes
 from agent.sinks.settling import AsyncLeaseBuffer, ForwarderState, Settling
 from buffer.base import LeasedEvent, Settlement
 from config.models import RetryPolicy
@@ -166,7 +166,8 @@ class Forwarder(Settling):
         """Deliver ``rows`` and what can be leased meanwhile, until nothing is left to send
         (or stopping: rows not sent stay leased)."""
         size = self.sink.max_batch
-        remaining = rows
+        remaining = Lanes()
+        remaining.add(rows)
         busy: set[str] = set()  # keys with a request in flight
         flights: dict[asyncio.Future[_Sent], list[LeasedEvent]] = {}
         ahead: asyncio.Future[list[LeasedEvent]] | None = None
@@ -178,8 +179,7 @@ class Forwarder(Settling):
                 while remaining and not troubled and not stopping and \
                         len(flights) < self._in_flight:
                     free = self._in_flight - len(flights)
-                    chunk, remaining = next_chunk(remaining, busy, size,
-                                                  key_cap(remaining, busy, free))
+                    chunk = remaining.take(busy, size, remaining.cap(busy, free))
                     if not chunk:
                         break
                     busy.update(r.key for r in chunk)
@@ -211,7 +211,7 @@ class Forwarder(Settling):
                                       self.sink.name)
                         leased, more = [], False  # the run loop leases (and backs off) next
                     more = more and bool(leased)
-                    remaining = remaining + leased
+                    remaining.add(leased)
                 for fut in [f for f in done if f in flights]:
                     chunk = flights.pop(fut)
                     busy.difference_update(r.key for r in chunk)

@@ -293,5 +293,5 @@ def _parse_multi(content: bytes) -> list[tuple[str, int, str]] | None:
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             return None
         detail = item.get("detail")
-        out.append((event_id, status, _excerpt(str(detail)) if detail is not None else ""))
+        out.append((event_id, status, _excerpt(str(detail)) if detail else ""))
     return out
