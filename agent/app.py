@@ -13,15 +13,15 @@ from typing import Any
 
 from agent.fleet import run_fleet
 from agent.health import HealthServer, loop_alive
-from agent.logs import register_config_secrets
 from agent.notify import Notifier, run_watchdog
-from agent.reload import ReloadRequests
 from agent.runtime import Runtime
-from config.models import Config, LoopImpl
+from agent.runtime.reload import ReloadRequests
+from agent.wiring.schema import Config, LoopImpl
+from config.redaction import register_config_secrets
 
 __all__ = ["run_agent", "run_async"]
 
-log = logging.getLogger("edge_agent")
+log = logging.getLogger(__name__)
 
 
 async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
@@ -95,7 +95,8 @@ def _summary(runtime: Runtime) -> str:
 
 def run_async(main: Callable[[], Coroutine[Any, Any, int]],
               loop_impl: LoopImpl = LoopImpl.AUTO) -> int:
-    """Run a coroutine on uvloop when asked/available (LIBRARIES.md: no incompatibility)."""
+    """Run a coroutine on uvloop when asked/available (no incompatibility with our libraries:
+    docs/library-notes.md)."""
     if loop_impl is not LoopImpl.ASYNCIO and sys.platform != "win32":
         try:
             import uvloop

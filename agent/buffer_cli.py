@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from agent.errors import EdgeAgentError
-from agent.model import age_seconds
+from config.errors import EdgeAgentError
+from config.model import age_seconds
 
 if TYPE_CHECKING:  # the parser is built on every CLI call: keep its imports light
     from buffer.base import DeadLetter
@@ -75,8 +75,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``buffer`` action; the exit code."""
+    from agent.wiring.load import load_config
     from buffer.sqlite import SqliteBuffer
-    from config.loader import load_config
 
     action = getattr(args, "buffer_command", None)
     if action not in _ACTIONS:

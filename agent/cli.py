@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.errors import ConfigError, FatalError
 from agent.logs import setup_logging
+from config.errors import ConfigError, FatalError
 
 __all__ = ["main"]
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.config_command != "schema":
                 print("usage: edge-agent config schema", file=sys.stderr)
                 return EXIT_INVALID
-            from config.schema import json_schema
+            from agent.wiring.jsonschema import json_schema
 
             print(json.dumps(json_schema(), indent=2))
             return EXIT_OK
@@ -187,7 +187,7 @@ def _print_config_error(exc: ConfigError) -> None:
 
 
 def _validate(path: Path) -> int:
-    from config.loader import load_config
+    from agent.wiring.load import load_config
 
     config = load_config(path)
     print(f"{path}: valid ({len(config.sources)} source(s), {len(config.machines)} machine(s), "
@@ -196,9 +196,9 @@ def _validate(path: Path) -> int:
 
 
 def _replay(config_path: Path, samples: Path, end: str | None) -> int:
-    from agent.model import parse_time
     from agent.replay import SampleFileError, read_samples, replay
-    from config.loader import load_config
+    from agent.wiring.load import load_config
+    from config.model import parse_time
 
     config = load_config(config_path)
     try:
@@ -221,7 +221,7 @@ def _replay(config_path: Path, samples: Path, end: str | None) -> int:
 def _record(config_path: Path, out: Path, duration: float | None) -> int:
     from agent.app import run_async
     from agent.replay import record
-    from config.loader import load_config
+    from agent.wiring.load import load_config
 
     config = load_config(config_path)
     with out.open("w", encoding="utf-8") as f:
@@ -235,7 +235,7 @@ def _record(config_path: Path, out: Path, duration: float | None) -> int:
 
 def _run(path: Path) -> int:
     from agent.app import run_agent
-    from config.loader import config_hash, load_config
+    from agent.wiring.load import config_hash, load_config
 
     config = load_config(path)
     return run_agent(config, config_hash(config), path)
@@ -245,7 +245,7 @@ def _probe(path: Path, only: list[str], timeout: float) -> int:
     import asyncio
 
     from agent.probe import format_results, probe_sources
-    from config.loader import load_config
+    from agent.wiring.load import load_config
 
     config = load_config(path)
     try:
@@ -261,7 +261,7 @@ def _probe(path: Path, only: list[str], timeout: float) -> int:
 def _browse(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.errors import RetryableError
+    from config.errors import RetryableError
     from protocols.opcua.browse import browse, endpoint_config
     from protocols.opcua.config import OpcuaSourceConfig
 
@@ -272,7 +272,7 @@ def _browse(args: argparse.Namespace) -> int:
             print(f"edge-agent: {exc}", file=sys.stderr)
             return EXIT_INVALID
     else:
-        from config.loader import load_config
+        from agent.wiring.load import load_config
 
         config = load_config(args.config)
         ua_sources = {n: s for n, s in config.sources.items() if isinstance(s, OpcuaSourceConfig)}

@@ -39,7 +39,7 @@ from typing import Any
 from agent.app import run_async, serve
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import config_hash, load_config_text
+from agent.wiring.load import config_hash, load_config_text
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.simulator import ModbusSimulator
 from protocols.mqtt.demo_plant import MACHINE_YAML as MQTT_MACHINE_YAML

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from agent.errors import EdgeAgentError
-from agent.logs import redact
-from agent.model import format_time, utcnow
 from agent.sinks.oauth import OAuth2Error, OAuth2Token
 from agent.sinks.tls import client_context
-from config.models import FleetConfig
+from agent.wiring.schema import FleetConfig
+from config.errors import EdgeAgentError
+from config.model import format_time, utcnow
+from config.redaction import redact
 from config.secrets import SecretResolutionError
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["heartbeat_document", "run_fleet"]
 
-log = logging.getLogger("edge_agent.fleet")
+log = logging.getLogger(__name__)
 _IDLE_CHECK = 5.0  # how often a runtime without a fleet block looks again (after a reload)
 
 

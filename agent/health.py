@@ -30,11 +30,11 @@ from typing import Any
 
 from agent import __version__
 from agent.httpserver import HttpServer, Request, Response
-from agent.logs import redact
-from agent.metrics import CONTENT_TYPE
-from agent.model import age_seconds
+from agent.metrics import CONTENT_TYPE, Metrics
 from agent.runtime import Runtime
 from buffer.base import BufferStats
+from config.model import age_seconds
+from config.redaction import redact
 
 __all__ = ["LOOP_STALL", "HealthServer", "disk_headroom", "loop_alive", "readiness",
            "status_document"]
@@ -105,7 +105,7 @@ async def status_document(runtime: Runtime) -> dict[str, Any]:
     doc["disk"] = disk
     doc["ready"] = not reasons
     doc["readiness_reasons"] = reasons
-    doc["last_reload"] = getattr(runtime, "last_reload", None)
+    doc["last_reload"] = runtime.last_reload
     return doc
 
 
@@ -114,6 +114,7 @@ class HealthServer:
         host, _, port = listen.rpartition(":")
         self._runtime = runtime
         self._server = HttpServer(self._handle, host.strip("[]"), int(port))
+        self._metrics: Metrics | None = None  # made at the first scrape
         self.port: int | None = None
 
     async def start(self) -> int:
@@ -122,6 +123,8 @@ class HealthServer:
 
     async def aclose(self) -> None:
         await self._server.aclose()
+        if self._metrics is not None:
+            self._metrics.close()
 
     async def _handle(self, req: Request) -> Response:
         response = await self._answer(req)
@@ -154,6 +157,8 @@ class HealthServer:
                 stats = None  # readiness() below says why; the other metrics still count
             disk = disk_headroom(rt)
             reasons = await readiness(rt, stats, disk)
-            body = rt.metrics.render(stats, ready=not reasons, disk_free=disk.get("free_bytes"))
+            if self._metrics is None:
+                self._metrics = Metrics(rt)
+            body = self._metrics.render(stats, ready=not reasons, disk_free=disk.get("free_bytes"))
             return Response(200, body, {}, CONTENT_TYPE)
         return Response.json({"error": "not found", "endpoints": _ENDPOINTS}, 404)

@@ -1,74 +1,22 @@
 """Logging set-up: readable lines by default, JSON lines for collectors.
 
-Redaction: secret values (every ``Secret`` of the configuration, OAuth2 tokens, bearer tokens as
-read) are registered with ``add_secret_values`` / ``register_config_secrets``; every formatted
-log line (message, structured fields, tracebacks) passes through ``redact`` which replaces them
-with ``***``. The health endpoint and the fleet heartbeat use ``redact`` too. This is the safety
-net behind the first rule (secrets are never formatted into messages): a peer that echoes our
-token in an error body, or a library exception that quotes it, still shows ``***``.
+Every formatted line (message, structured fields, tracebacks) passes through
+``config.redaction.redact``, so registered secret values show as ``***``.
+
+Logger names are module paths (``logging.getLogger(__name__)`` everywhere): ``agent.runtime``,
+``protocols.modbus.source``, ``buffer.sqlite``; configure a part of the agent by prefix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
-import threading
-from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["add_secret_values", "redact", "register_config_secrets", "setup_logging"]
+from config.redaction import redact
 
-_MASK = "***"
-_MIN_SECRET = 6  # shorter values would mask ordinary words
-_secrets: frozenset[str] = frozenset()
-_lock = threading.Lock()
-
-
-def add_secret_values(values: Iterable[str | None]) -> None:
-    """Remember values that must never be shown (idempotent; thread-safe)."""
-    global _secrets
-    new = {v for v in values if v and len(v) >= _MIN_SECRET}
-    if new - _secrets:
-        with _lock:
-            _secrets = _secrets | new
-
-
-def register_config_secrets(config: Any) -> None:
-    """Register the current value of every ``Secret`` in a configuration object tree."""
-    from pydantic import BaseModel
-
-    from config.secrets import Secret, SecretResolutionError
-
-    found: list[str | None] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Secret):
-            with contextlib.suppress(SecretResolutionError):  # unreadable: nothing to hide
-                found.append(obj.reveal())
-        elif isinstance(obj, BaseModel):
-            for name in type(obj).model_fields:
-                walk(getattr(obj, name))
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, list | tuple):
-            for v in obj:
-                walk(v)
-
-    walk(config)
-    add_secret_values(found)
-
-
-def redact(text: str) -> str:
-    secrets = _secrets
-    if not secrets:
-        return text
-    for value in sorted(secrets, key=len, reverse=True):
-        if value in text:
-            text = text.replace(value, _MASK)
-    return text
+__all__ = ["setup_logging"]
 
 
 class _Redacting(logging.Formatter):

@@ -1,6 +1,6 @@
 """Prometheus metrics of one runtime (served as ``/metrics`` by the health endpoint).
 
-Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels only
+Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels only
 ``source``, ``machine``, ``sink`` and ``type``, all bounded by the configuration or by an enum)::
 
     edge_agent_samples_received_total{source}          samples handed over by a source
@@ -25,72 +25,42 @@ Vocabulary (DESIGN style rule 9: ``edge_agent_<thing>_<unit>[_total]``; labels o
 
 Most values are read from the runtime when scraped (one registry per runtime, never the
 process-global default registry, so several runtimes in one test process do not collide); only
-the attempt counter and the latency histogram are observed as they happen, by
-``InstrumentedSink`` wrapped around each sink.
+the attempt counter and the latency and delay histograms are observed as they happen, by
+``agent.sinks.instrumented.InstrumentedSink`` wrapped around each sink.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.model import parse_time
-from agent.sinks.base import Delivery, OutboundEvent, Outcome, Sink
 from buffer.base import BufferStats
+from config.model import age_seconds
 
 if TYPE_CHECKING:
     from agent.runtime import Runtime
 
-__all__ = ["CONTENT_TYPE", "InstrumentedSink", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# ``*_created`` timestamp series per counter would double the output for no use on a dashboard
-# (and break the fixed vocabulary); the agent owns its process, so switch them off globally.
-disable_created_metrics()
-
-# An attempt is one HTTP request: milliseconds on a LAN, up to the sink timeout when it hangs.
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# From an event's time to its acceptance: a second normally, hours after an outage.
-_DELAY_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
-                  86400.0)
-
 
 class Metrics:
-    """The registry of one runtime; ``await render()`` gives the Prometheus text."""
+    """Scrape-time view of one runtime, rendered from the runtime's own registry (where the
+    sinks' attempt counters and histograms live, see ``agent/sinks/instrumented.py``)."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.delivery_seconds = Histogram(
-            "edge_agent_delivery_duration_seconds", "Duration of one delivery attempt.",
-            ["sink"], registry=self.registry, buckets=_LATENCY_BUCKETS)
-        self.delivery_delay = Histogram(
-            "edge_agent_event_delivery_delay_seconds",
-            "From the event's time to its acceptance by the sink (how far behind delivery is).",
-            ["sink"], registry=self.registry, buckets=_DELAY_BUCKETS)
-        self.delivery_attempts = Counter(
-            "edge_agent_delivery_attempts", "Delivery attempts by outcome.", ["sink", "type"],
-            registry=self.registry)
+        self.registry = runtime.registry
         self._snapshot = _RuntimeCollector(runtime)
         self.registry.register(self._snapshot)
 
-    def instrument(self, sink: Sink) -> InstrumentedSink:
-        return InstrumentedSink(sink, self)
-
     def render(self, stats: BufferStats | None = None, *, ready: bool | None = None,
-                     disk_free: int | None = None) -> bytes:
+               disk_free: int | None = None) -> bytes:
         """Scrape: ``stats``/``ready``/``disk_free`` are the values the health endpoint just
         computed (so one scrape reads the buffer once); ``None`` leaves those families out."""
         snap = self._snapshot
@@ -101,67 +71,9 @@ class Metrics:
         finally:
             snap.stats = None
 
-
-class InstrumentedSink(Sink):
-    """Delegates to a sink, timing each attempt and counting its outcome."""
-
-    def __init__(self, inner: Sink, metrics: Metrics) -> None:
-        super().__init__(inner.name)
-        self.inner = inner
-        self._latency = metrics.delivery_seconds.labels(sink=inner.name)
-        self._delay = metrics.delivery_delay.labels(sink=inner.name)
-        self._attempts = metrics.delivery_attempts
-
-    @property
-    def max_batch(self) -> int:
-        return self.inner.max_batch
-
-    @property
-    def max_in_flight(self) -> int:
-        return self.inner.max_in_flight
-
-    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
-        started = time.monotonic()
-        delivery = await self.inner.deliver(events)
-        self._latency.observe(time.monotonic() - started)
-        self._attempts.labels(sink=self.name, type=delivery.outcome.value).inc()
-        now = time.time()
-        for e in events:
-            if delivery.result_for(e.id).outcome is Outcome.ACCEPTED:
-                when = _event_time(e.payload)
-                if when is not None:
-                    self._delay.observe(max(0.0, now - when))
-        return delivery
-
-    async def reload_credentials(self) -> None:
-        await self.inner.reload_credentials()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-_TIME_KEY = '"time":"'
-_AFTER_TIME = ',"type":"'
-
-
-def _event_time(payload: str) -> float | None:
-    """The CloudEvent's ``time`` as a POSIX timestamp (None when unreadable).
-
-    Called for every accepted event: parsing the whole payload was one of the largest
-    per-event costs of a backlog drain, so the agent's own serialisation (compact, sorted
-    keys: the top-level ``time`` is followed by ``type``) is read without parsing; anything
-    else falls back to ``json.loads``."""
-    try:
-        i = payload.rfind(_TIME_KEY)
-        if i >= 0:
-            start = i + len(_TIME_KEY)
-            end = payload.find('"', start)
-            if end > 0 and payload.startswith(_AFTER_TIME, end + 1):
-                return parse_time(payload[start:end]).timestamp()
-        doc = json.loads(payload)
-        return parse_time(doc["time"]).timestamp()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+    def close(self) -> None:
+        """Take the runtime view out of the registry (a new health server may add its own)."""
+        self.registry.unregister(self._snapshot)
 
 
 class _RuntimeCollector(Collector):
@@ -225,8 +137,6 @@ class _RuntimeCollector(Collector):
 
 
 def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:
-    from agent.model import age_seconds  # one age rule, so /status and metrics agree
-
     pending = GaugeMetricFamily("edge_agent_buffer_pending_events",
                                 "Events waiting for delivery to the sink.", labels=["sink"])
     oldest = GaugeMetricFamily("edge_agent_buffer_oldest_pending_age_seconds",

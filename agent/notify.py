@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 
 __all__ = ["Notifier", "run_watchdog"]
 
-log = logging.getLogger("edge_agent.notify")
+log = logging.getLogger(__name__)
 
 
 class Notifier:

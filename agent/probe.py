@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from agent.errors import EdgeAgentError
-from agent.model import TagSample, format_time
-from config.models import Config
-from protocols.registry import build_source
+from agent.wiring.build import build_source
+from agent.wiring.schema import Config
+from config.errors import EdgeAgentError
+from config.model import TagSample, format_time
 
 __all__ = ["ProbeResult", "format_results", "probe_sources"]
 

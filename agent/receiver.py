@@ -1,4 +1,4 @@
-"""The reference central endpoint: the delivery contract (DESIGN section 4) as running code.
+"""The reference central endpoint: the delivery contract (docs/delivery.md) as running code.
 
 ``edge-agent receiver --listen HOST:PORT --db FILE [--print]`` serves it; the demo and the tests
 use it, and integrators can read it as the contract's executable example.
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.httpserver import HttpServer, Request, Response
-from agent.model import format_time, utcnow
+from config.model import format_time, utcnow
 
 __all__ = ["Faults", "Receiver", "SeenRequest", "run_receiver", "serve_receiver"]
 

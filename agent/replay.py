@@ -22,13 +22,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.detect.build import build_detectors
-from agent.errors import EdgeAgentError, PermanentError
-from agent.model import Quality, TagSample, Value, format_time, parse_time
-from agent.sinks.backoff import Backoff
-from agent.supervisor import Supervisor
-from config.models import Config
-from protocols.registry import build_source
+from agent.runtime.supervisor import Supervisor
+from agent.wiring.build import build_detectors, build_source
+from agent.wiring.schema import Config
+from config.backoff import Backoff
+from config.errors import EdgeAgentError, PermanentError
+from config.model import Quality, TagSample, Value, format_time, parse_time
 
 __all__ = ["SampleFileError", "read_samples", "record", "replay", "sample_to_json"]
 

@@ -119,9 +119,7 @@ def format_status(doc: dict[str, Any]) -> str:
                  + (f", ERROR: {buf['storage_error']}" if buf.get("storage_error") else ""))
     last = doc.get("last_reload")
     if last:
-        from agent.reload import describe
-
-        lines.append(f"  last reload {describe(last)}")
+        lines.append(f"  last reload {describe_reload(last)}")
     lines += ["", "SOURCES"]
     lines += _table(["id", "state", "last sample", "samples", "last error"], [
         [n, str(s.get("state")), _age(s.get("last_sample_age_s")),
@@ -168,10 +166,18 @@ def reload_main(base: str, timeout: float = 30.0) -> int:
         except (httpx.HTTPError, ValueError):
             continue
         if last and last != previous[1]:
-            from agent.reload import describe
-
-            print(describe(last))
+            print(describe_reload(last))
             return 0 if last.get("ok") else 2
     print(f"edge-agent reload: no answer from pid {pid} within {timeout:g}s; see its log",
           file=sys.stderr)
     return 1
+
+
+def describe_reload(last_reload: dict[str, Any] | None) -> str:
+    """One line about the last reload, for ``edge-agent reload``."""
+    if not last_reload:
+        return "no reload yet"
+    if last_reload.get("ok"):
+        what = ", ".join(last_reload.get("changes") or []) or "no component changed"
+        return f"applied at {last_reload.get('at')}: {what}"
+    return f"REJECTED at {last_reload.get('at')}: " + "; ".join(last_reload.get("issues") or [])

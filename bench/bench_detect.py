@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.detect import MachineDetector
-from agent.detect.build import build_detectors
-from agent.model import Quality, TagSample, Value
-from config.loader import load_config_text
-from config.models import Config
+from agent.wiring.build import build_detectors
+from agent.wiring.load import load_config_text
+from agent.wiring.schema import Config
+from config.model import Quality, TagSample, Value
 
 TARGET = 200_000
 T0 = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)

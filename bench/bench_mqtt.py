@@ -140,9 +140,9 @@ def _bare(port: int, n: int, qos: int, register_only: bool) -> dict[str, Any]:
 
 async def _agent(port: int, n: int, qos: int, register_only: bool,
                  client_id: str) -> dict[str, Any]:
-    from agent.detect.build import build_detectors
-    from agent.model import TagSample
-    from config.loader import load_config_text
+    from agent.wiring.build import build_detectors
+    from agent.wiring.load import load_config_text
+    from config.model import TagSample
     from protocols.mqtt.source import MqttSource
 
     config = load_config_text(_config_text(f"mqtt://127.0.0.1:{port}", qos, client_id),

@@ -18,8 +18,8 @@ Phases alternate (bare, agent, bare, agent, ...) so drift on a shared machine hi
 ``--together`` both clients run at once on the same notifications (the question is then whether
 the agent keeps up). The report gives each phase, the medians, the agent/bare ratio and the
 agent process's RSS.
-The in-process server is the bottleneck on small machines (LIBRARIES.md): read the ratio, not
-the absolute rate. This is a script, not a test: nothing asserts on time.
+The in-process server is the bottleneck on small machines (docs/library-notes.md): read the
+ratio, not the absolute rate. This is a script, not a test: nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ async def _bare(endpoint: str, namespace: str, tags: int, seconds: float) -> dic
 
 async def _agent(endpoint: str, namespace: str, tags: int, seconds: float) -> dict[str, Any]:
     from agent.runtime import Runtime
-    from config.loader import load_config_text
+    from agent.wiring.load import load_config_text
 
     data = tempfile.mkdtemp(prefix="bench-opcua-")
     tag_lines = "\n".join(

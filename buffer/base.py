@@ -1,7 +1,7 @@
 """The buffer interface: durable events, per-sink delivery state, detector state.
 
 Every implementation (``sqlite.py`` in production, ``memory.py`` as the reference for the
-contract tests) keeps these invariants (DESIGN section 5):
+contract tests) keeps these invariants (docs/buffer.md):
 
 1. ``append(events, states)`` is atomic: the events and the detector states that produced them
    are committed together or not at all. An event id is stored at most once (a second append of
@@ -36,7 +36,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agent.errors import FatalError, RetryableError
+from config.errors import FatalError, RetryableError
 
 __all__ = [
     "AppendResult",

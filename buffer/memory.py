@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.model import format_time, utcnow
 from buffer.base import (
     AppendResult,
     Buffer,
@@ -31,7 +30,8 @@ from buffer.base import (
     check_batch,
 )
 from buffer.capacity import GAP_TYPE, carried_drops
-from config.models import WhenFull
+from buffer.config import WhenFull
+from config.model import format_time, utcnow
 
 __all__ = ["MemoryBuffer"]
 

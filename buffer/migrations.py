@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import SchemaTooNewError
+from config.errors import SchemaTooNewError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
 

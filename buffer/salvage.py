@@ -1,13 +1,13 @@
 """Corruption handling for the SQLite buffer: move the damaged file aside, read what can be read.
 
-DESIGN section 5: a corrupt file is moved aside (``<file>.corrupt-<UTC timestamp>``), readable
+docs/buffer.md: a corrupt file is moved aside (``<file>.corrupt-<UTC timestamp>``), readable
 rows are salvaged into a fresh file, readiness is degraded with the reason, and the agent keeps
 collecting. This module does the first two halves without touching the fresh file;
 ``SqliteBuffer.open`` writes what it returns.
 
 What survives: events (id, key, type, time, payload) from every readable page, in seq order, and
 detector states. What does not: delivery progress. Every salvaged event is pending again for
-every configured sink; receivers deduplicate by event id (DESIGN section 4), so an event that
+every configured sink; receivers deduplicate by event id (docs/delivery.md), so an event that
 was already delivered costs a duplicate request, never a duplicate fact. Dead-letter status is
 lost the same way (such an event is tried again and dead-lettered again).
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.model import utcnow
 from buffer.base import NewEvent
+from config.model import utcnow
 
 __all__ = ["Salvage", "move_aside", "read_salvageable", "wal_missing"]
 

@@ -77,7 +77,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from agent.model import format_time, utcnow
 from buffer import views
 from buffer.base import (
     AppendResult,
@@ -98,10 +97,11 @@ from buffer.capacity import (
     live_bytes,
     page_stats,
 )
+from buffer.config import WhenFull
 from buffer.salvage import move_aside, read_salvageable, wal_missing
 from buffer.settle import delete_orphans
 from buffer.sqlite_delivery import SqliteDeliveries
-from config.models import WhenFull
+from config.model import format_time, utcnow
 
 __all__ = ["SqliteBuffer"]
 

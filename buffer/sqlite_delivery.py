@@ -25,12 +25,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.model import format_time, utcnow
 from buffer.base import LeasedEvent, Settlement
 from buffer.capacity import IN_JSON, json_list, page_stats
 from buffer.leases import LeaseTable
 from buffer.settle import delete_accepted, mark_dead, mark_retry
 from buffer.sqlite_file import SqliteFile
+from config.model import format_time, utcnow
 
 __all__ = ["SqliteDeliveries"]
 

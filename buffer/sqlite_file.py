@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import EdgeAgentError, StorageFullError
 from buffer.base import BufferCorruptError, BufferOpenError, BufferUnavailableError
 from buffer.migrations import check_version, migrate
+from config.errors import EdgeAgentError, StorageFullError
 
 __all__ = ["SYNCHRONOUS", "SqliteFile"]
 

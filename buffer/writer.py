@@ -3,7 +3,7 @@
 Every call runs on one dedicated thread (a single-worker ``ThreadPoolExecutor``), in the order
 the coroutines were called, so the SQLite connection is only ever used by that thread and the
 event loop never blocks on an fsync. Hand it batches, never single rows: a thread hop costs
-more than a row's write (LIBRARIES.md).
+more than a row's write (docs/library-notes.md).
 
 Cancellation: cancelling a coroutine does not stop its call on the writer thread. A cancelled
 ``append`` may still have committed; because event ids are deterministic, appending the same

@@ -2,7 +2,7 @@
 
 A ``Source`` reads one device (or one broker) and turns what it reads into ``TagSample``s.
 
-Contract (DESIGN style rule 5):
+Contract (docs/architecture.md):
 
 - The constructor does no I/O (validate early, connect late).
 - ``run(out)`` is **one session**: connect, call ``out.connected()`` once the session works,
@@ -25,13 +25,14 @@ States of a supervised source::
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Protocol
 
-from agent.model import Quality, TagSample, utcnow
+from config.model import Quality, TagSample, utcnow
 
-__all__ = ["SampleSink", "Source", "bad_samples"]
+__all__ = ["SampleSink", "Source", "bad_samples", "next_poll_time"]
 
 
 class SampleSink(Protocol):
@@ -72,3 +73,15 @@ def bad_samples(tags: Sequence[str], detail: str) -> list[TagSample]:
     now = utcnow()
     return [TagSample(tag=t, value=None, quality=Quality.BAD, agent_time=now, detail=detail)
             for t in tags]
+
+
+def next_poll_time(last_tick: float, now: float, interval: float) -> float:
+    """The first tick ``last_tick + k * interval`` (k >= 1) that is not in the past.
+
+    Drift-free: ticks stay on the grid of the first one. A poll that overran skips the missed
+    ticks rather than firing them back to back.
+    """
+    tick = last_tick + interval
+    if now > tick and interval > 0:
+        tick += math.ceil((now - tick) / interval) * interval
+    return tick

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from agent.model import format_time
+from config.model import format_time
 
 __all__ = ["Episode", "episode_data"]
 

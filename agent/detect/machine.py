@@ -30,16 +30,16 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
+from agent.detect.config import MachineConfig
 from agent.detect.episode import Episode, episode_data
 from agent.detect.scrap import ScrapTracker
+from agent.detect.snapshot import apply_state, dump_state, parse_state, status_view
 from agent.detect.state import derive_state, reason_code
-from agent.model import (
+from config.model import (
     Event,
     EventType,
     MachineState,
@@ -48,13 +48,11 @@ from agent.model import (
     event_id,
     format_time,
 )
-from config.models import MachineConfig
 
 __all__ = ["MachineDetector"]
 
 _CATEGORY = {MachineState.DOWN: "unplanned", MachineState.PLANNED: "planned",
              MachineState.IDLE: "idle"}
-_STATE_VERSION = 1
 _GOOD = Quality.GOOD
 _MISSING = object()
 NO_OUTPUT = "no-output"
@@ -410,78 +408,19 @@ class MachineDetector:
                                sequence=self.sequence, data=body))
 
     def snapshot(self) -> str:
-        ep = asdict(self.episode) if self.episode else None
-        if ep:
-            ep["started_at"] = ep["started_at"].isoformat()
-        return json.dumps({
-            "v": _STATE_VERSION, "sequence": self.sequence, "state": self.state.value,
-            "state_since": _iso(self.state_since), "base_state": self.base_state.value,
-            "running_since": _iso(self.running_since),
-            "signal": self.signal, "signal_detail": self.signal_detail,
-            "lost_at": _iso(self.lost_at), "episode": ep, "order": self.order,
-            "reason": self.reason, "prod_last": self.prod_last,
-            "prod_moved_at": _iso(self.prod_moved_at), "prod_blind": self.prod_blind,
-            "bad_inputs": self.bad_inputs,
-            "scrap": self.scrap.to_json() if self.scrap else None,
-            "microstops": self.microstops, "microstop_seconds": self.microstop_seconds,
-            "clock_jumps": self.clock_jumps,
-        }, sort_keys=True)
+        """Everything needed to continue after a restart, as text (agent/detect/snapshot.py)."""
+        return dump_state(self)
 
     def restore(self, text: str) -> None:
         """Continue from a snapshot. An unreadable snapshot raises ValueError (the runtime
         logs it and starts this machine fresh rather than guessing)."""
-        d = json.loads(text)
-        if d.get("v") != _STATE_VERSION:
-            raise ValueError(f"unknown detector state version {d.get('v')!r}")
+        saved = parse_state(text)
         self._reset()
-        self.sequence = int(d["sequence"])
-        self.state = MachineState(d["state"])
-        self.state_since = _dt(d.get("state_since"))
-        self.base_state = MachineState(d.get("base_state", d["state"]))
-        self.running_since = _dt(d.get("running_since"))
-        self.signal, self.signal_detail = d["signal"], d.get("signal_detail")
-        self.lost_at = _dt(d.get("lost_at"))
-        if d.get("episode"):
-            ep = dict(d["episode"])
-            ep["started_at"] = datetime.fromisoformat(ep["started_at"])
-            self.episode = Episode(**ep)
-        self.order, self.reason = d.get("order"), d.get("reason")
-        self.prod_last = d.get("prod_last")
-        self.prod_moved_at = _dt(d.get("prod_moved_at"))
-        self.prod_blind = bool(d.get("prod_blind", False))
-        self.bad_inputs = dict(d.get("bad_inputs", {}))
-        if self.scrap is not None and d.get("scrap"):
-            self.scrap.restore(d["scrap"])
-        self.microstops = int(d.get("microstops", 0))
-        self.microstop_seconds = float(d.get("microstop_seconds", 0.0))
-        self.clock_jumps = int(d.get("clock_jumps", 0))
+        apply_state(self, saved)
 
     def status(self) -> dict[str, Any]:
-        ep = self.episode
-        return {
-            "state": self.state.value, "since": _fmt(self.state_since),
-            "signal": self.signal, "signal_detail": self.signal_detail,
-            "order_id": self.order,
-            "open_downtime": None if ep is None else {
-                "episode_id": ep.episode_id, "category": ep.category,
-                "started_at": format_time(ep.started_at), "reason_code": ep.reason_code,
-                "reported": ep.announced},
-            "counter_anomalies": self.scrap.anomalies if self.scrap else 0,
-            "clock_jumps": self.clock_jumps,
-        }
+        return status_view(self)
 
 
 def _first(item: tuple[int, TagSample]) -> int:
     return item[0]
-
-
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat() if t else None
-
-
-def _fmt(t: datetime | None) -> str | None:
-    return format_time(t) if t else None
-
-
-def _dt(v: object) -> datetime | None:
-    return datetime.fromisoformat(v) if isinstance(v, str) else None

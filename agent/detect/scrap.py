@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.detect.config import ScrapRule
 from agent.detect.state import reason_code
-from agent.model import EventType, TagSample, format_time
-from config.models import ScrapRule
+from config.model import EventType, TagSample, format_time
 
 __all__ = ["CounterStep", "ScrapTracker", "ScrapWindow", "counter_increase", "window_bounds"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.model import MachineState, Value
-from config.models import StateRule
+from agent.detect.config import StateRule
+from config.model import MachineState, Value
 
 __all__ = ["derive_state", "reason_code", "value_key"]
 

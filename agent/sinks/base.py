@@ -1,8 +1,8 @@
-"""The sink interface and the outcome classes of one delivery attempt (DESIGN section 4).
+"""The sink interface and the outcome classes of one delivery attempt (docs/delivery.md).
 
 A sink makes **one** attempt to deliver a batch of events and classifies the answer, per item
 where the receiver answers per item. It never sleeps, retries, bisects or dead-letters: the
-forwarder (``agent/sinks/forwarder.py``) decides what to do with each outcome::
+forwarder (``agent/runtime/forwarder.py``) decides what to do with each outcome::
 
     Outcome            forwarder does
     ---------------    --------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The HTTP sink: one POST per ``deliver`` call, classified per DESIGN section 4.
+"""The HTTP sink: one POST per ``deliver`` call, classified per docs/delivery.md.
 
 Request shapes:
 
@@ -47,11 +47,11 @@ from typing import Any
 
 import httpx
 
-from agent.logs import add_secret_values
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.config import HttpSinkConfig, SinkMode
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
-from config.models import HttpSinkConfig, SinkMode
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["CE_BATCH", "CE_SINGLE", "HttpSink", "batch_idempotency_key", "parse_retry_after"]

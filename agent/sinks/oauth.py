@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-from agent.errors import PermanentError, RetryableError
-from agent.logs import add_secret_values
-from config.models import OAuth2ClientAuth, OAuth2Config
+from agent.sinks.config import OAuth2ClientAuth, OAuth2Config
+from config.errors import PermanentError, RetryableError
+from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
 
 __all__ = ["OAuth2Error", "OAuth2RejectedError", "OAuth2Token", "OAuth2UnavailableError"]

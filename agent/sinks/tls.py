@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import ssl
 
-from agent.errors import PermanentError
-from config.models import TlsConfig
+from agent.sinks.config import TlsConfig
+from config.errors import PermanentError
 
 __all__ = ["TlsSetupError", "client_context"]
 

@@ -1,7 +1,7 @@
 """Turn Modbus registers (or bits) into tag values and back.
 
-pymodbus's ``convert_from_registers`` knows word order but not byte order (LIBRARIES.md), so the
-agent has its own small codec. It is pure: no I/O, no clock.
+pymodbus's ``convert_from_registers`` knows word order but not byte order
+(docs/library-notes.md), so the agent has its own small codec. It is pure: no I/O, no clock.
 
 Byte order over any number of registers
 ---------------------------------------
@@ -40,7 +40,7 @@ import math
 import struct
 from collections.abc import Sequence
 
-from agent.errors import DecodeError
+from config.errors import DecodeError
 from protocols.modbus.config import ByteOrder, ModbusTable, ModbusTag, ModbusType
 
 __all__ = ["decode", "encode", "float32_shortest"]

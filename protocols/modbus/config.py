@@ -46,6 +46,10 @@ class ByteOrder(StrEnum):
     CDAB = "CDAB"
 
 
+_INT_BITS = {ModbusType.INT16: 16, ModbusType.UINT16: 16, ModbusType.INT32: 32,
+             ModbusType.UINT32: 32, ModbusType.INT64: 64, ModbusType.UINT64: 64}
+
+
 class ModbusTag(Strict):
     table: ModbusTable = Field(ModbusTable.HOLDING, description="Register table to read.")
     address: int = Field(ge=0, le=65535, description="0-based protocol address (register 40011 "
@@ -117,3 +121,7 @@ class ModbusSourceConfig(Strict):
     @property
     def effective_stale_after(self) -> float:
         return self.stale_after or (3 * self.poll_interval + self.timeout)
+
+    def counter_bits(self, tag: str) -> int | None:
+        """Width of an integer tag, for counter rollover (None for other types)."""
+        return _INT_BITS.get(self.tags[tag].type)

@@ -1,7 +1,7 @@
 """An embedded Modbus TCP device for the tests and ``edge-agent demo``.
 
 It wraps pymodbus's ``ModbusTcpServer`` with a ``SimDevice`` (the old datastore classes are
-deprecated, LIBRARIES.md). The device has four separate tables (holding, input, coil,
+deprecated, see docs/library-notes.md). The device has four separate tables (holding, input, coil,
 discrete), each with addresses ``0 .. size-1``, all zero at first.
 
 Failures a test can ask for:

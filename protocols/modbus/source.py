@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -50,14 +49,14 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from agent.errors import ConnectionLostError, DecodeError, PeerTimeoutError
-from agent.model import Quality, TagSample, utcnow
-from protocols.base import SampleSink, Source
+from config.errors import ConnectionLostError, DecodeError, PeerTimeoutError
+from config.model import Quality, TagSample, utcnow
+from protocols.base import SampleSink, Source, next_poll_time
 from protocols.modbus.codec import decode
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTag
 from protocols.modbus.plan import Barrier, ReadBlock, plan
 
-__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource", "next_poll_time"]
+__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource"]
 
 RETRY_REFUSED_EVERY = 10
 # Extra time our own guard gives pymodbus to report its own timeout first.
@@ -74,18 +73,6 @@ _EXCEPTION_WORDS = {
 
 _UNIT_NAMES = {ModbusTable.HOLDING: "holding register", ModbusTable.INPUT: "input register",
                ModbusTable.COIL: "coil", ModbusTable.DISCRETE: "discrete input"}
-
-
-def next_poll_time(last_tick: float, now: float, interval: float) -> float:
-    """The first tick ``last_tick + k * interval`` (k >= 1) that is not in the past.
-
-    Drift-free: ticks stay on the grid of the first one. A poll that overran skips the missed
-    ticks rather than firing them back to back.
-    """
-    tick = last_tick + interval
-    if now > tick and interval > 0:
-        tick += math.ceil((now - tick) / interval) * interval
-    return tick
 
 
 def _quiet_pymodbus() -> None:

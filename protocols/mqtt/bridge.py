@@ -4,9 +4,10 @@ Why this bridge: paho does its socket work in ``loop_read`` / ``loop_write`` / `
 and lets an application call them from its own event loop. Registering the socket with
 ``loop.add_reader`` and calling them there delivers every message on the loop thread, in order,
 straight into detection: no thread hand-off per message, no locks, no queue to size. Measured
-here (LIBRARIES.md): 29-42k msg/s this way versus 7-18k with paho's ``loop_start`` thread and
-``call_soon_threadsafe``. The price is that paho's own reconnect loop does not run, which is
-what we want anyway: ``Source.run()`` is one session and the supervisor owns reconnecting.
+here (docs/library-notes.md): 29-42k msg/s this way versus 7-18k with paho's ``loop_start``
+thread and ``call_soon_threadsafe``. The price is that paho's own reconnect loop does not
+run, which is what we want anyway: ``Source.run()`` is one session and the supervisor owns
+reconnecting.
 
 Lifecycle of a ``PahoConnection`` (exactly one broker connection, never reconnected)::
 
@@ -49,13 +50,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import ConnectionLostError, PeerTimeoutError
+from config.errors import ConnectionLostError, PeerTimeoutError
 from protocols.mqtt.batched_socket import BatchedSocket
 from protocols.mqtt.config import MqttProtocol, MqttSourceConfig, SessionMode
 
 __all__ = ["PahoConnection", "build_client", "tls_context"]
 
-log = logging.getLogger("edge_agent.mqtt")
+log = logging.getLogger(__name__)
 
 _MISC_INTERVAL = 1.0
 _MAX_PACKETS_PER_BURST = 1000

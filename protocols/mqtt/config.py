@@ -268,3 +268,7 @@ class MqttSourceConfig(Strict):
     @property
     def effective_stale_after(self) -> float | None:
         return self.stale_after
+
+    def counter_bits(self, tag: str) -> int | None:
+        """Width of a counter tag for rollover; the protocol does not say (None)."""
+        return None

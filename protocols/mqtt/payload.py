@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.errors import DecodeError
-from agent.model import Value, parse_time
+from config.errors import DecodeError
+from config.model import Value, parse_time
 from protocols.mqtt.config import TimestampFormat, TopicTag, ValueType
 from protocols.mqtt.jsonpath import JsonPath, extract, format_path
 

@@ -34,8 +34,8 @@ from collections.abc import Sequence
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import DecodeError, PeerTimeoutError
-from agent.model import Quality, TagSample, utcnow
+from config.errors import DecodeError, PeerTimeoutError
+from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source
 from protocols.mqtt.bridge import PahoConnection
 from protocols.mqtt.config import (
@@ -51,7 +51,7 @@ from protocols.mqtt.sparkplug_host import SparkplugTracker
 
 __all__ = ["MqttSource", "topic_matches"]
 
-log = logging.getLogger("edge_agent.mqtt")
+log = logging.getLogger(__name__)
 
 # Bounds on per-topic bookkeeping: wildcard subscriptions can see unbounded topic names.
 _MAX_TRACKED_TOPICS = 1000

@@ -31,8 +31,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from agent.errors import DecodeError
-from agent.model import Value
+from config.errors import DecodeError
+from config.model import Value
 
 __all__ = ["NAMESPACE", "DataType", "Metric", "Payload", "SparkplugTopic", "decode_payload",
            "encode_payload", "metric_value", "parse_topic", "rebirth_request"]

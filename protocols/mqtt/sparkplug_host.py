@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from agent.errors import DecodeError
-from agent.model import Quality, TagSample
+from config.errors import DecodeError
+from config.model import Quality, TagSample
 from protocols.mqtt.config import SparkplugTag
 from protocols.mqtt.sparkplug import (
     NAMESPACE,

@@ -11,7 +11,7 @@ from typing import Any
 
 from asyncua import ua
 
-from agent.errors import ConnectionLostError, RetryableError
+from config.errors import ConnectionLostError, RetryableError
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.nodeids import NodeIdSyntaxError, UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, chunks

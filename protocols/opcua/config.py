@@ -1,4 +1,4 @@
-"""Configuration of an OPC UA source (``type: opcua``), DESIGN section 6.
+"""Configuration of an OPC UA source (``type: opcua``); see docs/configuration.md.
 
 Validation does no I/O: node ids are checked for syntax only (namespace URIs are resolved to
 indexes on every connect), certificate files are opened when a session starts.
@@ -192,3 +192,7 @@ class OpcuaSourceConfig(Strict):
         # A subscription reports only changes: a quiet tag is not stale while the session
         # lives (keep-alives prove it), so only a dead session makes tags stale.
         return max(30.0, 3 * self.keepalive_interval + self.timeout)
+
+    def counter_bits(self, tag: str) -> int | None:
+        """Width of a counter tag for rollover; the protocol does not say (None)."""
+        return None

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent.errors import ConnectionLostError, FatalError
+from config.errors import ConnectionLostError, FatalError
 from protocols.opcua.config import OpcuaSecurity, SecurityMode, SecurityPolicy
 
 __all__ = ["CertificateFiles", "TrustDirectory", "UntrustedServerError", "apply_security",

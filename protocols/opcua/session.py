@@ -15,7 +15,7 @@ Death is noticed by any of:
 - the notification queue overflowing (it is sized not to): values would be missing, so the
   session ends and the next one re-reads everything.
 
-Every asyncua / OS exception is translated here into ``agent.errors`` types.
+Every asyncua / OS exception is translated here into ``config.errors`` types.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from typing import Any
 from asyncua import Client, ua
 from asyncua.common.subscription import OverflowPolicy, Subscription
 
-from agent.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
+from config.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
 from config.secrets import SecretResolutionError
 from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag
 from protocols.opcua.security import TrustDirectory, UntrustedServerError, apply_security
 
 __all__ = ["DEFAULT_MAX_PER_CALL", "Session", "chunks", "quiet_asyncua"]
 
-log = logging.getLogger("edge_agent.opcua")
+log = logging.getLogger(__name__)
 
 # Upper bound per request even when the server states no limit (keeps messages small).
 DEFAULT_MAX_PER_CALL = 1000

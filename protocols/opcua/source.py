@@ -40,9 +40,8 @@ from typing import Any
 from asyncua import ua
 from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 
-from agent.model import Quality, TagSample, Value, utcnow
-from protocols.base import SampleSink, Source
-from protocols.modbus.source import next_poll_time
+from config.model import Quality, TagSample, Value, utcnow
+from protocols.base import SampleSink, Source, next_poll_time
 from protocols.opcua.config import OpcuaMode, OpcuaSourceConfig, OpcuaValueType, TimestampChoice
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
@@ -53,7 +52,7 @@ __all__ = ["RETRY_REFUSED_AFTER", "OpcuaSource", "to_sample"]
 # this often within a session. Poll mode reads them every poll anyway.
 RETRY_REFUSED_AFTER = 60.0
 
-log = logging.getLogger("edge_agent.opcua")
+log = logging.getLogger(__name__)
 
 # Batches handed to detection at most this large (keeps one emit short under bursts).
 _MAX_BATCH = 5000

@@ -39,11 +39,11 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from agent.detect.build import build_detectors
-from agent.model import TagSample, parse_time
 from agent.replay import read_samples, replay
-from config.loader import load_config_text
-from config.models import Config
+from agent.wiring.build import build_detectors
+from agent.wiring.load import load_config_text
+from agent.wiring.schema import Config
+from config.model import TagSample, parse_time
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import fill_disk, small_tmpfs
 
-from agent.errors import SchemaTooNewError, StorageFullError
 from buffer.base import Buffer, BufferStats, NewEvent, Settlement
 from buffer.memory import MemoryBuffer
 from buffer.migrations import SCHEMA_VERSION
 from buffer.sqlite import SqliteBuffer
+from config.errors import SchemaTooNewError, StorageFullError
 
 DOWN = "plantedge.downtime.started"
 SCRAP = "plantedge.scrap.recorded"

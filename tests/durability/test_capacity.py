@@ -26,7 +26,7 @@ from support import free_port, wait_until
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config
+from agent.wiring.load import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ async def test_capacity_drops_are_accounted_for_exactly(tmp_path: Path, when_ful
         async def drained() -> bool:
             stats = await rt.buffer.stats()
             sink = stats.sinks["central"]
-            return (not rt._queue and sink.pending + sink.leased == 0
+            return (rt.committer.uncommitted == 0 and sink.pending + sink.leased == 0
                     and not _accounted(rt, receiver, stats.dropped_total))
 
         # On a timeout the assertions below say what does not add up.

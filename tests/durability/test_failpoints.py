@@ -26,10 +26,10 @@ import pytest
 from _plant import Plant, check_exact, drained_status, get_json, write_config
 from support import AgentProcess, free_port, wait_until
 
-from agent.failpoints import ENV
 from agent.httpserver import Request, Response
 from agent.receiver import Receiver
 from buffer.sqlite import SqliteBuffer
+from config.failpoints import ENV
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +140,7 @@ async def test_kill_after_post_sent_before_answer(tmp_path: Path) -> None:
 
 
 def test_failpoint_spec_is_checked() -> None:
-    from agent.failpoints import _parse
+    from config.failpoints import _parse
 
     assert _parse(None) == (None, 0) and _parse("") == (None, 0)
     assert _parse("after_commit") == ("after_commit", 1)

@@ -36,7 +36,7 @@ from support import wait_until
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config
+from agent.wiring.load import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ async def agent(tmp_path: Path, receiver: Receiver, **cfg: Any) -> AsyncIterator
         async def drained() -> bool:
             stats = await rt.buffer.stats()
             sink = stats.sinks["central"]
-            return (not rt._queue and sink.pending + sink.leased == 0
+            return (rt.committer.uncommitted == 0 and sink.pending + sink.leased == 0
                     and all(d.episode is None for d in rt.detectors.values())
                     and _scrap_settled(rt, receiver, plant))
 

@@ -20,14 +20,14 @@ import pytest
 from _plant import Plant, write_config
 from support import ROOT, wait_until
 
-from agent.errors import SchemaTooNewError
 from agent.receiver import Receiver
 from agent.runtime import Runtime
+from agent.wiring.load import load_config
 from buffer import migrations
 from buffer.base import NewEvent
 from buffer.migrations import SCHEMA_VERSION
 from buffer.sqlite import SqliteBuffer
-from config.loader import load_config
+from config.errors import SchemaTooNewError
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from support import free_port, wait_until
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
-from config.models import Config
+from agent.wiring.load import load_config_text
+from agent.wiring.schema import Config
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

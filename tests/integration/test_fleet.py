@@ -19,7 +19,7 @@ from agent.app import serve
 from agent.httpserver import HttpServer, Request, Response
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import config_hash, load_config_text
+from agent.wiring.load import config_hash, load_config_text
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
@@ -93,7 +93,7 @@ buffer: {{commit_interval: 10ms}}
         assert "fleet-tok-123" not in json.dumps(beat)
 
         # The fleet endpoint fails (500, then nobody listens): events still flow.
-        with caplog.at_level(logging.INFO, logger="edge_agent.fleet"):
+        with caplog.at_level(logging.INFO, logger="agent.fleet"):
             collector.status = 500
             n = len(collector.headers)
             await wait_until(lambda: len(collector.headers) >= n + 3, what="failing beats")

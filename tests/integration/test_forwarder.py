@@ -14,13 +14,13 @@ import socket
 import pytest
 
 from agent.receiver import Receiver
-from agent.sinks.forwarder import Forwarder, ForwarderState
+from agent.runtime.forwarder import Forwarder, ForwarderState
+from agent.sinks.config import HttpSinkConfig, RetryPolicy
 from agent.sinks.http import HttpSink
 from buffer.base import NewEvent
 from buffer.memory import MemoryBuffer
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.models import HttpSinkConfig, RetryPolicy
 
 FAST = RetryPolicy(initial_backoff="10ms", max_backoff="100ms")
 
@@ -449,12 +449,13 @@ async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harn
 
 
 async def test_an_outage_is_logged_once_and_recovery_once(receiver, buf, harness, caplog):
-    caplog.set_level("INFO", logger="agent.sinks")
+    caplog.set_level("INFO", logger="agent.runtime")
     fw = harness.start(buf, receiver.url)
     receiver.inject(503, count=6)
     await append(buf, [new_event(i) for i in range(3)], fw)
     await settled(fw, buf, 3)
-    messages = [r.getMessage() for r in caplog.records if r.name.startswith("agent.sinks.")]
+    messages = [r.getMessage() for r in caplog.records
+                if r.name in ("agent.runtime.forwarder", "agent.runtime.settling")]
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("recovered after 6 failed attempts" in m for m in messages) == 1
 

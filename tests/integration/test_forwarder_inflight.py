@@ -22,13 +22,13 @@ import pytest
 from support import wait_until
 
 from agent.receiver import Receiver
+from agent.runtime.forwarder import Forwarder
 from agent.sinks.base import Delivery, OutboundEvent, Sink
-from agent.sinks.forwarder import Forwarder
+from agent.sinks.config import HttpSinkConfig, RetryPolicy
 from agent.sinks.http import HttpSink
 from buffer.base import NewEvent
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.models import HttpSinkConfig, RetryPolicy
 
 FAST = RetryPolicy(initial_backoff="20ms", max_backoff="100ms")
 

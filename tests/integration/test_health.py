@@ -16,8 +16,8 @@ from agent import __version__
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import config_hash, load_config_text
-from config.models import Config
+from agent.wiring.load import config_hash, load_config_text
+from agent.wiring.schema import Config
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

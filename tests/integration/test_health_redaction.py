@@ -15,8 +15,8 @@ import httpx
 import pytest
 from support import free_port, wait_until
 
-from agent.logs import add_secret_values, redact
 from agent.receiver import Receiver
+from config.redaction import add_secret_values, redact
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

@@ -10,8 +10,8 @@ import pytest
 
 from agent.receiver import CE_BATCH, CE_SINGLE, Receiver
 from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.config import HttpSinkConfig
 from agent.sinks.http import HttpSink
-from config.models import HttpSinkConfig
 
 SOURCE = "/sites/s/lines/l/machines/m1"
 

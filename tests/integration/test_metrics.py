@@ -1,4 +1,4 @@
-"""/metrics vocabulary (DESIGN style rule 9) and one registry per runtime."""
+"""/metrics vocabulary (docs/operations.md) and one registry per runtime."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
 
 NAME = re.compile(r"^edge_agent_[a-z0-9_]+$")
 UNITS = ("_total", "_seconds", "_bytes", "_events", "_up", "_held", "_ready", "_dead_letters")
@@ -46,7 +46,7 @@ async def test_two_runtimes_in_one_process_have_their_own_metrics(tmp_path: Path
             await server.aclose()
             await rt.stop()
         await rx.aclose()
-    assert runtimes[0].metrics.registry is not runtimes[1].metrics.registry
+    assert runtimes[0].registry is not runtimes[1].registry
     sinks = []
     for text in texts:
         families = list(text_string_to_metric_families(text))

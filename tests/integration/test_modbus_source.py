@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ConnectionLostError, PeerTimeoutError
-from agent.model import Quality, TagSample
+from config.errors import ConnectionLostError, PeerTimeoutError
+from config.model import Quality, TagSample
+from protocols.base import next_poll_time
 from protocols.modbus import ModbusSimulator, ModbusSource
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable
-from protocols.modbus.source import RETRY_REFUSED_EVERY, next_poll_time
+from protocols.modbus.source import RETRY_REFUSED_EVERY
 
 H, IR, COIL, DI = ModbusTable.HOLDING, ModbusTable.INPUT, ModbusTable.COIL, ModbusTable.DISCRETE
 

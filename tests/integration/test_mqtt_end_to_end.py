@@ -14,8 +14,8 @@ from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
-from config.models import Config
+from agent.wiring.load import load_config_text
+from agent.wiring.schema import Config
 
 pytestmark = needs_mosquitto
 

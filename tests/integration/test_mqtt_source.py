@@ -25,8 +25,8 @@ from support.mosquitto import (
     needs_mosquitto,
 )
 
-from agent.errors import ConnectionLostError
-from agent.model import Quality, TagSample
+from config.errors import ConnectionLostError
+from config.model import Quality, TagSample
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.mqtt.source import MqttSource
 
@@ -152,7 +152,7 @@ async def test_garbage_payloads_make_bad_samples_and_good_ones_still_flow(
         b'{"state": NaN}',                                  # not JSON
         json.dumps([1, 2, 3]).encode(),                     # not an object
     ]
-    caplog.set_level(logging.WARNING, logger="edge_agent.mqtt")
+    caplog.set_level(logging.WARNING, logger="protocols.mqtt")
     async with session(source, out) as task:
         await subscribed(source, out, publisher, "oven/reject", "reject", '{"qty": 1}')
         publisher.publish("oven/status", json.dumps({"state": "RUNNING"}))

@@ -14,8 +14,8 @@ import pytest
 from support import wait_until
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
-from agent.errors import ConnectionLostError
-from agent.model import TagSample
+from config.errors import ConnectionLostError
+from config.model import TagSample
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.mqtt.source import MqttSource
 from protocols.mqtt.sparkplug import DataType, Metric, Payload, decode_payload, encode_payload

@@ -16,7 +16,7 @@ from support import wait_until
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
 from protocols.opcua.testserver import OpcuaTestServer
 
 VARIABLES = {"Line.State": 1, "Line.Reason": 0}
@@ -61,7 +61,7 @@ async def test_server_restart_with_new_namespace_indexes_recovers_and_delivers(
     await receiver.start()
     modes = ("subscribe", "poll")
     runtimes = {m: Runtime(config(tmp_path, srv, m, receiver.url)) for m in modes}
-    caplog.set_level(logging.INFO, logger="edge_agent")
+    caplog.set_level(logging.INFO, logger="agent.runtime")
     for rt in runtimes.values():
         await rt.start()
     try:

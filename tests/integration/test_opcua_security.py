@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agent.errors import ConnectionLostError, FatalError
-from agent.model import Quality
+from config.errors import ConnectionLostError, FatalError
+from config.model import Quality
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.security import UntrustedServerError, generate_certificate
 from protocols.opcua.source import OpcuaSource

@@ -21,11 +21,11 @@ from cryptography import x509
 from support import free_port, wait_until
 
 from agent.cli import main
-from agent.errors import ConnectionLostError, PeerTimeoutError
-from agent.model import Quality, TagSample
 from agent.receiver import Receiver
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
+from config.errors import ConnectionLostError, PeerTimeoutError
+from config.model import Quality, TagSample
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.security import certificate_uri, fingerprint
 from protocols.opcua.source import OpcuaSource

@@ -17,9 +17,9 @@ import pytest
 from support import AgentProcess, free_port, wait_until
 
 from agent.receiver import Receiver
-from agent.reload import reload_from_file
 from agent.runtime import Runtime
-from config.loader import config_hash, load_config_text
+from agent.runtime.reload import reload_from_file
+from agent.wiring.load import config_hash, load_config_text
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
@@ -115,7 +115,7 @@ async def test_reload_in_process_keeps_what_did_not_change(
         await wait_until(lambda: of(receiver, "m1", "started"), what="downtime delivered")
         episode = det1.episode
         assert episode is not None
-        plc_task = next(t for t in rt._tasks if t.get_name() == "source:plc")
+        plc_task = rt.components.sources["plc"].task
         plc_info, central = rt.sources["plc"], rt.forwarders["central"]
         archive = rt.forwarders["archive"]
 
@@ -127,7 +127,7 @@ async def test_reload_in_process_keeps_what_did_not_change(
         assert sorted(changes) == ["machine m1", "machine m2", "sink archive", "source plc2"]
         assert "changes to buffer need a restart" in caplog.text
         # Untouched: the same supervisor task (still running), source info and forwarder.
-        assert next(t for t in rt._tasks if t.get_name() == "source:plc") is plc_task
+        assert rt.components.sources["plc"].task is plc_task
         assert not plc_task.done() and rt.sources["plc"] is plc_info
         assert rt.forwarders["central"] is central and rt.forwarders["archive"] is not archive
         assert rt.config.buffer == v1.buffer  # buffer changes wait for a restart
@@ -160,11 +160,12 @@ async def test_invalid_file_is_rejected_with_located_errors(
     rt = Runtime(v1, config_hash=config_hash(v1))
     await rt.start()
     try:
-        before_tasks = list(rt._tasks)
+        before_tasks = {n: s.task for n, s in rt.components.sources.items()}
         path.write_text(path.read_text().replace("poll_interval: 50ms", "poll_intervall: 50ms",
                                                  1))
         assert await reload_from_file(rt, path) is False
-        assert rt.config is v1 and rt._tasks == before_tasks
+        after_tasks = {n: s.task for n, s in rt.components.sources.items()}
+        assert rt.config is v1 and after_tasks == before_tasks
         assert rt.last_reload is not None and rt.last_reload["ok"] is False
         assert any(i.startswith(f"{path}:") and "poll_intervall" in i
                    for i in rt.last_reload["issues"])

@@ -17,8 +17,8 @@ import pytest
 from support import wait_until
 
 from agent.cli import main as cli_main
-from agent.model import parse_time
 from agent.replay import read_samples
+from config.model import parse_time
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 

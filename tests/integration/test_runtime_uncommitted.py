@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from support import free_port, wait_until
 
-import agent.runtime as runtime_module
-from agent.errors import StorageFullError
-from agent.model import Quality, TagSample, utcnow
+import agent.runtime.commit as commit_module
 from agent.runtime import Runtime
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
+from config.errors import StorageFullError
+from config.model import Quality, TagSample, utcnow
 
 
 def config(tmp: Path) -> Any:
@@ -33,7 +33,7 @@ buffer: {{commit_interval: 1ms}}
 
 async def test_uncommitted_detections_are_bounded_and_reported(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime_module, "_MAX_UNCOMMITTED", 5)
+    monkeypatch.setattr(commit_module, "MAX_UNCOMMITTED", 5)
     rt = Runtime(config(tmp_path))
     await rt.start()
     full = True
@@ -53,11 +53,11 @@ async def test_uncommitted_detections_are_bounded_and_reported(
         detected = sum(rt.events_detected.values())
         assert detected == 12
         await wait_until(lambda: rt.storage_full, what="commits failing")
-        await wait_until(lambda: len(rt._queue) == 5, what="queue bounded")
+        await wait_until(lambda: rt.committer.uncommitted == 5, what="queue bounded")
         assert rt.readiness() and "buffer" in rt.readiness()[0]
         full = False
         await wait_until(lambda: rt.storage_error is None, what="commits work again")
-        await wait_until(lambda: not rt._queue, what="gap committed")
+        await wait_until(lambda: rt.committer.uncommitted == 0, what="gap committed")
         rows = await rt.buffer.pending("central", limit=100)
         detected = sum(rt.events_detected.values())  # incl. signal.lost from the dead PLC
     finally:

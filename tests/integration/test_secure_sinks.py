@@ -26,9 +26,9 @@ from support import free_port
 from agent.httpserver import HttpServer, Request, Response
 from agent.receiver import Receiver
 from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.config import HttpSinkConfig, OAuth2Config
 from agent.sinks.http import HttpSink
 from agent.sinks.oauth import OAuth2Token
-from config.models import HttpSinkConfig, OAuth2Config
 
 SECRET = "client-s3cret-value-never-logged"
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.sinks.backoff import Backoff, full_jitter
 from agent.sinks.http import batch_idempotency_key, parse_retry_after
+from config.backoff import Backoff, full_jitter
 
 
 def test_full_jitter_stays_within_the_exponential_ceiling():

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import buffer.migrations as migrations
-from agent.errors import SchemaTooNewError
 from buffer.base import (
     BufferCorruptError,
     BufferOpenError,
@@ -27,6 +26,7 @@ from buffer.memory import MemoryBuffer
 from buffer.migrations import SCHEMA_VERSION, Migration
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
+from config.errors import SchemaTooNewError
 
 SINKS = ["erp"]
 

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from agent.errors import ConfigError
+from agent.wiring.load import load_config_text
+from agent.wiring.schema import Config
 from config._yamlmarks import parse_yaml
-from config.loader import load_config_text
-from config.models import Config
+from config.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "example.yaml"
 EXAMPLE_DATA, _, _ = parse_yaml(EXAMPLE.read_text())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, ConfigIssue
-from config.loader import config_hash, load_config, load_config_text
-from config.models import Config
+from agent.wiring.load import config_hash, load_config, load_config_text
+from agent.wiring.schema import Config
+from config.errors import ConfigError, ConfigIssue
 from config.secrets import Secret
 
 DATA = Path(__file__).parent / "data" / "config"

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from config.schema import SCHEMA_DIALECT, json_schema
+from agent.wiring.jsonschema import SCHEMA_DIALECT, json_schema
 from config.units import DURATION_PATTERN
 
 

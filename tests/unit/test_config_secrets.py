@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from config.loader import config_hash, load_config, load_config_text
-from config.models import Config
+from agent.wiring.load import config_hash, load_config, load_config_text
+from agent.wiring.schema import Config
+from config.errors import ConfigError
 from config.secrets import Secret
 
 SECRET = "s3cr3t-Tok3n-value-4711"

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agent.detect import MachineDetector
-from agent.model import Event, Quality, TagSample
-from config.models import MachineConfig
+from agent.detect.config import MachineConfig
+from config.model import Event, Quality, TagSample
 
 T0 = datetime(2026, 11, 28, 8, 0, 0, tzinfo=UTC)
 

@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.detect import MachineDetector
-from agent.model import Event, Quality, TagSample
+from agent.detect.config import MachineConfig
 from agent.replay import replay
-from config.loader import load_config_text
-from config.models import MachineConfig
+from agent.wiring.load import load_config_text
+from config.model import Event, Quality, TagSample
 
 T0 = datetime(2026, 11, 28, 8, 0, 0, tzinfo=UTC)
 FAST = settings(max_examples=40, deadline=None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from config.models import HealthConfig
+from agent.wiring.schema import HealthConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.metrics import _event_time
-from agent.model import Event, EventType, parse_time
+from agent.sinks.instrumented import _event_time
+from config.model import Event, EventType, parse_time
 
 T = parse_time("2026-11-28T08:00:00.123Z")
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import DecodeError
+from config.errors import DecodeError
 from protocols.modbus.codec import decode, encode, float32_shortest
 from protocols.modbus.config import ByteOrder, ModbusTable, ModbusTag, ModbusType
 

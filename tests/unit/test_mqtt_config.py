@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agent.errors import ConfigError
-from config.loader import load_config_text
+from agent.wiring.load import load_config_text
+from config.errors import ConfigError
 from protocols.mqtt.config import MqttSourceConfig, SparkplugTag, TopicTag
 from protocols.mqtt.source import MqttSource
 

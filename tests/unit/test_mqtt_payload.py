@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import DecodeError
+from config.errors import DecodeError
 from protocols.mqtt.config import TopicTag
 from protocols.mqtt.jsonpath import compile_path, extract, format_path
 from protocols.mqtt.payload import Message, TopicReader, excerpt

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import DecodeError
+from config.errors import DecodeError
 from protocols.mqtt.config import SparkplugTag
 from protocols.mqtt.sparkplug import (
     DataType,

@@ -8,7 +8,7 @@ import pytest
 from asyncua import ua
 from pydantic import ValidationError
 
-from agent.model import Quality
+from config.model import Quality
 from protocols.opcua.config import OpcuaSourceConfig, OpcuaValueType, TimestampChoice
 from protocols.opcua.nodeids import (
     NodeIdSyntaxError,
@@ -116,7 +116,7 @@ def _dv(value: Any, status: int = ua.StatusCodes.Good) -> Any:
 ])
 def test_values_are_checked_against_the_tag_type(raw: Any, expected: OpcuaValueType | None,
                                                  value: Any, quality: Quality) -> None:
-    from agent.model import utcnow
+    from config.model import utcnow
 
     s = to_sample("t", "ns=1;s=T", _dv(raw), expected, TimestampChoice.SOURCE, utcnow())
     assert (s.value, s.quality) == (value, quality)

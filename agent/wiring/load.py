@@ -26,12 +26,13 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from agent.errors import ConfigError, ConfigIssue
+from agent.detect.config import MachineConfig
+from agent.wiring.schema import Config
 from config._messages import dotted, suggest, translate
 from config._refs import prepare
 from config._yamlmarks import Mark, Marks, YamlIssue, parse_yaml
 from config._yamlmarks import Path as KeyPath
-from config.models import Config, MachineConfig
+from config.errors import ConfigError, ConfigIssue
 
 __all__ = ["config_hash", "load_config", "load_config_text"]
 

@@ -31,13 +31,13 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Protocol
 
-from agent import failpoints
-from agent.model import format_time, utcnow
-from agent.sinks.backoff import Backoff
+from agent.runtime.batching import halves, outbound
 from agent.sinks.base import Delivery, Outcome, Sink
-from agent.sinks.batching import halves, outbound
+from agent.sinks.config import RetryPolicy
 from buffer.base import LeasedEvent, Settlement
-from config.models import RetryPolicy
+from config import failpoints
+from config.backoff import Backoff
+from config.model import format_time, utcnow
 
 __all__ = ["AsyncLeaseBuffer", "ForwarderState", "Settling"]
 

@@ -9,9 +9,9 @@ Flow::
 Invariants:
 - Every datetime here is timezone-aware UTC.
 - A ``TagSample`` with ``quality != GOOD`` may carry ``value=None``; a bad sample is never a
-  guessed value (DESIGN section 1).
+  guessed value (docs/architecture.md).
 - ``Event.id`` is deterministic: a UUIDv5 over the facts that identify the event, so re-detecting
-  the same fact after a crash gives the same id (DESIGN section 3).
+  the same fact after a crash gives the same id (docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Event:
     """A business fact, ready to be buffered and delivered as a CloudEvents 1.0 object.
 
     ``key`` is the ordering key (the machine id, or ``agent`` for agent-level events such as
-    data gaps): first deliveries keep detection order per key (DESIGN section 4).
+    data gaps): first deliveries keep detection order per key (docs/delivery.md).
     """
 
     id: str

@@ -46,11 +46,11 @@ import logging
 import random
 from typing import Any
 
+from agent.runtime.batching import Lanes
+from agent.runtime.settling import AsyncLeaseBuffer, ForwarderState, Settling
 from agent.sinks.base import Delivery, Outcome, Sink
-from agent.sinks.batching import Lanes
-from agent.sinks.settling import AsyncLeaseBuffer, ForwarderState, Settling
+from agent.sinks.config import RetryPolicy
 from buffer.base import LeasedEvent, Settlement
-from config.models import RetryPolicy
 
 __all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
 

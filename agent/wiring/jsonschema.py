@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.models import Config
+from agent.wiring.schema import Config
 from config.units import DURATION_PATTERN, format_duration
 
 __all__ = ["SCHEMA_DIALECT", "json_schema"]

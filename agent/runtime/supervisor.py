@@ -1,6 +1,6 @@
 """Supervision of long-lived sessions: reconnect with backoff, log transitions once, watchdog.
 
-Every source runs under one ``Supervisor`` (DESIGN style rule 7: one dead device never stalls
+Every source runs under one ``Supervisor`` (docs/architecture.md: one dead device never stalls
 another). The supervised callable is **one session**; when it raises, the supervisor records the
 error, waits a backoff delay (exponential, full jitter) and starts a new session.
 
@@ -24,12 +24,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agent.errors import EdgeAgentError
-from agent.sinks.backoff import Backoff
+from config.backoff import Backoff
+from config.errors import EdgeAgentError
 
 __all__ = ["Supervisor"]
 
-log = logging.getLogger("edge_agent.supervisor")
+log = logging.getLogger(__name__)
 
 
 class _WatchdogExpired(Exception):

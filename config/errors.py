@@ -1,4 +1,4 @@
-"""The error tree. Errors are named after the decision they drive (DESIGN style rule 6).
+"""The error tree. Errors are named after the decision they drive (docs/architecture.md).
 
 Leaf module: imports nothing from the project. Library exceptions (asyncua, pymodbus, paho,
 httpx, sqlite3) are translated into these at the boundary with ``raise ... from``; they never

@@ -18,8 +18,11 @@ Rules (issue 7):
 - ``agent``, ``buffer`` and ``health.listen`` need a restart: the log says so and the old values
   keep running. Health thresholds and the ``fleet`` block apply at once.
 
-Order of a reload: flush what was detected (so a detector's state and its events commit
-together under the old rules), stop changed sources, swap detectors, swap sinks, start sources.
+A reload is a ``ReloadPlan`` computed from the old and the new configuration alone (pure, so it
+is tested without a running agent), then applied through the runtime's public operations and
+``Components`` (start, stop, replace by name). Order of ``apply``: flush what was detected (so a
+detector's state and its events commit together under the old rules), stop changed sources,
+adopt the configuration, swap detectors, replace changed sinks, start sources.
 """
 
 from __future__ import annotations
@@ -27,26 +30,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from agent.detect.build import build_detectors
-from agent.errors import ConfigError, EdgeAgentError
-from agent.logs import register_config_secrets
-from agent.model import format_time, utcnow
-from agent.sinks.backoff import Backoff
-from agent.sinks.forwarder import Forwarder
-from agent.sinks.http import HttpSink
-from agent.supervisor import Supervisor
-from config.models import Config
-from protocols.registry import build_source
+from agent.wiring.build import build_detectors
+from agent.wiring.load import config_hash, load_config
+from agent.wiring.schema import Config
+from config.errors import ConfigError, EdgeAgentError
+from config.model import format_time, utcnow
+from config.redaction import register_config_secrets
 
 if TYPE_CHECKING:
-    from agent.runtime import Runtime
+    from agent.runtime.core import Runtime
 
-__all__ = ["ReloadRequests", "apply_config", "describe", "reload_from_file"]
+__all__ = ["ReloadPlan", "ReloadRequests", "apply_config", "plan_reload", "reload_from_file"]
 
-log = logging.getLogger("edge_agent.reload")
+log = logging.getLogger(__name__)
 
 
 class ReloadRequests:
@@ -82,8 +82,6 @@ class ReloadRequests:
 
 async def reload_from_file(runtime: Runtime, path: Path) -> bool:
     """Load ``path`` and apply it; False (and the old config keeps running) when invalid."""
-    from config.loader import config_hash, load_config
-
     log.info("reloading the configuration from %s", path)
     try:
         new = await asyncio.to_thread(load_config, path)
@@ -104,6 +102,52 @@ async def reload_from_file(runtime: Runtime, path: Path) -> bool:
     runtime.last_reload = {"at": format_time(utcnow()), "ok": True, "changes": changes,
                            "config_hash": runtime.config_hash}
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a reload changes, computed from the two configurations alone."""
+
+    effective: Config               # the new config less what needs a restart
+    kept: tuple[str, ...]           # parts whose change needs a restart (old values stay)
+    sources: tuple[str, ...]        # changed, added or removed source ids
+    machines: tuple[str, ...]       # machines to rebuild (rule or one of its sources changed)
+    removed_machines: tuple[str, ...]
+    sinks: tuple[str, ...]          # sinks whose config changed (same id)
+    health: bool
+    fleet: bool
+
+    @property
+    def changes(self) -> list[str]:
+        out = [f"source {n}" for n in self.sources]
+        if self.health:
+            out.append("health thresholds")
+        if self.fleet:
+            out.append("fleet")
+        out += [f"machine {m}" for m in self.machines]
+        out += [f"machine {m} removed" for m in self.removed_machines]
+        out += [f"sink {n}" for n in self.sinks]
+        return out
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    effective, kept = _needs_restart(old, new)
+    changed_sources = {n for n in set(old.sources) | set(effective.sources)
+                       if old.sources.get(n) != effective.sources.get(n)}
+    old_index, new_index = old.tag_index(), effective.tag_index()
+    machines = []
+    for mid, mcfg in effective.machines.items():
+        tags = [t for _, t in mcfg.tag_refs()]
+        touched = {old_index.get(t) for t in tags} | {new_index.get(t) for t in tags}
+        if old.machines.get(mid) != mcfg or touched & changed_sources:
+            machines.append(mid)
+    sinks = [n for n, c in effective.sinks.items() if n in old.sinks and old.sinks[n] != c]
+    return ReloadPlan(
+        effective=effective, kept=tuple(kept), sources=tuple(sorted(changed_sources)),
+        machines=tuple(machines),
+        removed_machines=tuple(sorted(set(old.machines) - set(effective.machines))),
+        sinks=tuple(sorted(sinks)), health=effective.health != old.health,
+        fleet=effective.fleet != old.fleet)
 
 
 def _needs_restart(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -129,125 +173,52 @@ def _needs_restart(old: Config, new: Config) -> tuple[Config, list[str]]:
 
 async def apply_config(runtime: Runtime, new: Config, new_hash: str | None) -> list[str]:
     """Apply ``new`` to a running runtime; returns the changes made (for the log and /status)."""
-    old = runtime.config
-    effective, kept = _needs_restart(old, new)
-    if kept:
+    plan = plan_reload(runtime.config, new)
+    if plan.kept:
         log.warning("reload: changes to %s need a restart (systemctl restart edge-agent); "
-                    "the running values stay until then", ", ".join(kept))
+                    "the running values stay until then", ", ".join(plan.kept))
     with contextlib.suppress(EdgeAgentError):
         await runtime.flush()  # commit under the old rules; a failure keeps them queued
-
-    changed_sources = {n for n in set(old.sources) | set(effective.sources)
-                       if old.sources.get(n) != effective.sources.get(n)}
-    changes = [f"source {n}" for n in sorted(changed_sources)]
-    if effective.health != old.health:
-        changes.append("health thresholds")
-    if effective.fleet != old.fleet:
-        changes.append("fleet")
-    for name in sorted(changed_sources & set(old.sources)):
-        await _stop_source(runtime, name)
-
-    runtime.config = effective
-    runtime.config_hash = new_hash
-    changes += _swap_detectors(runtime, old, effective, changed_sources)
-    changes += await _swap_sinks(runtime, old, effective)
-    for name in sorted(changed_sources & set(effective.sources)):
-        _start_source(runtime, name)
+    parts = runtime.components
+    new_cfg = plan.effective
+    for name in plan.sources:
+        if await parts.stop_source(name):
+            log.info("source %s stopped for the new configuration", name)
+    runtime.adopt(new_cfg, new_hash)
+    _swap_detectors(runtime, plan)
+    timeout = new_cfg.agent.stop_timeout / 2
+    for name in plan.sinks:
+        await parts.replace_sink(name, new_cfg.sinks[name], timeout)
+    for name in plan.sources:
+        if name in new_cfg.sources:
+            parts.start_source(name, new_cfg.sources[name])
+    changes = plan.changes
     log.info("reload applied (%s): %s", (new_hash or "")[:12],
              ", ".join(changes) if changes else "no component changed")
     return changes
 
 
-async def _stop_source(runtime: Runtime, name: str) -> None:
-    info = runtime.sources.pop(name, None)
-    wanted = f"source:{name}"
-    for task in [t for t in runtime._tasks if t.get_name() == wanted]:
-        runtime._tasks.remove(task)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-    if info is not None:
-        log.info("source %s stopped for the new configuration", name)
-
-
-def _start_source(runtime: Runtime, name: str) -> None:
-    from agent.runtime import _SourceInfo
-
-    cfg = runtime.config.sources[name]
-    source = build_source(name, cfg)
-    watchdog = None if source.stale_after == float("inf") else max(10.0, 4 * source.stale_after)
-    sup = Supervisor("source", name, runtime._session(name),
-                     backoff=Backoff(cfg.backoff.initial, cfg.backoff.max), watchdog=watchdog)
-    runtime.sources[name] = _SourceInfo(source, sup)
-    runtime._tasks.append(asyncio.create_task(sup.run(), name=f"source:{name}"))
-
-
-def _swap_detectors(runtime: Runtime, old: Config, new: Config,
-                    changed_sources: set[str]) -> list[str]:
-    fresh = build_detectors(new)
-    old_index, new_index = old.tag_index(), new.tag_index()
-    changes = []
+def _swap_detectors(runtime: Runtime, plan: ReloadPlan) -> None:
+    """Unchanged machines keep their very detector object; a rebuilt one continues from the
+    current detector's snapshot (an open episode or scrap window carries over)."""
+    current = runtime.components.detectors
+    fresh = build_detectors(plan.effective)
+    rebuilt = set(plan.machines)
     for mid, det in fresh.items():
-        current = runtime.detectors.get(mid)
-        touched = {old_index.get(t) for _, t in new.machines[mid].tag_refs()} | \
-            {new_index.get(t) for _, t in new.machines[mid].tag_refs()}
-        if current is not None and old.machines.get(mid) == new.machines[mid] \
-                and not touched & changed_sources:
-            fresh[mid] = current  # unchanged: the very same detector object
+        old_det = current.get(mid)
+        if mid not in rebuilt and old_det is not None:
+            fresh[mid] = old_det
             continue
-        changes.append(f"machine {mid}")
-        if current is not None:
+        if old_det is not None:
             try:
-                det.restore(current.snapshot())
+                det.restore(old_det.snapshot())
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("machine %s: its state does not fit the new rules (%s); it starts "
                           "fresh", mid, exc)
             det.dirty = True  # commit the state under the new rules at the next commit
-    for mid in set(runtime.detectors) - set(fresh):
-        changes.append(f"machine {mid} removed")
-        runtime._dirty.discard(mid)
-    runtime.detectors = fresh
-    runtime._by_tag = {}
+    for mid in plan.removed_machines:
+        runtime.committer.forget(mid)
+    runtime.components.set_detectors(fresh)
     for det in fresh.values():
-        for tag in det.tags:
-            runtime._by_tag.setdefault(tag, []).append(det)
         if det.dirty:
-            runtime._dirty.add(det.machine_id)
-    return changes
-
-
-async def _swap_sinks(runtime: Runtime, old: Config, new: Config) -> list[str]:
-    changes = []
-    timeout = new.agent.stop_timeout / 2
-    for name, cfg in new.sinks.items():
-        if old.sinks.get(name) == cfg or name not in runtime.forwarders:
-            continue
-        changes.append(f"sink {name}")
-        fw = runtime.forwarders[name]
-        await fw.stop(timeout)
-        for task in [t for t in runtime._fw_tasks if f"sink={name!r}," in t.get_name()]:
-            runtime._fw_tasks.remove(task)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        for sink in [s for s in runtime._sinks if s.name == name]:
-            runtime._sinks.remove(sink)
-            with contextlib.suppress(Exception):
-                await sink.aclose()
-        sink = HttpSink(name, cfg)
-        runtime._sinks.append(sink)
-        new_fw = Forwarder(runtime.metrics.instrument(sink), runtime.buffer, cfg.retry)
-        runtime.forwarders[name] = new_fw
-        runtime._fw_tasks.append(asyncio.create_task(new_fw.run(), name=f"forwarder:{new_fw}"))
-        new_fw.wake()
-    return changes
-
-
-def describe(last_reload: dict[str, Any] | None) -> str:
-    """One line about the last reload, for ``edge-agent reload``."""
-    if not last_reload:
-        return "no reload yet"
-    if last_reload.get("ok"):
-        what = ", ".join(last_reload.get("changes") or []) or "no component changed"
-        return f"applied at {last_reload.get('at')}: {what}"
-    return f"REJECTED at {last_reload.get('at')}: " + "; ".join(last_reload.get("issues") or [])
+            runtime.committer.take(det, [])

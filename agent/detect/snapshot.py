@@ -1,0 +1,108 @@
+"""A detector's persistent state: what ``snapshot()`` saves and ``restore()`` reads back.
+
+The runtime commits this text in the same transaction as the events the detector produced, so
+after a crash the detector continues exactly where its last committed events left it (same
+sequence, same open episode, same scrap window): re-detection gives the same ids.
+
+The layout is versioned (``STATE_VERSION``); a state of another version is refused with
+ValueError and the machine starts fresh (the runtime logs it) rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.detect.episode import Episode
+from config.model import MachineState, format_time
+
+if TYPE_CHECKING:
+    from agent.detect.machine import MachineDetector
+
+__all__ = ["STATE_VERSION", "apply_state", "dump_state", "parse_state", "status_view"]
+
+STATE_VERSION = 1
+
+
+def dump_state(det: MachineDetector) -> str:
+    """The detector's persistent state as JSON text (committed with its events)."""
+    ep = asdict(det.episode) if det.episode else None
+    if ep:
+        ep["started_at"] = ep["started_at"].isoformat()
+    return json.dumps({
+        "v": STATE_VERSION, "sequence": det.sequence, "state": det.state.value,
+        "state_since": _iso(det.state_since), "base_state": det.base_state.value,
+        "running_since": _iso(det.running_since),
+        "signal": det.signal, "signal_detail": det.signal_detail,
+        "lost_at": _iso(det.lost_at), "episode": ep, "order": det.order,
+        "reason": det.reason, "prod_last": det.prod_last,
+        "prod_moved_at": _iso(det.prod_moved_at), "prod_blind": det.prod_blind,
+        "bad_inputs": det.bad_inputs,
+        "scrap": det.scrap.to_json() if det.scrap else None,
+        "microstops": det.microstops, "microstop_seconds": det.microstop_seconds,
+        "clock_jumps": det.clock_jumps,
+    }, sort_keys=True)
+
+
+def parse_state(text: str) -> dict[str, Any]:
+    """Read a saved state; ValueError when it is not one this version can continue from."""
+    d = json.loads(text)
+    if not isinstance(d, dict) or d.get("v") != STATE_VERSION:
+        version = d.get("v") if isinstance(d, dict) else None
+        raise ValueError(f"unknown detector state version {version!r}")
+    return d
+
+
+def apply_state(det: MachineDetector, d: dict[str, Any]) -> None:
+    """Put a parsed state into a freshly reset detector."""
+    det.sequence = int(d["sequence"])
+    det.state = MachineState(d["state"])
+    det.state_since = _dt(d.get("state_since"))
+    det.base_state = MachineState(d.get("base_state", d["state"]))
+    det.running_since = _dt(d.get("running_since"))
+    det.signal, det.signal_detail = d["signal"], d.get("signal_detail")
+    det.lost_at = _dt(d.get("lost_at"))
+    if d.get("episode"):
+        ep = dict(d["episode"])
+        ep["started_at"] = datetime.fromisoformat(ep["started_at"])
+        det.episode = Episode(**ep)
+    det.order, det.reason = d.get("order"), d.get("reason")
+    det.prod_last = d.get("prod_last")
+    det.prod_moved_at = _dt(d.get("prod_moved_at"))
+    det.prod_blind = bool(d.get("prod_blind", False))
+    det.bad_inputs = dict(d.get("bad_inputs", {}))
+    if det.scrap is not None and d.get("scrap"):
+        det.scrap.restore(d["scrap"])
+    det.microstops = int(d.get("microstops", 0))
+    det.microstop_seconds = float(d.get("microstop_seconds", 0.0))
+    det.clock_jumps = int(d.get("clock_jumps", 0))
+
+
+def status_view(det: MachineDetector) -> dict[str, Any]:
+    """What /status shows of one machine."""
+    ep = det.episode
+    return {
+        "state": det.state.value, "since": _fmt(det.state_since),
+        "signal": det.signal, "signal_detail": det.signal_detail,
+        "order_id": det.order,
+        "open_downtime": None if ep is None else {
+            "episode_id": ep.episode_id, "category": ep.category,
+            "started_at": format_time(ep.started_at), "reason_code": ep.reason_code,
+            "reported": ep.announced},
+        "counter_anomalies": det.scrap.anomalies if det.scrap else 0,
+        "clock_jumps": det.clock_jumps,
+    }
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def _fmt(t: datetime | None) -> str | None:
+    return format_time(t) if t else None
+
+
+def _dt(v: object) -> datetime | None:
+    return datetime.fromisoformat(v) if isinstance(v, str) else None
