@@ -71,6 +71,7 @@ runtime confines it to the ``AsyncBuffer`` writer thread. Readers such as the CL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -101,6 +102,7 @@ from buffer.config import WhenFull
 from buffer.salvage import move_aside, read_salvageable, wal_missing
 from buffer.settle import delete_orphans
 from buffer.sqlite_delivery import SqliteDeliveries
+from config.errors import StorageFullError
 from config.model import format_time, utcnow
 
 __all__ = ["SqliteBuffer"]
@@ -321,7 +323,9 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
         """Exact counts: grouped settles are committed first (a /status request is rare
         next to settles; a drain still groups them between two requests)."""
         conn = self._require()
-        self._flush_now()
+        # Stats must answer on a full disk: then only ``events`` still counts settled rows.
+        with contextlib.suppress(StorageFullError):
+            self._flush_now()
         self._foreign_writes()
         try:
             counts = self._counts

@@ -36,6 +36,8 @@ __all__ = ["SqliteDeliveries"]
 
 log = logging.getLogger(__name__)
 
+_SHRINK_EVERY = 60.0  # seconds between shrinks while rows are still pending
+
 
 class SqliteDeliveries(SqliteFile):
     """See the module docstring."""
@@ -61,6 +63,7 @@ class SqliteDeliveries(SqliteFile):
         # PRAGMA data_version when the counts were taken: it changes only when another
         # connection (the CLI's replay/purge) commits, and then the rows are counted again.
         self._data_version = 0
+        self._last_shrink = -_SHRINK_EVERY
 
     def _load_counts(self) -> None:
         """Count rows (a scan): at open, and when another connection has written."""
@@ -201,12 +204,24 @@ class SqliteDeliveries(SqliteFile):
             self._move(sink, "pending", None, rows)
             self._delta_events -= events
 
+    def _shrink_due(self) -> bool:
+        """Shrinking moves live pages from the end of the file into free ones; in the middle
+        of a drain the next deletions free those again. So: once nothing is pending, or at
+        most once a minute (a sink removed from the configuration may keep rows forever)."""
+        now = self._clock()
+        idle = self._counts is None or not any(
+            n for (_, state), n in self._counts.items() if state == "pending")
+        if idle or now - self._last_shrink >= _SHRINK_EVERY:
+            self._last_shrink = now
+            return True
+        return False
+
     def _maybe_shrink(self) -> None:
         """Give free pages back to the file system once a quarter of the file is free."""
         conn = self._require()
         try:
             page_count, free, _ = page_stats(conn)
-            if free > 256 and free * 4 > page_count:
+            if free > 256 and free * 4 > page_count and self._shrink_due():
                 # Each step frees one page and a cursor would step once (the pragma returns no
                 # columns); executescript steps it to the end. No transaction is open here.
                 conn.executescript("PRAGMA incremental_vacuum;")
