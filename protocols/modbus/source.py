@@ -48,6 +48,12 @@ from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse, ReadDiscreteInputsResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 
 from config.errors import ConnectionLostError, DecodeError, PeerTimeoutError
 from config.model import Quality, TagSample, utcnow
@@ -104,6 +110,7 @@ class ModbusSource(Source):
         self._refused: dict[str, str] = {}  # tag id -> detail of the last refusal
         self._barriers: set[Barrier] = set()
         self._polls = 0
+        self._slices: list[list[tuple[str, ModbusTag, int, int]]] = []  # per block
         self._blocks = self._plan()
         _quiet_pymodbus()
 
@@ -156,8 +163,13 @@ class ModbusSource(Source):
         for tag_id in self._refused:
             tag = self.config.tags[tag_id]
             walls.add((tag.table, tag.address, tag.register_count))
-        return plan(good, max_registers=self.config.max_registers_per_read,
-                    max_gap=self.config.max_gap, barriers=sorted(walls))
+        blocks = plan(good, max_registers=self.config.max_registers_per_read,
+                      max_gap=self.config.max_gap, barriers=sorted(walls))
+        # Where each tag's values sit in its block's answer, worked out once per plan rather
+        # than on every read.
+        self._slices = [[(tag_id, tag, offset, offset + tag.register_count)
+                         for tag_id, tag, offset in b.tags] for b in blocks]
+        return blocks
 
     async def _poll(self, link: _Link) -> list[TagSample]:
         self._polls += 1
@@ -167,7 +179,7 @@ class ModbusSource(Source):
             for tag_id in list(self._refused):
                 if await self._read_alone(link, tag_id, self.config.tags[tag_id], samples):
                     changed = True
-        for block in self._blocks:
+        for block, slices in zip(self._blocks, self._slices, strict=True):
             data = await link.read(block.table, block.start, block.count)
             if isinstance(data, Refusal):
                 if not data.about_addresses:
@@ -178,9 +190,8 @@ class ModbusSource(Source):
                 await self._split(link, block, data, samples)
                 continue
             now = utcnow()
-            for tag_id, tag, offset in block.tags:
-                samples[tag_id] = self._decode(tag_id, tag,
-                                               data[offset:offset + tag.register_count], now)
+            for tag_id, tag, offset, end in slices:
+                samples[tag_id] = self._decode(tag_id, tag, data[offset:end], now)
         for tag_id, detail in self._refused.items():
             if tag_id not in samples:
                 samples[tag_id] = self._bad(tag_id, detail, utcnow())
@@ -285,27 +296,50 @@ class Refusal:
         return self.code is None or self.code in _MAP_EXCEPTIONS
 
 
-def _swallow(task: asyncio.Future[Any]) -> None:
-    # A request abandoned because the link dropped may still fail later; mark it retrieved.
-    if not task.cancelled():
-        task.exception()
-
-
 class _Link:
-    """One pymodbus client connection: exactly one session, never reconnected."""
+    """One pymodbus client connection: exactly one session, never reconnected.
+
+    A read or the wait between polls is a plain await in the source's own task, with no task
+    or future of ours per read: when pymodbus reports the connection down, that task is
+    cancelled (``_on_connection``) and the await turns into ``ConnectionLostError``."""
 
     def __init__(self, config: ModbusSourceConfig) -> None:
         self._where = f"{config.host}:{config.port}"
         self._unit = config.unit_id
         self._timeout = config.timeout
-        self._lost = asyncio.Event()
-        self._client = AsyncModbusTcpClient(
+        self._lost = False
+        self._waiting: asyncio.Task[Any] | None = None  # the task in read() or idle()
+        self._cancelled_for_loss = False
+        c = self._client = AsyncModbusTcpClient(
             config.host, port=config.port, timeout=config.timeout, retries=0,
             reconnect_delay=0, reconnect_delay_max=0, trace_connect=self._on_connection)
+        for quiet in _QUIET_RESPONSES:
+            c.register(quiet)
+        self._calls = {ModbusTable.HOLDING: c.read_holding_registers,
+                       ModbusTable.INPUT: c.read_input_registers,
+                       ModbusTable.COIL: c.read_coils,
+                       ModbusTable.DISCRETE: c.read_discrete_inputs}
 
     def _on_connection(self, up: bool) -> None:
-        if not up:
-            self._lost.set()
+        if up:
+            return
+        self._lost = True
+        task = self._waiting
+        if task is not None and not task.done() and not self._cancelled_for_loss:
+            self._cancelled_for_loss = True
+            task.cancel()
+
+    def _closed(self) -> ConnectionLostError:
+        return ConnectionLostError(f"Modbus device {self._where} closed the connection")
+
+    def _check_lost(self) -> None:
+        """After a CancelledError: ours (the link dropped) becomes ConnectionLostError."""
+        if self._cancelled_for_loss:
+            self._cancelled_for_loss = False
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            raise self._closed() from None
 
     async def open(self) -> None:
         try:
@@ -317,52 +351,48 @@ class _Link:
             raise ConnectionLostError(f"cannot connect to Modbus device {self._where}")
 
     def close(self) -> None:
+        self._waiting = None
         self._client.close()
 
     async def idle(self, seconds: float) -> None:
         """Wait between polls; a drop meanwhile ends the session now, not at the next poll."""
+        if self._lost:
+            raise self._closed()
+        self._waiting = asyncio.current_task()
         try:
-            await asyncio.wait_for(self._lost.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self._check_lost()
+            raise
+        finally:
+            self._waiting = None
 
     async def read(self, table: ModbusTable, start: int, count: int) -> list[int] | Refusal:
         """Registers (bits as 0/1) or the device's refusal; raises RetryableError otherwise."""
-        if self._lost.is_set() or not self._client.connected:
-            raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
-        c = self._client
-        call = {ModbusTable.HOLDING: c.read_holding_registers,
-                ModbusTable.INPUT: c.read_input_registers,
-                ModbusTable.COIL: c.read_coils,
-                ModbusTable.DISCRETE: c.read_discrete_inputs}[table]
-        request = asyncio.ensure_future(call(start, count=count, device_id=self._unit))
-        request.add_done_callback(_swallow)
-        lost = asyncio.ensure_future(self._lost.wait())
+        if self._lost or not self._client.connected:
+            raise self._closed()
+        self._waiting = asyncio.current_task()
         try:
-            done, _ = await asyncio.wait({request, lost}, timeout=self._timeout + _TIMEOUT_GRACE,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            if not request.done():
-                request.cancel()
-        if request not in done:
-            if lost in done:
-                raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
+            # pymodbus times out by itself; this guard only catches a request it lost track of.
+            async with asyncio.timeout(self._timeout + _TIMEOUT_GRACE):
+                response = await self._calls[table](start, count=count, device_id=self._unit)
+        except asyncio.CancelledError:
+            self._check_lost()
+            raise
+        except TimeoutError:
             raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
-                                   f"{self._timeout:g}s")
-        try:
-            response = request.result()
+                                   f"{self._timeout:g}s") from None
         except ConnectionException as exc:
             raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
         except ModbusIOException as exc:
-            if self._lost.is_set():
-                raise ConnectionLostError(
-                    f"Modbus device {self._where} closed the connection") from exc
+            if self._lost:
+                raise self._closed() from exc
             raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
                                    f"{self._timeout:g}s") from exc
         except (ModbusException, OSError) as exc:
             raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
+        finally:
+            self._waiting = None
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             words = _EXCEPTION_WORDS.get(code, "an unknown exception")
@@ -372,3 +402,25 @@ class _Link:
         if len(values) < count:
             return Refusal(f"device answered {len(values)} values instead of {count}")
         return [int(v) for v in values[:count]]
+
+
+def _quiet(base: type[ModbusPDU]) -> type[ModbusPDU]:
+    """``base`` with a ``str()`` that costs nothing while pymodbus debug logging is off.
+
+    pymodbus formats every decoded answer for a debug line (``str(pdu)`` is an argument, so
+    it is built before the level is checked); registered on our client, these classes take
+    the place of the standard answers and describe themselves in full only when that line
+    will be written."""
+
+    def __str__(self: ModbusPDU) -> str:
+        if _PYMODBUS_LOG.isEnabledFor(logging.DEBUG):
+            return base.__str__(self)
+        return base.__name__
+
+    return type(f"Quiet{base.__name__}", (base,), {"__str__": __str__})
+
+
+_PYMODBUS_LOG = logging.getLogger("pymodbus")
+_QUIET_RESPONSES = tuple(_quiet(b) for b in (
+    ReadHoldingRegistersResponse, ReadInputRegistersResponse, ReadCoilsResponse,
+    ReadDiscreteInputsResponse))
