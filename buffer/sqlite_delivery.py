@@ -141,7 +141,7 @@ class SqliteDeliveries(SqliteFile):
                 break
             held.floor = s  # every pending row up to here is held once this lease is taken
             if not held.is_held(s):
-                out.append(LeasedEvent(int(s), str(i), str(k), str(t), str(p), int(a)))
+                out.append(LeasedEvent(s, i, k, t, p, a))  # int/str already (column affinity)
         self._leases.take(sink, (e.seq for e in out), now + self.lease_timeout)
         return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
@@ -73,11 +74,13 @@ class InstrumentedSink(Sink):
         self._latency.observe(time.monotonic() - started)
         self._attempts.labels(sink=self.name, type=delivery.outcome.value).inc()
         now = time.time()
+        every = delivery.outcome is Outcome.ACCEPTED  # then no item needs looking at
+        observe = self._delay.observe
         for e in events:
-            if delivery.result_for(e.id).outcome is Outcome.ACCEPTED:
+            if every or delivery.result_for(e.id).outcome is Outcome.ACCEPTED:
                 when = _event_time(e.payload)
                 if when is not None:
-                    self._delay.observe(max(0.0, now - when))
+                    observe(max(0.0, now - when))
         return delivery
 
     async def reload_credentials(self) -> None:
@@ -104,7 +107,10 @@ def _event_time(payload: str) -> float | None:
             start = i + len(_TIME_KEY)
             end = payload.find('"', start)
             if end > 0 and payload.startswith(_AFTER_TIME, end + 1):
-                return parse_time(payload[start:end]).timestamp()
+                text = payload[start:end]
+                if text.endswith("Z"):  # our own format: fromisoformat reads it as UTC
+                    return datetime.fromisoformat(text).timestamp()
+                return parse_time(text).timestamp()
         doc = json.loads(payload)
         return parse_time(doc["time"]).timestamp()
     except (ValueError, KeyError, TypeError, AttributeError):
