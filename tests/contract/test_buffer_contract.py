@@ -201,6 +201,22 @@ def test_expired_lease_is_offered_again(make: Factory) -> None:
     assert ids(b.lease("erp", 5)) == ["e1"]
 
 
+def test_a_renewed_lease_is_not_offered_again(make: Factory) -> None:
+    clock = FakeClock()
+    b = make(lease_timeout=30.0, clock=clock)
+    b.open(SINKS)
+    b.append([ev(1), ev(2)], {})
+    held = b.lease("erp", 1)
+    clock.now += 29.0
+    b.renew("erp", [r.seq for r in held] + [10**6])  # an unknown seq is ignored
+    clock.now += 29.0  # 58 s after the lease, 29 s after the renewal
+    assert ids(b.lease("erp", 5)) == ["e2"]
+    clock.now += 1.5
+    assert ids(b.lease("erp", 5)) == ["e1"]  # the renewed lease ran out too
+    b.renew("erp", [r.seq for r in held])
+    assert b.stats().sinks["erp"].leased == 2
+
+
 def test_dead_letters_listed_replayed_by_id_and_all(buf: Buffer) -> None:
     buf.append([ev(1), ev(2), ev(3)], {})
     rows = buf.lease("erp", 3)
