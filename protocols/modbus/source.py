@@ -59,7 +59,13 @@ from config.errors import ConnectionLostError, DecodeError, PeerTimeoutError
 from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source, next_poll_time
 from protocols.modbus.codec import decode
-from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTag
+from protocols.modbus.config import (
+    ByteOrder,
+    ModbusSourceConfig,
+    ModbusTable,
+    ModbusTag,
+    ModbusType,
+)
 from protocols.modbus.plan import Barrier, ReadBlock, plan
 
 __all__ = ["RETRY_REFUSED_EVERY", "ModbusSource"]
@@ -110,7 +116,7 @@ class ModbusSource(Source):
         self._refused: dict[str, str] = {}  # tag id -> detail of the last refusal
         self._barriers: set[Barrier] = set()
         self._polls = 0
-        self._slices: list[list[tuple[str, ModbusTag, int, int]]] = []  # per block
+        self._slices: list[list[tuple[str, ModbusTag, int, int, bool]]] = []  # per block
         self._blocks = self._plan()
         _quiet_pymodbus()
 
@@ -167,7 +173,7 @@ class ModbusSource(Source):
                       max_gap=self.config.max_gap, barriers=sorted(walls))
         # Where each tag's values sit in its block's answer, worked out once per plan rather
         # than on every read.
-        self._slices = [[(tag_id, tag, offset, offset + tag.register_count)
+        self._slices = [[(tag_id, tag, offset, offset + tag.register_count, _is_plain(tag))
                          for tag_id, tag, offset in b.tags] for b in blocks]
         return blocks
 
@@ -190,8 +196,10 @@ class ModbusSource(Source):
                 await self._split(link, block, data, samples)
                 continue
             now = utcnow()
-            for tag_id, tag, offset, end in slices:
-                samples[tag_id] = self._decode(tag_id, tag, data[offset:end], now)
+            for tag_id, tag, offset, end, plain in slices:
+                samples[tag_id] = TagSample(tag=tag_id, value=data[offset], quality=_GOOD,
+                                            agent_time=now) if plain else \
+                    self._decode(tag_id, tag, data[offset:end], now)
         for tag_id, detail in self._refused.items():
             if tag_id not in samples:
                 samples[tag_id] = self._bad(tag_id, detail, utcnow())
@@ -254,6 +262,17 @@ class ModbusSource(Source):
     def _bad(tag_id: str, detail: str, now: datetime) -> TagSample:
         return TagSample(tag=tag_id, value=None, quality=Quality.BAD, agent_time=now,
                          detail=detail)
+
+
+_GOOD = Quality.GOOD
+
+
+def _is_plain(tag: ModbusTag) -> bool:
+    """A tag whose value is its one register as it came (most tags of most PLCs): read
+    without the codec."""
+    return tag.type is ModbusType.UINT16 and tag.scale is None and tag.offset is None \
+        and tag.byte_order in (ByteOrder.ABCD, ByteOrder.CDAB) \
+        and tag.table in (ModbusTable.HOLDING, ModbusTable.INPUT)
 
 
 def _gaps(block: ReadBlock) -> list[Barrier]:
