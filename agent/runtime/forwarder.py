@@ -56,8 +56,6 @@ __all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
 
 log = logging.getLogger(__name__)
 
-_Sent = tuple[list[LeasedEvent], Delivery, bool]  # rows, answer, settled (False: stopping)
-
 
 class Forwarder(Settling):
     """Run with ``await run()`` in a task; ``wake()`` after new events are committed;
@@ -169,7 +167,10 @@ class Forwarder(Settling):
         remaining = Lanes()
         remaining.add(rows)
         busy: set[str] = set()  # keys with a request in flight
-        flights: dict[asyncio.Future[_Sent], list[LeasedEvent]] = {}
+        flights: dict[asyncio.Future[Delivery], list[LeasedEvent]] = {}
+        # Settles of accepted requests run behind the next requests (the buffer's thread may
+        # be busy with a lease or a grouped deletion); at most 2 x max_in_flight at a time.
+        settling: set[asyncio.Future[bool]] = set()
         ahead: asyncio.Future[list[LeasedEvent]] | None = None
         troubled: list[tuple[list[LeasedEvent], Delivery]] = []
         more = True  # the last lease was not empty (or a wake() came since)
@@ -196,12 +197,18 @@ class Forwarder(Settling):
                             return
                         troubled = []
                         continue
-                    if ahead is None:
+                    if ahead is None and not settling:
                         return
                 waiting: set[asyncio.Future[Any]] = set(flights)
                 if ahead is not None:
                     waiting.add(ahead)
+                if settling and (not waiting or len(settling) >= 2 * self._in_flight):
+                    waiting |= settling
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for fut in [f for f in done if f in settling]:
+                    settling.discard(fut)
+                    if not fut.result():
+                        return  # stopping while the buffer would not settle
                 if ahead is not None and ahead in done:
                     got, ahead = ahead, None
                     try:
@@ -214,25 +221,28 @@ class Forwarder(Settling):
                     remaining.add(leased)
                 for fut in [f for f in done if f in flights]:
                     chunk = flights.pop(fut)
+                    # Accepted (or answered for good) at the receiver: the machine is free
+                    # for its next request even before the settle is written.
                     busy.difference_update(r.key for r in chunk)
-                    sent, delivery, settled = fut.result()
-                    if not settled:
-                        return  # stopping while the buffer would not settle
-                    if delivery.outcome is not Outcome.ACCEPTED:
-                        troubled.append((sent, delivery))
+                    delivery = fut.result()
+                    if delivery.outcome is Outcome.ACCEPTED:
+                        settling.add(asyncio.ensure_future(self._settle_accepted(chunk)))
+                    else:
+                        troubled.append((chunk, delivery))
         finally:
-            await self._wind_down(flights, ahead)
+            await self._wind_down(flights, ahead, settling)
 
-    async def _send(self, chunk: list[LeasedEvent]) -> _Sent:
-        """One request; settled at once when every row was accepted."""
-        delivery = await self._attempt(chunk)
-        if delivery.outcome is not Outcome.ACCEPTED:
-            return chunk, delivery, True
+    async def _send(self, chunk: list[LeasedEvent]) -> Delivery:
+        return await self._attempt(chunk)
+
+    async def _settle_accepted(self, chunk: list[LeasedEvent]) -> bool:
+        """Settle a request the receiver accepted whole; False if stopping first (its rows
+        stay leased and are re-sent after a restart, answered 409)."""
         if not await self._settle(Settlement(accepted=[r.seq for r in chunk])):
-            return chunk, delivery, False
+            return False
         self._release(chunk)
         self._succeeded()
-        return chunk, delivery, True
+        return True
 
     async def _work_alone(self, troubled: list[tuple[list[LeasedEvent], Delivery]]) -> bool:
         """Resolve each troubled request on its own, oldest first; False if stopping."""
@@ -248,14 +258,17 @@ class Forwarder(Settling):
             first = False
         return True
 
-    async def _wind_down(self, flights: dict[asyncio.Future[_Sent], list[LeasedEvent]],
-                         ahead: asyncio.Future[list[LeasedEvent]] | None) -> None:
-        """Leaving the pump (done, stopping, cancelled): nothing of it keeps running."""
+    async def _wind_down(self, flights: dict[asyncio.Future[Delivery], list[LeasedEvent]],
+                         ahead: asyncio.Future[list[LeasedEvent]] | None,
+                         settling: set[asyncio.Future[bool]]) -> None:
+        """Leaving the pump (done, stopping, cancelled): requests and the lease ahead are
+        cancelled (their rows stay leased); settles already started are waited for (they
+        finish at once when stopping, and the buffer call itself is shielded)."""
         pending: list[asyncio.Future[Any]] = list(flights)
         if ahead is not None:
             pending.append(ahead)
         for fut in pending:
             if not fut.done():
                 fut.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if pending or settling:
+            await asyncio.gather(*pending, *settling, return_exceptions=True)

@@ -77,6 +77,7 @@ class Settling:
         self.delivered_total = 0
         self.retried_total = 0
         self.dead_lettered_total = 0
+        self._settle_failing = False  # the last settle failed (logged once until one works)
 
     async def _attempt(self, chunk: list[LeasedEvent]) -> Delivery:
         try:
@@ -189,7 +190,8 @@ class Settling:
                 raise
             except Exception as exc:
                 failures += 1
-                if failures == 1:  # log the transition, not every repetition
+                if not self._settle_failing:  # log the transition, not every repetition
+                    self._settle_failing = True  # (settles of several requests may fail)
                     log.exception("sink %s: cannot settle %d delivered events in the buffer; "
                                   "retrying", self.sink.name,
                                   len(settlement.accepted) + len(settlement.dead))
@@ -200,9 +202,10 @@ class Settling:
                 if self._stopping.is_set():
                     return False
                 continue
-            if failures:
+            if failures and self._settle_failing:
                 log.info("sink %s: settled in the buffer after %d failed tries",
                          self.sink.name, failures)
+            self._settle_failing = False
             self.delivered_total += len(settlement.accepted)
             return True
 
