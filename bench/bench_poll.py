@@ -162,6 +162,11 @@ def _stop(proc: subprocess.Popen[bytes], pid: int | None = None) -> None:
         proc.wait()
 
 
+def _agent_pid(tracer: subprocess.Popen[bytes]) -> int | None:
+    kids = _children(tracer.pid)
+    return kids[0] if kids else None
+
+
 def _wait_for(pred: Any, what: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,19 +214,24 @@ def run_agent(root: Path, ports: list[int], rx_port: int, count_file: Path,
          str(trace), sys.executable, "-m", "agent.cli", "--log-level", "warning", "run",
          "--config", str(cfg)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        pid = _wait_for(lambda: (_children(tracer.pid) or [None])[0], "the agent start")
+        pid = _wait_for(lambda: _agent_pid(tracer), "the agent start")
         _wait_for(lambda: _healthy(health), "the agent's health endpoint")
         time.sleep(warmup)  # connect, first events: the window measures the steady state
-        cpu0, io0, reads0, rx0, t0 = (_cpu_seconds(pid), _io(pid), _reads(count_file),
-                                      _received(rx_port), time.time())
-        time.sleep(seconds)
-        cpu1, io1, reads1, rx1, t1 = (_cpu_seconds(pid), _io(pid), _reads(count_file),
-                                      _received(rx_port), time.time())
-        rss = _rss_mib(pid)
+        try:
+            cpu0, io0, reads0, rx0, t0 = (_cpu_seconds(pid), _io(pid), _reads(count_file),
+                                          _received(rx_port), time.time())
+            time.sleep(seconds)
+            cpu1, io1, reads1, rx1, t1 = (_cpu_seconds(pid), _io(pid), _reads(count_file),
+                                          _received(rx_port), time.time())
+            rss = _rss_mib(pid)
+        except FileNotFoundError:
+            log.flush()
+            tail = (root / "agent.log").read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the agent (pid {pid}) is gone; the end of its log:\n{tail}"
+                             ) from None
     finally:
         if tracer.poll() is None:
-            pid_now = (_children(tracer.pid) or [None])[0]
-            _stop(tracer, pid_now)
+            _stop(tracer, _agent_pid(tracer))
         log.close()
     syncs = 0
     for line in trace.read_text().splitlines():
