@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean deb deb-test image-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ test: lint typecheck unit
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_buffer.py
+
+# The Debian package from the wheel (dist/edge-agent_<version>_<arch>.deb), and its test in a
+# fresh bookworm root made with debootstrap (root needed; tests/deploy/test_deb.py).
+deb: $(BIN)/.installed
+	BUILD_PYTHON=$(BIN)/python bash packaging/deb/build.sh dist
+
+deb-test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_deb.py
+
+# The container image built and run by a Docker engine (started here when none answers; skips
+# with the reason when none can be): size, uid, health, demo, SIGTERM, upgrade on a volume.
+image-test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

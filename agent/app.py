@@ -14,6 +14,7 @@ from typing import Any
 from agent.fleet import run_fleet
 from agent.health import HealthServer, loop_alive
 from agent.notify import Notifier, run_watchdog
+from agent.pidfile import remove_pidfile, write_pidfile
 from agent.runtime import Runtime
 from agent.runtime.reload import ReloadRequests
 from agent.wiring.schema import Config, LoopImpl
@@ -39,6 +40,7 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
     helpers: list[asyncio.Task[None]] = []
     reloads = ReloadRequests(runtime, config_path) if config_path is not None else None
     loop = asyncio.get_running_loop()
+    pidfile: Path | None = None
     try:
         await runtime.start()
         port = await health.start()
@@ -48,8 +50,21 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
         helpers.append(asyncio.create_task(run_watchdog(
             notifier, lambda: _healthy(runtime), lambda: _summary(runtime)), name="watchdog"))
         helpers.append(asyncio.create_task(run_fleet(runtime), name="fleet"))
-        if reloads is not None and sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGHUP, reloads.request)
+        if sys.platform != "win32":
+            # SIGHUP's default action ends the process: an agent without a file to re-read
+            # (configuration from stdin, the demo) logs it and runs on.
+            loop.add_signal_handler(signal.SIGHUP, reloads.request if reloads is not None
+                                    else _no_reload)
+        if reloads is not None:
+            # The local channel for `edge-agent reload` (never a pid read over HTTP), written
+            # only once SIGHUP reloads. Without it the agent still runs; SIGHUP and
+            # `systemctl reload` still work.
+            try:
+                pidfile = write_pidfile(config.agent.data_dir, config.agent.id)
+            except OSError as exc:
+                log.warning("cannot write the pid file in %s (%s): `edge-agent reload` will "
+                            "not find this agent; SIGHUP still reloads", config.agent.data_dir,
+                            exc.strerror or exc)
         if on_ready is not None:
             maybe = on_ready(runtime, port)
             if maybe is not None:
@@ -58,8 +73,11 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
         log.info("stopping (draining for up to %.0fs)", runtime.config.agent.stop_timeout)
     finally:
         notifier.stopping()
-        if reloads is not None and sys.platform != "win32":
+        if pidfile is not None:
+            remove_pidfile(pidfile)
+        if sys.platform != "win32":
             loop.remove_signal_handler(signal.SIGHUP)
+        if reloads is not None:
             await reloads.aclose()
         for task in helpers:
             task.cancel()
@@ -69,6 +87,11 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
         await health.aclose()
         await runtime.stop()
         notifier.close()
+
+
+def _no_reload() -> None:
+    log.warning("SIGHUP: this agent has no configuration file to re-read (it was given on "
+                "standard input or built in); nothing reloaded")
 
 
 def _healthy(runtime: Runtime) -> bool:

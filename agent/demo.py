@@ -18,9 +18,14 @@ and, when a ``mosquitto`` binary is installed, a local MQTT broker with one more
 - ``sealer-5``: JSON status messages (state and reason) and one reject message per rejected
   batch, summed into scrap windows.
 
-A fixed script (repeating every 30 s) stops and restarts them and makes scrap; the agent reads
+A fixed script (repeating every 30 s) stops and restarts them and makes scrap; once the
+first stop of ``press-3`` (which has no reason tag) is reported, an operator command
+(``edge-agent reason set press-3 20 ...``, run as a real subprocess against the agent's
+reason-entry endpoint) classifies it, and the receiver prints the classification; the agent reads
 the device, detects episodes and scrap, buffers them in SQLite and delivers them to the
 receiver, which prints each event once. It ends with ``delivered=N pending=N dead_letters=N``.
+With ``--sink mqtt`` the events go to a Unified Namespace on the local Mosquitto instead
+(``agent/demo_uns.py``) and a subscriber prints them as they arrive on their topics.
 The configuration below goes through the same loader as a plant's own file.
 """
 
@@ -29,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
+import shlex
 import shutil
 import sys
 import tempfile
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.app import run_async, serve
+from agent.demo_uns import UNS_SINK_YAML, UnsWatcher
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.wiring.load import config_hash, load_config_text
@@ -51,7 +59,9 @@ __all__ = ["DEMO_CONFIG", "run_demo"]
 
 DEMO_CONFIG = """\
 agent: {id: demo-edge-01, site: demo-plant, data_dir: "{data_dir}", stop_timeout: 5s}
-health: {listen: "127.0.0.1:0"}
+health:
+  listen: "127.0.0.1:0"
+  reason_entry: {bearer_token: "${file:{data_dir}/reason-token}"}
 sources:
   plant-sim:
     type: modbus
@@ -93,7 +103,10 @@ machines:
   press-3:
     line: line-2
     state: {tag: press.speed, running_above: 10}
-    downtime: {min_duration: 2s}
+    downtime:
+      min_duration: 2s
+      reasons: {20: Die change, 21: Waiting for material}
+      reason_categories: {20: planned}
     scrap: {counter: press.scrap, window: 5s}
     order_tag: press.order
   oven-2:
@@ -128,7 +141,7 @@ _SCRIPT: list[tuple[float, str, dict[str, Any]]] = [
     (3.0, "filler", {"state": 3, "reason": 0}),
     (4.0, "filler", {"reason": 7}),          # the reason is entered after the stop began
     (9.0, "filler", {"state": 1, "reason": 0}),
-    (6.0, "press", {"speed": 0.0}),
+    (2.0, "press", {"speed": 0.0}),          # no reason tag: the operator gives one
     (13.0, "press", {"speed": 55.0}),
     (11.0, "filler", {"state": 3}),           # a micro-stop: shorter than min_duration
     (11.6, "filler", {"state": 1}),
@@ -200,6 +213,25 @@ class _Plant:
                 await asyncio.wait_for(stop.wait(), 0.1)
 
 
+_OPERATOR_CMD = ["reason", "set", "press-3", "20", "--text", "die change for PO-2002"]
+
+
+async def _operator(receiver: Receiver, port: int, token_file: Path) -> None:
+    """Once press-3's first stop is reported, an operator classifies it from a terminal at
+    the line: the real ``edge-agent reason set`` command against the running agent."""
+    while not any(e["type"] == "plantedge.downtime.started" and
+                  e["data"].get("machine") == "press-3" for e in receiver.events()):
+        await asyncio.sleep(0.2)
+    print(f"  operator$ edge-agent {shlex.join(_OPERATOR_CMD)}", flush=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", *_OPERATOR_CMD, "--url",
+        f"http://127.0.0.1:{port}", "--token-file", str(token_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    for line in out.decode("utf-8", "replace").splitlines():
+        print(f"  operator| {line}", flush=True)
+
+
 def _describe(doc: dict[str, Any]) -> str:
     data = doc.get("data", {})
     kind = doc.get("type", "").removeprefix("plantedge.").replace(".", " ").upper()
@@ -209,6 +241,8 @@ def _describe(doc: dict[str, Any]) -> str:
     if data.get("reason_code"):
         what.append(f"reason={data['reason_code']}" + (f" ({data['reason']})"
                                                         if data.get("reason") else ""))
+    if data.get("classified_by"):
+        what.append(f"by {data['classified_by']}")
     if "duration_seconds" in data:
         what.append(f"duration={data['duration_seconds']:.1f}s")
     if data.get("microstops"):
@@ -222,16 +256,26 @@ def _describe(doc: dict[str, Any]) -> str:
     return f"  {doc.get('time', '')[11:23]}  " + "  ".join(what)
 
 
-async def _demo(duration: float, data_dir: Path) -> int:
+async def _demo(duration: float, data_dir: Path, sink: str = "http") -> int:
     sim = ModbusSimulator(size=100)
     modbus_port = await sim.start()
     opcua = OpcuaTestServer({"Packer.State": 1, "Packer.Reason": 0, "Packer.Scrap": 0,
                              "Packer.Order": ""}, namespace="urn:demo-plant:packer")
     await opcua.start()
     sealer = MqttDemoMachine.create(data_dir / "mosquitto")
+    if sink == "mqtt" and sealer is None:
+        await sim.stop()
+        await opcua.stop()
+        print("demo: --sink mqtt needs the mosquitto binary (apt-get install mosquitto)",
+              file=sys.stderr)
+        return 2
+    uns = UnsWatcher(sealer.broker.port, _describe) if sink == "mqtt" and sealer else None
     receiver = Receiver(data_dir / "receiver.db",
-                        echo=lambda doc: print(_describe(doc), flush=True))
+                        echo=None if uns else lambda doc: print(_describe(doc), flush=True))
     await receiver.start()
+    token_file = data_dir / "agent" / "reason-token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(secrets.token_urlsafe(24), encoding="utf-8")
     text = (DEMO_CONFIG.replace("{data_dir}", str(data_dir / "agent"))
             .replace("{modbus_port}", str(modbus_port)).replace("{receiver_url}", receiver.url)
             .replace("{opcua_endpoint}", opcua.endpoint).replace("{opcua_ns}", opcua.namespace))
@@ -239,24 +283,32 @@ async def _demo(duration: float, data_dir: Path) -> int:
         text = (text.replace("\nmachines:\n", "\n" + MQTT_SOURCE_YAML.replace(
             "{mqtt_url}", sealer.url) + "machines:\n", 1)
             .replace("\nsinks:\n", "\n" + MQTT_MACHINE_YAML + "sinks:\n", 1))
+    if uns is not None and sealer is not None:  # the UNS on the local broker instead
+        text = text[:text.index("\nsinks:\n") + 1] + UNS_SINK_YAML.replace(
+            "{mqtt_url}", sealer.url) + text[text.index("\nbuffer:") + 1:]
     config = load_config_text(text, "<demo plant>")
     plant_cfg = config.sources["plant-sim"]
     assert isinstance(plant_cfg, ModbusSourceConfig)
     plant = _Plant(sim, plant_cfg, opcua)
     stop_plant, stop_agent = asyncio.Event(), asyncio.Event()
     holder: dict[str, Runtime] = {}
+    tasks: list[asyncio.Task[None]] = []
     summary: dict[str, int] = {}
 
     async def ready(runtime: Runtime, port: int) -> None:
         holder["rt"] = runtime
+        tasks.append(asyncio.create_task(_operator(receiver, port, token_file)))
         print(f"demo: Modbus simulator on 127.0.0.1:{modbus_port}, OPC UA server at "
               f"{opcua.endpoint}, receiver at {receiver.url}, "
               f"agent status at http://127.0.0.1:{port}/status", flush=True)
         print(f"demo: MQTT broker (Mosquitto) at {sealer.url} with machine sealer-5" if sealer
               else "demo: no mosquitto binary, so no MQTT machine (apt-get install mosquitto "
               "to add sealer-5)", flush=True)
-        print(f"demo: running for {duration:g}s; events appear as the receiver gets them\n",
-              flush=True)
+        if uns is not None:
+            print("demo: events go to the Unified Namespace on that broker (sink 'uns', topics "
+                  "demo-plant/<line>/<machine>/events/<type>, retained .../state)", flush=True)
+        print(f"demo: running for {duration:g}s; events appear as "
+              f"{'the UNS watcher sees' if uns else 'the receiver gets'} them\n", flush=True)
 
     async def script() -> None:
         plant_task = asyncio.create_task(plant.run(stop_plant))
@@ -264,6 +316,8 @@ async def _demo(duration: float, data_dir: Path) -> int:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_agent.wait(), duration)
         stop_plant.set()
+        for t in tasks:
+            t.cancel()
         await plant_task
         if sealer_task is not None:
             await sealer_task
@@ -287,7 +341,9 @@ async def _demo(duration: float, data_dir: Path) -> int:
     finally:
         stop_agent.set()
         await script_task
-        summary["delivered"] = receiver.stats()["received"]
+        summary["delivered"] = uns.received() if uns else receiver.stats()["received"]
+        if uns is not None:
+            uns.close()
         await receiver.aclose()
         await sim.stop()
         await opcua.stop()
@@ -298,11 +354,11 @@ async def _demo(duration: float, data_dir: Path) -> int:
     return 0 if summary.get("delivered", 0) > 0 and summary.get("pending", 1) == 0 else 1
 
 
-def run_demo(duration: float, keep: Path | None = None) -> int:
+def run_demo(duration: float, keep: Path | None = None, sink: str = "http") -> int:
     data_dir = keep or Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_async(lambda: _demo(duration, data_dir))
+        return run_async(lambda: _demo(duration, data_dir, sink))
     except KeyboardInterrupt:
         return 130
     finally:

@@ -6,9 +6,15 @@ The document (``heartbeat_document``)::
 
     {"kind": "plantedge.agent.heartbeat", "agent": ..., "site": ..., "version": ...,
      "config_hash": ..., "uptime_s": ..., "sent_at": ..., "ready": bool, "reasons": [...],
-     "buffer": {"events", "size_bytes", "max_size", "storage_error",
+     "buffer": {"events", "size_bytes", "max_size", "storage_error", "schema_version",
                 "sinks": {id: {"pending", "dead_letters", "oldest_pending_age_s"}}},
+     "last_upgrade": {"from_schema", "to_schema", "at", "outcome"} | null,
      "sources": {id: state}, "sinks": {id: state}, "disk_free_bytes": ...}
+
+``last_upgrade`` is the buffer's upgrade record as the agent found it at start: ``outcome``
+``migrated`` (this version migrated the buffer after a snapshot), ``migrating`` (a migration
+was interrupted), or ``rolled back`` (``edge-agent rollback`` restored a snapshot); null when
+the buffer was never migrated.
 
 Isolation: the heartbeat has its own HTTP client and its own task; a failure (refused,
 timeout, 5xx, TLS) is logged once when it starts and once when it ends and never touches the
@@ -48,6 +54,8 @@ async def heartbeat_document(runtime: Runtime) -> dict[str, Any]:
 
     st = await status_document(runtime)
     buf = st["buffer"]
+    raw = getattr(runtime.buffer, "buffer", None)  # the SqliteBuffer (not the memory buffer)
+    upgrade = getattr(raw, "last_upgrade", None)
     return {
         "kind": "plantedge.agent.heartbeat",
         "agent": st["agent_id"], "site": st["site"], "version": st["version"],
@@ -56,9 +64,12 @@ async def heartbeat_document(runtime: Runtime) -> dict[str, Any]:
         "ready": st["ready"], "reasons": st["readiness_reasons"],
         "buffer": {"events": buf["events"], "size_bytes": buf["size_bytes"],
                    "max_size": buf["max_size"], "storage_error": buf["storage_error"],
+                "schema_version": getattr(raw, "schema_version", None),
                    "sinks": {n: {"pending": s["pending"], "dead_letters": s["dead_letters"],
                                  "oldest_pending_age_s": s["oldest_pending_age_s"]}
                              for n, s in buf["sinks"].items()}},
+        "last_upgrade": None if not upgrade else {
+            k: upgrade.get(k) for k in ("from_schema", "to_schema", "at", "outcome")},
         "sources": {n: s["state"] for n, s in st["sources"].items()},
         "sinks": {n: s["state"] for n, s in st["sinks"].items()},
         "disk_free_bytes": st["disk"].get("free_bytes"),

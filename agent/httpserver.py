@@ -1,30 +1,48 @@
-"""A small asyncio HTTP/1.1 server (stdlib only) for the health endpoint and the reference receiver.
+"""A small asyncio HTTP/1.1 server for the health endpoint and the reference receiver.
+
+Parsing is h11's (a complete, strict HTTP/1.1 state machine; it comes with httpx): request
+line, header syntax, ``Content-Length`` and keep-alive rules are its, not ours.
 
 Design:
 
 - One task per connection; requests on a connection are served one after another (keep-alive,
   no pipelining concurrency). HTTP/1.1 keeps the connection open unless the client says
-  ``Connection: close``; HTTP/1.0 closes unless it says ``keep-alive``.
-- Request bodies need ``Content-Length``. A chunked request body is refused with 411 (Length
-  Required) and the connection closed: our clients (httpx, curl with a file) always send a
-  length, and refusing keeps the parser small.
-- Limits: the request line and headers must arrive within ``header_timeout`` seconds once the
-  first byte is in and fit in ``max_header_bytes`` (else 431/408 and close); an idle keep-alive
-  connection is closed after ``idle_timeout``; a body over ``max_body_bytes`` gets 413 and the
-  connection is closed without reading the body.
-- Anything malformed gets 400 and the connection is closed. A handler that raises gets 500 and a
-  log line with the traceback; the server keeps serving (a bug in one request never kills it).
+  ``Connection: close``; HTTP/1.0 closes. Versions other than 1.0/1.1 get 505.
+- Limits (each a clear status, then the connection is closed):
+
+  ==========================  ==============================================================
+  request head                ``max_header_bytes`` (431), within ``header_timeout`` once the
+                              first byte is in (408)
+  request body                ``body_limit(method, path)`` bytes: by default none at all for
+                              GET/HEAD/OPTIONS/DELETE (a GET with a body is refused, never
+                              read), ``max_body_bytes`` otherwise (413, not read); the whole
+                              body within ``header_timeout`` (408); chunked bodies 411
+  writing the answer          within ``write_timeout``: a client that does not read (while
+                              pipelining requests) loses its connection, not our memory
+  idle keep-alive             closed after ``idle_timeout``
+  connections                 at most ``max_connections``: past it, the longest-idle
+                              keep-alive connection is closed to make room; if none is idle
+                              the newcomer gets 503 and is closed
+  ==========================  ==============================================================
+
+- Anything malformed gets a 4xx (never a traceback) and the connection is closed. A handler
+  that raises gets 500 and a log line with the traceback; the server keeps serving.
 
 Connection states::
 
-    idle --first byte--> reading head --(timeout 408 | too big 431 | bad 400)--> closed
+    idle --first byte--> reading head --(timeout 408 | too big 431 | bad 400/505)--> closed
                               |
                               v
-                         reading body --(413 / 411 / short)--> closed
+                         reading body --(413 / 411 / 408 / short)--> closed
                               |
                               v
-                          handling --(raise -> 500)--> writing --keep-alive--> idle
-                                                          +--close-------------> closed
+                          handling --(raise -> 500)--> writing --(write timeout)--> closed
+                                                          |--keep-alive--> idle
+                                                          +--close-------> closed
+
+The public interface (``HttpServer(handler, host, port, ...)``, ``Request``, ``Response``,
+``Handler``) is what the health endpoint, the receiver and the tests build on; routing is the
+handler's business.
 """
 
 from __future__ import annotations
@@ -33,16 +51,24 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-__all__ = ["Handler", "HttpServer", "Request", "Response"]
+import h11
+
+__all__ = ["BodyLimit", "Handler", "HttpServer", "Request", "Response", "default_body_limit"]
 
 log = logging.getLogger(__name__)
+
+_READ_CHUNK = 65536
+_SEND_BUFFER = 65536
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +98,36 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# (method, path) -> the largest body accepted for that route, in bytes.
+BodyLimit = Callable[[str, str], int]
 
 
-class _BadRequest(Exception):
+def default_body_limit(max_body_bytes: int) -> BodyLimit:
+    """No body for methods whose requests carry none; ``max_body_bytes`` for the others."""
+    def limit(method: str, _path: str) -> int:
+        return 0 if method in _BODYLESS else max_body_bytes
+    return limit
+
+
+class _Refuse(Exception):
     """The request cannot be served; answer ``status`` and close the connection."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class _Gone(Exception):
+    """The client went away or stalled; close without an answer."""
+
+
+class _Conn:
+    __slots__ = ("idle_since", "task", "writer")
+
+    def __init__(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> None:
+        self.task, self.writer = task, writer
+        self.idle_since: float | None = time.monotonic()
 
 
 class HttpServer:
@@ -90,6 +137,8 @@ class HttpServer:
     def __init__(self, handler: Handler, host: str, port: int, *,
                  max_body_bytes: int = 16 * 2**20, max_header_bytes: int = 64 * 2**10,
                  header_timeout: float = 10.0, idle_timeout: float = 75.0,
+                 write_timeout: float = 10.0, max_connections: int = 64,
+                 body_limit: BodyLimit | None = None,
                  ssl: ssl.SSLContext | None = None) -> None:
         self._handler = handler
         self._ssl = ssl  # a server context makes it HTTPS (tests: TLS and mutual TLS sinks)
@@ -97,12 +146,16 @@ class HttpServer:
         self._requested_port = port
         self.port: int | None = None
         self.max_body_bytes = max_body_bytes
+        self._body_limit = body_limit or default_body_limit(max_body_bytes)
         self._max_header_bytes = max_header_bytes
         self._header_timeout = header_timeout
         self._idle_timeout = idle_timeout
+        self._write_timeout = write_timeout
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Conn] = {}
         self._closed = False
+        self.refused_connections = 0
 
     async def start(self) -> int:
         if self._server is not None:
@@ -112,6 +165,14 @@ class HttpServer:
             limit=self._max_header_bytes, reuse_address=True, ssl=self._ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
+
+    @property
+    def listening_fds(self) -> list[int]:
+        """File descriptors of the listening sockets (empty before ``start``); the health
+        endpoint's stall guard answers on them while the event loop is blocked."""
+        if self._server is None:
+            return []
+        return [s.fileno() for s in self._server.sockets]
 
     async def aclose(self) -> None:
         if self._closed:
@@ -127,118 +188,220 @@ class HttpServer:
         if self._server is not None:
             await self._server.wait_closed()
 
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    # ------------------------------------------------------------------ connections
+
+    def _make_room(self) -> bool:
+        """At the connection cap: close the longest-idle keep-alive connection; False if
+        every connection is busy."""
+        if len(self._connections) < self.max_connections:
+            return True
+        idle = [c for c in self._connections.values() if c.idle_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        oldest.task.cancel()
+        del self._connections[oldest.task]
+        return True
+
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
-        try:
-            while not self._closed:
-                keep_alive = await self._serve_one(reader, writer)
-                if not keep_alive:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nothing to answer
-        except asyncio.CancelledError:
-            pass  # server closing
-        finally:
-            self._connections.discard(task)
-            writer.close()
+        if not self._make_room():
+            self.refused_connections += 1
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                writer.write(_canned(503, "too many connections"))
+                writer.close()  # what did not fit into the socket at once is dropped
+            return
+        raw = writer.get_extra_info("socket")
+        if raw is not None:
+            # The kernel would buffer megabytes of answers for a client that pipelines
+            # requests and never reads; a small send buffer makes the write timeout bite soon.
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        conn = _Conn(task, writer)
+        self._connections[task] = conn
+        try:
+            await self._serve(conn, reader, writer)
+        except (ConnectionError, _Gone, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # the client went away or stalled; nothing to answer
+        except asyncio.CancelledError:
+            pass  # server closing, or room made for a newer connection
+        except Exception:  # a bug here must cost one connection, not the server
+            log.exception("HTTP connection failed")
+        finally:
+            self._connections.pop(task, None)
+            # abort, not close: a client that does not read must not keep the socket in
+            # the kernel's buffers (nor our write buffer) any longer.
+            writer.transport.abort()
 
-    async def _serve_one(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> bool:
-        """Serve one request; True to keep the connection for another."""
-        try:
-            first = await asyncio.wait_for(reader.read(1), self._idle_timeout)
-        except TimeoutError:
-            return False
-        if not first:
-            return False  # clean close between requests
-        try:
-            request, keep_alive = await self._read_request(first, reader)
-        except _BadRequest as exc:
-            await _write(writer, Response.json({"error": exc.message}, exc.status), False)
-            return False
-        try:
-            response = await self._handler(request)
-        except Exception:
-            log.exception("HTTP handler failed for %s %s; answered 500",
-                          request.method, request.path)
-            response = Response.json({"error": "internal error"}, 500)
-        await _write(writer, response, keep_alive, head_only=request.method == "HEAD")
-        return keep_alive
+    async def _serve(self, conn: _Conn, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_bytes)
+        while not self._closed:
+            try:
+                request = await self._read_request(h, conn, reader)
+            except _Refuse as exc:
+                await self._send_raw(writer, _canned(exc.status, exc.message))
+                return
+            if request is None:
+                return  # clean close between requests
+            try:
+                response = await self._handler(request)
+            except Exception:
+                log.exception("HTTP handler failed for %s %s; answered 500",
+                              request.method, request.path)
+                response = Response.json({"error": "internal error"}, 500)
+            keep_alive = h.our_state is h11.SEND_RESPONSE and _keep_alive(request, h)
+            await self._send_response(h, writer, response, keep_alive,
+                                      head_only=request.method == "HEAD")
+            if not keep_alive or h.our_state is not h11.DONE \
+                    or h.their_state is not h11.DONE:
+                return
+            h.start_next_cycle()
+            conn.idle_since = time.monotonic()
 
-    async def _read_request(self, first: bytes,
-                            reader: asyncio.StreamReader) -> tuple[Request, bool]:
+    async def _receive(self, h: h11.Connection, reader: asyncio.StreamReader,
+                       timeout: float, what: str) -> None:
         try:
-            rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._header_timeout)
+            data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
         except TimeoutError:
-            raise _BadRequest(408, "request head not received in time") from None
-        except asyncio.LimitOverrunError:
-            raise _BadRequest(431, "request head too large") from None
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("client closed mid-request") from exc
-        head = (first + rest).decode("latin-1")
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _BadRequest(400, "malformed request line")
-        method, target, version = parts
-        if not method.isalpha() or not target:
-            raise _BadRequest(400, "malformed request line")
+            raise _Refuse(408, f"{what} not received in time") from None
+        h.receive_data(data)  # b"" is the end of the stream
+
+    async def _read_request(self, h: h11.Connection, conn: _Conn,
+                            reader: asyncio.StreamReader) -> Request | None:
+        deadline: float | None = None
+        try:
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    if deadline is None and not h.trailing_data[0]:
+                        # Idle: waiting for the first byte of a request.
+                        try:
+                            data = await asyncio.wait_for(reader.read(_READ_CHUNK),
+                                                          self._idle_timeout)
+                        except TimeoutError:
+                            return None
+                        if not data:
+                            return None
+                        conn.idle_since = None
+                        deadline = time.monotonic() + self._header_timeout
+                        h.receive_data(data)
+                        continue
+                    if deadline is None:
+                        conn.idle_since = None
+                        deadline = time.monotonic() + self._header_timeout
+                    await self._receive(h, reader, max(0.0, deadline - time.monotonic()),
+                                        "request head")
+                    continue
+                if isinstance(event, h11.ConnectionClosed):
+                    return None
+                if isinstance(event, h11.Request):
+                    conn.idle_since = None
+                    size = len(event.target) + sum(len(n) + len(v) + 4
+                                                   for n, v in event.headers.raw_items())
+                    if size > self._max_header_bytes:
+                        raise _Refuse(431, "request head too large")
+                    deadline = deadline or time.monotonic() + self._header_timeout
+                    return await self._read_body(h, event, reader, deadline)
+                raise _Refuse(400, "unexpected data")
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            if status == 400 and h.their_state is h11.SEND_BODY:
+                raise _Gone() from None  # a body cut short: the client left
+            raise _Refuse(status if 400 <= status < 500 else 400,
+                          _PROTOCOL_MESSAGES.get(status, "malformed request")) from None
+
+    async def _read_body(self, h: h11.Connection, event: h11.Request,
+                         reader: asyncio.StreamReader, deadline: float) -> Request:
+        method = event.method.decode("ascii", "replace").upper()
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise _Refuse(505, "only HTTP/1.0 and HTTP/1.1 are supported")
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
-                raise _BadRequest(400, "malformed header line")
-            key = name.lower()
-            value = value.strip()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise _BadRequest(411, "chunked request bodies are not supported; "
-                              "send Content-Length")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
-            raise _BadRequest(400, "invalid Content-Length")
-        length = int(length_text)
-        if length > self.max_body_bytes:
-            raise _BadRequest(413, f"body larger than {self.max_body_bytes} bytes")
-        try:
-            body = await asyncio.wait_for(reader.readexactly(length), self._header_timeout) \
-                if length else b""
-        except TimeoutError:
-            raise _BadRequest(408, "request body not received in time") from None
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.0":
-            keep_alive = "keep-alive" in connection
-        else:
-            keep_alive = "close" not in connection
+            raise _Refuse(411, "chunked request bodies are not supported; send Content-Length")
+        target = event.target.decode("latin-1")
         split = urlsplit(target)
-        request = Request(method=method.upper(), path=unquote(split.path) or "/",
-                          query=dict(parse_qsl(split.query, keep_blank_values=True)),
-                          headers=headers, body=body)
-        return request, keep_alive
+        path = unquote(split.path) or "/"
+        limit = self._body_limit(method, path)
+        length = int(headers.get("content-length", "0"))  # h11 checked it is digits
+        if length > limit:
+            raise _Refuse(413, "this request takes no body" if limit == 0
+                          else f"body larger than {limit} bytes")
+        body = bytearray()
+        while True:
+            ev = h.next_event()
+            if ev is h11.NEED_DATA:
+                await self._receive(h, reader, max(0.0, deadline - time.monotonic()),
+                                    "request body")
+                continue
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                continue
+            if isinstance(ev, h11.EndOfMessage):
+                break
+            raise _Gone()  # ConnectionClosed mid-body
+        return Request(method=method, path=path,
+                       query=dict(parse_qsl(split.query, keep_blank_values=True)),
+                       headers=headers, body=bytes(body))
+
+    # ------------------------------------------------------------------ writing
+
+    async def _send_response(self, h: h11.Connection, writer: asyncio.StreamWriter,
+                             response: Response, keep_alive: bool, head_only: bool) -> None:
+        headers = [(k, v) for k, v in response.headers.items()
+                   if k.lower() not in ("content-length", "connection")]
+        names = {k.lower() for k, _ in headers}
+        if "content-type" not in names and response.status not in (204, 304):
+            headers.insert(0, ("Content-Type", response.content_type))
+        if response.status not in (204, 304):
+            headers.append(("Content-Length", str(len(response.body))))
+        headers.append(("Connection", "keep-alive" if keep_alive else "close"))
+        try:
+            reason = HTTPStatus(response.status).phrase.encode("ascii")
+        except ValueError:
+            reason = b"Unknown"
+        data = h.send(h11.Response(status_code=response.status, headers=headers,
+                                   reason=reason)) or b""
+        if response.body and not head_only and response.status not in (204, 304):
+            data += h.send(h11.Data(data=response.body)) or b""
+        data += h.send(h11.EndOfMessage()) or b""
+        await self._send_raw(writer, data)
+
+    async def _send_raw(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        try:
+            await asyncio.wait_for(writer.drain(), self._write_timeout)
+        except TimeoutError:
+            raise _Gone() from None
 
 
-async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool,
-                 head_only: bool = False) -> None:
+_PROTOCOL_MESSAGES = {
+    400: "malformed request",
+    431: "request head too large",
+}
+
+
+def _keep_alive(request: Request, h: h11.Connection) -> bool:
+    if h.their_http_version == b"1.0":
+        return False  # HTTP/1.0 closes (we do not do 1.0 keep-alive)
+    return "close" not in request.headers.get("connection", "").lower()
+
+
+def _canned(status: int, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode("utf-8")
     try:
-        reason = HTTPStatus(response.status).phrase
+        reason = HTTPStatus(status).phrase
     except ValueError:
-        reason = "Unknown"
-    lines = [f"HTTP/1.1 {response.status} {reason}"]
-    names = {k.lower() for k in response.headers}
-    if "content-type" not in names and response.status not in (204, 304):
-        lines.append(f"Content-Type: {response.content_type}")
-    lines.append(f"Content-Length: {len(response.body)}")
-    lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
-    lines.extend(f"{k}: {v}" for k, v in response.headers.items())
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    if not head_only:
-        data += response.body
-    writer.write(data)
-    await writer.drain()
+        reason = "Error"
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body

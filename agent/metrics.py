@@ -12,7 +12,9 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
     edge_agent_events_dead_lettered_total{sink}        events moved to the dead-letter table
     edge_agent_delivery_attempts_total{sink,type}      attempts by outcome (accepted, retry, ..)
     edge_agent_delivery_duration_seconds{sink}         histogram of one delivery attempt
-    edge_agent_event_delivery_delay_seconds{sink}      histogram: event time -> accepted
+    edge_agent_event_detection_lag_seconds{machine}    histogram: event time -> committed
+    edge_agent_event_delivery_delay_seconds{sink}      histogram: committed -> accepted
+    edge_agent_reasons_unattributed_total{machine}     PLC reasons no stop could take
     edge_agent_sink_held{sink}                         1 while the sink is held (401/403)
     edge_agent_buffer_pending_events{sink}             events waiting for the sink
     edge_agent_buffer_oldest_pending_age_seconds{sink} age of the oldest of them
@@ -22,25 +24,45 @@ Vocabulary (the metric vocabulary, ``edge_agent_<thing>_<unit>[_total]``; labels
     edge_agent_disk_free_bytes                         free space where the buffer lives
     edge_agent_ready                                   1 when /readyz answers 200
     edge_agent_uptime_seconds                          since the runtime was created
+    edge_agent_build_info{version,python}              always 1; the labels say what runs
+    edge_agent_machine_state{machine,state}            1 for the machine's current state, 0
+                                                       for the others (running, idle, down,
+                                                       planned, unknown): a state timeline
+    edge_agent_machine_open_downtime_seconds{machine}  age of the open downtime episode (0
+                                                       when none)
+    process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+                                                       the standard process collector (Linux)
+
+``build_info`` is the one family with labels outside the vocabulary: the Prometheus convention
+for "which version runs where" (``count by (version) (edge_agent_build_info)``); its values are
+fixed for the life of the process. ``state`` is bounded by the MachineState enum.
+
+The two event histograms are the agent's time to detect (``agent/runtime/figures.py``) and
+time to synchronise (``agent/sinks/instrumented.py``); ``/status`` shows their recent
+quantiles under ``latency``. Each event carries its commit time as the ``detectedat``
+attribute, so a receiver can compute the same figures.
 
 Most values are read from the runtime when scraped (one registry per runtime, never the
 process-global default registry, so several runtimes in one test process do not collide); only
 the attempt counter and the latency and delay histograms are observed as they happen, by
-``agent.sinks.instrumented.InstrumentedSink`` wrapped around each sink.
+``agent.sinks.instrumented.InstrumentedSink`` wrapped around each sink, and the detection lag
+by the committer.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import generate_latest
+from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent import __version__
 from buffer.base import BufferStats
-from config.model import age_seconds
+from config.model import MachineState, age_seconds, utcnow
 
 if TYPE_CHECKING:
     from agent.runtime import Runtime
@@ -58,6 +80,8 @@ class Metrics:
         self.registry = runtime.registry
         self._snapshot = _RuntimeCollector(runtime)
         self.registry.register(self._snapshot)
+        # RSS, CPU seconds, open fds, start time: read from /proc at scrape time.
+        ProcessCollector(registry=self.registry)
 
     def render(self, stats: BufferStats | None = None, *, ready: bool | None = None,
                disk_free: int | None = None) -> bytes:
@@ -123,6 +147,15 @@ class _RuntimeCollector(Collector):
                             and str(fw.state) == "held" else 0.0)
         yield from (delivered, retries, dead, held)
 
+        unattributed = CounterMetricFamily(
+            "edge_agent_reasons_unattributed",
+            "PLC reason codes set while no stop could take them (after the grace period, after "
+            "another stop began, or before any stop was reported).",
+            labels=["machine"])
+        for mid, det in sorted(rt.detectors.items()):
+            unattributed.add_metric([mid], det.classifier.unattributed_total)
+        yield unattributed
+
         if self.stats is not None:
             yield from _buffer_metrics(self.stats)
         if self.disk_free is not None:
@@ -134,6 +167,28 @@ class _RuntimeCollector(Collector):
                                     value=1.0 if self.ready else 0.0)
         yield GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since the agent started.",
                                 value=max(0.0, time.time() - rt.started_at))
+        build = GaugeMetricFamily("edge_agent_build_info", "Always 1; the labels say what runs.",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+        yield from _machine_metrics(rt)
+
+
+def _machine_metrics(rt: Runtime) -> Iterator[Metric]:
+    state = GaugeMetricFamily("edge_agent_machine_state",
+                              "1 for the machine's current state, 0 for the others.",
+                              labels=["machine", "state"])
+    open_dt = GaugeMetricFamily("edge_agent_machine_open_downtime_seconds",
+                                "Age of the machine's open downtime episode (0 when none).",
+                                labels=["machine"])
+    now = utcnow()
+    for mid, det in rt.detectors.items():
+        for s in MachineState:
+            state.add_metric([mid, s.value], 1.0 if det.state is s else 0.0)
+        ep = det.episode
+        open_dt.add_metric([mid], 0.0 if ep is None
+                           else max(0.0, (now - ep.started_at).total_seconds()))
+    yield from (state, open_dt)
 
 
 def _buffer_metrics(stats: BufferStats) -> Iterator[Metric]:

@@ -96,10 +96,11 @@ class Notifier:
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     """Half of WATCHDOG_USEC in seconds (systemd's advice), or None when there is no watchdog."""
     usec = env.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
+    # isascii: str.isdigit() is true for digits int() refuses, such as '²'.
+    if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
         return None
     pid = env.get("WATCHDOG_PID", "")
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+    if pid and (not (pid.isascii() and pid.isdigit()) or int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
 

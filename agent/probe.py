@@ -1,7 +1,9 @@
 """``edge-agent probe``: connect each configured source, read every tag once, print a table.
 
-Works for every protocol through ``Source.probe()``. Sources are probed concurrently, each with
-its own deadline, so one unreachable device neither hides nor delays the others' answers.
+Works for every protocol through ``Source.probe()``; a source that offers ``probe_report()``
+(a Modbus RTU line: answers and frame errors per unit id) adds its lines under its table.
+Sources are probed concurrently, each with its own deadline, so one unreachable device neither
+hides nor delays the others' answers.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ class ProbeResult:
     source: str
     samples: list[TagSample] = field(default_factory=list)
     error: str | None = None
+    # Protocol-specific lines after the table (per unit id and frame errors of an RTU line).
+    report: list[str] = field(default_factory=list)
 
 
 async def _probe_one(name: str, config: Config, deadline: float) -> ProbeResult:
     source = build_source(name, config.sources[name])
     try:
         async with asyncio.timeout(deadline):
-            return ProbeResult(name, await source.probe())
+            samples = await source.probe()
+        report = getattr(source, "probe_report", None)
+        return ProbeResult(name, samples, report=report() if callable(report) else [])
     except TimeoutError:
         return ProbeResult(name, error=f"no answer within {deadline:g}s")
     except EdgeAgentError as exc:
@@ -67,5 +73,6 @@ def format_results(results: list[ProbeResult]) -> str:
         for row in rows:
             cells = [row[i].ljust(widths[i]) for i in range(len(widths))]
             lines.append("  " + "  ".join([*cells, row[-1]]).rstrip())
+        lines.extend(f"  {line}" for line in r.report)
         lines.append("")
     return "\n".join(lines)

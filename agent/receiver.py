@@ -19,6 +19,14 @@ use it, and integrators can read it as the contract's executable example.
 - ``GET /events[?source=...]`` lists what arrived (arrival order), ``GET /stats`` gives
   ``{"received": n, "duplicates": n}``.
 
+Limits (a reference receiver faces the same network as a production one): parsing, checking
+and storing a POST run in one worker thread, never on the event loop, so a large batch does
+not stall other connections; a batch holds at most ``MAX_BATCH_EVENTS`` items (more is 413, and
+the agent splits); bodies up to 16 MiB on POST, none on GET; ``requests`` keeps only the last
+``KEEP_REQUESTS`` (tests read it; nothing grows forever). An item that cannot be stored as it
+is (``time`` not a string, text that is not valid Unicode, an over-long id) gets its own 400
+in the 207 answer; the rest of the batch is stored.
+
 Fault injection (``receiver.faults``), so tests and integrators can exercise the whole contract
 against a real socket: answer N requests with a status and a Retry-After, commit and then answer
 too late (client timeout, then a deduplicated retry), refuse given ids with 422, demand a bearer
@@ -29,6 +37,7 @@ token (401), refuse batches over a size (413), or refuse a whole batch when one 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import signal
@@ -44,7 +53,12 @@ from typing import Any
 from agent.httpserver import HttpServer, Request, Response
 from config.model import format_time, utcnow
 
-__all__ = ["Faults", "Receiver", "SeenRequest", "run_receiver", "serve_receiver"]
+__all__ = ["KEEP_REQUESTS", "MAX_BATCH_EVENTS", "Faults", "Receiver", "SeenRequest",
+           "run_receiver", "serve_receiver"]
+
+MAX_BATCH_EVENTS = 10_000
+KEEP_REQUESTS = 1000
+_MAX_ATTRIBUTE = 1024  # characters of id, source, type and time
 
 CE_SINGLE = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
@@ -90,6 +104,20 @@ class SeenRequest:
     at: float  # time.monotonic() when the request arrived
 
 
+class _Recent(list[SeenRequest]):
+    """A list that keeps only the most recent ``KEEP_REQUESTS`` items (trimmed in steps, so
+    appending stays cheap)."""
+
+    def append(self, item: SeenRequest) -> None:
+        super().append(item)
+        if len(self) >= 2 * KEEP_REQUESTS:
+            del self[:len(self) - KEEP_REQUESTS]
+
+
+class _TooMany(Exception):
+    pass
+
+
 class Receiver:
     """``await start()`` opens the database and binds (port 0 is fine) and returns the port."""
 
@@ -99,18 +127,28 @@ class Receiver:
         self.db_path = Path(db_path)
         self._echo = echo
         self.faults = Faults()
-        self.requests: list[SeenRequest] = []
+        self.requests: list[SeenRequest] = _Recent()
         self._scheme = "https" if ssl_context is not None else "http"
-        self._server = HttpServer(self._handle, host, port, ssl=ssl_context)
-        self._db: sqlite3.Connection | None = None
+        self._server = HttpServer(self._handle, host, port, ssl=ssl_context,
+                                  max_body_bytes=16 * 2**20)
+        self._db: sqlite3.Connection | None = None  # the worker's: parse, check, store
+        self._reader: sqlite3.Connection | None = None  # queries (WAL: committed rows only)
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reads: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> int:
-        self._db = sqlite3.connect(self.db_path, isolation_level=None)
+        # The connections move between threads (one at a time): the worker thread stores,
+        # the reader serves GETs in its own thread and the caller's queries.
+        self._db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self._db.executescript(_SCHEMA)
+        self._reader = sqlite3.connect(self.db_path, isolation_level=None,
+                                       check_same_thread=False)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, "receiver-store")
+        self._reads = concurrent.futures.ThreadPoolExecutor(1, "receiver-read")
         try:
             return await self._server.start()
         except OSError:
@@ -122,9 +160,14 @@ class Receiver:
         self._close_db()
 
     def _close_db(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
+        for pool in (self._worker, self._reads):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._worker = self._reads = None
+        for db in (self._db, self._reader):
+            if db is not None:
+                db.close()
+        self._db = self._reader = None
 
     @property
     def port(self) -> int | None:
@@ -152,8 +195,13 @@ class Receiver:
             raise RuntimeError("receiver is not started")
         return self._db
 
+    def _read_conn(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise RuntimeError("receiver is not started")
+        return self._reader
+
     def stats(self) -> dict[str, int]:
-        db = self._conn()
+        db = self._read_conn()
         received = db.execute("SELECT count(*) FROM received").fetchone()[0]
         dups = db.execute("SELECT value FROM counters WHERE name='duplicates'").fetchone()[0]
         return {"received": int(received), "duplicates": int(dups)}
@@ -164,17 +212,19 @@ class Receiver:
         args: tuple[str, ...] = ()
         if source is not None:
             sql, args = sql + " WHERE source = ?", (source,)
-        rows = self._conn().execute(sql + " ORDER BY rowid", args).fetchall()
+        rows = self._read_conn().execute(sql + " ORDER BY rowid", args).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     # ------------------------------------------------------------------ HTTP
 
     async def _handle(self, request: Request) -> Response:
         if request.method in ("GET", "HEAD"):
+            loop = asyncio.get_running_loop()
             if request.path.rstrip("/") == "/events":
-                return Response.json(self.events(request.query.get("source")))
+                return Response.json(await loop.run_in_executor(
+                    self._reads, self.events, request.query.get("source")))
             if request.path.rstrip("/") == "/stats":
-                return Response.json(self.stats())
+                return Response.json(await loop.run_in_executor(self._reads, self.stats))
             return Response.json({"error": "not found"}, 404)
         if request.method != "POST":
             return Response.json({"error": "use POST to deliver, GET /events or /stats"}, 405,
@@ -198,27 +248,37 @@ class Receiver:
         if ctype not in (CE_SINGLE, CE_BATCH):
             return Response.json({"error": f"content type must be {CE_SINGLE} or {CE_BATCH}"},
                                  415), []
-        items = _split_array(request.body) if ctype == CE_BATCH else None
-        if items is not None:
-            response, ids = self._batch([d for d, _ in items], [t for _, t in items])
-        else:
-            try:
-                doc = json.loads(request.body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return Response.json({"error": f"body is not JSON: {exc}"}, 400), []
-            if ctype == CE_SINGLE:
-                response, ids = self._single(doc, len(request.body))
-            else:
-                response, ids = self._batch(doc)
+        response, ids = await asyncio.get_running_loop().run_in_executor(
+            self._worker, self._ingest, ctype, request.body)
         if f.delay_after_commit > 0 and f.delay_count > 0:
             f.delay_count -= 1
             await asyncio.sleep(f.delay_after_commit)  # committed already: the client times out
         return response, ids
 
+    def _ingest(self, ctype: str, body: bytes) -> tuple[Response, list[str]]:
+        """Parse, check and store one POST body (in the worker thread)."""
+        try:
+            items = _split_array(body, MAX_BATCH_EVENTS) if ctype == CE_BATCH else None
+        except _TooMany:
+            return Response.json({"error": f"at most {MAX_BATCH_EVENTS} events per batch"},
+                                 413), []
+        if items is not None:
+            return self._batch([d for d, _ in items], [t for _, t in items])
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return Response.json({"error": f"body is not JSON: {type(exc).__name__}"}, 400), []
+        if ctype == CE_SINGLE:
+            return self._single(doc, len(body))
+        if isinstance(doc, list) and len(doc) > MAX_BATCH_EVENTS:
+            return Response.json({"error": f"at most {MAX_BATCH_EVENTS} events per batch"},
+                                 413), []
+        return self._batch(doc)
+
     def _single(self, doc: Any, size: int) -> tuple[Response, list[str]]:
         if not isinstance(doc, dict):
             return Response.json({"error": "expected one CloudEvent (a JSON object)"}, 400), []
-        event_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        event_id = doc.get("id") if _text(doc.get("id")) else None
         ids = [event_id] if event_id else []
         limit = self.faults.max_event_bytes
         if limit is not None and size > limit:
@@ -234,7 +294,7 @@ class Receiver:
         if not isinstance(doc, list) or not doc:
             return Response.json({"error": "expected a non-empty JSON array of CloudEvents"},
                                  400), []
-        ids = [d["id"] for d in doc if isinstance(d, dict) and isinstance(d.get("id"), str)]
+        ids = [d["id"] for d in doc if isinstance(d, dict) and _text(d.get("id"))]
         limit = self.faults.max_batch_events
         if limit is not None and len(doc) > limit:
             return Response.json({"error": f"at most {limit} events per batch"}, 413), ids
@@ -252,7 +312,7 @@ class Receiver:
         for item, verdict in zip(doc, verdicts, strict=True):
             status, detail = next(stored) if verdict[0] == 201 else verdict
             item_id = item.get("id") if isinstance(item, dict) else None
-            results.append({"id": item_id if isinstance(item_id, str) else None,
+            results.append({"id": item_id if _text(item_id) else None,
                             "status": status, "detail": detail})
         return Response.json({"results": results}, 207), ids
 
@@ -265,6 +325,13 @@ class Receiver:
         for attr in ("id", "source", "type"):
             if not isinstance(doc.get(attr), str) or not doc[attr]:
                 return 400, f"missing or empty '{attr}'"
+            if not _text(doc[attr]):
+                return 400, f"'{attr}' is not valid Unicode text of at most {_MAX_ATTRIBUTE} " \
+                    "characters"
+        t = doc.get("time")
+        if t is not None and not _text(t):
+            return 400, f"'time' must be an RFC 3339 string of at most {_MAX_ATTRIBUTE} " \
+                "characters"
         if doc["id"] in self.faults.reject_ids:
             return 422, f"event {doc['id']} refused by the receiver (reject_ids)"
         return 201, ""
@@ -316,13 +383,25 @@ class Receiver:
         return out, new
 
 
+def _text(value: Any) -> bool:
+    """A string SQLite can store as text: valid Unicode (no lone surrogate), not too long."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_ATTRIBUTE:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _compact(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def _split_array(body: bytes) -> list[tuple[Any, str]] | None:
+def _split_array(body: bytes, limit: int) -> list[tuple[Any, str]] | None:
     """The items of a JSON array body, each with its own JSON text; None when the body is not
     a well-formed non-empty array (the caller then parses it whole, for the error message).
+    More than ``limit`` items raises ``_TooMany`` (before parsing the rest).
 
     Storing each item's text as sent saves re-encoding every event: the payload is JSON all
     the same, and ``events()`` parses it."""
@@ -339,6 +418,8 @@ def _split_array(body: bytes) -> list[tuple[Any, str]] | None:
         while True:
             doc, end = _DECODER.raw_decode(text, pos)
             items.append((doc, text[pos:end]))
+            if len(items) > limit:
+                raise _TooMany()
             pos = _SPACE.match(text, end).end()  # type: ignore[union-attr]
             if text.startswith(",", pos):
                 pos = _SPACE.match(text, pos + 1).end()  # type: ignore[union-attr]
@@ -346,7 +427,7 @@ def _split_array(body: bytes) -> list[tuple[Any, str]] | None:
                 break
             else:
                 return None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if _SPACE.match(text, pos + 1).end() != len(text):  # type: ignore[union-attr]
         return None
@@ -361,7 +442,7 @@ async def serve_receiver(listen: str, db: Path, echo: bool,
                          stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGINT/SIGTERM arrives."""
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"'{listen}' is not HOST:PORT (for example 127.0.0.1:8080)")
     stop = stop or asyncio.Event()
     receiver = Receiver(db, host.strip("[]"), int(port_text),

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,8 +98,10 @@ def replay(config: Config, samples: Iterable[TagSample],
                 yield e.to_cloudevent(agent_id)
 
 
-async def record(config: Config, out: TextIO, duration: float | None) -> int:
-    """Capture live samples of every configured source until ``duration`` or a signal."""
+async def record(config: Config, out: TextIO, duration: float | None,
+                 on_progress: Callable[[int, float], None] | None = None) -> int:
+    """Capture live samples of every configured source until ``duration`` or a signal;
+    ``on_progress(count, elapsed seconds)`` is called about once a second."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,9 +136,17 @@ async def record(config: Config, out: TextIO, duration: float | None) -> int:
                                                                     cfg.backoff.max))
         holder.append(sup)
         tasks.append(asyncio.create_task(sup.run()))
+    started = time.monotonic()
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), duration)
+        while not stop.is_set():
+            elapsed = time.monotonic() - started
+            left = None if duration is None else duration - elapsed
+            if left is not None and left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0 if left is None else min(1.0, left))
+            if on_progress is not None:
+                on_progress(count, time.monotonic() - started)
     finally:
         for t in tasks:
             t.cancel()

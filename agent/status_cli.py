@@ -5,11 +5,13 @@ without validating it: the shell running the command usually cannot read the ser
 else ``http://127.0.0.1:9780``.
 
 ``status`` prints ``/status`` as a readable table (``--json`` for the raw document); exit 0 when
-the agent is ready, 1 when it is not ready or cannot be reached.
+the agent is ready, 1 when it is not ready, 3 when no agent answers.
 
-``reload`` sends SIGHUP to the pid that ``/status`` reports and waits until the agent reports the
-outcome in ``last_reload``: exit 0 applied, 2 rejected (the located errors are printed; the
-previous configuration keeps running), 1 no answer.
+``reload`` finds the agent through its pid file in ``agent.data_dir`` of ``--config`` (or
+``--pid-file``), checked as ``agent/pidfile.py`` says, sends it SIGHUP and waits until the agent
+reports the outcome in ``last_reload``: exit 0 applied, 2 rejected (the located errors are
+printed; the previous configuration keeps running) or no pid file to trust, 1 no outcome in
+time, 3 the health endpoint does not answer. The pid is never taken from ``/status``.
 """
 
 from __future__ import annotations
@@ -24,24 +26,45 @@ from typing import Any
 
 import httpx
 
+from agent.cli_conventions import printable
+from config.errors import ConfigError, ConfigIssue
+
 __all__ = ["DEFAULT_URL", "format_status", "health_url", "reload_main", "status_main"]
 
 DEFAULT_URL = "http://127.0.0.1:9780"
+DEFAULT_DATA_DIR = Path("/var/lib/edge-agent")
+EXIT_OK, EXIT_NOT_READY, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _loose(config: Path | None) -> dict[str, Any]:
+    """The file's YAML without validating it (the shell running the command usually cannot
+    read the service's secrets); {} when it is not YAML. A file that cannot be read at all is
+    a ConfigError: the defaults would send the command to another agent's address, or to
+    another data directory's pid file, without a word."""
+    if config is None or str(config) == "-":
+        return {}
+    from ruamel.yaml import YAML
+
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([ConfigIssue("", f"cannot read the configuration file: {why}",
+                                       file=str(config))]) from None
+    try:
+        doc = YAML(typ="safe").load(text)
+    except Exception:  # not YAML the loose reading understands: the defaults apply
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def health_url(config: Path | None, url: str | None) -> str:
     if url:
         return url.rstrip("/")
     if config is not None:
-        from ruamel.yaml import YAML
-
-        try:
-            doc = YAML(typ="safe").load(config.read_text(encoding="utf-8"))
-            listen = str(((doc or {}).get("health") or {}).get("listen") or "")
-        except Exception:  # unreadable or odd file: fall back to the default address
-            listen = ""
+        listen = str((_loose(config).get("health") or {}).get("listen") or "")
         host, _, port = listen.rpartition(":")
-        if host and port.isdigit() and port != "0":
+        if host and port.isascii() and port.isdigit() and port != "0":
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
             return f"http://{host}:{port}"
     return DEFAULT_URL
@@ -57,12 +80,18 @@ def _get_status(base: str) -> dict[str, Any]:
 def status_main(base: str, as_json: bool) -> int:
     try:
         doc = _get_status(base)
+    except httpx.HTTPStatusError as exc:
+        # Something answers: a stalled agent's watchdog (503) is there but not serving.
+        code = exc.response.status_code
+        print(f"edge-agent status: the agent at {base} answers HTTP {code}: "
+              f"{printable(exc.response.text[:200])}", file=sys.stderr)
+        return EXIT_NOT_READY if code == 503 else EXIT_UNREACHABLE
     except (httpx.HTTPError, ValueError) as exc:
         print(f"edge-agent status: no agent answers at {base} ({type(exc).__name__}: {exc})",
               file=sys.stderr)
-        return 1
+        return EXIT_UNREACHABLE
     print(json.dumps(doc, indent=2) if as_json else format_status(doc))
-    return 0 if doc.get("ready") else 1
+    return EXIT_OK if doc.get("ready") else EXIT_NOT_READY
 
 
 def _age(seconds: Any) -> str:
@@ -90,11 +119,13 @@ def _size(n: Any) -> str:
 def _episode(ep: Any) -> str:
     if not isinstance(ep, dict):
         return ""
-    reason = f" reason {ep['reason_code']}" if ep.get("reason_code") else ""
-    return f"{ep.get('category')} since {ep.get('started_at')}{reason}"
+    from agent.status_page import reason_label
+
+    return f"{ep.get('category')} since {ep.get('started_at')}, {reason_label(ep)}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -132,32 +163,73 @@ def format_status(doc: dict[str, Any]) -> str:
         for n, m in (doc.get("machines") or {}).items()])
     lines += ["", "SINKS"]
     bsinks = buf.get("sinks") or {}
-    lines += _table(["id", "state", "pending", "oldest", "dead letters", "delivered",
-                     "last error"], [
-        [n, str(s.get("state")), str(bsinks.get(n, {}).get("pending", "-")),
+    lines += _table(["id", "type", "state", "pending", "leased", "oldest", "dead letters",
+                     "delivered", "last error"], [
+        [n, str(s.get("type") or "-"), str(s.get("state")),
+         str(bsinks.get(n, {}).get("pending", "-")),
+         str(bsinks.get(n, {}).get("leased", "-")),
          _age(bsinks.get(n, {}).get("oldest_pending_age_s")),
          str(bsinks.get(n, {}).get("dead_letters", "-")), str(s.get("delivered_total", "-")),
-         str(s.get("held_reason") or s.get("last_error") or "")[:60]]
+         _sink_error(s, doc.get("time"))[:70]]
         for n, s in (doc.get("sinks") or {}).items()])
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
-def reload_main(base: str, timeout: float = 30.0) -> int:
+def _sink_error(s: dict[str, Any], now_text: Any) -> str:
+    """The current problem; else the last one, as "recovered; last error 5m ago: ..."."""
+    current = s.get("held_reason") or s.get("last_error")
+    if current:
+        return str(current)
+    prev = s.get("previous_error")
+    if not isinstance(prev, dict) or not prev.get("error"):
+        return ""
+    from config.model import parse_time, utcnow
+
+    try:
+        now = parse_time(now_text) if isinstance(now_text, str) else utcnow()
+        ago = _age((now - parse_time(str(prev.get("at")))).total_seconds()) + " ago"
+    except ValueError:
+        ago = "earlier"
+    return f"(recovered; last error {ago}: {prev['error']})"
+
+
+def reload_main(base: str, config: Path | None, pid_file: Path | None = None,
+                timeout: float = 30.0) -> int:
+    from agent.pidfile import PID_FILE, PidFileError, check_pidfile
+
+    doc = _loose(config)
+    agent = doc.get("agent") or {}
+    if pid_file is not None:
+        path, expected = pid_file, None
+    elif config is not None:
+        # Relative to the file's directory, as the agent itself reads it (agent/wiring/load.py).
+        path = config.parent / str(agent.get("data_dir") or DEFAULT_DATA_DIR) / PID_FILE
+        expected = str(agent["id"]) if agent.get("id") is not None else None
+    else:
+        print("edge-agent reload: name the agent's configuration with --config (its "
+              "agent.data_dir holds the pid file) or give --pid-file", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        proc = check_pidfile(path, expected)
+    except PidFileError as exc:
+        print(f"edge-agent reload: {exc}; nothing signalled", file=sys.stderr)
+        return EXIT_INVALID
     try:
         before = _get_status(base)
     except (httpx.HTTPError, ValueError) as exc:
-        print(f"edge-agent reload: no agent answers at {base} ({exc})", file=sys.stderr)
-        return 1
-    pid = before.get("pid")
-    if not isinstance(pid, int):
-        print("edge-agent reload: the agent did not report its pid", file=sys.stderr)
-        return 1
-    previous = (before.get("last_reload") or {}).get("at"), before.get("last_reload")
+        print(f"edge-agent reload: no agent answers at {base} ({exc}); nothing signalled",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if before.get("agent_id") != proc.agent_id:
+        print(f"edge-agent reload: {base} is agent {before.get('agent_id')!r}, the pid file "
+              f"names {proc.agent_id!r}; nothing signalled", file=sys.stderr)
+        return EXIT_INVALID
+    previous = before.get("last_reload")
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(proc.pid, signal.SIGHUP)
     except OSError as exc:
-        print(f"edge-agent reload: cannot signal pid {pid}: {exc.strerror}", file=sys.stderr)
-        return 1
+        print(f"edge-agent reload: cannot signal pid {proc.pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_NOT_READY
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)  # a CLI polling another process: no event to wait on
@@ -165,12 +237,12 @@ def reload_main(base: str, timeout: float = 30.0) -> int:
             last = _get_status(base).get("last_reload")
         except (httpx.HTTPError, ValueError):
             continue
-        if last and last != previous[1]:
+        if last and last != previous:
             print(describe_reload(last))
-            return 0 if last.get("ok") else 2
-    print(f"edge-agent reload: no answer from pid {pid} within {timeout:g}s; see its log",
+            return EXIT_OK if last.get("ok") else EXIT_INVALID
+    print(f"edge-agent reload: no answer from pid {proc.pid} within {timeout:g}s; see its log",
           file=sys.stderr)
-    return 1
+    return EXIT_NOT_READY
 
 
 def describe_reload(last_reload: dict[str, Any] | None) -> str:

@@ -21,8 +21,10 @@ contract tests) keeps these invariants (docs/buffer.md):
    replayed or purged.
 5. Capacity (``max_size``): ``drop_oldest`` deletes the oldest pending events to make room,
    ``reject_new`` refuses the new ones; either way the count per event type is recorded and
-   reported by ``take_drops()`` so the runtime can emit a ``plantedge.data.gap`` event. Nothing
-   is dropped silently.
+   read by ``peek_drops()`` so the runtime can emit a ``plantedge.data.gap`` event; the append
+   that stores that event names the counts it reports (``reported``) and they leave the drops
+   in the same transaction, so a crash leaves either the counts or their report, never neither.
+   Nothing is dropped silently.
 6. Disk full is a state: ``append`` raises ``StorageFullError`` and commits nothing; everything
    committed before stays; later appends succeed once space returns.
 
@@ -121,6 +123,9 @@ class Drops:
     """Events dropped by the capacity policy since the last ``take_drops()``."""
 
     by_type: dict[str, int] = field(default_factory=dict)
+    # Delivery rows lost per sink and event type: which sink lost what (a sink that had
+    # already delivered an event lost nothing when it was dropped).
+    by_sink: dict[str, dict[str, int]] = field(default_factory=dict)
     first_at: str | None = None
     last_at: str | None = None
 
@@ -183,9 +188,12 @@ class Buffer(ABC):
         """Idempotent; safe after a failed open."""
 
     @abstractmethod
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         """Commit events and detector states (key -> JSON) in one transaction.
 
+        ``reported``: drop counts (from ``peek_drops``) that a data-gap event in ``events``
+        reports; they are subtracted from the recorded drops in the same transaction.
         Malformed input raises ``ValueError`` (see ``check_batch``) and writes nothing."""
 
     @abstractmethod
@@ -212,7 +220,12 @@ class Buffer(ABC):
 
     @abstractmethod
     def take_drops(self) -> Drops:
-        """Drops since the last call (then reset)."""
+        """Drops since the last call (then reset). The runtime uses ``peek_drops`` and
+        ``append(reported=...)`` instead, which cannot lose the counts in a crash."""
+
+    @abstractmethod
+    def peek_drops(self) -> Drops:
+        """Drops recorded and not yet reported (nothing is cleared)."""
 
     @abstractmethod
     def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 
 from config.base import Strict
-from config.units import ByteSize, Duration
+from config.units import ByteSize, Duration, DurationOrZero
 
 __all__ = ["BufferConfig", "Synchronous", "WhenFull"]
 
@@ -32,7 +32,8 @@ class BufferConfig(Strict):
     synchronous: Synchronous = Field(Synchronous.FULL, description="SQLite synchronous mode; "
                                      "FULL survives power cuts, NORMAL may lose the last "
                                      "commits on power loss (never on a crash).")
-    commit_interval: Duration = Field(0.05, description="Group commit window: events detected "
-                                      "within it share one transaction and one fsync.")
+    commit_interval: DurationOrZero = Field(0.05, description="Group commit window: events "
+                                            "detected within it share one transaction and one "
+                                            "fsync.")
     lease_timeout: Duration = Field(60.0, description="A leased batch not settled within this "
                                     "is offered again.")

@@ -29,7 +29,14 @@ from buffer.base import (
     SinkStats,
     check_batch,
 )
-from buffer.capacity import GAP_TYPE, carried_drops
+from buffer.capacity import (
+    GAP_TYPE,
+    carried_drops,
+    drop_keys,
+    sink_key,
+    split_drops,
+    within_share,
+)
 from buffer.config import WhenFull
 from config.model import format_time, utcnow
 
@@ -105,9 +112,16 @@ class MemoryBuffer(Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         self._check()
         check_batch(events, states)
+        if reported is not None:
+            left = Counter(self._drops.by_type)
+            left.subtract(drop_keys(reported.by_type, reported.by_sink))
+            self._drops.by_type = {t: c for t, c in left.items() if c > 0}
+            if not self._drops.by_type:
+                self._drops = Drops()
         new: list[int] = []
         for e in events:
             if e.id in self._by_id:
@@ -129,8 +143,12 @@ class MemoryBuffer(Buffer):
         removed: Counter[str] = Counter()
         carried: Counter[str] = Counter()  # counts reported by dropped gap events
         lost_new = 0
+        spared = self._within_share(new)
         while self._size > self.max_size:
-            victim = self._victim(new)
+            victim = self._victim(new, spared)
+            if victim is None and spared:
+                spared = []  # nothing left that only over-share sinks need
+                continue
             if victim is None:
                 break
             event = self._events[victim]
@@ -138,6 +156,8 @@ class MemoryBuffer(Buffer):
                 carried.update(carried_drops(event.payload))
             else:
                 removed[event.type] += 1
+            carried.update(sink_key(sink, event.type) for sink, rows in self._rows.items()
+                           if victim in rows)
             lost_new += victim in new
             self._delete_event(victim)
         if removed or carried:
@@ -149,8 +169,16 @@ class MemoryBuffer(Buffer):
             self._dropped_total += sum(removed.values())
         return lost_new
 
-    def _victim(self, new: set[int]) -> int | None:
-        if self.when_full is WhenFull.REJECT_NEW:
+    def _within_share(self, new: set[int]) -> list[str]:
+        # reject_new decides before the batch goes in (as the SQLite buffer does).
+        skip = new if self.when_full is WhenFull.REJECT_NEW else set()
+        usage = {sink: len(rows.keys() - skip) for sink, rows in self._rows.items()
+                 if sink in self._sinks}
+        return within_share(usage, len(self._events) - len(skip))
+
+    def _victim(self, new: set[int], spared: Sequence[str] = ()) -> int | None:
+        reject = self.when_full is WhenFull.REJECT_NEW
+        if reject and not spared:
             return max((s for s in new if s in self._events), default=None)
 
         def states(seq: int) -> set[str]:
@@ -158,6 +186,8 @@ class MemoryBuffer(Buffer):
 
         with_dead = None
         for seq in self._events:
+            if (reject and seq in new) or any(seq in self._rows[sink] for sink in spared):
+                continue
             st = states(seq)
             if "leased" in st:
                 continue
@@ -171,9 +201,16 @@ class MemoryBuffer(Buffer):
         self._check()
         return dict(self._states)
 
+    def peek_drops(self) -> Drops:
+        self._check()
+        d = self._drops  # by_type holds the drops-table keys, sink keys too (capacity.py)
+        by_type, by_sink = split_drops(d.by_type)
+        return Drops(by_type, by_sink, d.first_at, d.last_at)
+
     def take_drops(self) -> Drops:
         self._check()
         drops, self._drops = self._drops, Drops()
+        drops.by_type, drops.by_sink = split_drops(drops.by_type)
         return drops
 
     # ------------------------------------------------------------------ lease / settle

@@ -5,6 +5,13 @@ with the ``user_version`` bump, so a crash mid-upgrade leaves the old version in
 next start repeats the step. Steps are plain SQL (or a small function over the connection);
 they keep pending events. A file whose version is newer than ``SCHEMA_VERSION`` is refused
 with ``SchemaTooNewError``: an older agent must never write a schema it does not understand.
+Before the first step on a file that holds data, ``migrate`` snapshots it (``snapshot.py``),
+so ``edge-agent rollback`` can give the previous version its file back.
+
+Rollback also carries events appended after the snapshot into the restored file, through the
+core every version keeps: ``events(id, key, type, time, payload, created_at)``,
+``deliveries(sink, state, seq)`` and ``sinks(name)``. A migration must keep those columns
+(adding columns with defaults is fine); one that cannot must teach ``buffer/upgrade.py``.
 
 Adding a version: append a ``Migration(n + 1, ...)`` below; never edit a released step.
 """
@@ -16,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from buffer.snapshot import record_migrated, snapshot_before_migration
 from config.errors import SchemaTooNewError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
@@ -127,6 +135,9 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
     its own ``BEGIN IMMEDIATE`` transaction.
     """
     found = check_version(conn, path)
+    upgrading = 0 < found < SCHEMA_VERSION  # a file with data (0: a new file, nothing to keep)
+    if upgrading:
+        snapshot_before_migration(conn, Path(path), found, SCHEMA_VERSION)
     for step in MIGRATIONS:
         if step.version <= found:
             continue
@@ -146,4 +157,6 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+    if upgrading:
+        record_migrated(Path(path), found, SCHEMA_VERSION)
     return found, _user_version(conn)

@@ -75,8 +75,9 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from buffer import views
 from buffer.base import (
@@ -93,14 +94,19 @@ from buffer.base import (
 )
 from buffer.capacity import (
     append_or_reject,
+    drop_keys,
     drop_oldest,
     json_list,
     live_bytes,
+    make_room_for_share,
     page_stats,
+    split_drops,
+    unrecord_drops,
 )
 from buffer.config import WhenFull
 from buffer.salvage import move_aside, read_salvageable, wal_missing
 from buffer.settle import delete_orphans
+from buffer.snapshot import read_record
 from buffer.sqlite_delivery import SqliteDeliveries
 from config.errors import StorageFullError
 from config.model import format_time, utcnow
@@ -129,6 +135,10 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
         self.salvage = salvage
         # Why the buffer is degraded (a salvaged file), for readiness; None when it is not.
         self.degraded_reason: str | None = None
+        # The file's schema version once opened, and the last upgrade's record (snapshot.py):
+        # shown in the fleet heartbeat.
+        self.schema_version: int | None = None
+        self.last_upgrade: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,6 +166,8 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
             conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('clean_stop', 0)")
         self._owner = True
         self._load_counts()
+        self.schema_version = int(self._require().execute("PRAGMA user_version").fetchone()[0])
+        self.last_upgrade = read_record(self.path)
 
     def _register_sinks(self, conn: sqlite3.Connection, now: str) -> None:
         # Every sink that ever had rows stays in ``sinks``: queries that must see all of an
@@ -212,26 +224,37 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
 
     # ------------------------------------------------------------------ append / states
 
-    def append(self, events: Sequence[NewEvent], states: Mapping[str, str]) -> AppendResult:
+    def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+               reported: Drops | None = None) -> AppendResult:
         check_batch(events, states)
         if not events and not states:
             return AppendResult(0, 0)
         now = format_time(utcnow())
         with self._write("appending events") as conn:
             self._flush_settled(conn)  # delivered rows ride along: no commit of their own
+            if reported is not None:
+                unrecord_drops(conn, drop_keys(reported.by_type, reported.by_sink))
             before = int(conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
             live_before = live_bytes(conn)
             if self.when_full is WhenFull.REJECT_NEW:
+                share = self._fair_share()
+                freed = make_room_for_share(conn, events, max_size=self.max_size, now=now,
+                                            held=self._leases.held, usage=share.get("usage"),
+                                            total=share.get("events", 0))
+                self._delta_events -= freed.events
+                self._delta.subtract(freed.rows)
+                live_before = live_bytes(conn) if freed.events else live_before
                 stored, rejected = append_or_reject(
                     conn, events, lambda batch: self._insert(conn, batch, before, now),
-                    max_size=self.max_size, before=before, live_before=live_before, now=now)
+                    max_size=self.max_size, before=before, live_before=live_before, now=now,
+                    sinks=self._sinks)
                 self._count_new(stored)
             else:
                 inserted = self._insert(conn, events, before, now)
                 self._count_new(inserted)
                 dropped = drop_oldest(conn, max_size=self.max_size, before=before,
                                       inserted=inserted, live_before=live_before, now=now,
-                                      held=self._leases.held)
+                                      held=self._leases.held, **self._fair_share())
                 self._delta_events -= dropped.events
                 self._delta.subtract(dropped.rows)
                 stored, rejected = inserted - dropped.new, 0
@@ -268,28 +291,55 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
     def load_states(self) -> dict[str, str]:
         rows = self._read("loading detector states", "SELECT key, state FROM detector_state")
         return {str(k): str(v) for k, v in rows}
+    def peek_drops(self) -> Drops:
+        rows = self._read("reading drop counts",
+                          "SELECT type, count, first_at, last_at FROM drops")
+        return _drops_of(rows)
+
     def take_drops(self) -> Drops:
-        # Called after every commit: mostly there is nothing, and then nothing is written
-        # (a write transaction here would pay its own fsync for the grouped settles).
+        # Mostly there is nothing, and then nothing is written (a write transaction here
+        # would pay its own fsync for the grouped settles).
         if not self._read("reading drop counts", "SELECT 1 FROM drops LIMIT 1"):
             return Drops()
         with self._write("taking drop counts") as conn:
             rows = conn.execute("SELECT type, count, first_at, last_at FROM drops").fetchall()
             conn.execute("DELETE FROM drops")
-        if not rows:
-            return Drops()
-        return Drops(by_type={str(t): int(c) for t, c, _, _ in rows},
-                     first_at=min(str(r[2]) for r in rows),
-                     last_at=max(str(r[3]) for r in rows))
+        return _drops_of(rows)
+
+    def _fair_share(self) -> dict[str, Any]:
+        """Rows held per sink and events, as of this transaction (see capacity.py)."""
+        if self._counts is None or len(self._sinks) < 2:
+            return {}
+        now = self._counts + self._delta
+        usage = {sink: sum(now[(sink, st)] for st in ("pending", "dead"))
+                 for sink in self._sinks}
+        return {"usage": usage, "events": self._events + self._delta_events}
 
     # ------------------------------------------------------------------ dead letters, views
 
     def dead_letters(self, sink: str | None = None, limit: int = 1000) -> list[DeadLetter]:
         return self._view("listing dead letters", views.dead_letters, sink, limit)
 
+    def iter_dead_letters(self, sink: str | None = None, ids: Sequence[str] | None = None
+                          ) -> tuple[int, Generator[DeadLetter, None, None]]:
+        """Every dead letter, streamed from one read snapshot, with the snapshot's count (for
+        ``buffer export``: no limit, constant memory)."""
+        total, rows = self._view("counting dead letters", views.iter_dead_letters, sink, ids)
+
+        def translated() -> Generator[DeadLetter, None, None]:
+            try:
+                yield from rows
+            except sqlite3.Error as e:
+                raise self._translate(e, "reading dead letters") from e
+            finally:
+                rows.close()
+
+        return total, translated()
+
     def replay_dead_letters(self, sink: str | None = None,
-                            ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                            ids: Sequence[str] | None = None, *,
+                            limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("replaying dead letters") as conn:
             self._flush_settled(conn)
             moved = conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0, "
@@ -302,8 +352,9 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
         return len(moved)
 
     def purge_dead_letters(self, sink: str | None = None,
-                           ids: Sequence[str] | None = None) -> int:
-        where, params = views.dead_filter(sink, ids)
+                           ids: Sequence[str] | None = None, *,
+                           limit: int | None = None) -> int:
+        where, params = views.first_dead(*views.dead_filter(sink, ids), limit)
         with self._write("purging dead letters") as conn:
             self._flush_settled(conn)
             gone = conn.execute(f"DELETE FROM deliveries WHERE {where} RETURNING sink, seq",
@@ -351,3 +402,11 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
         return BufferStats(events=events, size_bytes=(page_count - free) * page_size,
                            max_size=self.max_size, sinks=sinks,
                            dropped_total=int(dropped[0]) if dropped else 0)
+
+
+def _drops_of(rows: Sequence[tuple[Any, ...]]) -> Drops:
+    if not rows:
+        return Drops()
+    by_type, by_sink = split_drops({str(t): int(c) for t, c, _, _ in rows})
+    return Drops(by_type=by_type, by_sink=by_sink, first_at=min(str(r[2]) for r in rows),
+                 last_at=max(str(r[3]) for r in rows))

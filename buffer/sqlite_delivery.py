@@ -37,6 +37,7 @@ __all__ = ["SqliteDeliveries"]
 log = logging.getLogger(__name__)
 
 _SHRINK_EVERY = 60.0  # seconds between shrinks while rows are still pending
+_SHRINK_PAGES = 2048  # pages freed per incremental_vacuum step
 
 
 class SqliteDeliveries(SqliteFile):
@@ -224,7 +225,8 @@ class SqliteDeliveries(SqliteFile):
             if free > 256 and free * 4 > page_count and self._shrink_due():
                 # Each step frees one page and a cursor would step once (the pragma returns no
                 # columns); executescript steps it to the end. No transaction is open here.
-                conn.executescript("PRAGMA incremental_vacuum;")
+                # A bounded step: a long vacuum would hold the write lock the agent needs.
+                conn.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES});")
         except sqlite3.Error as e:
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:

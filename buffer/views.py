@@ -10,12 +10,14 @@ file an undelivered row is ``pending`` whether or not the running agent has it i
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Generator, Sequence
 
 from buffer.base import DeadLetter, LeasedEvent, SinkStats
 from buffer.capacity import IN_JSON, KNOWN_SINKS, json_list
 
-__all__ = ["dead_filter", "dead_letters", "sink_names", "sink_stats", "undelivered"]
+__all__ = ["dead_filter", "dead_letters", "first_dead", "iter_dead_letters", "sink_names",
+           "sink_stats",
+           "undelivered"]
 
 
 def sink_names(conn: sqlite3.Connection, configured: Sequence[str]) -> list[str]:
@@ -37,6 +39,16 @@ def dead_filter(sink: str | None, ids: Sequence[str] | None) -> tuple[str, list[
     return where, params
 
 
+def first_dead(where: str, params: list[object],
+               limit: int | None) -> tuple[str, list[object]]:
+    """Narrow a ``dead_filter`` to its first ``limit`` rows (None: all), so that replay and
+    purge can work in short transactions."""
+    if limit is None:
+        return where, params
+    return (f"state = 'dead' AND (sink, seq) IN (SELECT sink, seq FROM deliveries "
+            f"WHERE {where} ORDER BY seq, sink LIMIT ?)", [*params, limit])
+
+
 def dead_letters(conn: sqlite3.Connection, sink: str | None, limit: int) -> list[DeadLetter]:
     where, params = dead_filter(sink, None)
     rows = conn.execute(
@@ -46,6 +58,40 @@ def dead_letters(conn: sqlite3.Connection, sink: str | None, limit: int) -> list
     return [DeadLetter(str(sk), int(s), str(i), str(t), str(p),
                        None if st is None else int(st), str(dt or ""), str(fa or ""))
             for sk, s, i, t, p, st, dt, fa in rows]
+
+
+def iter_dead_letters(conn: sqlite3.Connection, sink: str | None,
+                      ids: Sequence[str] | None = None
+                      ) -> tuple[int, Generator[DeadLetter, None, None]]:
+    """Every dead letter (of one sink, with these ids), streamed in (seq, sink) order from one
+    read snapshot, and how many there are in that snapshot. Close the iterator (or read it to
+    the end) to end the read transaction."""
+    where, params = dead_filter(sink, ids)
+    owns = not conn.in_transaction
+    if owns:
+        conn.execute("BEGIN")
+    try:
+        total = int(conn.execute(f"SELECT count(*) FROM deliveries WHERE {where}",
+                                 params).fetchone()[0])
+    except BaseException:
+        if owns:
+            conn.execute("ROLLBACK")
+        raise
+
+    def rows() -> Generator[DeadLetter, None, None]:
+        try:
+            cur = conn.execute(
+                "SELECT d.sink, d.seq, e.id, e.type, e.payload, d.status, d.detail, d.failed_at "
+                f"FROM deliveries d JOIN events e ON e.seq = d.seq WHERE {where} "
+                "ORDER BY d.seq, d.sink", params)
+            for sk, s, i, t, p, st, dt, fa in cur:
+                yield DeadLetter(str(sk), int(s), str(i), str(t), str(p),
+                                 None if st is None else int(st), str(dt or ""), str(fa or ""))
+        finally:
+            if owns and conn.in_transaction:
+                conn.execute("ROLLBACK")  # a read snapshot: nothing to commit
+
+    return total, rows()
 
 
 def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],

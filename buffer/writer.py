@@ -52,10 +52,13 @@ class AsyncBuffer:
     async def open(self, sinks: Sequence[str]) -> None:
         await self._call(self.buffer.open, list(sinks))
 
-    async def append(self, events: Sequence[NewEvent],
-                     states: Mapping[str, str]) -> AppendResult:
+    async def append(self, events: Sequence[NewEvent], states: Mapping[str, str], *,
+                     reported: Drops | None = None) -> AppendResult:
         # Copies: the caller may reuse its lists while the writer thread works.
-        return await self._call(self.buffer.append, list(events), dict(states))
+        if reported is None:
+            return await self._call(self.buffer.append, list(events), dict(states))
+        return await self._call(functools.partial(self.buffer.append, reported=reported),
+                                list(events), dict(states))
 
     async def load_states(self) -> dict[str, str]:
         return await self._call(self.buffer.load_states)
@@ -79,6 +82,9 @@ class AsyncBuffer:
 
     async def take_drops(self) -> Drops:
         return await self._call(self.buffer.take_drops)
+
+    async def peek_drops(self) -> Drops:
+        return await self._call(self.buffer.peek_drops)
 
     async def dead_letters(self, sink: str | None = None,
                            limit: int = 1000) -> list[DeadLetter]:

@@ -123,8 +123,7 @@ def _follow(loc: tuple[int | str, ...], data: Any) -> tuple[Path, list[Key], boo
     found: list[Key] = []
     tail: list[Key] = []
     is_key = False
-    last = len(loc) - 1
-    for i, part in enumerate(loc):
+    for part in loc:
         if part == "[key]":
             is_key = True
             continue
@@ -135,8 +134,10 @@ def _follow(loc: tuple[int | str, ...], data: Any) -> tuple[Path, list[Key], boo
         if key is not _MISSING:
             found.append(key)  # type: ignore[arg-type]
             node = node[key]
-        elif i < last and isinstance(node, dict) and node.get("type") == part:
-            continue  # the tag pydantic adds for a discriminated union member
+        elif isinstance(node, dict) and node.get("type") == part:
+            # The tag pydantic adds for a discriminated union member (last in the location
+            # of an error about the member as a whole, such as a missing 'host').
+            continue
         else:
             tail.append(part)
     return tuple(found), tail, is_key

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from config._yamlmarks import Path
-from config.secrets import REFERENCE, Secret
+from config.secrets import MAX_SECRET_BYTES, REFERENCE, Secret
 
 __all__ = ["Prepared", "field_names", "prepare", "type_at", "type_choices"]
 
@@ -42,13 +42,20 @@ class Prepared:
         self.data: Any = None
         self.issues: list[tuple[Path, str]] = []
         self.failed: set[Path] = set()
+        # Values read from ${env:}/${file:} into ordinary strings (a URL, a header): secrets
+        # for redaction. Path options are not credentials and stay readable.
+        self.substituted: set[str] = set()
 
 
 def prepare(data: Any, root: type[BaseModel], base_dir: FsPath,
-            environ: Mapping[str, str] | None = None) -> Prepared:
+            environ: Mapping[str, str] | None = None, *,
+            check_references: bool = True) -> Prepared:
+    """``check_references=False`` (``validate --no-secrets``): an unset variable or unreadable
+    file is not a problem; its place takes the text ``UNRESOLVED`` (the reference's syntax is
+    still checked)."""
     out = Prepared()
     env = os.environ if environ is None else environ
-    out.data = _Preparer(out, base_dir, env).walk(data, root, ())
+    out.data = _Preparer(out, base_dir, env, check_references).walk(data, root, ())
     return out
 
 
@@ -130,11 +137,16 @@ def _is(tp: Any, cls: type) -> bool:
     return isinstance(tp, type) and issubclass(tp, cls)
 
 
+UNRESOLVED = "UNRESOLVED"
+
+
 class _Preparer:
-    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str]) -> None:
+    def __init__(self, out: Prepared, base_dir: FsPath, env: Mapping[str, str],
+                 check_references: bool = True) -> None:
         self.out = out
         self.base_dir = base_dir
         self.env = env
+        self.check_references = check_references
 
     def walk(self, node: Any, tp: Any, path: Path) -> Any:
         tp = _resolve(tp, node)
@@ -148,9 +160,13 @@ class _Preparer:
             return node
         if _is(tp, Secret):
             return self._secret(node, path)
-        text = self._substitute(node, path)
-        if _is(tp, FsPath) and text and path not in self.out.failed:
-            text = str(self._absolute(text))
+        values: list[str] = []
+        text = self._substitute(node, path, values)
+        if _is(tp, FsPath):
+            if text and path not in self.out.failed:
+                text = str(self._absolute(text))
+        else:
+            self.out.substituted.update(values)
         return text
 
     def _secret(self, text: str, path: Path) -> str:
@@ -167,7 +183,7 @@ class _Preparer:
             return text
         return f"${{file:{self._absolute(ref)}}}"
 
-    def _substitute(self, text: str, path: Path) -> str:
+    def _substitute(self, text: str, path: Path, values: list[str]) -> str:
         if "${" not in text:
             return text
 
@@ -191,16 +207,34 @@ class _Preparer:
                     return token
                 value = self.env.get(ref)
                 if value is None:
+                    if not self.check_references:
+                        return UNRESOLVED
                     self._fail(path, f"environment variable {ref} is not set")
                     return token
+                values.append(value)
                 return value
             file = self._absolute(ref)
             try:
-                return file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                self._fail(path, f"cannot read file {file}: {reason}")
+                with file.open("rb") as f:
+                    data = f.read(MAX_SECRET_BYTES + 1)
+            except OSError as exc:
+                if not self.check_references:
+                    return UNRESOLVED
+                self._fail(path, f"cannot read file {file}: {exc.strerror or exc}")
                 return token
+            if len(data) > MAX_SECRET_BYTES:
+                self._fail(path, f"file {file} is larger than {MAX_SECRET_BYTES} bytes; "
+                           "a reference takes one value (is it the right file?)")
+                return token
+            try:
+                value = data.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                if not self.check_references:
+                    return UNRESOLVED
+                self._fail(path, f"file {file} is not UTF-8 text")
+                return token
+            values.append(value)
+            return value
 
         return _TOKEN.sub(replace, text)
 

@@ -7,6 +7,11 @@ came from so later errors can point at the line a plant engineer has to fix.
 
 Marks are 1-based ``(line, column)``. For a mapping entry the mark is the key's position; for a
 list item it is the item's position; the empty path ``()`` is the document start.
+
+Limits against hostile or broken files (each a located ``YamlIssue``, never a crash):
+``MAX_DEPTH`` levels of nesting (the parser's recursion would otherwise end in RecursionError),
+``MAX_VALUES`` values after aliases are expanded (an alias bomb of a few hundred bytes would
+otherwise expand to gigabytes). The file size is limited by the loader.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-__all__ = ["Key", "Mark", "Marks", "Path", "YamlIssue", "parse_yaml"]
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "Key", "Mark", "Marks", "Path", "YamlIssue", "parse_yaml"]
+
+MAX_DEPTH = 64
+MAX_VALUES = 250_000
 
 Key = str | int | float | bool | None
 Path = tuple[Key, ...]
@@ -41,6 +49,9 @@ def parse_yaml(text: str) -> tuple[Any, Marks, list[YamlIssue]]:
     """Parse one YAML document. Syntax errors raise ``YamlIssue``; constructs we do not accept
     (custom tags, binary, complex keys, recursive aliases) are returned as issues next to the
     data, with the offending value replaced by ``None``."""
+    deep = _too_deep(text)
+    if deep is not None:
+        raise YamlIssue((), f"nested more than {MAX_DEPTH} levels deep", deep)
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
@@ -49,12 +60,62 @@ def parse_yaml(text: str) -> tuple[Any, Marks, list[YamlIssue]]:
         raise _syntax_issue(exc) from exc
     except YAMLError as exc:  # unmarked errors are rare (reader-level problems)
         raise YamlIssue((), f"invalid YAML: {exc}", None) from exc
+    except RecursionError:  # the pre-check missed a way of nesting: still a clear error
+        raise YamlIssue((), f"nested more than {MAX_DEPTH} levels deep", None) from None
     walker = _Walker()
     root = (1, 1)
     if isinstance(doc, CommentedMap | CommentedSeq):
         root = (doc.lc.line + 1, doc.lc.col + 1)
-    data = walker.plain(doc, (), root)
+    try:
+        data = walker.plain(doc, (), root)
+    except _Stop as stop:
+        raise stop.issue from None
     return data, walker.marks, walker.issues
+
+
+def _too_deep(text: str) -> Mark | None:
+    """Where flow brackets or block indentation nest deeper than ``MAX_DEPTH``, roughly (quoted
+    text and comments are skipped); None when the text is shallow enough. The parser recurses
+    once per level, so this runs before it."""
+    indents: list[int] = []
+    flow = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.lstrip(" ")
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        if flow == 0:  # block context: the indentation is the nesting
+            while indents and indents[-1] >= indent:
+                indents.pop()
+            indents.append(indent)
+            rest, items = stripped, 0
+            while rest.startswith("- ") or rest == "-":
+                items += 1
+                rest = rest[2:].lstrip(" ")
+            if len(indents) + items > MAX_DEPTH:
+                return (number, indent + 1)
+        quote = ""
+        for column, ch in enumerate(stripped, start=indent + 1):
+            if quote:
+                if ch == quote:
+                    quote = ""
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#" and (column == indent + 1 or line[column - 2] == " "):
+                break
+            elif ch in "[{":
+                flow += 1
+                if len(indents) + flow > MAX_DEPTH:
+                    return (number, column)
+            elif ch in "]}":
+                flow = max(0, flow - 1)
+    return None
+
+
+class _Stop(Exception):
+    def __init__(self, issue: YamlIssue) -> None:
+        super().__init__(issue.message)
+        self.issue = issue
 
 
 def _syntax_issue(exc: MarkedYAMLError) -> YamlIssue:
@@ -79,8 +140,15 @@ class _Walker:
         self.marks: Marks = {}
         self.issues: list[YamlIssue] = []
         self._stack: set[int] = set()  # ids of containers being copied: catches alias loops
+        self._values = 0
 
     def plain(self, node: Any, path: Path, mark: Mark) -> Any:
+        self._values += 1
+        if self._values > MAX_VALUES:
+            raise _Stop(YamlIssue(path, f"the configuration expands to more than {MAX_VALUES} "
+                                  "values (aliases that refer to aliases?)", mark))
+        if len(path) > MAX_DEPTH:
+            raise _Stop(YamlIssue(path, f"nested more than {MAX_DEPTH} levels deep", mark))
         self.marks.setdefault(path, mark)
         if isinstance(node, CommentedMap | CommentedSeq):
             if id(node) in self._stack:

@@ -47,7 +47,7 @@ def _parse(spec: str | None) -> tuple[str | None, int]:
                          f"(known: {', '.join(POINTS)})")
     if not nth:
         return name, 1
-    if not nth.strip().isdigit() or int(nth) < 1:
+    if not (nth.strip().isascii() and nth.strip().isdigit()) or int(nth) < 1:
         raise ValueError(f"{ENV}={spec!r}: the hit number after ':' must be a positive integer")
     return name, int(nth)
 

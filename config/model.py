@@ -24,6 +24,8 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "DATA_SCHEMA",
+    "DATA_SCHEMA_VERSION",
     "EVENT_NAMESPACE",
     "Event",
     "EventType",
@@ -32,6 +34,7 @@ __all__ = [
     "TagSample",
     "Value",
     "age_seconds",
+    "data_schema_uri",
     "event_id",
     "format_time",
     "parse_time",
@@ -65,6 +68,26 @@ class EventType(StrEnum):
     SIGNAL_LOST = "plantedge.signal.lost"
     SIGNAL_RESTORED = "plantedge.signal.restored"
     DATA_GAP = "plantedge.data.gap"
+    DOWNTIME_CLASSIFIED = "plantedge.downtime.classified"
+
+
+# The versioned data contract of each event type. ``config/event_schemas/<type>/v<major>.json``
+# is its JSON Schema, whose ``$id`` is the ``dataschema`` attribute every event carries.
+# MAJOR.MINOR: a minor version only adds optional fields (a receiver built for 1.0 reads 1.3);
+# anything else (a field removed, renamed, retyped, newly required) is a new major version in a
+# new file, and the old file stays. tests/contract/test_event_schemas.py holds the rule against
+# a frozen copy of the first release's schemas.
+DATA_SCHEMA_VERSION: dict[EventType, str] = {t: "1.0" for t in EventType} | {
+    EventType.DATA_GAP: "1.1",  # 1.1: dropped_by_sink (issue 15)
+}
+
+
+def data_schema_uri(type_: str, version: str) -> str:
+    return f"urn:plant-edge-agent:event:{type_}:{version}"
+
+
+DATA_SCHEMA: dict[EventType, str] = {
+    t: data_schema_uri(t.value, v) for t, v in DATA_SCHEMA_VERSION.items()}
 
 
 def utcnow() -> datetime:
@@ -145,18 +168,26 @@ class Event:
     sequence: int
     data: dict[str, Any] = field(default_factory=dict)
 
-    def to_cloudevent(self, agent_id: str) -> dict[str, Any]:
-        return {
+    def to_cloudevent(self, agent_id: str, detected_at: datetime | None = None) -> dict[str, Any]:
+        """``detected_at``: when the agent committed it (the ``detectedat`` extension
+        attribute, so a receiver can tell detection lag from delivery delay); left out by
+        ``replay``, which has no commit."""
+        doc = {
             "specversion": "1.0",
             "id": self.id,
             "source": self.source,
             "type": str(self.type),
             "time": format_time(self.time),
             "datacontenttype": "application/json",
+            "dataschema": DATA_SCHEMA[self.type],
             "agentid": agent_id,
             "sequence": str(self.sequence),
             "data": self.data,
         }
+        if detected_at is not None:
+            doc["detectedat"] = format_time(detected_at)
+        return doc
 
-    def to_json(self, agent_id: str) -> str:
-        return json.dumps(self.to_cloudevent(agent_id), separators=(",", ":"), sort_keys=True)
+    def to_json(self, agent_id: str, detected_at: datetime | None = None) -> str:
+        return json.dumps(self.to_cloudevent(agent_id, detected_at), separators=(",", ":"),
+                          sort_keys=True)

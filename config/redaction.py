@@ -2,9 +2,13 @@
 
 Secret values (every ``Secret`` of the configuration, OAuth2 tokens, bearer tokens as read) are
 registered with ``add_secret_values`` / ``register_config_secrets``; ``redact`` replaces each
-with ``***``. Every formatted log line passes through it (``agent/logs.py``), and so do the
-health endpoint and the fleet heartbeat: a peer that echoes our token in an error body, or a
-library exception that quotes it, still shows ``***``.
+with ``***``, in every escaped form too (``shown_forms``: each line, ``repr`` of the text and of
+its UTF-8 bytes, JSON-escaped, percent-encoded). Values substituted from ``${env:}`` and
+``${file:}`` into ordinary strings (a URL, a header) are registered by the loader as well.
+Every formatted log line passes through it (``agent/logs.py``), and so do the health endpoint,
+the fleet heartbeat, configuration error messages and every delivery detail a sink reports
+(stored with dead letters): a peer that echoes our token in an error body, or a library
+exception that quotes it, still shows ``***``.
 
 Part of the contract layer so that sinks, the runtime and operations can all register and
 redact without importing each other.
@@ -13,29 +17,50 @@ redact without importing each other.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel
 
 from config.secrets import Secret, SecretResolutionError
 
-__all__ = ["add_secret_values", "redact", "register_config_secrets"]
+__all__ = ["add_secret_values", "redact", "register_config_secrets", "shown_forms"]
 
 _MASK = "***"
 _MIN_SECRET = 6  # shorter values would mask ordinary words
 _secrets: frozenset[str] = frozenset()
+_known: set[str] = set()  # values registered (their forms are in _secrets)
 _lock = threading.Lock()
 
 
+def shown_forms(value: str) -> set[str]:
+    """The ways a value can appear in text: as is, each of its lines, escaped by ``repr`` (of
+    the text or of its UTF-8 bytes, as an HTTP library quotes a header), JSON-escaped (ASCII or
+    not) and percent-encoded (as in a URL or a form)."""
+    forms = {value, *value.splitlines()}
+    for v in list(forms):
+        forms |= {repr(v)[1:-1], repr(v.encode("utf-8", "surrogatepass"))[2:-1],
+                  json.dumps(v)[1:-1], json.dumps(v, ensure_ascii=False)[1:-1],
+                  quote(v, safe=""), quote(v), quote_plus(v)}
+    return {f for f in forms if len(f) >= _MIN_SECRET}
+
+
 def add_secret_values(values: Iterable[str | None]) -> None:
-    """Remember values that must never be shown (idempotent; thread-safe)."""
+    """Remember values that must never be shown, in every form (``shown_forms``);
+    idempotent, thread-safe."""
     global _secrets
-    new = {v for v in values if v and len(v) >= _MIN_SECRET}
-    if new - _secrets:
-        with _lock:
-            _secrets = _secrets | new
+    fresh = {v for v in values if v and v not in _known}
+    if not fresh:
+        return
+    new: set[str] = set()
+    for v in fresh:
+        new |= shown_forms(v)
+    with _lock:
+        _known.update(fresh)
+        _secrets = _secrets | new
 
 
 def register_config_secrets(config: Any) -> None:

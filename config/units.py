@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
-__all__ = ["DURATION_PATTERN", "ByteSize", "Duration", "format_duration", "parse_duration",
-           "parse_size"]
+__all__ = ["DURATION_PATTERN", "ByteSize", "Duration", "DurationOrZero", "SizeOrZero",
+           "format_duration", "parse_duration", "parse_size"]
 
 # What the JSON Schema says a duration looks like (the parser also accepts spaces around it).
 DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h|d)$"
@@ -56,17 +56,28 @@ def parse_size(value: Any) -> int:
     return int(float(m.group(1)) * _SIZE_FACTORS[m.group(2)])
 
 
-Duration = Annotated[
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+# Intervals, timeouts, windows and capacities: zero makes no sense there (a division by zero,
+# a loop that spins, a buffer that holds nothing), so it is refused with a located error.
+# The few options where zero has a meaning use DurationOrZero / SizeOrZero.
+DurationOrZero = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN,
                     "examples": ["500ms", "5s", "2m"]}),
 ]
-ByteSize = Annotated[
+Duration = Annotated[DurationOrZero, AfterValidator(_positive)]
+SizeOrZero = Annotated[
     int,
     BeforeValidator(parse_size),
     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
                               {"type": "string", "pattern": _SIZE.pattern}],
                     "examples": ["512MiB", "2GiB"]}),
 ]
+ByteSize = Annotated[SizeOrZero, AfterValidator(_positive)]

@@ -15,6 +15,11 @@ Contract (docs/architecture.md):
   does this with ``bad_samples``), never a guessed value.
 - ``out.emit`` is called on the event loop thread and must not block; it takes a batch.
 - ``probe()`` connects, reads every tag once, disconnects: for ``edge-agent probe``.
+- A source whose peer redelivers what was not acknowledged (MQTT QoS 1) acknowledges only
+  once the effect is durable: after ``out.emit(batch)`` it hands ``out.when_committed(ack)``
+  the acknowledgement of that batch, and the runtime calls it after the commit that holds
+  everything emitted so far. A sink without ``when_committed`` (a probe, a test) is not
+  durable: the source acknowledges at once. ``DurableSampleSink`` spells this out.
 
 States of a supervised source::
 
@@ -27,12 +32,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from config.model import Quality, TagSample, utcnow
 
-__all__ = ["SampleSink", "Source", "bad_samples", "next_poll_time"]
+__all__ = ["Ack", "DurableSampleSink", "SampleSink", "Source", "bad_samples", "next_poll_time"]
+
+Ack = Callable[[], None]
 
 
 class SampleSink(Protocol):
@@ -43,11 +51,24 @@ class SampleSink(Protocol):
         """The session is established and reading works."""
 
 
+class DurableSampleSink(SampleSink, Protocol):
+    def when_committed(self, ack: Ack, *, soon: bool = False) -> None:
+        """Call ``ack`` (on the event loop thread) once everything emitted before this call is
+        committed: the events it caused and the detector states it changed. Never called if
+        the process dies first, nor for samples the sink refused (the agent is stopping): the
+        peer then redelivers. ``soon`` asks for that commit without waiting out the group
+        commit interval (the peer's window of unacknowledged messages is filling up)."""
+
+
 class Source(ABC):
     """One device or broker. Subclasses live in ``protocols/<name>/source.py``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Set by the runtime: tag id -> the time since which detection lacks that tag's values
+        # (None: nothing to catch up on). A source that can read the server's history (OPC UA
+        # with ``history``) backfills from there after a (re)connect, before live values.
+        self.resume_from: Callable[[str], datetime | None] | None = None
 
     @property
     @abstractmethod

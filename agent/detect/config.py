@@ -11,9 +11,10 @@ from enum import StrEnum
 from pydantic import Field, field_validator, model_validator
 
 from config.base import Strict, check_id
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
-__all__ = ["DowntimeRule", "MachineConfig", "ScrapRule", "StateName", "StateRule"]
+__all__ = ["AlarmReason", "AlarmsRule", "CategoryName", "DowntimeRule", "MachineConfig",
+           "ScrapRule", "StateName", "StateRule"]
 
 
 class StateName(StrEnum):
@@ -23,12 +24,18 @@ class StateName(StrEnum):
     PLANNED = "planned"
 
 
+class CategoryName(StrEnum):
+    UNPLANNED = "unplanned"
+    PLANNED = "planned"
+    IDLE = "idle"
+
+
 class StateRule(Strict):
     tag: str | None = Field(None, description="Tag that gives the machine state (may be left "
                             "out when only a production counter's stall rule decides).")
-    map: dict[str, StateName] | None = Field(None, description="Tag value -> running / idle / "
-                                             "down / planned. Keys are compared as text, so 1 "
-                                             "and '1' are the same.")
+    map: dict[str, StateName] | None = Field(None, min_length=1, description="Tag value -> "
+                                             "running / idle / down / planned. Keys are "
+                                             "compared as text, so 1 and '1' are the same.")
     default: StateName | None = Field(None, description="State for a value not in 'map' "
                                       "(without it an unmapped value leaves the state unknown).")
     running_above: float | None = Field(None, description="Numeric tag: running when the value "
@@ -68,22 +75,77 @@ class StateRule(Strict):
         return self
 
 
+class AlarmReason(Strict):
+    """One alarm-to-reason rule: every given field must match (condition and source compare
+    with the alarm's ConditionName and SourceName or SourceNode, event_type with its
+    EventType node id, e.g. 'i=10637' for OffNormalAlarmType)."""
+
+    condition: str | None = Field(None, description="ConditionName of the alarm.")
+    source: str | None = Field(None, description="SourceName or SourceNode (node id text) of "
+                               "the alarm.")
+    event_type: str | None = Field(None, description="EventType node id, e.g. 'i=10637' or "
+                                   "'ns=2;i=5001'.")
+    code: str = Field(min_length=1, description="Reason code reported for the stop.")
+    text: str | None = Field(None, description="Reason text (default: downtime.reasons[code], "
+                             "else the alarm's message).")
+    category: CategoryName | None = Field(None, description="Category of a stop that "
+                                              "begins while this alarm is active (default: "
+                                              "from the machine state).")
+
+    @model_validator(mode="after")
+    def _something(self) -> AlarmReason:
+        if self.condition is None and self.source is None and self.event_type is None:
+            raise ValueError("give at least one of 'condition', 'source' or 'event_type'")
+        return self
+
+
+class AlarmsRule(Strict):
+    tag: str = Field(description="An OPC UA tag of kind: alarms (the alarm events of a "
+                     "notifier).")
+    sources: list[str] = Field(default_factory=list, description="Only alarms whose "
+                               "SourceName or SourceNode is one of these belong to this "
+                               "machine (default: every alarm of the tag).")
+    reasons: list[AlarmReason] = Field(default_factory=list, description="Alarm -> reason "
+                                       "code rules, first match wins. An active alarm no rule "
+                                       "matches gives its ConditionName as the code and its "
+                                       "message as the text.")
+
+
 class DowntimeRule(Strict):
-    min_duration: Duration = Field(0.0, description="Stops shorter than this are not reported "
-                                   "as downtime episodes.")
+    min_duration: DurationOrZero = Field(0.0, description="Stops shorter than this are not "
+                                         "reported as downtime episodes.")
     reason_tag: str | None = Field(None, description="Tag with the stop reason code; the first "
                                    "non-zero code seen during the stop is reported.")
     reasons: dict[str, str] = Field(default_factory=dict, description="Reason code -> text.")
+    alarms: AlarmsRule | None = Field(None, description="Take the stop reason (and category) "
+                                      "from the active OPC UA alarms of the machine's source "
+                                      "nodes when reason_tag gives none: the most severe, "
+                                      "then the earliest active alarm.")
     max_duration: Duration | None = Field(None, description="Split longer episodes: one ends "
                                           "and the next starts (continued_from) every "
                                           "max_duration, so long stops show up in reports "
                                           "before they end.")
+    reason_grace: DurationOrZero = Field(300.0, description="A reason code that the PLC sets "
+                                         "within this long after a stop ended classifies that "
+                                         "stop (a plantedge.downtime.classified event); a later "
+                                         "one is logged and counted, not attributed. 0 turns "
+                                         "it off.")
+    reason_categories: dict[str, CategoryName] = Field(
+        default_factory=dict, description="Reason code -> the category it implies (unplanned, "
+        "planned or idle); sent as 'category' on classification events.")
 
     @field_validator("reasons", mode="before")
     @classmethod
     def _keys_as_text(cls, v: object) -> object:
         if isinstance(v, dict):
             return {str(k).strip(): str(t) for k, t in v.items()}
+        return v
+
+    @field_validator("reason_categories", mode="before")
+    @classmethod
+    def _category_keys_as_text(cls, v: object) -> object:
+        if isinstance(v, dict):
+            return {str(k).strip(): c for k, c in v.items()}
         return v
 
 
@@ -142,6 +204,8 @@ class MachineConfig(Strict):
             refs.append(("state.production_counter", self.state.production_counter))
         if self.downtime.reason_tag:
             refs.append(("downtime.reason_tag", self.downtime.reason_tag))
+        if self.downtime.alarms:
+            refs.append(("downtime.alarms.tag", self.downtime.alarms.tag))
         if self.scrap and self.scrap.counter:
             refs.append(("scrap.counter", self.scrap.counter))
         if self.scrap:

@@ -24,6 +24,8 @@ class Episode:
     announced: bool = False
     continued_from: str | None = None
     clock_adjusted: bool = False
+    # Text that came with the reason (an alarm's message) when downtime.reasons has none.
+    reason_text: str | None = None
 
 
 def episode_data(ep: Episode, reasons: dict[str, str]) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def episode_data(ep: Episode, reasons: dict[str, str]) -> dict[str, Any]:
         "reason_code": ep.reason_code, "started_at": format_time(ep.started_at),
         "order_id": ep.order_id, "had_signal_gap": ep.had_signal_gap,
     }
-    text = reasons.get(ep.reason_code or "")
+    text = reasons.get(ep.reason_code or "") or ep.reason_text
     if text:
         data["reason"] = text
     if ep.later_order_ids:

@@ -33,7 +33,7 @@ from config.model import EventType, TagSample, format_time
 
 __all__ = ["CounterStep", "ScrapTracker", "ScrapWindow", "counter_increase", "window_bounds"]
 
-Emit = Callable[[EventType, datetime, tuple[object, ...], dict[str, Any]], None]
+Emit = Callable[[EventType, datetime, tuple[object, ...], dict[str, Any]], object]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,21 +28,25 @@ STATE_VERSION = 1
 
 def dump_state(det: MachineDetector) -> str:
     """The detector's persistent state as JSON text (committed with its events)."""
-    ep = asdict(det.episode) if det.episode else None
+    inputs, stall, ctx, downtime = det.inputs, det.stall, det.context, det.downtime
+    ep = asdict(downtime.episode) if downtime.episode else None
     if ep:
         ep["started_at"] = ep["started_at"].isoformat()
     return json.dumps({
-        "v": STATE_VERSION, "sequence": det.sequence, "state": det.state.value,
-        "state_since": _iso(det.state_since), "base_state": det.base_state.value,
-        "running_since": _iso(det.running_since),
-        "signal": det.signal, "signal_detail": det.signal_detail,
-        "lost_at": _iso(det.lost_at), "episode": ep, "order": det.order,
-        "reason": det.reason, "prod_last": det.prod_last,
-        "prod_moved_at": _iso(det.prod_moved_at), "prod_blind": det.prod_blind,
-        "bad_inputs": det.bad_inputs,
+        "v": STATE_VERSION, "sequence": det.outbox.sequence, "state": det.state.value,
+        "state_since": _iso(det.state_since), "base_state": inputs.base_state.value,
+        "running_since": _iso(inputs.running_since),
+        "signal": inputs.signal, "signal_detail": inputs.signal_detail,
+        "lost_at": _iso(inputs.lost_at), "episode": ep, "order": ctx.order,
+        "reason": ctx.reason, "reason_since": _iso(ctx.reason_since),
+        "prod_last": stall.last,
+        "prod_moved_at": _iso(stall.moved_at), "prod_blind": stall.blind,
+        "bad_inputs": inputs.bad_inputs,
         "scrap": det.scrap.to_json() if det.scrap else None,
-        "microstops": det.microstops, "microstop_seconds": det.microstop_seconds,
+        "microstops": downtime.microstops, "microstop_seconds": downtime.microstop_seconds,
         "clock_jumps": det.clock_jumps,
+        "classify": det.classifier.to_json(),
+        "alarms": ctx.alarms.to_json() if ctx.alarms else None,
     }, sort_keys=True)
 
 
@@ -57,42 +61,49 @@ def parse_state(text: str) -> dict[str, Any]:
 
 def apply_state(det: MachineDetector, d: dict[str, Any]) -> None:
     """Put a parsed state into a freshly reset detector."""
-    det.sequence = int(d["sequence"])
+    inputs, stall, ctx, downtime = det.inputs, det.stall, det.context, det.downtime
+    det.outbox.sequence = int(d["sequence"])
     det.state = MachineState(d["state"])
     det.state_since = _dt(d.get("state_since"))
-    det.base_state = MachineState(d.get("base_state", d["state"]))
-    det.running_since = _dt(d.get("running_since"))
-    det.signal, det.signal_detail = d["signal"], d.get("signal_detail")
-    det.lost_at = _dt(d.get("lost_at"))
+    inputs.base_state = MachineState(d.get("base_state", d["state"]))
+    inputs.running_since = _dt(d.get("running_since"))
+    inputs.signal, inputs.signal_detail = d["signal"], d.get("signal_detail")
+    inputs.lost_at = _dt(d.get("lost_at"))
     if d.get("episode"):
         ep = dict(d["episode"])
         ep["started_at"] = datetime.fromisoformat(ep["started_at"])
-        det.episode = Episode(**ep)
-    det.order, det.reason = d.get("order"), d.get("reason")
-    det.prod_last = d.get("prod_last")
-    det.prod_moved_at = _dt(d.get("prod_moved_at"))
-    det.prod_blind = bool(d.get("prod_blind", False))
-    det.bad_inputs = dict(d.get("bad_inputs", {}))
+        downtime.episode = Episode(**ep)
+    ctx.order, ctx.reason = d.get("order"), d.get("reason")
+    ctx.reason_since = _dt(d.get("reason_since"))
+    stall.last = d.get("prod_last")
+    stall.moved_at = _dt(d.get("prod_moved_at"))
+    stall.blind = bool(d.get("prod_blind", False))
+    inputs.bad_inputs = dict(d.get("bad_inputs", {}))
     if det.scrap is not None and d.get("scrap"):
         det.scrap.restore(d["scrap"])
-    det.microstops = int(d.get("microstops", 0))
-    det.microstop_seconds = float(d.get("microstop_seconds", 0.0))
+    downtime.microstops = int(d.get("microstops", 0))
+    downtime.microstop_seconds = float(d.get("microstop_seconds", 0.0))
     det.clock_jumps = int(d.get("clock_jumps", 0))
+    det.classifier.restore(d.get("classify"))
+    if ctx.alarms is not None and d.get("alarms"):
+        ctx.alarms.restore(d["alarms"])
 
 
 def status_view(det: MachineDetector) -> dict[str, Any]:
     """What /status shows of one machine."""
-    ep = det.episode
+    ep, inputs = det.downtime.episode, det.inputs
     return {
         "state": det.state.value, "since": _fmt(det.state_since),
-        "signal": det.signal, "signal_detail": det.signal_detail,
-        "order_id": det.order,
+        "signal": inputs.signal, "signal_detail": inputs.signal_detail,
+        "order_id": det.context.order,
         "open_downtime": None if ep is None else {
             "episode_id": ep.episode_id, "category": ep.category,
             "started_at": format_time(ep.started_at), "reason_code": ep.reason_code,
-            "reported": ep.announced},
+            "reason": det.classifier.open_reason_text(ep), "reported": ep.announced},
         "counter_anomalies": det.scrap.anomalies if det.scrap else 0,
         "clock_jumps": det.clock_jumps,
+        "unattributed_reasons": det.classifier.unattributed_total,
+        "last_unattributed_reason": det.classifier.last_unattributed,
     }
 
 

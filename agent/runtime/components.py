@@ -76,8 +76,9 @@ class SinkSlot:
 
 class Components:
     def __init__(self, buffer: AsyncLeaseBuffer, session_for: SessionFactory,
-                 wrap_sink: Callable[[Sink], Sink]) -> None:
+                 wrap_sink: Callable[[Sink], Sink], agent_id: str = "edge-agent") -> None:
         self._buffer = buffer
+        self._agent_id = agent_id
         self._session_for = session_for
         self._wrap_sink = wrap_sink
         self.sources: dict[str, SourceSlot] = {}
@@ -121,7 +122,7 @@ class Components:
     # ------------------------------------------------------------------ sinks
 
     def start_sink(self, name: str, config: SinkConfig) -> SinkSlot:
-        sink = build_sink(name, config)
+        sink = build_sink(name, config, self._agent_id)
         forwarder = Forwarder(self._wrap_sink(sink), self._buffer, config.retry)
         slot = SinkSlot(sink, forwarder)
         self.sinks[name] = slot

@@ -15,6 +15,11 @@ states, then starts the committer, the sources and the ticker; stop reverses it:
 (no new samples), a final commit of what was detected, forwarders drain within
 ``stop_timeout``, then sinks and the buffer close. ``stop()`` is idempotent and safe after a
 failed start.
+
+Acknowledgements after commit (MQTT QoS 1, see ``Committer``): on stop, new samples are refused
+first, then what was taken is committed and acknowledged while the sources' connections are
+still open, and only then are the sources cancelled: a message read after that point is never
+acknowledged, and the peer redelivers it to the next run.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.detect import MachineDetector
+from agent.detect.history import EpisodeHistory
 from agent.runtime.commit import Committer
 from agent.runtime.components import Components, SourceSlot
+from agent.runtime.figures import DetectionFigures
 from agent.runtime.forwarder import Forwarder
 from agent.sinks.instrumented import DeliveryMetrics
 from agent.wiring.build import build_detectors
@@ -40,7 +48,8 @@ from agent.wiring.schema import Config
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
 from config.errors import EdgeAgentError
-from config.model import TagSample, age_seconds, format_time, utcnow
+from config.model import Event, TagSample, age_seconds, format_time, utcnow
+from config.recent import WINDOW
 from protocols.base import Source, bad_samples
 
 __all__ = ["Runtime"]
@@ -56,7 +65,12 @@ class _Out:
         self._rt, self._name = runtime, name
 
     def emit(self, samples: Sequence[TagSample]) -> None:
-        self._rt.on_samples(self._name, samples)
+        if self._rt.accepting:
+            self._rt.on_samples(self._name, samples)
+
+    def when_committed(self, ack: Callable[[], None], *, soon: bool = False) -> None:
+        if self._rt.accepting:  # refused samples are never acknowledged: redelivered
+            self._rt.committer.after_commit(ack, soon=soon)
 
     def connected(self) -> None:
         slot = self._rt.sources.get(self._name)
@@ -75,17 +89,21 @@ class Runtime:
         # One registry per runtime (never the process-global one): the sinks' attempt
         # counters live here and the health endpoint renders it with the runtime's view.
         self.registry = CollectorRegistry(auto_describe=True)
-        delivery = DeliveryMetrics(self.registry)
-        self.components = Components(self.buffer, self._session_for, delivery.instrument)
+        self.delivery_metrics = DeliveryMetrics(self.registry)
+        self.detection_figures = DetectionFigures(self.registry)
+        self.components = Components(self.buffer, self._session_for,
+                                     self.delivery_metrics.instrument, agent_id=config.agent.id)
         self.committer = Committer(
             self.buffer, lambda: self.components.detectors, agent_id=config.agent.id,
             site=config.agent.site, interval=config.buffer.commit_interval,
             when_full=config.buffer.when_full.value,
-            on_commit=self.components.wake_forwarders)
+            on_commit=self.components.wake_forwarders,
+            observe=self.detection_figures.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
         self.last_reload: dict[str, Any] | None = None
         self._stopped = False
+        self.accepting = True  # False once stopping: new samples are not taken (nor acked)
         self.last_tick_mono = time.monotonic()
         self._clock_offset = time.time() - time.monotonic()
         self.clock_jumps = 0
@@ -123,6 +141,10 @@ class Runtime:
     def events_by_machine(self) -> dict[tuple[str, str], int]:
         return self.committer.detected
 
+    @property
+    def history(self) -> EpisodeHistory:
+        return self.committer.history
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -159,6 +181,11 @@ class Runtime:
             return
         self._stopped = True
         timeout = self.config.agent.stop_timeout
+        # Commit and acknowledge what was taken while the sources' connections are open.
+        self.accepting = False
+        if self.committer.acks_waiting:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), timeout=timeout / 4)
         await self.components.stop_sources()
         ticker = [t for t in self._tasks if t.get_name() == "ticker"]
         committer = [t for t in self._tasks if t.get_name() == "committer"]
@@ -187,9 +214,17 @@ class Runtime:
         """Commit everything detected so far (events plus the states that produced them)."""
         await self.committer.flush()
 
+    async def commit_now(self, det: MachineDetector, events: list[Event],
+                         wait_for: str | None, timeout: float) -> bool:
+        """Commit what ``det`` produced outside a sample or tick (an operator's reason) and
+        wait for ``wait_for`` to be committed; see ``Committer.commit_now``."""
+        return await self.committer.commit_now(det, events, wait_for, timeout)
+
     # ------------------------------------------------------------------ samples and time
 
     def _session_for(self, name: str, source: Source) -> Callable[[], Awaitable[None]]:
+        source.resume_from = self._resume_from
+
         async def session() -> None:
             try:
                 await source.run(_Out(self, name))
@@ -197,6 +232,12 @@ class Runtime:
                 self.on_samples(name, bad_samples(source.tag_ids, f"{name}: {exc}"))
                 raise
         return session
+
+    def _resume_from(self, tag: str) -> datetime | None:
+        """Since when detection lacks ``tag``'s history (for a source's backfill)."""
+        times = [t for det in self.components.by_tag.get(tag, ())
+                 if (t := det.history_needed_from(tag)) is not None]
+        return min(times) if times else None
 
     def on_samples(self, source: str, samples: Sequence[TagSample]) -> None:
         slot = self.components.sources.get(source)
@@ -259,6 +300,7 @@ class Runtime:
 
     async def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        wall = utcnow()
         stats = await self.buffer.stats()
         sources = {}
         for name, info in self.sources.items():
@@ -272,6 +314,11 @@ class Runtime:
                 "bad_samples_total": info.bad_total,
                 "bad_tags": dict(info.bad_tags),
             }
+            # Protocol-specific detail (per-unit counters of an RTU line, ...), when offered.
+            detail = getattr(info.source, "status", None)
+            extra = detail() if callable(detail) else None
+            if extra:
+                sources[name]["detail"] = extra
         return {
             "version": __version__,
             "agent_id": self.config.agent.id,
@@ -280,7 +327,10 @@ class Runtime:
             "uptime_s": round(time.time() - self.started_at, 3),
             "config_hash": self.config_hash,
             "sources": sources,
-            "machines": {mid: d.status() for mid, d in self.detectors.items()},
+            "time": format_time(wall),
+            "machines": {mid: {**d.status(), "last_event": self.history.last_event(mid),
+                               "recent_downtime": self.history.recent(mid, wall)}
+                         for mid, d in self.detectors.items()},
             "buffer": {
                 "path": str(self.config.buffer_path),
                 "events": stats.events,
@@ -296,8 +346,13 @@ class Runtime:
                                  "oldest_pending_age_s": age_seconds(s.oldest_pending_time)}
                           for name, s in stats.sinks.items()},
             },
-            "sinks": {name: fw.status() for name, fw in self.forwarders.items()},
+            "sinks": {name: {"type": getattr(self.config.sinks.get(name), "type", None),
+                             **fw.status()} for name, fw in self.forwarders.items()},
             "events_detected": dict(self.events_detected),
+            # Recent time to detect (per machine) and to synchronise (per sink), in seconds.
+            "latency": {"window": WINDOW,
+                        "detection_lag_s": self.detection_figures.recent.status(),
+                        "delivery_delay_s": self.delivery_metrics.recent.status()},
             "clock": {"state": "adjusted" if self.clock_jumps else "steady",
                       "jumps": self.clock_jumps, "last_jump": self.last_clock_jump,
                       "threshold_s": self.config.agent.clock_jump_threshold},

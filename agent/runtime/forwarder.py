@@ -90,6 +90,8 @@ class Forwarder(Settling):
             "state": str(self.state),
             "last_success": self.last_success,
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "previous_error": self.previous_error,
             "consecutive_failures": self.consecutive_failures,
             "delivered_total": self.delivered_total,
             "retried_total": self.retried_total,

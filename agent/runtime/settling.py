@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections import deque
@@ -60,6 +61,15 @@ class ForwarderState(StrEnum):
     HELD = "held"
 
 
+def _episode_of(payload: str) -> str | None:
+    """The ``data.episode_id`` of a CloudEvent's JSON text (dead letters only: rare)."""
+    try:
+        episode = json.loads(payload).get("data", {}).get("episode_id")
+    except (ValueError, AttributeError):
+        return None
+    return episode if isinstance(episode, str) else None
+
+
 class Settling:
     """State, counters and answer handling of a forwarder; see the module docstring."""
 
@@ -71,7 +81,11 @@ class Settling:
         self._stopping = asyncio.Event()
         self.state = ForwarderState.IDLE
         self.last_success: str | None = None
+        # The error of the current failure; cleared on recovery, when it moves to
+        # previous_error (with the time it was last seen) so /status does not show a stale one.
         self.last_error: str | None = None
+        self.last_error_at: str | None = None
+        self.previous_error: dict[str, str | None] | None = None
         self.held_reason: str | None = None
         self.consecutive_failures = 0
         self.delivered_total = 0
@@ -117,16 +131,17 @@ class Settling:
                 self._succeeded()
             elif outcome is Outcome.RETRY:
                 await self._failed(delivery.detail or "retry", delivery.retry_after,
-                                   ForwarderState.RETRYING, delivery.status)
+                                   ForwarderState.RETRYING, delivery.status,
+                                   trace_id=delivery.trace_id)
             elif outcome is Outcome.HOLD:
                 await self._failed(delivery.detail or "held", None, ForwarderState.HELD,
-                                   delivery.status)
+                                   delivery.status, trace_id=delivery.trace_id)
             elif len(part) == 1:  # TOO_LARGE or REJECTED, one event: it is the poison
                 dead = {part[0].seq: (delivery.status, delivery.detail)}
                 if not await self._settle(Settlement(dead=dead)):
                     return False
                 queue.popleft()
-                self._dead_lettered(part, dead)
+                self._dead_lettered(part, dead, delivery.trace_id)
                 self._answered()
             else:  # TOO_LARGE: split; REJECTED: bisect. Either way, halves in order.
                 first, second = halves(part)
@@ -161,17 +176,18 @@ class Settling:
                                                                     dead=dead)):
             return chunk, False
         if dead:
-            self._dead_lettered([r for r in chunk if r.seq in dead], dead)
+            self._dead_lettered([r for r in chunk if r.seq in dead], dead, delivery.trace_id)
         if not rest:
             self._succeeded()
             return [], True
         if accepted:
             self._mark_success_time()
         if held is not None:
-            await self._failed(held, None, ForwarderState.HELD, 207)
+            await self._failed(held, None, ForwarderState.HELD, 207, trace_id=delivery.trace_id)
         else:
             await self._failed(f"{len(rest)} of {len(chunk)} events to retry: {retry_detail}",
-                               delivery.retry_after, ForwarderState.RETRYING, 207)
+                               delivery.retry_after, ForwarderState.RETRYING, 207,
+                               trace_id=delivery.trace_id)
         return rest, True
 
     # ------------------------------------------------------------------ bookkeeping
@@ -195,7 +211,7 @@ class Settling:
                     log.exception("sink %s: cannot settle %d delivered events in the buffer; "
                                   "retrying", self.sink.name,
                                   len(settlement.accepted) + len(settlement.dead))
-                self.last_error = f"cannot settle in the buffer: {exc}"
+                self._set_error(f"cannot settle in the buffer: {exc}")
                 if self._stopping.is_set():
                     return False
                 await self._pause(self._backoff.next_delay())
@@ -205,6 +221,7 @@ class Settling:
             if failures and self._settle_failing:
                 log.info("sink %s: settled in the buffer after %d failed tries",
                          self.sink.name, failures)
+                self._clear_error()
             self._settle_failing = False
             self.delivered_total += len(settlement.accepted)
             return True
@@ -224,32 +241,51 @@ class Settling:
         self.state = ForwarderState.DELIVERING
         self.held_reason = None
         self.consecutive_failures = 0
+        self._clear_error()
         self._backoff.reset()
 
+    def _set_error(self, reason: str) -> None:
+        self.last_error, self.last_error_at = reason, format_time(utcnow())
+
+    def _clear_error(self) -> None:
+        if self.last_error is not None:
+            self.previous_error = {"error": self.last_error, "at": self.last_error_at}
+        self.last_error = self.last_error_at = None
+
     def _dead_lettered(self, rows: Sequence[LeasedEvent],
-                       dead: dict[int, tuple[int | None, str]]) -> None:
+                       dead: dict[int, tuple[int | None, str]],
+                       trace_id: str | None = None) -> None:
         self.dead_lettered_total += len(dead)
         for row in rows:
             status, detail = dead[row.seq]
-            log.error("sink %s refused event %s (%s, HTTP %s): moved to dead letters: %s",
-                      self.sink.name, row.id, row.type, status, detail[:200])
+            episode = _episode_of(row.payload)
+            log.error("sink %s refused event %s (%s%s, HTTP %s, trace %s): moved to dead "
+                      "letters: %s", self.sink.name, row.id, row.type,
+                      f", episode {episode}" if episode else "", status, trace_id,
+                      detail[:200], extra={"stage": "dead_lettered", "event_id": row.id,
+                                           "episode_id": episode, "trace_id": trace_id})
 
     async def _failed(self, detail: str, retry_after: float | None, state: ForwarderState,
-                      status: int | None = None, *, attempt: bool = True) -> None:
+                      status: int | None = None, *, attempt: bool = True,
+                      trace_id: str | None = None) -> None:
         """A retryable or held attempt (or a buffer error when ``attempt`` is False): log the
-        transition once, then back off."""
+        transition once (with the request's trace id, to find it at the receiver), then back
+        off."""
         reason = f"HTTP {status}: {detail}" if status is not None else detail
-        self.last_error = reason
+        trace = f", trace {trace_id}" if trace_id else ""
+        self._set_error(reason)
         self.consecutive_failures += 1
         if attempt:
             self.retried_total += 1
         if state is ForwarderState.HELD:
             if self.state is not ForwarderState.HELD:
-                log.error("sink %s is held (%s); events stay buffered until the credentials "
-                          "or permissions are fixed", self.sink.name, reason)
+                log.error("sink %s is held (%s%s); events stay buffered until the credentials "
+                          "or permissions are fixed", self.sink.name, reason, trace,
+                          extra={"sink": self.sink.name, "trace_id": trace_id})
             self.held_reason = reason
         elif self.state is not ForwarderState.RETRYING:
-            log.warning("sink %s unavailable (%s); retrying with backoff", self.sink.name, reason)
+            log.warning("sink %s unavailable (%s%s); retrying with backoff", self.sink.name,
+                        reason, trace, extra={"sink": self.sink.name, "trace_id": trace_id})
         self.state = state
         await self._pause(self._backoff.next_delay(retry_after))
         if state is ForwarderState.HELD and not self._stopping.is_set():

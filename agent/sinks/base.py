@@ -18,12 +18,22 @@ Sinks translate httpx exceptions at the boundary; none escape ``deliver``.
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink", "source_of"]
+__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink", "is_header_token",
+           "source_of"]
+
+# A credential sent in a header: visible ASCII, no space, no control character (RFC 6750's
+# b64token is stricter; this is what any HTTP stack carries intact).
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def is_header_token(text: str) -> bool:
+    return _HEADER_TOKEN.fullmatch(text) is not None
 
 
 class Outcome(StrEnum):
@@ -102,6 +112,7 @@ class Delivery:
     ``items`` maps event id -> ItemResult and ``outcome`` is ACCEPTED only if every item was; an
     id missing from a 207 answer is RETRY (we cannot know it arrived).
     ``retry_after`` is the receiver's Retry-After in seconds (already parsed), if any.
+    ``trace_id`` is the W3C trace id the request carried (for log lines), if any.
     """
 
     outcome: Outcome
@@ -109,6 +120,7 @@ class Delivery:
     detail: str = ""
     retry_after: float | None = None
     items: dict[str, ItemResult] = field(default_factory=dict)
+    trace_id: str | None = None  # of the request's traceparent, for the log
 
     def result_for(self, event_id: str) -> ItemResult:
         if self.items:

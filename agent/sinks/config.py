@@ -1,4 +1,5 @@
-"""Configuration of the sinks: the HTTP delivery contract's endpoint, auth, TLS and retries.
+"""Configuration of the sinks: the HTTP delivery contract's endpoint, auth, TLS and retries,
+and the broker sinks (MQTT Unified Namespace, NATS JetStream).
 
 The sinks' own config piece; the root schema (``agent/wiring/schema.py``) puts the union of
 sink types under ``sinks:``.
@@ -15,10 +16,11 @@ from pydantic import Field, field_validator, model_validator
 
 from config.base import Strict
 from config.secrets import Secret
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
-__all__ = ["HttpAuth", "HttpSinkConfig", "OAuth2ClientAuth", "OAuth2Config", "RetryPolicy",
-           "SinkConfig", "SinkMode", "TlsConfig", "check_http_url"]
+__all__ = ["HttpAuth", "HttpSinkConfig", "MqttSinkConfig", "NatsSinkConfig", "OAuth2ClientAuth",
+           "OAuth2Config", "RetryPolicy", "SinkConfig", "SinkMode", "TlsConfig",
+           "check_http_url"]
 
 
 def check_http_url(v: str) -> str:
@@ -44,7 +46,7 @@ class OAuth2Config(Strict):
     client_secret: Secret = Field(description="OAuth2 client secret, usually "
                                   "${file:/run/credentials/...}.")
     scope: str | None = Field(None, description="Space-separated scopes to ask for.")
-    refresh_before: Duration = Field(30.0, description="Fetch a new token this long before "
+    refresh_before: DurationOrZero = Field(30.0, description="Fetch a new token this long before "
                                      "the cached one expires.")
     client_auth: OAuth2ClientAuth = Field(OAuth2ClientAuth.BASIC, description="How the "
                                           "client authenticates to the token endpoint: 'basic' "
@@ -115,4 +117,150 @@ class HttpSinkConfig(Strict):
         return check_http_url(v)
 
 
-SinkConfig = Annotated[HttpSinkConfig, Field(discriminator="type")]
+# --------------------------------------------------------------------------- brokers
+
+_BROKER_URL = re.compile(r"^(?P<scheme>[a-z]+)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+)"
+                         r"(?::(?P<port>[0-9]{1,5}))?/?$")
+_TEMPLATE_KEYS = ("site", "line", "machine", "type", "agent")
+
+
+def _check_template(v: str, what: str) -> str:
+    """A topic/subject template: only the known ``{placeholders}``, no wildcards."""
+    keys = re.findall(r"{([^{}]*)}", v)
+    unknown = [k for k in keys if k not in _TEMPLATE_KEYS]
+    if unknown:
+        raise ValueError(f"unknown placeholder '{{{unknown[0]}}}' in {what} '{v}'; use "
+                         + ", ".join("{" + k + "}" for k in _TEMPLATE_KEYS))
+    if any(c in v for c in "+#*>") or not v:
+        raise ValueError(f"{what} '{v}' must not be empty or contain wildcards (+ # * >)")
+    return v
+
+
+class MqttSinkConfig(Strict):
+    type: Literal["mqtt"] = Field(description="MQTT broker (Unified Namespace): one QoS 1 "
+                                  "publish per event, settled on the PUBACK.")
+    url: str = Field(description="mqtt://host[:port] (default port 1883) or mqtts://host[:port] "
+                     "(TLS, default port 8883).")
+    protocol: Literal["3.1.1", "5"] = Field("5", description="MQTT protocol version. With 5 "
+                                            "the event id also travels as the user property "
+                                            "'id', the content type is set, and a refused "
+                                            "publish comes back with a reason code.")
+    client_id: str | None = Field(None, min_length=1, max_length=128, description="Client id; "
+                                  "stable across restarts for the persistent session (default: "
+                                  "<agent id>-<sink id>).")
+    username: str | None = Field(None, description="User name, if the broker wants one.")
+    password: Secret | None = Field(None, description="Password: ${env:NAME} or ${file:/path}.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for mqtts:// URLs: "
+                           "private CA, client certificate (mutual TLS).")
+    topic: str = Field("{site}/{line}/{machine}/events/{type}", description="Topic of each "
+                       "event. Placeholders: {site} {line} {machine} from the event source, "
+                       "{type} the event type without 'plantedge.' (e.g. downtime.started), "
+                       "{agent} the agent id. Agent events (data gaps) use line '_agent' and "
+                       "the agent id as machine.")
+    state_topic: str | None = Field(None, description="Optional retained state topic per "
+                                    "machine, e.g. '{site}/{line}/{machine}/state': current "
+                                    "state, open downtime and order, derived from the events "
+                                    "delivered.")
+    session: Literal["persistent", "clean"] = Field("persistent", description="'persistent': "
+                                                    "the broker keeps the session (MQTT 5 "
+                                                    "clean_start false + session_expiry; 3.1.1 "
+                                                    "clean_session false).")
+    session_expiry: Duration = Field(86400.0, description="MQTT 5: how long the broker keeps "
+                                     "the session after a disconnect.")
+    keep_alive: Duration = Field(30.0, description="Keep-alive interval.")
+    connect_timeout: Duration = Field(10.0, description="Time allowed for TCP, TLS and "
+                                      "CONNACK.")
+    ack_timeout: Duration = Field(30.0, description="Time allowed for the PUBACKs of one "
+                                  "attempt; unacknowledged events are sent again.")
+    batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
+                                  "flight) per attempt.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        m = _BROKER_URL.match(v)
+        if not m or m["scheme"] not in ("mqtt", "mqtts"):
+            raise ValueError(f"'{v}' is not mqtt://host[:port] or mqtts://host[:port]")
+        if m["port"] and not 0 < int(m["port"]) < 65536:
+            raise ValueError(f"port {m['port']} of '{v}' is out of range")
+        return v
+
+    @field_validator("topic", "state_topic")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        return None if v is None else _check_template(v, "topic")
+
+    @property
+    def use_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def host(self) -> str:
+        m = _BROKER_URL.match(self.url)
+        assert m is not None
+        return m["host"].strip("[]")
+
+    @property
+    def port(self) -> int:
+        m = _BROKER_URL.match(self.url)
+        assert m is not None
+        return int(m["port"]) if m["port"] else (8883 if self.use_tls else 1883)
+
+
+class NatsSinkConfig(Strict):
+    type: Literal["nats"] = Field(description="NATS JetStream: one publish per event with "
+                                  "header Nats-Msg-Id = event id, settled on the stream's "
+                                  "acknowledgement.")
+    servers: list[str] = Field(min_length=1, description="Server URLs: nats://host:port or "
+                               "tls://host:port (TLS).")
+    subject: str = Field("plantedge.{site}.{line}.{machine}.{type}", description="Subject of "
+                         "each event; placeholders as for the MQTT topic. A stream must cover "
+                         "it (for instance subjects 'plantedge.>').")
+    stream: str | None = Field(None, description="The stream expected to store the events; "
+                               "when given, an acknowledgement from another stream holds the "
+                               "sink.")
+    token: Secret | None = Field(None, description="Authentication token.")
+    username: str | None = Field(None, description="User name (with 'password').")
+    password: Secret | None = Field(None, description="Password: ${env:NAME} or ${file:/path}.")
+    credentials_file: Path | None = Field(None, description="NATS credentials file (.creds: "
+                                          "user JWT and NKey seed).")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for tls:// URLs: "
+                           "private CA, client certificate (mutual TLS).")
+    connect_timeout: Duration = Field(10.0, description="Time allowed to connect.")
+    ack_timeout: Duration = Field(30.0, description="Time allowed for the acknowledgements of "
+                                  "one attempt; unacknowledged events are sent again.")
+    batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
+                                  "flight) per attempt.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        for url in v:
+            m = _BROKER_URL.match(url)
+            if not m or m["scheme"] not in ("nats", "tls"):
+                raise ValueError(f"'{url}' is not nats://host[:port] or tls://host[:port]")
+        return v
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, v: str) -> str:
+        if " " in v or ".." in v or v.startswith(".") or v.endswith("."):
+            raise ValueError(f"subject '{v}' has an empty token or a space")
+        return _check_template(v, "subject")
+
+    @model_validator(mode="after")
+    def _auth(self) -> NatsSinkConfig:
+        given = [k for k in ("token", "username", "credentials_file")
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of 'token', 'username'/'password' or "
+                             f"'credentials_file', not {' and '.join(given)}")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("'username' and 'password' go together")
+        return self
+
+
+SinkConfig = Annotated[HttpSinkConfig | MqttSinkConfig | NatsSinkConfig,
+                       Field(discriminator="type")]

@@ -23,12 +23,21 @@ Answer classes (also applied per item of a ``207``)::
 
 The bearer token is read once and cached; ``reload_credentials()`` re-reads it (the forwarder
 calls it when the sink is held), so a rotated ``${file:...}`` token works without a restart.
-A token that cannot be read holds the sink with the reason instead of sending no credentials.
+A token that cannot be read (missing, not UTF-8, too large) or is not a valid header value
+(a line break, a space, non-ASCII) holds the sink with the reason, naming the reference and
+never the value: a request never leaves without the authentication it is configured with.
+
+Every detail a delivery reports (stored with dead letters, shown in ``/status``) passes through
+``redact``: a receiver that echoes our headers in its error body gives ``***``.
 
 With ``auth.oauth2`` the token comes from ``agent/sinks/oauth.py`` (cached, refreshed before
 expiry). A 401 answer triggers exactly one token refresh and one resend of the same request
 (same Idempotency-Key, so harmless); a second 401 holds the sink. A token endpoint that refuses
 the client credentials holds the sink; one that cannot be reached is a retry.
+
+Every request carries a W3C ``traceparent`` (``agent/sinks/tracecontext.py``: one trace per
+request, shared by its retries); the returned ``Delivery`` carries its trace id, and the
+per-event DEBUG lines ("event ... delivered", "refused") name it with the event and episode.
 
 TLS (``tls:``, ``agent/sinks/tls.py``): verification on by default, a private CA, a client
 certificate for mutual TLS. TLS files that cannot be loaded hold the sink with the reason.
@@ -41,17 +50,19 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
+from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink, is_header_token
 from agent.sinks.config import HttpSinkConfig, SinkMode
 from agent.sinks.oauth import OAuth2RejectedError, OAuth2Token, OAuth2UnavailableError
 from agent.sinks.tls import TlsSetupError, client_context
-from config.redaction import add_secret_values
+from agent.sinks.tracecontext import traceparent
+from config.redaction import add_secret_values, redact
 from config.secrets import SecretResolutionError
 
 __all__ = ["CE_BATCH", "CE_SINGLE", "HttpSink", "batch_idempotency_key", "parse_retry_after"]
@@ -61,6 +72,7 @@ log = logging.getLogger(__name__)
 CE_SINGLE = "application/cloudevents+json"
 CE_BATCH = "application/cloudevents-batch+json"
 _EXCERPT = 500
+_OWN_HEADERS = ("content-type", "idempotency-key", "traceparent")
 
 
 def batch_idempotency_key(ids: Sequence[str]) -> str:
@@ -135,6 +147,16 @@ class HttpSink(Sink):
         self._token_error: str | None = None
         self._token_loaded = False
         self._oauth = OAuth2Token(config.auth.oauth2) if config.auth.oauth2 else None
+        # Static headers never duplicate one the agent sets per request: two Idempotency-Key
+        # or traceparent lines (names differ only in case) reach a receiver as one joined,
+        # malformed value.
+        own = set(_OWN_HEADERS)
+        if config.auth.bearer_token is not None or self._oauth is not None:
+            own.add("authorization")
+        self._static_headers = {k: v for k, v in config.headers.items() if k.lower() not in own}
+        for k in sorted(set(config.headers) - set(self._static_headers)):
+            log.warning("sink %s: static header %r is ignored: the agent sets it per request",
+                        name, k)
 
     @property
     def max_batch(self) -> int:
@@ -159,16 +181,24 @@ class HttpSink(Sink):
             await client.aclose()
 
     def _load_token(self) -> None:
-        self._token_loaded = True
         secret = self.config.auth.bearer_token
-        if secret is None:
-            self._token, self._token_error = None, None
-            return
-        try:
-            self._token, self._token_error = secret.reveal(), None
-            add_secret_values([self._token])
-        except SecretResolutionError as exc:
-            self._token, self._token_error = None, str(exc)
+        self._token, self._token_error = None, None
+        if secret is not None:
+            try:
+                token = secret.reveal()
+            except SecretResolutionError as exc:
+                self._token_error = str(exc)
+            except Exception as exc:  # whatever it is, the sink holds rather than go bare
+                self._token_error = f"{secret.reference}: {type(exc).__name__}"
+            else:
+                add_secret_values([token])
+                if is_header_token(token):
+                    self._token = token
+                else:
+                    self._token_error = (f"{secret.reference} is not a valid HTTP header value "
+                                         "(a line break, space, control or non-ASCII "
+                                         "character)")
+        self._token_loaded = True
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -182,7 +212,7 @@ class HttpSink(Sink):
         return self._client
 
     def _request_parts(self, events: Sequence[OutboundEvent]) -> tuple[bytes, dict[str, str]]:
-        headers = dict(self.config.headers)
+        headers = dict(self._static_headers)
         if self.config.mode is SinkMode.BATCH:
             body = ("[" + ",".join(e.payload for e in events) + "]").encode("utf-8")
             headers["Content-Type"] = CE_BATCH
@@ -196,6 +226,21 @@ class HttpSink(Sink):
         return body, headers
 
     async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        d = await self._deliver(events)
+        detail = redact(d.detail) if d.detail else d.detail
+        if not d.items and detail == d.detail:
+            return d
+        redacted: dict[ItemResult, ItemResult] = {}  # verdicts repeat: redact each once
+        items = {}
+        for event_id, r in d.items.items():
+            if r.detail:
+                if r not in redacted:
+                    redacted[r] = ItemResult(r.outcome, r.status, redact(r.detail))
+                r = redacted[r]
+            items[event_id] = r
+        return replace(d, detail=detail, items=items)
+
+    async def _deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
         if not events:
             return Delivery(Outcome.ACCEPTED, detail="nothing to send")
         if self.config.mode is SinkMode.SINGLE and len(events) > 1:
@@ -203,9 +248,18 @@ class HttpSink(Sink):
             return Delivery(Outcome.TOO_LARGE, detail="single mode sends one event per request")
         if not self._token_loaded:
             self._load_token()
-        if self._token_error is not None:
+        if self._token_error is not None or (
+                self.config.auth.bearer_token is not None and self._token is None):
             return Delivery(Outcome.HOLD, detail=f"bearer token unavailable: {self._token_error}")
         body, headers = self._request_parts(events)
+        headers["traceparent"], trace_id = traceparent(headers["Idempotency-Key"])
+        delivery = replace(await self._post(body, headers, events), trace_id=trace_id)
+        if log.isEnabledFor(logging.DEBUG):
+            _trail(self.name, events, delivery)
+        return delivery
+
+    async def _post(self, body: bytes, headers: dict[str, str],
+                    events: Sequence[OutboundEvent]) -> Delivery:
         try:
             http = self._http()
             if self._oauth is not None:
@@ -292,6 +346,25 @@ def _all_accepted(content: bytes, events: Sequence[OutboundEvent]) -> bool:
         return False
     return statuses <= _ACCEPTED_ITEM and all(  # bools are ints: True == 1 is not in the set
         type(st) is int for st in statuses) and seen.issuperset(e.id for e in events)
+
+
+def _trail(sink: str, events: Sequence[OutboundEvent], delivery: Delivery) -> None:
+    """DEBUG: each event's verdict with its id, episode and the request's trace id (parsing
+    the payloads only when DEBUG is on: a drain sends thousands per second)."""
+    log.debug("sink %s: %d event(s) -> HTTP %s %s (trace %s)", sink, len(events),
+              delivery.status, delivery.outcome.value, delivery.trace_id,
+              extra={"sink": sink, "trace_id": delivery.trace_id})
+    for e in events:
+        item = delivery.result_for(e.id)
+        try:
+            episode = json.loads(e.payload).get("data", {}).get("episode_id")
+        except (ValueError, AttributeError):
+            episode = None
+        stage = "delivered" if item.outcome is Outcome.ACCEPTED else item.outcome.value
+        log.debug("event %s %s to sink %s (HTTP %s, trace %s)", e.id, stage, sink,
+                  item.status, delivery.trace_id,
+                  extra={"stage": stage, "event_id": e.id, "episode_id": episode,
+                         "sink": sink, "trace_id": delivery.trace_id})
 
 
 def _parse_multi(content: bytes) -> list[tuple[str, int, str]] | None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from agent.sinks.base import is_header_token
 from agent.sinks.config import OAuth2ClientAuth, OAuth2Config
 from config.errors import PermanentError, RetryableError
 from config.redaction import add_secret_values
@@ -108,6 +110,9 @@ class OAuth2Token:
         if token is None:
             raise OAuth2UnavailableError("OAuth2 token endpoint answered without access_token")
         add_secret_values([token, secret])
+        if not is_header_token(token):
+            raise OAuth2RejectedError("OAuth2 token endpoint answered an access_token that is "
+                                      "not a valid HTTP header value")
         self._token = token
         self._valid_until = None if expires_in is None else \
             started + max(0.0, expires_in - cfg.refresh_before)
@@ -122,9 +127,11 @@ def _parse(content: bytes) -> tuple[str | None, float | None]:
     if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
         return None, None
     expires = doc.get("expires_in")
-    if isinstance(expires, str) and expires.isdigit():
+    # isascii: str.isdigit() is true for '²' and other digits int() refuses.
+    if isinstance(expires, str) and expires.isascii() and expires.isdigit():
         expires = int(expires)
-    if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= 0:
+    if isinstance(expires, bool) or not isinstance(expires, int | float) \
+            or not math.isfinite(expires) or expires <= 0:
         expires = None
     return doc["access_token"], None if expires is None else float(expires)
 

@@ -11,6 +11,8 @@ from agent.detect.machine import MachineDetector
 from agent.sinks.base import Sink
 from agent.sinks.config import SinkConfig
 from agent.sinks.http import HttpSink
+from agent.sinks.mqtt import MqttSink
+from agent.sinks.nats import NatsSink
 from agent.wiring.schema import Config, SourceConfig
 from protocols.base import Source
 
@@ -22,6 +24,10 @@ _DEFAULT_COUNTER_BITS = 32
 def build_source(name: str, config: SourceConfig) -> Source:
     """A Source for one validated source config (no I/O: connecting happens in ``run``)."""
     if config.type == "modbus":
+        if config.is_rtu:
+            from protocols.modbus.line import ModbusLineSource
+
+            return ModbusLineSource(name, config)
         from protocols.modbus.source import ModbusSource
 
         return ModbusSource(name, config)
@@ -36,10 +42,15 @@ def build_source(name: str, config: SourceConfig) -> Source:
     raise ValueError(f"source {name}: no implementation for type {config.type!r}")
 
 
-def build_sink(name: str, config: SinkConfig) -> Sink:
-    """A Sink for one validated sink config (no I/O until the first delivery)."""
+def build_sink(name: str, config: SinkConfig, agent_id: str = "edge-agent") -> Sink:
+    """A Sink for one validated sink config (no I/O until the first delivery). ``agent_id``
+    names the broker sinks' client (MQTT client id, NATS connection name)."""
     if config.type == "http":
         return HttpSink(name, config)
+    if config.type == "mqtt":
+        return MqttSink(name, config, agent_id=agent_id)
+    if config.type == "nats":
+        return NatsSink(name, config, agent_id=agent_id)
     raise ValueError(f"sink {name}: no implementation for type {config.type!r}")
 
 

@@ -12,19 +12,29 @@ from typing import Any
 from agent.wiring.schema import Config
 from config.units import DURATION_PATTERN, format_duration
 
-__all__ = ["SCHEMA_DIALECT", "json_schema"]
+__all__ = ["DRAFTS", "SCHEMA_DIALECT", "json_schema"]
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+DRAFT_07 = "http://json-schema.org/draft-07/schema#"
+DRAFTS = {"2020-12": SCHEMA_DIALECT, "7": DRAFT_07}
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of a configuration file, as a new dict each call."""
+def json_schema(draft: str = "2020-12") -> dict[str, Any]:
+    """The JSON Schema of a configuration file, as a new dict each call.
+
+    ``draft="7"`` gives the same constraints in draft-07 terms for editors that work best with
+    it (VS Code's YAML extension): ``definitions`` instead of ``$defs``, and a ``$ref`` with
+    sibling keywords (ignored next to ``$ref`` before 2019-09) wrapped in ``allOf``."""
+    if draft not in DRAFTS:
+        raise ValueError(f"unknown JSON Schema draft {draft!r} (known: {', '.join(DRAFTS)})")
     body = Config.model_json_schema(mode="validation")
     _ids_as_property_names(body)
     _durations_as_text(body)
     body.pop("title", None)
+    if draft == "7":
+        body = _as_draft_07(body)
     return {
-        "$schema": SCHEMA_DIALECT,
+        "$schema": DRAFTS[draft],
         "title": "plant-edge-agent configuration",
         "description": "Configuration of the plant edge agent (config.yaml). Unknown keys are "
                        "errors; durations are text like '500ms', '5s', '2m'; sizes like "
@@ -63,3 +73,20 @@ def _durations_as_text(node: Any) -> None:
     elif isinstance(node, list):
         for child in node:
             _durations_as_text(child)
+
+
+def _as_draft_07(node: Any) -> Any:
+    if isinstance(node, dict):
+        out = {("definitions" if k == "$defs" else k): _as_draft_07(v) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str):
+            out["$ref"] = ref.replace("#/$defs/", "#/definitions/")
+            if len(out) > 1:
+                siblings = {k: v for k, v in out.items() if k != "$ref"}
+                return {**siblings, "allOf": [{"$ref": out["$ref"]}]}
+        return out
+    if isinstance(node, list):
+        return [_as_draft_07(v) for v in node]
+    if isinstance(node, str) and node.startswith("#/$defs/"):  # discriminator mappings
+        return node.replace("#/$defs/", "#/definitions/", 1)
+    return node

@@ -19,32 +19,70 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from agent.detect.config import MachineConfig
-from agent.wiring.schema import Config
+from agent.wiring.schema import AgentSettings, Config
 from config._messages import dotted, suggest, translate
 from config._refs import prepare
 from config._yamlmarks import Mark, Marks, YamlIssue, parse_yaml
 from config._yamlmarks import Path as KeyPath
 from config.errors import ConfigError, ConfigIssue
+from config.redaction import add_secret_values, redact
 
-__all__ = ["config_hash", "load_config", "load_config_text"]
+__all__ = ["MAX_CONFIG_BYTES", "config_hash", "load_buffer_path", "load_config",
+           "load_config_text"]
+
+# A plant's configuration is tens of kilobytes; far more is a wrong file or an attack.
+MAX_CONFIG_BYTES = 2**20
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the configuration file at ``path``; raises ``ConfigError``."""
+def load_config(path: str | Path, *, check_references: bool = True) -> Config:
+    """Read and validate the configuration file at ``path`` (``-``: standard input, relative
+    paths then relative to the current directory); raises ``ConfigError``.
+
+    ``check_references=False`` checks the file without its secrets: ``${env:...}`` and
+    ``${file:...}`` references are checked for form only (``validate --no-secrets``)."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    base_dir = Path.cwd() if str(path) == "-" else Path(path).resolve().parent
+    return load_config_text(_read(path), name, base_dir=base_dir,
+                            check_references=check_references)
+
+
+def load_buffer_path(path: str | Path) -> Path:
+    """The buffer file a configuration names (``buffer.path``, else ``<agent.data_dir>/
+    buffer.db``), reading nothing else: no secret is resolved and no other option checked.
+
+    For the buffer commands, which an operator runs while the service holds its credentials
+    (systemd's LoadCredential files exist only for the running unit)."""
+    return _Load(str(path), Path(path).resolve().parent).buffer_path(_read(path))
+
+
+def _read(path: str | Path) -> str:
     name = str(path)
+    stdin = name == "-"
+    if stdin:
+        name = "<stdin>"
     try:
-        raw = Path(path).read_bytes()
+        if stdin:
+            raw = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        else:
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration file: "
                                        f"{exc.strerror or exc}", name)]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"the configuration file is larger than "
+                                       f"{MAX_CONFIG_BYTES // 2**20} MiB; is it the right "
+                                       "file?", name)])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -52,20 +90,23 @@ def load_config(path: str | Path) -> Config:
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError([ConfigIssue("", "the file is not UTF-8 text", name, line,
                                        column)]) from exc
-    return load_config_text(text, name, base_dir=Path(path).resolve().parent)
+    return text
 
 
 def load_config_text(text: str, filename: str = "<string>", *,
-                     base_dir: Path | None = None) -> Config:
+                     base_dir: Path | None = None, check_references: bool = True) -> Config:
     """Validate configuration ``text``; ``filename`` is only used in messages.
 
     Relative paths resolve against ``base_dir``: by default the directory of ``filename``
     when it names a file, else the current directory.
     """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"the configuration is larger than "
+                                       f"{MAX_CONFIG_BYTES // 2**20} MiB", filename)])
     if base_dir is None:
         named = not (filename.startswith("<") and filename.endswith(">"))
         base_dir = Path(filename).resolve().parent if named else Path.cwd()
-    return _Load(filename, base_dir).run(text)
+    return _Load(filename, base_dir, check_references).run(text)
 
 
 def config_hash(config: Config) -> str:
@@ -76,12 +117,53 @@ def config_hash(config: Config) -> str:
 
 
 class _Load:
-    def __init__(self, filename: str, base_dir: Path) -> None:
+    def __init__(self, filename: str, base_dir: Path, check_references: bool = True) -> None:
         self.filename = filename
         self.base_dir = base_dir
+        self.check_references = check_references
         self.marks: Marks = {}
         self.data: Any = None
         self.issues: list[ConfigIssue] = []
+
+    def buffer_path(self, text: str) -> Path:
+        try:
+            data, self.marks, _ = parse_yaml(text)
+        except YamlIssue as syntax:
+            self._add(syntax.path, syntax.message, syntax.mark)
+            self._raise()
+        if not isinstance(data, dict):
+            self._add((), "the top level must be a mapping of sections (agent, sources, "
+                      "machines, sinks, buffer)", self.marks.get(()))
+            self._raise()
+        # Not an agent configuration at all (a wrong file) is still an error here.
+        for key in data:
+            if key not in Config.model_fields:
+                self._add((key,), f"unknown section '{key}'"
+                          f"{suggest(str(key), list(Config.model_fields))}", self._mark((key,)))
+        wanted: dict[str, Any] = {}
+        for section, key in (("agent", "data_dir"), ("buffer", "path")):
+            part = data.get(section)
+            if isinstance(part, dict) and part.get(key) is not None:
+                wanted[section] = {key: part[key]}
+        prepared = prepare(wanted, Config, self.base_dir)
+        self.data = prepared.data
+        for where, message in prepared.issues:
+            self._add(where, message, self._mark(where))
+        found: dict[str, Path] = {}
+        for section, key in (("agent", "data_dir"), ("buffer", "path")):
+            value = prepared.data.get(section, {}).get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                self._add((section, key), "expected a path", self._mark((section, key)))
+            else:
+                found[section] = Path(value)
+        if self.issues:
+            self._raise()
+        if "buffer" in found:
+            return found["buffer"]
+        default = AgentSettings.model_fields["data_dir"].default
+        return found.get("agent", default) / "buffer.db"
 
     def run(self, text: str) -> Config:
         try:
@@ -103,14 +185,17 @@ class _Load:
                       f"machines, sinks, buffer), not {kind}", self.marks.get(()))
             self._raise()
 
-        prepared = prepare(data, Config, self.base_dir)
+        prepared = prepare(data, Config, self.base_dir,
+                           check_references=self.check_references)
+        add_secret_values(prepared.substituted)
         data = self.data = prepared.data
         for path, message in prepared.issues:
             self._add(path, message, self._mark(path))
 
         config: Config | None = None
         try:
-            config = Config.model_validate(data)
+            config = Config.model_validate(
+                data, context={"check_references": self.check_references})
         except ValidationError as exc:
             for err in exc.errors(include_url=False):
                 t = translate(err, data, Config)
@@ -135,7 +220,7 @@ class _Load:
                     if not isinstance(tag, str):
                         continue
                     first = defined.setdefault(tag, str(sid))
-                    if first != sid:
+                    if first != str(sid):  # YAML reads a source id 123 as a number
                         path = ("sources", sid, "tags", tag)
                         self._add(path, f"tag '{tag}' is defined by both source '{first}' and "
                                   f"source '{sid}'; a tag id must be unique across sources",
@@ -178,7 +263,9 @@ class _Load:
             self.issues.append(issue)
 
     def _raise(self) -> NoReturn:
-        ordered = sorted(self.issues, key=lambda i: (i.line or 0, i.column or 0))
+        # A message may quote a value that came from ${env:}/${file:} (an invalid URL).
+        ordered = sorted((dataclasses.replace(i, message=redact(i.message)) for i in self.issues),
+                         key=lambda i: (i.line or 0, i.column or 0))
         # from None: a pydantic ValidationError as the cause would print the raw input,
         # which may hold substituted values; every problem is in the issues already.
         raise ConfigError(ordered) from None

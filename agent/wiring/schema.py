@@ -21,13 +21,14 @@ from agent.detect.config import MachineConfig
 from agent.sinks.config import HttpAuth, SinkConfig, TlsConfig, check_http_url
 from buffer.config import BufferConfig
 from config.base import ComponentId, Strict, check_id
-from config.units import ByteSize, Duration
+from config.secrets import Secret
+from config.units import Duration, SizeOrZero
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.mqtt.config import MqttSourceConfig
 from protocols.opcua.config import OpcuaSourceConfig
 
 __all__ = ["AgentSettings", "Config", "FleetConfig", "HealthConfig", "LoopImpl",
-           "SourceConfig"]
+           "ReasonEntryConfig", "SourceConfig"]
 
 
 class LoopImpl(StrEnum):
@@ -56,6 +57,12 @@ class AgentSettings(Strict):
         return check_id(v, "id")
 
 
+class ReasonEntryConfig(Strict):
+    bearer_token: Secret = Field(description="Token that operator terminals and `edge-agent "
+                                 "reason` send as 'Authorization: Bearer ...'; usually "
+                                 "${file:/run/credentials/...} or ${env:NAME}.")
+
+
 class HealthConfig(Strict):
     listen: str = Field("127.0.0.1:9780", description="HOST:PORT of the health endpoint "
                         "(/healthz /readyz /status). Keep it on loopback unless a firewall "
@@ -65,16 +72,20 @@ class HealthConfig(Strict):
     @classmethod
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not host or not (port.isascii() and port.isdigit()) \
+                or not 0 <= int(port) <= 65535:
             raise ValueError(f"'{v}' is not HOST:PORT (for example 127.0.0.1:9780)")
         return v
 
     max_pending_age: Duration = Field(3600.0, description="/readyz degrades when a sink's "
                                       "oldest undelivered event is older than this.")
-    min_disk_free: ByteSize = Field(100 * 2**20, description="/readyz degrades when the file "
+    min_disk_free: SizeOrZero = Field(100 * 2**20, description="/readyz degrades when the file "
                                     "system of the data directory has less free space.")
     buffer_full_ratio: float = Field(0.9, gt=0, le=1, description="/readyz degrades when the "
                                      "buffer file reaches this fraction of buffer.max_size.")
+    reason_entry: ReasonEntryConfig | None = Field(None, description="Reason entry on this "
+                                                   "listener (/machines/{machine}/episodes); "
+                                                   "off unless given.")
 
 
 SourceConfig = Annotated[ModbusSourceConfig | OpcuaSourceConfig | MqttSourceConfig,

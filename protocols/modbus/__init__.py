@@ -1,4 +1,5 @@
-"""Modbus TCP source.
+"""Modbus source: Modbus TCP (``source.py``) and Modbus RTU lines, on a serial port or through
+a serial gateway (``line.py``, ``transport.py``, ``streams.py``, ``rtu.py``).
 
 Public surface: ``ModbusSource`` (``protocols.modbus.source``) and ``ModbusSimulator``
 (``protocols.modbus.simulator``). They are loaded on first use so that importing the config

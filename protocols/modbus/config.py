@@ -1,4 +1,5 @@
-"""Configuration of a Modbus TCP source (``type: modbus``)."""
+"""Configuration of a Modbus source (``type: modbus``): Modbus TCP, or Modbus RTU on a serial
+line or through a serial-to-Ethernet gateway (``transport``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from config.base import Backoff, Strict
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 
-__all__ = ["ByteOrder", "ModbusSourceConfig", "ModbusTable", "ModbusTag", "ModbusType"]
+__all__ = [
+    "ByteOrder",
+    "ModbusSerialSettings",
+    "ModbusSourceConfig",
+    "ModbusTable",
+    "ModbusTag",
+    "ModbusTransport",
+    "ModbusType",
+    "Parity",
+]
 
 
 class ModbusTable(StrEnum):
@@ -46,6 +56,40 @@ class ByteOrder(StrEnum):
     CDAB = "CDAB"
 
 
+class ModbusTransport(StrEnum):
+    """How requests reach the device(s).
+
+    ``tcp``: Modbus TCP (MBAP header, transaction ids). ``rtu-over-tcp``: RTU frames (unit id,
+    PDU, CRC) over a TCP socket to a serial gateway in transparent mode. ``serial``: RTU frames
+    on a local serial port (RS-485/RS-232).
+    """
+
+    TCP = "tcp"
+    RTU_OVER_TCP = "rtu-over-tcp"
+    SERIAL = "serial"
+
+
+class Parity(StrEnum):
+    NONE = "none"
+    EVEN = "even"
+    ODD = "odd"
+
+
+class ModbusSerialSettings(Strict):
+    device: str = Field(description="Serial port, e.g. /dev/ttyUSB0 or "
+                        "/dev/serial/by-id/usb-FTDI_...-port0 (stable across reboots).")
+    baudrate: int = Field(9600, ge=300, le=4_000_000, description="Bits per second; every "
+                          "device on the line must use the same.")
+    data_bits: Literal[7, 8] = Field(8, description="Data bits per character (RTU uses 8).")
+    parity: Parity = Field(Parity.EVEN, description="Parity bit; the Modbus default is even. "
+                           "Many devices are set to none (then usually with 2 stop bits).")
+    stop_bits: Literal[1, 2] = Field(1, description="Stop bits per character.")
+
+    @property
+    def char_time(self) -> float:
+        """Seconds one character takes on the wire (start + data + parity + stop bits)."""
+        bits = 1 + self.data_bits + (0 if self.parity is Parity.NONE else 1) + self.stop_bits
+        return bits / self.baudrate
 _INT_BITS = {ModbusType.INT16: 16, ModbusType.UINT16: 16, ModbusType.INT32: 32,
              ModbusType.UINT32: 32, ModbusType.INT64: 64, ModbusType.UINT64: 64}
 
@@ -57,6 +101,9 @@ _REGISTERS = {ModbusType.BOOL: 1, ModbusType.INT16: 1, ModbusType.UINT16: 1,
 
 class ModbusTag(Strict):
     table: ModbusTable = Field(ModbusTable.HOLDING, description="Register table to read.")
+    unit_id: int | None = Field(None, ge=1, le=247, description="Unit id of the device that "
+                                "holds this tag, on an RTU line with several devices "
+                                "(default: the source's unit_id).")
     address: int = Field(ge=0, le=65535, description="0-based protocol address (register 40011 "
                          "in 1-based Modicon notation is holding address 10).")
     type: ModbusType = Field(ModbusType.UINT16, description="Value type; fixes how many "
@@ -94,12 +141,26 @@ class ModbusTag(Strict):
 
 
 class ModbusSourceConfig(Strict):
-    type: Literal["modbus"] = Field(description="Modbus TCP device.")
-    host: str = Field(description="Device host name or IP address.")
+    type: Literal["modbus"] = Field(description="Modbus device (TCP) or RTU line.")
+    transport: ModbusTransport = Field(ModbusTransport.TCP, description="tcp: Modbus TCP; "
+                                       "rtu-over-tcp: RTU frames through a serial gateway at "
+                                       "host:port; serial: RTU on a local serial port.")
+    host: str | None = Field(None, description="Device or gateway host name or IP address "
+                             "(transports tcp and rtu-over-tcp).")
     port: int = Field(502, ge=1, le=65535, description="TCP port.")
-    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave/device) id.")
+    serial: ModbusSerialSettings | None = Field(None, description="Serial port settings (transport "
+                                          "serial).")
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (slave/device) id; on an RTU "
+                         "line the default for tags without their own unit_id.")
     poll_interval: Duration = Field(1.0, description="How often every tag is read.")
-    timeout: Duration = Field(1.0, description="Timeout of one read request.")
+    timeout: Duration = Field(1.0, description="Timeout of one read request (one attempt).")
+    retries: int = Field(1, ge=0, le=5, description="RTU transports: further attempts of a "
+                         "request that got no good answer before its device counts as silent "
+                         "for this poll. A device silent in the last poll gets one attempt.")
+    request_gap: DurationOrZero = Field(0.0, description="RTU transports: extra silence "
+                                        "between the end of one answer and the next request "
+                                        "(slow devices or RS-485 converters). On a serial port "
+                                        "at least 3.5 character times are always kept.")
     max_registers_per_read: int = Field(125, ge=1, le=125, description="Upper bound for "
                                         "coalesced reads; lower it for devices with small "
                                         "request limits.")
@@ -109,6 +170,33 @@ class ModbusSourceConfig(Strict):
                                          "long is stale (default: 3 x poll_interval + timeout).")
     backoff: Backoff = Field(default_factory=Backoff, description="Reconnect backoff.")
     tags: dict[str, ModbusTag] = Field(description="Tags by id.", min_length=1)
+
+    @model_validator(mode="after")
+    def _transport_settings(self) -> ModbusSourceConfig:
+        t = self.transport
+        if t is ModbusTransport.SERIAL:
+            if self.serial is None:
+                raise ValueError("transport serial needs 'serial' (device, baudrate, ...)")
+            if self.host is not None:
+                raise ValueError("'host' is for transports tcp and rtu-over-tcp, not serial")
+        else:
+            if self.host is None:
+                raise ValueError(f"transport {t.value} needs 'host'")
+            if self.serial is not None:
+                raise ValueError(f"'serial' is for transport serial, not {t.value}")
+        if t is ModbusTransport.TCP:
+            if "retries" in self.model_fields_set or "request_gap" in self.model_fields_set:
+                raise ValueError("'retries' and 'request_gap' are for the RTU transports "
+                                 "(rtu-over-tcp, serial)")
+            units = sorted(tag_id for tag_id, tag in self.tags.items()
+                           if tag.unit_id is not None and tag.unit_id != self.unit_id)
+            if units:
+                raise ValueError(f"tag(s) {', '.join(units)} name another unit_id: several "
+                                 "devices per source are for RTU lines; on Modbus TCP use one "
+                                 "source per unit id")
+        elif not 1 <= self.unit_id <= 247:
+            raise ValueError(f"unit_id {self.unit_id}: an RTU device address is 1..247")
+        return self
 
     @model_validator(mode="after")
     def _tags_fit_one_read(self) -> ModbusSourceConfig:
@@ -125,6 +213,19 @@ class ModbusSourceConfig(Strict):
     def effective_stale_after(self) -> float:
         return self.stale_after or (3 * self.poll_interval + self.timeout)
 
+    @property
+    def is_rtu(self) -> bool:
+        return self.transport is not ModbusTransport.TCP
+
+    @property
+    def where(self) -> str:
+        """The line or device address, for messages."""
+        if self.serial is not None:
+            return self.serial.device
+        return f"{self.host}:{self.port}"
+
+    def unit_of(self, tag: ModbusTag) -> int:
+        return self.unit_id if tag.unit_id is None else tag.unit_id
     def counter_bits(self, tag: str) -> int | None:
         """Width of an integer tag, for counter rollover (None for other types)."""
         return _INT_BITS.get(self.tags[tag].type)

@@ -323,6 +323,7 @@ class _Link:
     cancelled (``_on_connection``) and the await turns into ``ConnectionLostError``."""
 
     def __init__(self, config: ModbusSourceConfig) -> None:
+        assert config.host is not None  # the config requires it for transport tcp
         self._where = f"{config.host}:{config.port}"
         self._unit = config.unit_id
         self._timeout = config.timeout

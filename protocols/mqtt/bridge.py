@@ -32,6 +32,12 @@ Loop integration details:
 - ``on_socket_close`` unregisters the socket before paho closes it, so a reused file descriptor
   never inherits a stale registration.
 - ``loop_misc`` runs every second for keep-alive pings and the broker-silence check.
+- Acknowledgements are manual (paho's ``manual_ack``): the source calls ``ack(mids)`` once the
+  effect of those QoS 1 messages is committed; an ack for a connection that has ended does
+  nothing (the broker redelivers those messages to the next session). ``pause_reading`` stops
+  taking bytes off the socket (TCP then holds the broker back) until ``resume_reading``; a
+  pause longer than the keep-alive ends the session, which is then reopened and the
+  unacknowledged messages redelivered.
 """
 
 from __future__ import annotations
@@ -73,7 +79,8 @@ def tls_context(config: MqttSourceConfig) -> ssl.SSLContext:
     return ctx
 
 
-def build_client(config: MqttSourceConfig, client_id: str | None = None) -> mqtt.Client:
+def build_client(config: MqttSourceConfig, client_id: str | None = None, *,
+                 manual_ack: bool = False) -> mqtt.Client:
     """A paho client configured from ``config`` (no I/O; TLS files are read at connect)."""
     v5 = config.protocol is MqttProtocol.V5
     persistent = config.session is SessionMode.PERSISTENT
@@ -81,7 +88,8 @@ def build_client(config: MqttSourceConfig, client_id: str | None = None) -> mqtt
     if not v5:
         kwargs["clean_session"] = not persistent
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or config.client_id,
-                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **kwargs)
+                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                         manual_ack=manual_ack, **kwargs)
     client.connect_timeout = config.connect_timeout
     if config.username is not None:
         password = config.password.reveal() if config.password is not None else None
@@ -112,6 +120,7 @@ class PahoConnection:
         self._sock: BatchedSocket | None = None
         self._writing = False
         self._reading = False
+        self._paused = False
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._misc: asyncio.TimerHandle | None = None
@@ -122,7 +131,7 @@ class PahoConnection:
 
     async def open(self) -> None:
         try:
-            client = build_client(self._config)
+            client = build_client(self._config, manual_ack=True)
         except ValueError as exc:  # an unresolvable password reference
             raise ConnectionLostError(f"MQTT broker {self._where}: {exc}") from exc
         self._client = client
@@ -170,6 +179,34 @@ class PahoConnection:
         self._client.publish(topic, payload, qos=qos)
         if not self._reading:  # a read burst flushes when it ends
             self._flush()
+
+    def ack(self, mids: list[int]) -> None:
+        """Acknowledge QoS 1 messages of this connection; nothing once it has ended."""
+        client = self._client
+        if client is None or self._sock is None:
+            return
+        for mid in mids:
+            client.ack(mid, 1)
+        if not self._reading:  # a read burst flushes when it ends
+            self._flush()
+
+    def pause_reading(self) -> None:
+        sock = self._sock
+        if not self._paused and sock is not None:
+            self._paused = True
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock)
+
+    def resume_reading(self) -> None:
+        sock = self._sock
+        if self._paused and sock is not None:
+            self._paused = False
+            self._loop.add_reader(sock, self._readable)
+            self._loop.call_soon(self._readable)  # bytes may wait in the wrapper already
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def close(self) -> None:
         client = self._client
@@ -278,7 +315,7 @@ class PahoConnection:
 
     def _readable(self) -> None:
         client = self._client
-        if client is None:
+        if client is None or self._paused:
             return
         self._reading = True
         try:
@@ -287,7 +324,8 @@ class PahoConnection:
             for _ in range(_MAX_PACKETS_PER_BURST):
                 rc = client.loop_read()
                 sock = self._sock
-                if rc != mqtt.MQTT_ERR_SUCCESS or sock is None or sock.pending() == 0:
+                if rc != mqtt.MQTT_ERR_SUCCESS or sock is None or sock.pending() == 0 \
+                        or self._paused:
                     break
             else:
                 self._loop.call_soon(self._readable)  # a long burst: let other tasks run

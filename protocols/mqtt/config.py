@@ -27,7 +27,7 @@ from pydantic_core import InitErrorDetails
 
 from config.base import Backoff, Strict
 from config.secrets import Secret
-from config.units import ByteSize, Duration
+from config.units import ByteSize, Duration, DurationOrZero
 from protocols.mqtt.jsonpath import JsonPath, compile_path
 
 __all__ = ["MqttProtocol", "MqttSourceConfig", "MqttTag", "MqttTls", "SessionMode",
@@ -183,9 +183,9 @@ class MqttSourceConfig(Strict):
                                  "queues QoS 1 messages while the agent is away (Mosquitto "
                                  "keeps 1000 per client by default: max_queued_messages); "
                                  "'clean': start empty every time.")
-    session_expiry: Duration = Field(3600.0, description="MQTT 5: how long the broker keeps a "
-                                     "persistent session after a disconnect (3.1.1 brokers "
-                                     "keep it until they are told otherwise).")
+    session_expiry: DurationOrZero = Field(3600.0, description="MQTT 5: how long the broker "
+                                           "keeps a persistent session after a disconnect "
+                                           "(3.1.1 brokers keep it until told otherwise).")
     max_payload: ByteSize = Field(256 * 1024, description="Larger payloads are rejected (the "
                                   "tag gets a bad sample), never parsed.")
     sparkplug_rebirth: Literal["request", "never"] = Field(

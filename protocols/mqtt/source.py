@@ -20,6 +20,20 @@ Session rules:
   topic with an excerpt. Other messages keep flowing.
 - Sparkplug B topics go to a ``SparkplugTracker`` (births, aliases, seq, deaths, rebirth
   requests), a new one per session.
+- QoS 1 messages are acknowledged only after the commit that holds their effect (events and
+  detector states): each read burst's acknowledgements go to ``out.when_committed``. A kill
+  before that commit leaves them unacknowledged, and the broker redelivers them to the next
+  session of the persistent session. While more than ``_MAX_OUTSTANDING`` wait for a commit
+  (commits fail: disk full), the connection stops reading rather than pile them up in memory.
+- A redelivery (DUP flag, same packet id, topic and payload as a message this process already
+  applied in the previous connection) is not applied twice; it is acknowledged after the next
+  commit. This memory belongs to the broker and client id, not the instance, so a new instance
+  after a reload recognises what the old one applied; a skipped redelivery stays remembered
+  until a later connection has acknowledged it. Only the last ``_DEDUP_WINDOW`` messages of a
+  connection are remembered: the broker's window of unacknowledged messages is far smaller,
+  and packet ids are reused only after 65535 others. A message committed but killed before
+  its PUBACK left is counted again after the restart (at least once: the window is the write
+  of one packet).
 - Staleness: MQTT samples come only when something is published, so ``stale_after`` is off
   unless configured; ``stale_after`` is then ``inf`` for the runtime (no watchdog).
 """
@@ -30,7 +44,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 
@@ -57,6 +72,13 @@ log = logging.getLogger(__name__)
 _MAX_TRACKED_TOPICS = 1000
 _MAX_CACHED_ROUTES = 10000
 _PROBE_WAIT = 2.0
+# QoS 1 messages applied but not yet acknowledged (their commit is pending): past this the
+# connection stops reading until commits catch up.
+_MAX_OUTSTANDING = 2000
+# Ask for a commit without waiting out the group commit interval once this many wait: the
+# broker's in-flight window (Mosquitto's default is 20) would otherwise run dry.
+_ACK_SOON = 16
+_DEDUP_WINDOW = 4096
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -76,6 +98,21 @@ def _match(flt: Sequence[str], levels: Sequence[str]) -> bool:
         if f != "+" and f != levels[i]:
             return False
     return len(flt) == len(levels)
+
+
+class _Applied:
+    """QoS 1 messages one client id applied in this process: the current connection's (packet
+    id -> digest of topic and payload) and the previous one's, which the broker may redeliver
+    (DUP) to the next connection."""
+
+    __slots__ = ("recent", "redelivery")
+
+    def __init__(self) -> None:
+        self.recent: OrderedDict[int, int] = OrderedDict()
+        self.redelivery: dict[int, int] = {}
+
+
+_APPLIED: dict[tuple[str, int, str], _Applied] = {}
 
 
 class _Router:
@@ -161,6 +198,13 @@ class MqttSource(Source):
         self._max_payload = config.max_payload
         self._now = utcnow()
         self._now_mono = -1.0
+        self._burst_acks: list[int] = []
+        # Shared by every instance for this broker and client id in this process: a reload
+        # that changes the source builds a new instance, and the broker redelivers to it.
+        self._applied = _APPLIED.setdefault((config.host, config.port, config.client_id),
+                                            _Applied())
+        self.outstanding = 0  # QoS 1 messages applied, acknowledgement waiting for a commit
+        self.redeliveries_skipped = 0
 
     @property
     def tag_ids(self) -> list[str]:
@@ -178,11 +222,22 @@ class MqttSource(Source):
     async def run(self, out: SampleSink) -> None:
         self._tracker = SparkplugTracker(self._spb_tags)
         self._pending = []
+        applied = self._applied
+        applied.redelivery.update(applied.recent)
+        applied.recent = OrderedDict()
+        self._burst_acks = []
+        when_committed = getattr(out, "when_committed", None)
 
         def emit() -> None:
             if self._pending:
                 batch, self._pending = self._pending, []
                 out.emit(batch)
+            if self._burst_acks:
+                mids, self._burst_acks = self._burst_acks, []
+                if when_committed is None:  # nothing durable behind this sink
+                    conn.ack(mids)
+                else:
+                    self._defer_ack(conn, mids, when_committed)
 
         def refused(topics: dict[str, str]) -> None:
             for flt, why in topics.items():
@@ -251,10 +306,58 @@ class MqttSource(Source):
                                          f"{self.probe_wait:g}s (not retained?)")
                 for t in self.config.tags]
 
+    # ------------------------------------------------------------------ acknowledgements
+
+    def _defer_ack(self, conn: PahoConnection, mids: list[int],
+                   when_committed: Callable[..., None]) -> None:
+        count = len(mids)
+        self.outstanding += count
+
+        def committed() -> None:
+            self.outstanding -= count
+            conn.ack(mids)  # nothing if that connection has ended: the broker redelivers
+            current = self._conn
+            if current is not None and current.paused \
+                    and self.outstanding <= _MAX_OUTSTANDING // 2:
+                current.resume_reading()
+
+        when_committed(committed, soon=self.outstanding >= _ACK_SOON)
+
+    def _redelivered(self, msg: mqtt.MQTTMessage) -> bool:
+        """Remember an applied QoS 1 message; True for a redelivery already applied."""
+        mid = msg.mid
+        digest = hash((msg.topic, bytes(msg.payload)))
+        self._burst_acks.append(mid)
+        conn = self._conn
+        if self.outstanding + len(self._burst_acks) >= _MAX_OUTSTANDING and conn is not None \
+                and not conn.paused:
+            log.warning("source %s: %d messages wait for a commit; reading paused until the "
+                        "buffer commits again", self.name,
+                        self.outstanding + len(self._burst_acks))
+            conn.pause_reading()
+        applied = self._applied
+        if applied.redelivery:
+            if msg.dup and applied.redelivery.get(mid) == digest:
+                del applied.redelivery[mid]
+                self.redeliveries_skipped += 1
+                # Until its PUBACK is out it stays a candidate for the next connection.
+                applied.recent[mid] = digest
+                return True
+            if not msg.dup:  # the broker resends before anything new: redelivery is over
+                applied.redelivery.clear()
+        recent = applied.recent
+        recent[mid] = digest
+        recent.move_to_end(mid)
+        if len(recent) > _DEDUP_WINDOW:
+            recent.popitem(last=False)
+        return False
+
     # ------------------------------------------------------------------ messages
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         self.messages_total += 1
+        if msg.qos == 1 and self._redelivered(msg):
+            return
         topic = msg.topic
         data = msg.payload
         # One clock read per millisecond, not per message: a burst carries hundreds.

@@ -1,5 +1,10 @@
 """``edge-agent browse``: list a server's nodes with browse names, node ids and data types.
 
+Flags say what a node offers beyond its value: ``historizing`` (Historizing attribute) and
+``history-read`` (HistoryRead bit of AccessLevel) on variables, whose history a source with
+``history`` can backfill; ``event-notifier`` (SubscribeToEvents bit of EventNotifier) on objects
+whose alarm events a ``kind: alarms`` tag can subscribe to.
+
 Node ids are printed in the ``nsu=<namespace URI>;...`` form, which is what a configuration
 should use: it survives a server that registers its namespaces in another order.
 """
@@ -28,6 +33,7 @@ class BrowseRow:
     node_id: str
     node_class: str
     data_type: str
+    flags: tuple[str, ...] = ()
 
 
 def endpoint_config(endpoint: str) -> OpcuaSourceConfig:
@@ -59,23 +65,41 @@ async def browse(config: OpcuaSourceConfig, start: str = "i=85", depth: int = 2,
             root = parsed.resolve(session.namespaces)
         except UnknownNamespaceError as exc:
             raise ConnectionLostError(f"{session.where}: {exc}") from None
-        rows: list[BrowseRow] = []
-        level = [root]
+        # Fetched level by level (one data type read per level), printed depth first: each
+        # node directly followed by its own children, so the indentation is a true tree.
+        children: dict[int, list[tuple[int, BrowseRow]]] = {}
+        count = 0
+        level: list[tuple[int, Any]] = [(0, root)]  # (key of the parent row, node id)
         for d in range(max(1, depth)):
-            found: list[Any] = []
-            for node_id in level:
-                found.extend(await _children(session, node_id))
-            types = await _data_types(session, [r.NodeId for r in found
+            found: list[tuple[int, Any]] = []
+            for key, node_id in level:
+                found.extend((key, ref) for ref in await _children(session, node_id))
+            types = await _data_types(session, [r.NodeId for _, r in found
                                                 if r.NodeClass == ua.NodeClass.Variable])
-            for ref in found:
-                rows.append(BrowseRow(
-                    d, ref.BrowseName.Name, format_node_id(ref.NodeId, session.namespaces),
-                    ref.NodeClass.name, types.get(ref.NodeId.to_string(), "")))
-                if len(rows) >= _MAX_ROWS:
-                    return rows
-            level = [r.NodeId for r in found if r.NodeClass in (ua.NodeClass.Object,
-                                                                ua.NodeClass.Variable)]
-        return rows
+            flags = await _flags(session, [r for _, r in found])
+            level = []
+            for parent, ref in found:
+                count += 1
+                row = BrowseRow(d, ref.BrowseName.Name,
+                                format_node_id(ref.NodeId, session.namespaces),
+                                ref.NodeClass.name, types.get(ref.NodeId.to_string(), ""),
+                                flags.get(ref.NodeId.to_string(), ()))
+                children.setdefault(parent, []).append((count, row))
+                if ref.NodeClass in (ua.NodeClass.Object, ua.NodeClass.Variable):
+                    level.append((count, ref.NodeId))
+                if count >= _MAX_ROWS:
+                    return _depth_first(children)
+        return _depth_first(children)
+
+
+def _depth_first(children: dict[int, list[tuple[int, BrowseRow]]]) -> list[BrowseRow]:
+    rows: list[BrowseRow] = []
+    stack = list(reversed(children.get(0, [])))
+    while stack:
+        key, row = stack.pop()
+        rows.append(row)
+        stack.extend(reversed(children.get(key, [])))
+    return rows
 
 
 async def _children(session: Session, node_id: Any) -> list[Any]:
@@ -111,3 +135,36 @@ async def _data_types(session: Session, node_ids: list[Any]) -> dict[str, str]:
         else:
             out[n.to_string()] = format_node_id(tid, session.namespaces)
     return out
+
+
+_HISTORY_READ = 1 << 2
+_SUBSCRIBE_TO_EVENTS = 1
+
+
+async def _flags(session: Session, refs: list[Any]) -> dict[str, tuple[str, ...]]:
+    """node id text -> flags (see the module docstring)."""
+    variables = [r.NodeId for r in refs if r.NodeClass == ua.NodeClass.Variable]
+    objects = [r.NodeId for r in refs if r.NodeClass == ua.NodeClass.Object]
+    out: dict[str, tuple[str, ...]] = {}
+    if variables:
+        historizing = await session.read_attribute(variables, ua.AttributeIds.Historizing)
+        access = await session.read_attribute(variables, ua.AttributeIds.AccessLevel)
+        for n, h, a in zip(variables, historizing, access, strict=True):
+            flags = []
+            if _value(h) is True:
+                flags.append("historizing")
+            if isinstance(_value(a), int) and _value(a) & _HISTORY_READ:
+                flags.append("history-read")
+            out[n.to_string()] = tuple(flags)
+    if objects:
+        notifier = await session.read_attribute(objects, ua.AttributeIds.EventNotifier)
+        for n, e in zip(objects, notifier, strict=True):
+            value = _value(e)
+            if isinstance(value, int) and value & _SUBSCRIBE_TO_EVENTS:
+                out[n.to_string()] = ("event-notifier",)
+    return out
+
+
+def _value(dv: Any) -> Any:
+    ok = dv is not None and dv.StatusCode is not None and dv.StatusCode.is_good()
+    return dv.Value.Value if ok and dv.Value is not None else None

@@ -14,12 +14,13 @@ from pydantic import Field, field_validator, model_validator
 
 from config.base import Backoff, Strict
 from config.secrets import Secret
-from config.units import Duration
+from config.units import Duration, DurationOrZero
 from protocols.opcua.nodeids import parse_node_id
 
 __all__ = [
     "Deadband",
     "DeadbandType",
+    "OpcuaHistory",
     "OpcuaMode",
     "OpcuaSecurity",
     "OpcuaSourceConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "OpcuaValueType",
     "SecurityMode",
     "SecurityPolicy",
+    "TagKind",
     "TimestampChoice",
 ]
 
@@ -61,6 +63,18 @@ class OpcuaValueType(StrEnum):
     INT = "int"
     FLOAT = "float"
     STRING = "string"
+
+
+class TagKind(StrEnum):
+    """What a tag carries: the node's value, or the Alarms & Conditions events of a notifier."""
+
+    VALUE = "value"
+    ALARMS = "alarms"
+
+
+# Event queue of an alarm tag unless configured: never 0 (a server may revise 0 to 1 and keep
+# only the last event of a publishing interval).
+DEFAULT_ALARM_QUEUE = 1000
 
 
 class DeadbandType(StrEnum):
@@ -102,17 +116,37 @@ class OpcuaSecurity(Strict):
         return self
 
 
+class OpcuaHistory(Strict):
+    """History backfill after a (re)connect, for tags the server historizes."""
+
+    max_span: Duration = Field(8 * 3600.0, description="Read at most this far back: a longer "
+                               "gap is backfilled for its last max_span only (reported on "
+                               "/status).")
+    max_values: int = Field(50_000, ge=1, le=10_000_000, description="At most this many "
+                            "values per node and backfill; more are left unread (reported).")
+    margin: Duration = Field(60.0, description="Read from this long before the gap: servers "
+                             "may ignore the start bound, and the value at the gap's start is "
+                             "needed.")
+    page_size: int = Field(1000, ge=10, le=100_000, description="Values asked for per history "
+                           "request (continuation points page through the rest).")
+
+
 class OpcuaTag(Strict):
     node: str = Field(description="Node id in any standard form: 'ns=2;s=Filler.State', "
                       "'nsu=urn:acme:plant;s=Filler.State' (namespace by URI, resolved on every "
                       "connect), 'i=2258', 'ns=1;g=...', 'ns=1;b=...'.")
+    kind: TagKind = Field(TagKind.VALUE, description="'value': the node's value; 'alarms': "
+                          "the Alarms & Conditions events (AlarmConditionType and subtypes) of "
+                          "this event notifier (the Server object is i=2253, or a machine "
+                          "object that is a notifier), as JSON samples; subscribe mode only.")
     type: OpcuaValueType | None = Field(None, description="Expected value type; another type "
                                         "makes the tag bad (default: any scalar).")
-    sampling_interval: Duration | None = Field(None, description="Subscribe mode: how often "
+    sampling_interval: DurationOrZero | None = Field(None, description="Subscribe mode: how often "
                                                "the server samples the node (default: the "
                                                "publishing interval).")
-    queue_size: int = Field(1, ge=0, le=10000, description="Subscribe mode: values the server "
-                            "queues per publishing interval (1 keeps only the latest).")
+    queue_size: int = Field(1, ge=0, le=100000, description="Subscribe mode: values the "
+                            "server queues per publishing interval (1 keeps only the latest). "
+                            f"Alarm tags: events queued (default {DEFAULT_ALARM_QUEUE}).")
     deadband: Deadband | None = Field(None, description="Subscribe mode: report a numeric "
                                       "change only when it exceeds this.")
 
@@ -121,6 +155,24 @@ class OpcuaTag(Strict):
     def _node(cls, v: str) -> str:
         parse_node_id(v)
         return v
+
+    @model_validator(mode="after")
+    def _alarm_options(self) -> OpcuaTag:
+        if self.kind is TagKind.ALARMS:
+            wrong = [n for n in ("type", "sampling_interval", "deadband")
+                     if getattr(self, n) is not None]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)} do not apply to kind: alarms")
+            if "queue_size" in self.model_fields_set and self.queue_size < 2:
+                raise ValueError("an alarm tag needs a queue_size of at least 2 (1 or 0 lose "
+                                 "all but the last event of a publishing interval)")
+        return self
+
+    @property
+    def effective_queue_size(self) -> int:
+        if self.kind is TagKind.ALARMS and "queue_size" not in self.model_fields_set:
+            return DEFAULT_ALARM_QUEUE
+        return self.queue_size
 
 
 class OpcuaSourceConfig(Strict):
@@ -150,6 +202,10 @@ class OpcuaSourceConfig(Strict):
     stale_after: Duration | None = Field(None, description="A tag with no good sample for "
                                          "this long is stale (default: a few intervals).")
     backoff: Backoff = Field(default_factory=Backoff, description="Reconnect backoff.")
+    history: OpcuaHistory | None = Field(None, description="Backfill after a (re)connect: the "
+                                         "raw history of the gap is read for the machines' "
+                                         "state and reason tags that the server historizes and "
+                                         "fed to detection in time order before live values.")
     tags: dict[str, OpcuaTag] = Field(description="Tags by id.", min_length=1)
 
     @field_validator("endpoint")
@@ -170,6 +226,9 @@ class OpcuaSourceConfig(Strict):
         if self.password is not None and self.username is None:
             raise ValueError("'password' needs 'username'")
         if self.mode is OpcuaMode.POLL:
+            alarms = sorted(t for t, tag in self.tags.items() if tag.kind is TagKind.ALARMS)
+            if alarms:
+                raise ValueError(f"alarm tags need mode: subscribe (tags {', '.join(alarms)})")
             per_tag = sorted(t for t, tag in self.tags.items()
                              if tag.sampling_interval is not None or tag.deadband is not None
                              or "queue_size" in tag.model_fields_set)

@@ -76,7 +76,7 @@ def parse_node_id(text: str) -> ParsedNodeId:
                                     "'ns=2;s=Name' or 'nsu=urn:x;s=Name'")
         key, _, value = head.partition("=")
         if key == "ns":
-            if not value.isdigit() or int(value) > 65535:
+            if not (value.isascii() and value.isdigit()) or int(value) > 65535:
                 raise NodeIdSyntaxError(f"'{text}': namespace index '{value}' is not a number "
                                         "from 0 to 65535")
             namespace = int(value)
@@ -89,7 +89,7 @@ def parse_node_id(text: str) -> ParsedNodeId:
         raise NodeIdSyntaxError(f"'{text}': the identifier must start with i=, s=, g= or b= "
                                 "(numeric, string, GUID, opaque)")
     if kind == "i":
-        if not identifier.isdigit() or int(identifier) > 0xFFFFFFFF:
+        if not (identifier.isascii() and identifier.isdigit()) or int(identifier) > 0xFFFFFFFF:
             raise NodeIdSyntaxError(f"'{text}': numeric identifier '{identifier}' is not a "
                                     "number from 0 to 4294967295")
     elif kind == "s":

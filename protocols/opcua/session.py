@@ -33,7 +33,8 @@ from asyncua.common.subscription import OverflowPolicy, Subscription
 
 from config.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
 from config.secrets import SecretResolutionError
-from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag
+from protocols.opcua.alarms import alarm_filter, condition_refresh_request, refresh_marker_filter
+from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag, TagKind
 from protocols.opcua.security import TrustDirectory, UntrustedServerError, apply_security
 
 __all__ = ["DEFAULT_MAX_PER_CALL", "Session", "chunks", "quiet_asyncua"]
@@ -271,6 +272,68 @@ class Session:
                     results.append(request.RequestedParameters.ClientHandle)
         return results
 
+    async def monitor_refresh_markers(self) -> int | None:
+        """An event item on the Server object that lets only RefreshStart/RefreshEnd through
+        (servers that send the markers only there); its server handle, or None if refused."""
+        sub = self.subscription
+        assert sub is not None, "subscribe() first"
+        make: Any = sub._make_monitored_item_request
+        request = make(_NodeRef(_NodeId(ua.ObjectIds.Server)), ua.AttributeIds.EventNotifier,
+                       refresh_marker_filter(), 10, ua.MonitoringMode.Reporting, 0)
+        answers = await self._call("creating the refresh marker item",
+                                   sub.create_monitored_items([request]))
+        if isinstance(answers[0], ua.StatusCode):
+            return None
+        return self.server_handle(request.RequestedParameters.ClientHandle)
+
+    def server_handle(self, client_handle: int) -> int | None:
+        """The server's id of a monitored item (event notifications carry only that)."""
+        sub = self.subscription
+        data = sub._monitored_items.get(client_handle) if sub is not None else None
+        return None if data is None else data.server_handle
+
+    async def condition_refresh(self) -> str | None:
+        """Ask the server to resend every retained condition (Alarms & Conditions); the
+        answers arrive as events between RefreshStart and RefreshEnd. Returns why the server
+        refused (a server without Alarms & Conditions), or None."""
+        client = self._client()
+        sub = self.subscription
+        assert sub is not None and sub.subscription_id is not None, "subscribe() first"
+        results = await self._call("refreshing conditions", client.uaclient.call(
+            [condition_refresh_request(sub.subscription_id)]))
+        status = results[0].StatusCode
+        return None if status.is_good() else f"{self.where}: ConditionRefresh: {status.name}"
+
+    async def read_attribute(self, node_ids: Sequence[Any], attribute: Any) -> list[Any]:
+        """DataValues of one attribute of ``node_ids`` (chunked; per-node status, no raise)."""
+        client = self._client()
+        out: list[Any] = []
+        for part in chunks(node_ids, self.max_read):
+            out.extend(await self._call("reading attributes", client.uaclient.read_attributes(
+                list(part), attribute)))
+        return out
+
+    async def history_page(self, node_id: Any, start: Any, end: Any, count: int,
+                           continuation: bytes | None, release: bool = False) -> Any:
+        """One HistoryRead (raw values, source timestamps) of one node: its HistoryReadResult.
+        ``release`` frees a continuation point the caller will not follow."""
+        client = self._client()
+        details = ua.ReadRawModifiedDetails()
+        details.IsReadModified = False
+        details.StartTime, details.EndTime = start, end
+        details.NumValuesPerNode = count
+        details.ReturnBounds = False
+        params = ua.HistoryReadParameters()
+        params.HistoryReadDetails = details
+        params.TimestampsToReturn = ua.TimestampsToReturn.Both
+        params.ReleaseContinuationPoints = release
+        item = ua.HistoryReadValueId()
+        item.NodeId = node_id
+        item.ContinuationPoint = continuation
+        params.NodesToRead = [item]
+        results = await self._call("reading history", client.uaclient.history_read(params))
+        return results[0]
+
     async def refresh_namespaces(self) -> None:
         """Read the NamespaceArray again (a namespace may have been added since connecting)."""
         client = self._client()
@@ -290,6 +353,9 @@ class Session:
                 DeadbandValue=tag.deadband.value)
         node: Any = _NodeRef(node_id)
         make: Any = sub._make_monitored_item_request  # public helpers hide queue size + filter
+        if tag.kind is TagKind.ALARMS:
+            return make(node, ua.AttributeIds.EventNotifier, alarm_filter(),
+                        tag.effective_queue_size, ua.MonitoringMode.Reporting, 0)
         return make(
             node, ua.AttributeIds.Value, mfilter, tag.queue_size, ua.MonitoringMode.Reporting,
             sampling * 1000)

@@ -34,17 +34,25 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from asyncua import ua
-from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
+from asyncua.common.subscription import DataChangeEvent, OpcEvent, StatusChangeEvent
 
-from config.model import Quality, TagSample, Value, utcnow
+from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source, next_poll_time
-from protocols.opcua.config import OpcuaMode, OpcuaSourceConfig, OpcuaValueType, TimestampChoice
+from protocols.opcua.alarms import AlarmFeeds
+from protocols.opcua.config import (
+    OpcuaMode,
+    OpcuaSourceConfig,
+    OpcuaValueType,
+    TagKind,
+)
+from protocols.opcua.events import alarm_feeds, condition_refresh, not_notifiers_of
+from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.nodeids import UnknownNamespaceError, parse_node_id
 from protocols.opcua.session import Session, quiet_asyncua
+from protocols.opcua.values import to_sample
 
 __all__ = ["RETRY_REFUSED_AFTER", "OpcuaSource", "to_sample"]
 
@@ -60,73 +68,6 @@ _MAX_BATCH = 5000
 
 # client handle -> (tag id, node text, expected type)
 _Handles = dict[int, tuple[str, str, OpcuaValueType | None]]
-_PLAIN = frozenset({bool, int, float, str})
-_FITS = {OpcuaValueType.BOOL: frozenset({bool}), OpcuaValueType.INT: frozenset({int}),
-         OpcuaValueType.FLOAT: frozenset({float, int}), OpcuaValueType.STRING: frozenset({str})}
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    if t is None or t.tzinfo is UTC:  # asyncua decodes to aware UTC already
-        return t
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def _convert(raw: Any, expected: OpcuaValueType | None) -> tuple[Value, str | None]:
-    """(value, None) or (None, why it is not usable)."""
-    kind = type(raw)  # fast path for the common case (exact types, bool is not an int here)
-    if expected is None:
-        if kind in _PLAIN:
-            return raw, None
-    elif kind in _FITS[expected]:
-        return (float(raw) if expected is OpcuaValueType.FLOAT else raw), None
-    if isinstance(raw, ua.LocalizedText):
-        raw = raw.Text
-    if isinstance(raw, list | tuple):
-        return None, f"an array of {len(raw)} values, not a single value"
-    if raw is not None and not isinstance(raw, bool | int | float | str):
-        return None, f"a {type(raw).__name__}, not a number, boolean or text"
-    if expected is None or raw is None:
-        return raw, None
-    if expected is OpcuaValueType.BOOL and isinstance(raw, bool):
-        return raw, None
-    if expected is OpcuaValueType.INT and isinstance(raw, int) and not isinstance(raw, bool):
-        return raw, None
-    if expected is OpcuaValueType.FLOAT and isinstance(raw, int | float) \
-            and not isinstance(raw, bool):
-        return float(raw), None
-    if expected is OpcuaValueType.STRING and isinstance(raw, str):
-        return raw, None
-    return None, f"{type(raw).__name__} value {raw!r}, but the tag expects {expected.value}"
-
-
-def to_sample(tag_id: str, node: str, dv: Any, expected: OpcuaValueType | None,
-              timestamp: TimestampChoice, now: datetime) -> TagSample:
-    """One DataValue as a TagSample (see the module docstring for the mapping)."""
-    status = dv.StatusCode if dv.StatusCode is not None else ua.StatusCode()
-    if timestamp is TimestampChoice.SOURCE:
-        t = _aware(dv.SourceTimestamp) or _aware(dv.ServerTimestamp)
-    elif timestamp is TimestampChoice.SERVER:
-        t = _aware(dv.ServerTimestamp) or _aware(dv.SourceTimestamp)
-    else:
-        t = None
-    if status.is_bad():
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): {status.name}"
-                         + (f": {status.doc}" if status.doc else ""))
-    raw = dv.Value.Value if dv.Value is not None else None
-    value, problem = _convert(raw, expected)
-    if problem is not None:
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): the node delivers {problem}")
-    if status.is_uncertain():
-        return TagSample(tag_id, value, Quality.UNCERTAIN, now, t,
-                         f"tag {tag_id} (node {node}): {status.name}")
-    if value is None:
-        return TagSample(tag_id, None, Quality.BAD, now, t,
-                         f"tag {tag_id} (node {node}): the node has no value")
-    return TagSample(tag_id, value, Quality.GOOD, now, t)
-
-
 class OpcuaSource(Source):
     """Reads the tags of one OPC UA server; see the module docstring.
 
@@ -139,6 +80,7 @@ class OpcuaSource(Source):
         self.config = config
         self._parsed = {t: parse_node_id(tag.node) for t, tag in config.tags.items()}
         self._last: dict[str, TagSample] = {}
+        self.history = BackfillReport()
         quiet_asyncua()
         if config.security is None or config.security.policy.value == "None":
             log.info("source %s connects to %s with security policy None (no signing, no "
@@ -164,8 +106,10 @@ class OpcuaSource(Source):
         try:
             await session.open()
             resolved, bad = self._resolve(session)
-            first = self._read_samples(resolved, bad, await session.read(
-                [n for n, _ in resolved.values()]))
+            values = self._values_only(resolved)
+            await self._backfill(session, values, out)
+            first = self._read_samples(values, bad, await session.read(
+                [n for n, _ in values.values()]))
             out.connected()
             self._emit(out, first)
             if self.config.mode is OpcuaMode.POLL:
@@ -181,10 +125,51 @@ class OpcuaSource(Source):
         try:
             await session.open()
             resolved, bad = self._resolve(session)
-            return self._read_samples(resolved, bad, await session.read(
-                [n for n, _ in resolved.values()]))
+            values = self._values_only(resolved)
+            now = utcnow()
+            # Alarm tags deliver events, which only a subscription sees.
+            notes = [TagSample(t, None, Quality.UNCERTAIN, now, None,
+                               f"tag {t} (notifier {node}): alarm events are only seen in a "
+                               "subscription") for t, (_, node) in resolved.items()
+                     if t not in values]
+            return [*self._read_samples(values, bad, await session.read(
+                [n for n, _ in values.values()])), *notes]
         finally:
             await session.close()
+
+    def status(self) -> dict[str, Any]:
+        """History backfill figures (for /status), when backfill is configured."""
+        h = self.config.history
+        if h is None:
+            return {}
+        return {"history": {"max_span_s": h.max_span, "max_values": h.max_values,
+                            **self.history.as_dict()}}
+
+    async def _backfill(self, session: Session, values: dict[str, tuple[Any, str]],
+                        out: SampleSink) -> None:
+        """Emit the history of the gap, in time order, before any live value."""
+        hint = self.resume_from
+        if self.config.history is None or hint is None:
+            return
+        tags = self.config.tags
+        last = self._last
+
+        def resume(tag: str) -> datetime | None:
+            # Detection's own need, narrowed by what this process already received (after a
+            # network loss only the gap itself is read, not everything since the last change).
+            need = hint(tag)
+            seen = last[tag].source_time if tag in last else None
+            return max(need, seen) if need is not None and seen is not None else need
+
+        batches = await backfill(session, self.config.history, values, resume,
+                                 {t: tags[t].type for t in values}, self.history)
+        # No await from here to the last batch: detection sees the gap in one go, in order.
+        for batch in batches:
+            self._emit(out, batch)
+
+    def _values_only(self, resolved: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+        return {t: r for t, r in resolved.items()
+                if self.config.tags[t].kind is TagKind.VALUE}
 
     def _resolve(self, session: Session, only: list[str] | None = None
                  ) -> tuple[dict[str, tuple[Any, str]], list[TagSample]]:
@@ -238,11 +223,16 @@ class OpcuaSource(Source):
     async def _subscribe(self, session: Session, resolved: dict[str, tuple[Any, str]],
                          unresolved: list[str], out: SampleSink) -> None:
         cfg = self.config
-        tags = list(resolved)
+        not_notifiers = await not_notifiers_of(session, self.config, resolved)
+        self._emit(out, not_notifiers)
+        tags = [t for t in resolved if t not in {s.tag for s in not_notifiers}]
         handles = await session.subscribe([(resolved[t][0], cfg.tags[t]) for t in tags])
         by_handle: _Handles = {}
         pending = list(unresolved)  # not monitored: tried again later
         self._emit(out, self._sort_handles(tags, handles, resolved, by_handle, pending))
+        feeds = await alarm_feeds(session, self.config, tags, handles)
+        if feeds:
+            await self._condition_refresh(session, feeds, out)
         next_retry = time.monotonic() + RETRY_REFUSED_AFTER
         sub = session.subscription
         assert sub is not None
@@ -264,7 +254,11 @@ class OpcuaSource(Source):
             batch: list[TagSample] = []
             now = utcnow()  # one receive time per burst
             while event is not None:
-                self._take(event, by_handle, batch, session, now)
+                if isinstance(event, OpcEvent):
+                    batch.extend(feeds.take(event.event.server_handle, event.event, now,
+                                            time.monotonic()))
+                else:
+                    self._take(event, by_handle, batch, session, now)
                 if len(batch) >= _MAX_BATCH:
                     break
                 try:
@@ -275,12 +269,21 @@ class OpcuaSource(Source):
                     session.lose(f"{session.where}: the subscription was closed")
             session.raise_if_lost()
             self._emit(out, batch)
+            if feeds:
+                self._emit(out, feeds.expire(time.monotonic(), utcnow()))
+                if feeds.overflowed:
+                    # The server dropped events: ask for the current conditions again.
+                    await self._condition_refresh(session, feeds, out)
             if time.monotonic() >= next_refresh:
                 next_refresh = time.monotonic() + refresh
                 self._refresh(out)
             if pending and time.monotonic() >= next_retry:
                 next_retry = time.monotonic() + RETRY_REFUSED_AFTER
-                pending = await self._retry(session, pending, by_handle, out)
+                pending = await self._retry(session, pending, by_handle, out, feeds)
+
+    async def _condition_refresh(self, session: Session, feeds: AlarmFeeds,
+                                 out: SampleSink) -> None:
+        self._emit(out, await condition_refresh(session, feeds))
 
     def _sort_handles(self, tags: list[str], handles: list[int | str],
                       resolved: dict[str, tuple[Any, str]],
@@ -302,9 +305,10 @@ class OpcuaSource(Source):
         return refused
 
     async def _retry(self, session: Session, pending: list[str],
-                     by_handle: _Handles, out: SampleSink) -> list[str]:
+                     by_handle: _Handles, out: SampleSink, feeds: AlarmFeeds) -> list[str]:
         """Try to monitor the pending tags again; returns those still pending. An accepted
-        item's first notification carries its current value."""
+        item's first notification carries its current value; an accepted alarm tag gets its
+        active alarms from a ConditionRefresh."""
         await session.refresh_namespaces()
         resolved, still = self._resolve(session, pending)
         if not resolved:
@@ -315,6 +319,11 @@ class OpcuaSource(Source):
         again: list[str] = [s.tag for s in still]
         refused = self._sort_handles(tags, handles, resolved, by_handle, again)
         self._emit(out, [*still, *refused])
+        added = await alarm_feeds(session, self.config, tags, handles, feeds.marker)
+        if added:
+            feeds.tags.update(added.tags)
+            feeds.marker = added.marker
+            await self._condition_refresh(session, feeds, out)
         return again
 
     def _take(self, event: Any, by_handle: _Handles,

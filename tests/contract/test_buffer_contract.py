@@ -336,6 +336,24 @@ def test_drop_oldest_keeps_newest_and_counts_drops_by_type(make: Factory) -> Non
     assert b.load_states() == {"m1": "state-380"}  # states are never dropped
 
 
+def test_drop_counts_leave_only_with_the_gap_event_that_reports_them(make: Factory) -> None:
+    """peek_drops clears nothing; append(reported=...) takes exactly those counts out in the
+    transaction that stores the report, and drops recorded since stay (issue 11, #2)."""
+    b = make(max_size=200_000, when_full="drop_oldest")
+    b.open(SINKS)
+    all_events = _fill(b, 400, 20)
+    _, dropped = _dropped(b, all_events)
+    seen = b.peek_drops()
+    assert seen.by_type == dict(Counter(e.type for e in dropped))
+    assert b.peek_drops().by_type == seen.by_type  # reading is not taking
+    b.append([ev(10_000, "plantedge.data.gap")], {"__agent__": "1"}, reported=seen)
+    left = b.peek_drops()
+    # Whatever the gap's own append dropped is still recorded; the reported counts are gone.
+    _, dropped_now = _dropped(b, all_events)
+    assert left.total == len(dropped_now) - len(dropped)
+    assert b.stats().dropped_total == len(dropped_now)
+
+
 def test_reject_new_keeps_what_is_stored_and_reports_rejected(make: Factory) -> None:
     b = make(max_size=200_000, when_full="reject_new")
     b.open(SINKS)
@@ -550,3 +568,41 @@ def test_sqlite_behaves_like_the_reference(ops: list[tuple]) -> None:
             counted.close()
             for b in pair:
                 b.close()
+
+
+@pytest.mark.parametrize("when_full", ["drop_oldest", "reject_new"])
+def test_a_down_sink_loses_its_own_oldest_while_the_other_keeps_receiving(
+        make: Factory, when_full: str) -> None:
+    """Fair share: 'erp' is down and fills the buffer; 'mes' keeps delivering and loses
+    nothing (not even under reject_new), and the drops say that 'erp' lost what."""
+    b = make(max_size=200_000, when_full=when_full)
+    b.open(SINKS)
+    all_events = [ev(i, DOWN if i % 3 else SCRAP, size=1500) for i in range(400)]
+    got: list[str] = []
+    for start in range(0, 400, 20):
+        b.append(all_events[start:start + 20], {})
+        rows = b.lease("mes", 100)
+        got += [r.id for r in rows]
+        b.settle("mes", Settlement(accepted=[r.seq for r in rows]))
+    assert got == [e.id for e in all_events]  # everything, in order
+    erp_kept = ids(b.pending("erp"))
+    lost = [e for e in all_events if e.id not in set(erp_kept)]
+    assert lost, "the buffer never filled"
+    assert erp_kept == [e.id for e in all_events[len(lost):]]  # erp keeps its newest
+    drops = b.take_drops()
+    assert drops.by_sink == {"erp": dict(Counter(e.type for e in lost))}
+    assert drops.by_type == dict(Counter(e.type for e in lost))
+    assert b.stats().size_bytes <= 200_000
+
+
+def test_drops_attribute_rows_only_to_sinks_that_still_needed_them(make: Factory) -> None:
+    b = make(max_size=200_000, when_full="drop_oldest")
+    b.open(SINKS)
+    b.append([ev(i, size=1500) for i in range(40)], {})
+    early = b.lease("mes", 10)  # mes delivered e0..e9 before the buffer filled
+    b.settle("mes", Settlement(accepted=[r.seq for r in early]))
+    b.append([ev(i, size=1500) for i in range(40, 400)], {})  # nobody delivers any more
+    drops = b.take_drops()
+    dropped = drops.by_type[DOWN]
+    assert drops.by_sink["erp"] == {DOWN: dropped}
+    assert drops.by_sink["mes"] == {DOWN: dropped - 10}  # e0..e9 were no loss for mes

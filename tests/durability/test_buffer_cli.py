@@ -12,6 +12,7 @@ agent keeps running throughout, and its /status counts follow the CLI's writes.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import subprocess
 import sys
@@ -129,7 +130,8 @@ async def test_buffer_cli_against_a_running_agent(tmp_path: Path) -> None:
 
         out = tmp_path / "dead.jsonl"
         done = await cli("export", "--config", c, "--out", str(out))
-        assert done.returncode == 0 and f"exported {len(dead)}" in done.stderr
+        assert done.returncode == 0
+        assert f"exported {len(dead)} of {len(dead)} dead letter(s)" in done.stderr
         exported = lines(out.read_text())
         assert [e["id"] for e in exported] == [d["id"] for d in dead]
         assert all(e["event"]["id"] == e["id"] and "data" in e["event"] for e in exported)
@@ -177,6 +179,16 @@ async def test_buffer_cli_against_a_running_agent(tmp_path: Path) -> None:
 
         await wait_until(dead_and_settled, timeout=20, interval=0.1, what="new dead letters")
         n = seen["n"]
+        # These failed after the last export: purge refuses until they are exported.
+        refused = await cli("purge", "--config", c, "--yes")
+        assert refused.returncode == 2 and f"{n} of {n} dead letter(s) are not in the last " \
+            "export" in refused.stderr
+        assert (await sink_status())["dead_letters"] == n  # type: ignore[index]
+        csv_out = tmp_path / "dead.csv"
+        done = await cli("export", "--config", c, "--format", "csv", "--out", str(csv_out))
+        assert done.returncode == 0 and f"exported {n} of {n}" in done.stderr
+        rows = list(csv.DictReader(csv_out.open(encoding="utf-8")))
+        assert len(rows) == n and all(json.loads(r["event"])["id"] == r["id"] for r in rows)
         assert f"deleted {n} dead letter(s)" in await ok("purge", "--config", c, "--yes")
 
         async def dead_gone() -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from _plant import Plant, write_config
 from support import free_port, wait_until
+from support.events import check_event
 
 from agent.receiver import Receiver
 from agent.runtime import Runtime
@@ -79,6 +80,7 @@ async def test_capacity_drops_are_accounted_for_exactly(tmp_path: Path, when_ful
     assert stats.dropped_total >= 30
     gaps = [e for e in events if e["type"] == GAP]
     assert gaps and all(g["data"]["reason"] == f"buffer full ({when_full})" for g in gaps)
+    assert [p for e in events for p in check_event(e)] == []  # the versioned event contract
 
 
 def receiver_dups(events: list[dict[str, object]]) -> int:

@@ -162,7 +162,9 @@ async def test_kill9_storm_then_exact_counts(tmp_path: Path) -> None:
 
     phases: dict[str, Counter[str]] = defaultdict(Counter)
     for e in events:
-        if e["type"].startswith("plantedge.downtime."):
+        # Late reasons (the plant sets reason codes while running) add classified events,
+        # as many as there were changes: not part of "started and ended once".
+        if e["type"] in ("plantedge.downtime.started", "plantedge.downtime.ended"):
             phases[e["data"]["episode_id"]][e["type"].rsplit(".", 1)[1]] += 1
     assert phases, "the storm produced no downtime episodes"
     bad = {ep: dict(c) for ep, c in phases.items() if c != Counter(started=1, ended=1)}

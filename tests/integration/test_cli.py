@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,10 +80,27 @@ def test_config_schema_is_json_schema() -> None:
 
 
 def test_demo_delivers_events_and_prints_summary() -> None:
-    r = cli("demo", "--duration", "8", timeout=90)
+    r = cli("demo", "--duration", "12", timeout=90)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     fields = dict(part.split("=") for part in last.split())
     assert set(fields) == {"delivered", "pending", "dead_letters"}
     assert int(fields["delivered"]) > 0 and fields["pending"] == "0"
     assert "DOWNTIME STARTED" in r.stdout and "SCRAP RECORDED" in r.stdout
+    # An operator classified press-3's stop from the command line while the demo ran.
+    assert "operator$ edge-agent reason set press-3 20" in r.stdout
+    assert "DOWNTIME CLASSIFIED  press-3    planned  reason=20 (Die change)  by operator" \
+        in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not os.access("/usr/sbin/mosquitto",
+                                                                        os.X_OK),
+                    reason="the mosquitto binary is not installed")
+def test_demo_with_the_mqtt_sink_shows_events_on_uns_topics() -> None:
+    r = cli("demo", "--duration", "8", "--sink", "mqtt", timeout=90)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    fields = dict(part.split("=") for part in r.stdout.strip().splitlines()[-1].split())
+    assert int(fields["delivered"]) > 0 and fields["pending"] == "0"
+    assert "UNS demo-plant/line-1/filler-1/events/downtime.started" in r.stdout
+    assert "UNS demo-plant/line-1/filler-1/state" in r.stdout

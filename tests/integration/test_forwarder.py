@@ -195,7 +195,10 @@ async def test_5xx_is_retried_with_the_same_rows_in_order(receiver, buf, harness
     assert first_ok.ids == [e.id for e in events[:8:2]]
     assert fw.status()["retried_total"] == 3
     assert fw.status()["consecutive_failures"] == 0
-    assert "503" in fw.status()["last_error"]
+    # Recovered: no current error; the last one is kept with its time.
+    assert fw.status()["last_error"] is None
+    assert "503" in fw.status()["previous_error"]["error"]
+    assert fw.status()["previous_error"]["at"]
 
 
 async def test_retry_after_is_honoured(receiver, buf, harness):
@@ -252,7 +255,7 @@ async def test_commit_then_timeout_is_deduplicated(receiver, buf, harness):
     status = fw.status()
     assert status["delivered_total"] == 1
     assert status["retried_total"] == 1
-    assert "timeout" in status["last_error"]
+    assert status["last_error"] is None and "timeout" in status["previous_error"]["error"]
 
 
 # ---------------------------------------------------------------------------- hold
@@ -443,7 +446,8 @@ async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harn
     assert receiver.stats()["duplicates"] == 0
     assert fw.status()["retried_total"] == 0  # buffer trouble is not a delivery retry
     assert fw.status()["consecutive_failures"] == 0
-    assert "cannot settle" in fw.status()["last_error"]
+    assert fw.status()["last_error"] is None
+    assert "cannot settle" in fw.status()["previous_error"]["error"]
     settle_logs = [r for r in caplog.records if "cannot settle" in r.getMessage()]
     assert len(settle_logs) == 1  # logged once, not per repetition
 
@@ -574,7 +578,7 @@ async def test_a_sink_that_raises_is_treated_as_retry(buf):
         await settled(fw, buf, 3)
         assert sink.calls == [["ev-000", "ev-001", "ev-002"]] * 3
         assert fw.status()["retried_total"] == 2
-        assert "bug in a plugin" in fw.status()["last_error"]
+        assert "bug in a plugin" in fw.status()["previous_error"]["error"]
     finally:
         await fw.stop(5.0)
         await task

@@ -236,3 +236,18 @@ async def test_wrong_url_holds_with_a_clear_reason(receiver, sinks):
     d = await sink.deliver([event(1), event(2)])
     assert d.outcome is Outcome.HOLD
     assert "check the sink url" in d.detail
+
+
+async def test_static_headers_never_duplicate_the_per_request_ones(receiver, sinks, caplog):
+    """A static traceparent or Idempotency-Key (any case) would reach the receiver as a
+    second line, joined into one malformed value; the agent's own wins, with a warning."""
+    sink = sinks(receiver.url, headers={"Traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+                                        "IDEMPOTENCY-KEY": "static", "X-Plant": "plant-a"})
+    d = await sink.deliver([event(1)])
+    assert d.outcome is Outcome.ACCEPTED
+    seen = receiver.requests[-1]
+    assert seen.headers["idempotency-key"] == "ev-1"
+    assert seen.headers["traceparent"].count("-") == 3  # one header, not two joined
+    assert not seen.headers["traceparent"].startswith("00-" + "a" * 32)
+    assert seen.headers["x-plant"] == "plant-a"
+    assert "Traceparent" in caplog.text and "IDEMPOTENCY-KEY" in caplog.text

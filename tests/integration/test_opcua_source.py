@@ -377,7 +377,7 @@ async def test_browse_lists_names_types_and_nsu_node_ids(
 async def test_browse_unreachable_endpoint_fails_cleanly(
         capsys: pytest.CaptureFixture[str]) -> None:
     code = await run_cli("browse", "--endpoint", f"opc.tcp://127.0.0.1:{free_port()}")
-    assert code == 1
+    assert code == 3  # unreachable
     assert "edge-agent:" in capsys.readouterr().err
 
 
@@ -412,7 +412,7 @@ sources:
     assert rows["cell.ghost"][1:4] == ["-", "-", "bad"] and "BadNodeIdUnknown" in out
     code = await run_cli("probe", "--config", str(cfg))
     out = capsys.readouterr().out
-    assert code == 1
+    assert code == 3  # unreachable
     assert "source gone: UNREACHABLE" in out and "source cell: 3 tag(s)" in out
     assert await run_cli("probe", "--config", str(cfg), "nope") == 2
 

@@ -82,9 +82,10 @@ async def test_handler_exception_is_500_and_server_survives(echo_server, caplog)
     (b"GARBAGE\r\n\r\n", b"400"),
     (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
     (b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", b"400"),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"411"),
-    (b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", b"413"),
-    (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", b"411"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", b"413"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
 ])
 async def test_bad_requests_get_a_clear_status_and_close(echo_server, raw, status):
     server, seen = echo_server
@@ -116,7 +117,7 @@ async def test_aclose_is_idempotent_and_closes_idle_connections():
     server = HttpServer(handler, "127.0.0.1", 0)
     port = await server.start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
     await server.aclose()

@@ -225,8 +225,12 @@ async def test_sighup_and_reload_command_on_a_running_agent(
             assert (await status())["config_hash"] == first["config_hash"]
             assert agent.alive
             # `edge-agent reload` says so too, with exit code 2.
-            done = await asyncio.to_thread(cli, "reload", "--url", base)
+            done = await asyncio.to_thread(cli, "reload", "--config", str(path))
             assert done.returncode == 2 and "REJECTED" in done.stdout
+            # Without the configuration (its data_dir holds the pid file) nothing is signalled:
+            # the pid is never taken from /status.
+            done = await asyncio.to_thread(cli, "reload", "--url", base)
+            assert done.returncode == 2 and "--config" in done.stderr
 
             # 2. A valid change through `edge-agent reload --config`: applied; the PLC session
             #    is untouched; the open downtime continues under the new rules.
@@ -242,7 +246,9 @@ async def test_sighup_and_reload_command_on_a_running_agent(
             await wait_until(lambda: of(receiver, "m1", "ended"), what="episode ended")
             shown = await asyncio.to_thread(cli, "status", "--url", base)
             assert "last reload applied" in shown.stdout and "m1" in shown.stdout
+            assert (tmp_path / "agent" / "edge-agent.pid").exists()
         assert agent.terminate() == 0
+        assert not (tmp_path / "agent" / "edge-agent.pid").exists()  # removed on stop
     finally:
         agent.kill()
     log = (tmp_path / "agent.log").read_text()
@@ -255,3 +261,48 @@ async def test_sighup_and_reload_command_on_a_running_agent(
 async def _up(status: Any) -> dict[str, Any] | None:
     doc: dict[str, Any] = await status()
     return doc if doc.get("sources", {}).get("plc", {}).get("state") == "up" else None
+
+
+@pytest.mark.slow
+async def test_an_agent_without_a_file_to_reread_survives_sighup_and_writes_no_pid_file(
+        tmp_path: Path, plcs: tuple[ModbusSimulator, ModbusSimulator],
+        receiver: Receiver) -> None:
+    """`run --config -` (and the demo) cannot re-read their configuration: SIGHUP's default
+    action would end the process, and `edge-agent reload` would find a pid file to signal."""
+    plc, _ = plcs
+    assert plc.port
+    port = free_port()
+    text = config_text(tmp_path / "agent", plc.port, receiver.url, health=f"127.0.0.1:{port}")
+    log = tmp_path / "agent.log"
+    proc = _run_from_stdin(text, log)
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            async def status() -> dict[str, Any]:
+                try:
+                    return dict((await http.get(f"http://127.0.0.1:{port}/status")).json())
+                except httpx.HTTPError:
+                    return {}
+
+            await wait_until(lambda: _up(status), timeout=20, what="agent up")
+            assert not (tmp_path / "agent" / "edge-agent.pid").exists()
+            proc.send_signal(signal.SIGHUP)
+            await wait_until(lambda: "no configuration file to re-read" in log.read_text(),
+                             what="SIGHUP logged")
+            assert proc.poll() is None and (await status()).get("agent_id") == "reload-edge"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _run_from_stdin(text: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", "-"],
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.STDOUT)
+    assert proc.stdin is not None
+    proc.stdin.write(text.encode())
+    proc.stdin.close()
+    return proc

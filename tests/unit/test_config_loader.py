@@ -54,7 +54,8 @@ def test_example_yaml_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ERP_TOKEN", "example-token")
     config = load_config(EXAMPLE)
     assert set(config.sources) == {"press-plc", "filler-plc", "packer-plc", "line2-broker"}
-    assert set(config.machines) == {"filler-1", "press-3", "packer-2", "oven-2", "sealer-5"}
+    assert set(config.machines) == {"filler-1", "press-3", "cutter-6", "packer-2", "oven-2",
+                                    "sealer-5"}
     token = config.sinks["erp"].auth.bearer_token
     assert isinstance(token, Secret)
     assert token.reference == "${env:ERP_TOKEN}"
@@ -117,7 +118,7 @@ def test_typo_key_is_unknown_with_a_suggestion() -> None:
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys() -> None:
     assert errors("agent: {id: a, site: b}\nhealth: {port: 80}\n") == [
         "cfg.yaml:2:10: health.port: unknown key 'port'; allowed keys: listen, "
-        "max_pending_age, min_disk_free, buffer_full_ratio"]
+        "max_pending_age, min_disk_free, buffer_full_ratio, reason_entry"]
 
 
 def test_wrong_enum_value_lists_the_allowed_values() -> None:
@@ -137,9 +138,12 @@ def test_wrong_type() -> None:
 
 
 def test_missing_key_points_at_the_mapping_that_lacks_it() -> None:
-    text = BASE.replace("    host: 127.0.0.1\n", "")
+    text = BASE.replace("    line: line-2\n", "")
     assert errors(text) == [
-        "cfg.yaml:3:3: sources.press-plc.host: required key 'host' is missing"]
+        "cfg.yaml:10:3: machines.press-3.line: required key 'line' is missing"]
+    # 'host' is required by the transport (tcp, rtu-over-tcp), not by the schema alone.
+    text = BASE.replace("    host: 127.0.0.1\n", "")
+    assert errors(text) == ["cfg.yaml:3:3: sources.press-plc: transport tcp needs 'host'"]
 
 
 def test_missing_top_level_section_points_at_the_document_start() -> None:

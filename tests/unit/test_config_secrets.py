@@ -124,8 +124,8 @@ def test_literal_secret_is_masked_even_in_errors() -> None:
             auth: {{bearer_token: {literal}, extra: 1}}
             """))
     assert [str(i) for i in info.value.issues] == [
-        "cfg.yaml:8:5: sinks.erp.type: unknown type 'htp'; expected 'http'; did you mean "
-        "'http'?"]
+        "cfg.yaml:8:5: sinks.erp.type: unknown type 'htp'; expected 'http', 'mqtt', 'nats'; "
+        "did you mean 'http'?"]
     assert literal not in everything_shown(info.value)
 
 

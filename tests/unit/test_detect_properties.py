@@ -18,6 +18,7 @@ record what these properties found).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.detect import MachineDetector
+from agent.detect.classify import EpisodeNotFound
 from agent.detect.config import MachineConfig
 from agent.replay import replay
 from agent.wiring.load import load_config_text
@@ -236,6 +238,69 @@ def test_restart_anywhere_changes_nothing(story: tuple[dict[str, Any], Any],
 
 
 @st.composite
+def _operator_story(draw: st.DrawFn) -> tuple[list[tuple[float, list[TagSample]]],
+                                              dict[int, str]]:
+    """Stops long enough to be reported, a PLC reason tag that is set, re-read and cleared,
+    and an operator who classifies the open or latest stop now and then (code by step)."""
+    t = 0.0
+    steps: list[tuple[float, list[TagSample]]] = []
+    operator: dict[int, str] = {}
+    for i in range(draw(st.integers(1, 40))):
+        t += draw(st.sampled_from([0, 1, 3, 6, 20, 400]))
+        batch = []
+        if draw(st.booleans()):
+            batch.append(_sample("st", draw(st.sampled_from([1, 3, 3, 9])), t))
+        if draw(st.integers(0, 2)) > 0:  # often: most polls re-read an unchanged reason
+            batch.append(_sample("rsn", draw(st.sampled_from([0, 7, 9, 9])), t))
+        if draw(st.integers(0, 2)) == 0:
+            operator[i] = draw(st.sampled_from(["7", "9"]))
+        steps.append((t, batch))
+    return steps, operator
+
+
+def _run_classifying(det: MachineDetector, steps: list[tuple[float, list[TagSample]]],
+                     operator: dict[int, str], start: int = 0,
+                     end: float | None = None) -> list[Event]:
+    """As ``_run``, with an operator classifying the open or latest stop (code
+    ``operator[i]``) just before step ``start + i``'s poll."""
+    out: list[Event] = []
+    for i, (t, batch) in enumerate(steps, start):
+        out += det.on_tick(T0 + timedelta(seconds=t))
+        if i in operator:
+            with contextlib.suppress(EpisodeNotFound):
+                out += det.classify(None, operator[i], None, "operator",
+                                    T0 + timedelta(seconds=t))[1]
+        if batch:
+            out += det.on_samples(batch)
+    if end is not None:
+        out += det.on_tick(T0 + timedelta(seconds=end))
+    return out
+
+
+@FAST
+@given(story=_operator_story())
+def test_restart_anywhere_changes_nothing_with_operator_reasons(
+        story: tuple[list[tuple[float, list[TagSample]]], dict[int, str]]) -> None:
+    """Operator classifications mixed into the PLC's polls: the classifier's state survives
+    a restart, and the PLC's reason re-read after one does not undo an operator's code.
+    Every cut is tried (the detector is pure and fast): a failure needs a restart between
+    a classification and a re-read, too rare to find by drawing one cut."""
+    steps, operator = story
+    cfg = MachineConfig.model_validate({
+        "line": "l1", "state": {"tag": "st", "map": {1: "running", 3: "down"}},
+        "downtime": {"min_duration": "5s", "reason_tag": "rsn"}})
+    end = steps[-1][0] + 60
+    straight = _run_classifying(MachineDetector("m1", cfg, "plant-t"), steps, operator, 0, end)
+    for cut in range(len(steps) + 1):
+        first = MachineDetector("m1", cfg, "plant-t")
+        events = _run_classifying(first, steps[:cut], operator)
+        second = MachineDetector("m1", cfg, "plant-t")
+        second.restore(first.snapshot())
+        events += _run_classifying(second, steps[cut:], operator, cut, end)
+        assert events == straight, f"restart after step {cut}"
+
+
+@st.composite
 def _running_with_gaps(draw: st.DrawFn) -> tuple[dict[str, Any], list[Any]]:
     """A machine that runs and produces the whole time, observed badly: state samples that
     are missing (stale), bad or unmapped, and maybe a production counter (stall rule) that
@@ -363,3 +428,18 @@ def test_clock_jump_flags_what_was_open_and_only_that() -> None:
                        ("downtime.started", None), ("downtime.ended", None),
                        ("scrap.recorded", True)]
     assert det.status()["clock_jumps"] == 1
+
+
+def test_no_overlap_when_the_clock_steps_back_right_after_a_cut() -> None:
+    """Found by the property above: a stall cut by max_duration at 20 s, then the source's
+    clock steps back to 17 s as the machine runs and stalls again; the new stop began at
+    17 s, inside the piece that had just ended at 20 s."""
+    cfg = MachineConfig.model_validate({
+        "line": "l1", "state": {"tag": "st", "map": {1: "running", 3: "down"},
+                                "production_counter": "prod", "stalled_after": "15s"},
+        "downtime": {"min_duration": "0s", "max_duration": "20s"}})
+    polls = [(0.0, 1), (5.0, 1), (10.0, 1), (15.0, 1), (20.0, 3), (17.0, 1)]
+    steps = [(t, [_sample("st", st, t), _sample("prod", 0, t)]) for t, st in polls]
+    events = _run(MachineDetector("m1", cfg, "plant-t"), steps, end=80.0)
+    assert sum(e.type.value == "plantedge.downtime.started" for e in events) >= 3
+    _check_episodes(events)

@@ -64,3 +64,17 @@ def test_a_wrong_direction_import_fails_the_lint(tmp_path: Path, module: str, pl
     result = _lint(tree)
     assert result.returncode != 0
     assert expected in result.stdout, result.stdout
+
+
+def test_every_module_of_the_agent_package_has_a_layer() -> None:
+    """A module left out of the contract would be free to import anything: name each one."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in contracts["contracts"] if c["type"] == "layers")["layers"]
+    named = {m.strip() for layer in layers for m in layer.replace("|", ":").split(":")}
+    agent = ROOT / "agent"
+    modules = {f"agent.{p.stem}" for p in agent.glob("*.py") if p.stem != "__init__"}
+    modules |= {f"agent.{p.name}" for p in agent.iterdir() if (p / "__init__.py").exists()}
+    assert modules - named == set()
+    assert {"config", "buffer", "protocols"} <= named

@@ -24,3 +24,16 @@ def test_unreadable_is_none() -> None:
     assert _event_time("not json") is None
     assert _event_time('{"time": "yesterday"}') is None
     assert _event_time("[1, 2]") is None
+
+
+def test_delivery_delay_counts_from_detectedat_even_with_one_in_data() -> None:
+    from agent.sinks.instrumented import _committed_time
+
+    committed = parse_time("2026-11-28T08:00:05.456Z")
+    e = Event(id="x", type=EventType.SCRAP_RECORDED, source="/s", time=T, key="m", sequence=1,
+              data={"detectedat": "1999-01-01T00:00:00Z"})
+    assert _committed_time(e.to_json("agent", committed)) == committed.timestamp()
+    # Buffered before detectedat existed: from the event's time.
+    assert _committed_time(e.to_json("agent")) == T.timestamp()
+    assert _committed_time('{"detectedat": "2026-11-28T08:00:05.456Z", "time": "x"}') \
+        == committed.timestamp()

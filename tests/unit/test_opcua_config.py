@@ -123,3 +123,23 @@ def test_values_are_checked_against_the_tag_type(raw: Any, expected: OpcuaValueT
     assert type(s.value) is type(value)  # 3 and 3.0 compare equal; the type must be right too
     if quality is Quality.BAD:
         assert s.detail is not None and "tag t (node ns=1;s=T)" in s.detail
+
+
+@pytest.mark.parametrize(("tag", "extra", "message"), [
+    ({"node": "i=2253", "kind": "alarms", "queue_size": 1}, {}, "queue_size of at least 2"),
+    ({"node": "i=2253", "kind": "alarms", "type": "int"}, {}, "do not apply to kind: alarms"),
+    ({"node": "i=2253", "kind": "alarms"}, {"mode": "poll"}, "alarm tags need mode: subscribe"),
+])
+def test_alarm_tags_are_checked(tag: dict[str, object], extra: dict[str, object],
+                                message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        OpcuaSourceConfig.model_validate({"type": "opcua", "endpoint": "opc.tcp://h:4840",
+                                          "tags": {"a": tag}, **extra})
+
+
+def test_alarm_tag_queue_is_never_zero_or_one_by_default() -> None:
+    cfg = OpcuaSourceConfig.model_validate({"type": "opcua", "endpoint": "opc.tcp://h:4840",
+                                            "tags": {"a": {"node": "i=2253", "kind": "alarms"},
+                                                     "v": {"node": "ns=1;s=V"}}})
+    assert cfg.tags["a"].effective_queue_size == 1000
+    assert cfg.tags["v"].effective_queue_size == 1

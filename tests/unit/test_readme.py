@@ -54,6 +54,8 @@ def test_shown_configurations_validate(name: str, block: str,
 
 def _guide_for(definition: str) -> Path:
     """The guide that documents the options of one schema definition."""
+    if definition in ("MqttSinkConfig", "NatsSinkConfig"):
+        return DOCS / "sinks.md"
     if definition.startswith("Modbus"):
         return DOCS / "protocols" / "modbus.md"
     if definition.startswith("Opcua") or definition == "Deadband":
