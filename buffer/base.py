@@ -205,6 +205,12 @@ class Buffer(ABC):
         """Lease up to ``limit`` of the oldest pending rows of ``sink`` (append order)."""
 
     @abstractmethod
+    def renew(self, sink: str, seqs: Sequence[int]) -> None:
+        """Restart the lease timeout of these rows if they are still leased (others are
+        ignored): a leaser renews what it holds, so its rows in flight are never offered
+        again while it lives."""
+
+    @abstractmethod
     def settle(self, sink: str, settlement: Settlement) -> None:
         """Apply one attempt's outcome; rows not named stay leased."""
 

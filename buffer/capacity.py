@@ -8,8 +8,9 @@ batch while it is being cut back); the WAL beside it is bounded by ``journal_siz
 each checkpoint. When over ``max_size``:
 
 - ``drop_oldest`` deletes whole events, oldest first: first those with only pending rows, then
-  (dead letters are kept longest) those holding a dead letter; never one with a leased row (if
-  only leased rows are left, the batch commits over the limit until they settle). Deletion
+  (dead letters are kept longest) those holding a dead letter; never one the process holds
+  (leased, or delivered with its deletion still grouped: ``held``; if only those are left, the
+  batch commits over the limit until they settle). Deletion
   frees pages only as they empty, so it may drop a few more events than the byte count alone
   would say; each one is counted.
 - ``reject_new`` keeps the longest head of the batch that fits (a savepoint is rolled back and
@@ -45,7 +46,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from buffer.base import NewEvent
@@ -77,7 +78,7 @@ IN_JSON = "SELECT value FROM json_each(?)"
 # "Every row of this event" = every (sink, state) prefix of the delivery key with this seq;
 # every sink that ever had rows stays in ``sinks``.
 KNOWN_SINKS = "(SELECT name FROM sinks)"
-ANY_STATE = "('pending', 'leased', 'dead')"
+ANY_STATE = "('pending', 'dead')"  # leases are not in the file (schema 2, leases.py)
 
 
 GAP_TYPE = "plantedge.data.gap"
@@ -226,9 +227,10 @@ class Dropped:
 
 
 def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserted: int,
-                live_before: int, now: str, usage: Mapping[str, int] | None = None,
-                events: int = 0) -> Dropped:
-    """drop_oldest after the batch is inserted (``before``: the highest seq before it).
+                live_before: int, now: str, held: Callable[[], Collection[int]],
+                usage: Mapping[str, int] | None = None, events: int = 0) -> Dropped:
+    """drop_oldest after the batch is inserted (``before``: the highest seq before it);
+    ``held()`` gives the seqs that must not be dropped (asked only when over the limit).
 
     ``usage``: events each sink still holds rows for, ``events``: events in the buffer (both
     including this batch); with them, sinks within their fair share are spared while anything
@@ -240,7 +242,7 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
     # its deletes freed. Deleting too few only costs another round.
     per_event = max((live - live_before) / inserted, 64.0)
     spared = within_share(usage or {}, events)
-    drop = _Dropping(conn, before, per_event)
+    drop = _Dropping(conn, before, per_event, held())
     if spared:
         drop.until(max_size, spared)
     drop.until(max_size, [])  # nothing left that only over-share sinks need: oldest first
@@ -249,8 +251,8 @@ def drop_oldest(conn: sqlite3.Connection, *, max_size: int, before: int, inserte
 
 
 def make_room_for_share(conn: sqlite3.Connection, events: Sequence[NewEvent], *,
-                        max_size: int, now: str, usage: Mapping[str, int] | None = None,
-                        total: int = 0) -> Dropped:
+                        max_size: int, now: str, held: Callable[[], Collection[int]],
+                        usage: Mapping[str, int] | None = None, total: int = 0) -> Dropped:
     """reject_new's fair share, before the batch goes in: when the batch would not fit, drop
     the oldest events that only sinks over their share still need (never one a sink within
     its share needs), so one sink that is down does not make the others lose new events."""
@@ -261,7 +263,7 @@ def make_room_for_share(conn: sqlite3.Connection, events: Sequence[NewEvent], *,
     need = sum(len(e.payload) * 5 // 4 + 400 for e in events)
     if not spared or live + need <= max_size:
         return Dropped()
-    drop = _Dropping(conn, 2**62, max(need / max(len(events), 1), 64.0))
+    drop = _Dropping(conn, 2**62, max(need / max(len(events), 1), 64.0), held())
     drop.until(max_size - need, spared)
     record_drops(conn, drop.removed, now, drop.carried)
     return drop.dropped
@@ -270,8 +272,10 @@ def make_room_for_share(conn: sqlite3.Connection, events: Sequence[NewEvent], *,
 class _Dropping:
     """Deletes victims in rounds until the live size is at a target, counting everything."""
 
-    def __init__(self, conn: sqlite3.Connection, before: int, per_event: float) -> None:
+    def __init__(self, conn: sqlite3.Connection, before: int, per_event: float,
+                 held: Collection[int]) -> None:
         self.conn, self.before, self.per_event = conn, before, per_event
+        self.held = json_list(sorted(held))
         self.dropped = Dropped()
         self.removed: Counter[str] = Counter()
         self.carried: Counter[str] = Counter()
@@ -280,7 +284,8 @@ class _Dropping:
         conn = self.conn
         live = live_bytes(conn)
         while live > target:
-            victims = _victims(conn, int((live - target) / self.per_event) + 1, spared)
+            victims = _victims(conn, int((live - target) / self.per_event) + 1, self.held,
+                               spared)
             if not victims:
                 return  # only leased (or spared) rows left: commit over capacity for now
             seqs = json_list([s for s, _ in victims])
@@ -317,17 +322,19 @@ def within_share(usage: Mapping[str, int], events: int) -> list[str]:
     return spared if len(spared) < len(usage) else []
 
 
-def _victims(conn: sqlite3.Connection, n: int,
+def _victims(conn: sqlite3.Connection, n: int, held_json: str,
              spared: Sequence[str] = ()) -> list[tuple[int, str]]:
-    """The oldest droppable events: none with a leased row; dead letters last; with
-    ``spared``, only events none of those sinks still needs."""
+    """The oldest droppable events: none held by the process (``held_json``); dead letters
+    last; with ``spared``, only events none of those sinks still needs."""
     not_spared = ("AND NOT EXISTS (SELECT 1 FROM deliveries s WHERE s.sink IN "
                   f"({IN_JSON}) AND s.state IN {ANY_STATE} AND s.seq = e.seq) ")
-    for keep in ("('leased', 'dead')", "('leased')"):  # dead letters go last
-        sql = ("SELECT seq, type FROM events e WHERE NOT EXISTS (SELECT 1 FROM deliveries d "
-               f"WHERE d.sink IN {KNOWN_SINKS} AND d.state IN {keep} AND d.seq = e.seq) "
+    no_dead = (f"AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.sink IN {KNOWN_SINKS} "
+               "AND d.state = 'dead' AND d.seq = e.seq) ")
+    for keep in (no_dead, ""):  # dead letters go last
+        sql = (f"SELECT seq, type FROM events e WHERE e.seq NOT IN ({IN_JSON}) {keep}"
                + (not_spared if spared else "") + "ORDER BY seq LIMIT ?")
-        params: tuple[object, ...] = (json_list(list(spared)), n) if spared else (n,)
+        params: tuple[object, ...] = (held_json, json_list(list(spared)), n) if spared \
+            else (held_json, n)
         rows = conn.execute(sql, params).fetchall()
         if rows:
             return [(int(s), str(t)) for s, t in rows]

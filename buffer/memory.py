@@ -236,6 +236,15 @@ class MemoryBuffer(Buffer):
             out.append(LeasedEvent(seq, e.id, e.key, e.type, e.payload, row.attempts))
         return out
 
+    def renew(self, sink: str, seqs: Sequence[int]) -> None:
+        self._check()
+        rows = self._rows.get(sink, {})
+        until = self._clock() + self.lease_timeout
+        for seq in seqs:
+            row = rows.get(seq)
+            if row is not None and row.state == "leased":
+                row.leased_until = until
+
     def settle(self, sink: str, settlement: Settlement) -> None:
         self._check()
         rows = self._rows.get(sink, {})

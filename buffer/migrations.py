@@ -82,8 +82,32 @@ _V1 = (
     "INSERT INTO meta(name, value) VALUES ('dropped_total', 0)",
 )
 
+# Version 2: leases live in the agent's memory (they never meant anything to another process:
+# every open returned them to pending), so a delivery row is only ever pending or dead and a
+# lease writes nothing. Rows leased at the last stop become pending; nothing else changes.
+# SQLite cannot alter a CHECK constraint, so the table is rebuilt (copied in key order).
+_V2 = (
+    """CREATE TABLE deliveries_v2(
+        sink      TEXT NOT NULL,
+        state     TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+        seq       INTEGER NOT NULL,
+        attempts  INTEGER NOT NULL DEFAULT 0,
+        status    INTEGER,
+        detail    TEXT,
+        failed_at TEXT,
+        PRIMARY KEY (sink, state, seq)) WITHOUT ROWID""",
+    """INSERT INTO deliveries_v2(sink, state, seq, attempts, status, detail, failed_at)
+       SELECT sink, CASE state WHEN 'dead' THEN 'dead' ELSE 'pending' END, seq, attempts,
+              status, detail, failed_at
+       FROM deliveries ORDER BY sink, CASE state WHEN 'dead' THEN 'dead' ELSE 'pending' END,
+            seq""",
+    "DROP TABLE deliveries",
+    "ALTER TABLE deliveries_v2 RENAME TO deliveries",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
+    Migration(2, "leases in memory: delivery rows are pending or dead", _V2),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

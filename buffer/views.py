@@ -3,13 +3,14 @@
 Pure functions over a connection, shared by the agent's writer connection and the CLI's
 read-only one (``SqliteBuffer.attach``). They only read; translating SQLite errors is the
 caller's job. Each walks key ranges of ``deliveries(sink, state, seq)``, so listing the oldest
-rows never sorts a whole table.
+rows never sorts a whole table. Leases are held in the agent's memory (``leases.py``): in the
+file an undelivered row is ``pending`` whether or not the running agent has it in flight.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 from buffer.base import DeadLetter, LeasedEvent, SinkStats
 from buffer.capacity import IN_JSON, KNOWN_SINKS, json_list
@@ -145,15 +146,13 @@ def iter_dead_letters(conn: sqlite3.Connection, sink: str | None,
 
 def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],
                 limit: int) -> list[LeasedEvent]:
-    """Pending and leased rows of these sinks, oldest first, each event once (with the
+    """Undelivered (pending) rows of these sinks, oldest first, each event once (with the
     highest attempt count among its rows)."""
     attempts: dict[int, int] = {}
     for name in sinks:
-        for state in ("pending", "leased"):  # two key ranges, each already in seq order
-            for seq, n in conn.execute("SELECT seq, attempts FROM deliveries WHERE sink = ? "
-                                       "AND state = ? ORDER BY seq LIMIT ?",
-                                       (name, state, limit)):
-                attempts[seq] = max(attempts.get(seq, 0), int(n))
+        for seq, n in conn.execute("SELECT seq, attempts FROM deliveries WHERE sink = ? "
+                                   "AND state = 'pending' ORDER BY seq LIMIT ?", (name, limit)):
+            attempts[seq] = max(attempts.get(seq, 0), int(n))
     chosen = sorted(attempts)[:max(limit, 0)]
     rows = conn.execute(f"SELECT seq, id, key, type, payload FROM events "
                         f"WHERE seq IN ({IN_JSON}) ORDER BY seq", (json_list(chosen),))
@@ -161,21 +160,26 @@ def undelivered(conn: sqlite3.Connection, sinks: Sequence[str],
             for s, i, k, t, p in rows]
 
 
-def sink_stats(conn: sqlite3.Connection, sink: str,
-               counts: dict[str, int] | None = None) -> SinkStats:
-    """Counts by state (counted here unless given) and the time of the oldest undelivered
-    event (the first key of the pending and leased ranges: no scan)."""
+def sink_stats(conn: sqlite3.Connection, sink: str, counts: dict[str, int] | None = None,
+               delivered: Collection[int] = ()) -> SinkStats:
+    """Counts by state (counted here unless given; ``leased`` is only known to the agent)
+    and the time of the oldest undelivered event: the first pending key that is not among
+    ``delivered`` (rows accepted whose deletion is not committed yet)."""
     if counts is None:
         counts = {state: int(conn.execute("SELECT count(*) FROM deliveries WHERE sink = ? "
                                           "AND state = ?", (sink, state)).fetchone()[0])
-                  for state in ("pending", "leased", "dead")}
-    firsts = [int(first) for state in ("pending", "leased")
-              if (first := conn.execute("SELECT min(seq) FROM deliveries WHERE sink = ? "
-                                        "AND state = ?", (sink, state)).fetchone()[0])
-              is not None]
+                  for state in ("pending", "dead")}
+        counts["leased"] = 0
+    first = None
+    if counts["pending"] + counts["leased"] > 0:
+        for (seq,) in conn.execute("SELECT seq FROM deliveries WHERE sink = ? AND "
+                                   "state = 'pending' ORDER BY seq", (sink,)):
+            if seq not in delivered:
+                first = int(seq)
+                break
     oldest = None
-    if firsts:
-        row = conn.execute("SELECT time FROM events WHERE seq = ?", (min(firsts),)).fetchone()
+    if first is not None:
+        row = conn.execute("SELECT time FROM events WHERE seq = ?", (first,)).fetchone()
         oldest = str(row[0]) if row else None
     return SinkStats(pending=counts["pending"], leased=counts["leased"],
                      dead_letters=counts["dead"], oldest_pending_time=oldest)

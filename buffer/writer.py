@@ -63,8 +63,16 @@ class AsyncBuffer:
     async def load_states(self) -> dict[str, str]:
         return await self._call(self.buffer.load_states)
 
-    async def lease(self, sink: str, limit: int) -> list[LeasedEvent]:
-        return await self._call(self.buffer.lease, sink, limit)
+    async def lease(self, sink: str, limit: int,
+                    renew: Sequence[int] = ()) -> list[LeasedEvent]:
+        """Lease; first renew the rows in ``renew`` (what the caller still holds), in the same
+        call on the writer thread, so the lease cannot offer those again."""
+        return await self._call(self._renew_and_lease, sink, limit, list(renew))
+
+    def _renew_and_lease(self, sink: str, limit: int, renew: list[int]) -> list[LeasedEvent]:
+        if renew:
+            self.buffer.renew(sink, renew)
+        return self.buffer.lease(sink, limit)
 
     async def settle(self, sink: str, settlement: Settlement) -> None:
         await self._call(self.buffer.settle, sink, settlement)

@@ -17,13 +17,15 @@ Sinks translate httpx exceptions at the boundary; none escape ``deliver``.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink", "is_header_token"]
+__all__ = ["Delivery", "ItemResult", "OutboundEvent", "Outcome", "Sink", "is_header_token",
+           "source_of"]
 
 # A credential sent in a header: visible ASCII, no space, no control character (RFC 6750's
 # b64token is stricter; this is what any HTTP stack carries intact).
@@ -42,11 +44,57 @@ class Outcome(StrEnum):
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True, slots=True)
 class OutboundEvent:
-    id: str
-    source: str
-    payload: str  # the CloudEvent JSON text as buffered
+    """One event to deliver: its id and the CloudEvent JSON text as buffered.
+
+    ``source`` is read from the payload only when a sink asks for it (None at construction):
+    no sink of ours needs it per event, and reading it was a per-event cost of every drain."""
+
+    __slots__ = ("_source", "id", "payload")
+
+    def __init__(self, id: str, source: str | None, payload: str) -> None:
+        self.id = id
+        self.payload = payload
+        self._source = source
+
+    @property
+    def source(self) -> str:
+        if self._source is None:
+            self._source = source_of(self.payload)
+        return self._source
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OutboundEvent) and (self.id, self.source, self.payload) == (
+            other.id, other.source, other.payload)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OutboundEvent(id={self.id!r}, source={self.source!r})"
+
+
+_SOURCE_KEY = '"source":"'
+_NEXT_KEY = ',"specversion":"'
+
+
+def source_of(payload: str) -> str:
+    """The top-level ``source`` of a CloudEvent's JSON text.
+
+    The agent's own serialisation (compact, sorted keys: ``source`` is followed by
+    ``specversion`` at the top level) is read without parsing; anything else falls back to
+    ``json.loads``."""
+    i = payload.rfind(_SOURCE_KEY)
+    if i >= 0:
+        start = i + len(_SOURCE_KEY)
+        end = payload.find('"', start)
+        value = payload[start:end]
+        if end > 0 and "\\" not in value and payload.startswith(_NEXT_KEY, end + 1):
+            return value
+    try:
+        source = json.loads(payload).get("source", "")
+    except (ValueError, AttributeError):
+        source = ""
+    return source if isinstance(source, str) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +136,12 @@ class Sink(ABC):
     @abstractmethod
     def max_batch(self) -> int:
         """Most events per ``deliver`` call (1 in single mode)."""
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the forwarder may have in flight at once (never two carrying events of
+        the same machine)."""
+        return 1
 
     @abstractmethod
     async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:

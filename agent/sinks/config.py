@@ -126,6 +126,10 @@ class HttpSinkConfig(Strict):
     mode: SinkMode = Field(SinkMode.SINGLE, description="'single': one CloudEvent per request; "
                            "'batch': a JSON array per request.")
     batch_max_events: int = Field(100, ge=1, le=10000, description="Events per batch request.")
+    max_in_flight: int = Field(4, ge=1, le=64, description="Requests sent at once (each "
+                               "carries other machines' events: a machine's event is never "
+                               "sent before its earlier ones were accepted or dead-lettered). "
+                               "1 sends one request at a time.")
     timeout: Duration = Field(10.0, description="Timeout of one request (connect, read, write).")
     auth: HttpAuth = Field(default_factory=HttpAuth, description="Authentication.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra static headers.")

@@ -129,7 +129,16 @@ def decode(tag: ModbusTag, registers: Sequence[int]) -> bool | int | float | str
     that is not printable ASCII.
     """
     _check_registers(tag, registers)
-    if tag.type is ModbusType.BOOL:
+    kind = tag.type
+    if kind is ModbusType.UINT16 or kind is ModbusType.INT16:
+        # The common case, without building bytes (one register: only a byte swap matters).
+        r = int(registers[0])
+        if tag.byte_order in _SWAP_BYTES:
+            r = (r & 0xFF) << 8 | r >> 8
+        if kind is ModbusType.INT16 and r >= 0x8000:
+            r -= 0x10000
+        return _apply_scale(tag, r)
+    if kind is ModbusType.BOOL:
         return bool(registers[0])
     if tag.type is ModbusType.STRING:
         return _decode_string(tag, registers)

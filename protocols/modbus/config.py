@@ -103,6 +103,11 @@ _INT_BITS = {ModbusType.INT16: 16, ModbusType.UINT16: 16, ModbusType.INT32: 32,
              ModbusType.UINT32: 32, ModbusType.INT64: 64, ModbusType.UINT64: 64}
 
 
+_REGISTERS = {ModbusType.BOOL: 1, ModbusType.INT16: 1, ModbusType.UINT16: 1,
+              ModbusType.INT32: 2, ModbusType.UINT32: 2, ModbusType.FLOAT32: 2,
+              ModbusType.INT64: 4, ModbusType.UINT64: 4, ModbusType.FLOAT64: 4}
+
+
 class ModbusTag(Strict):
     table: ModbusTable = Field(ModbusTable.HOLDING, description="Register table to read.")
     unit_id: int | None = Field(None, ge=1, le=247, description="Unit id of the device that "
@@ -141,9 +146,7 @@ class ModbusTag(Strict):
         if self.type is ModbusType.STRING:
             assert self.length is not None
             return (self.length + 1) // 2
-        return {ModbusType.BOOL: 1, ModbusType.INT16: 1, ModbusType.UINT16: 1,
-                ModbusType.INT32: 2, ModbusType.UINT32: 2, ModbusType.FLOAT32: 2,
-                ModbusType.INT64: 4, ModbusType.UINT64: 4, ModbusType.FLOAT64: 4}[self.type]
+        return _REGISTERS[self.type]  # read on every decode: a constant, not a new dict
 
 
 class ModbusSourceConfig(Strict):

@@ -26,7 +26,8 @@ from typing import Any, cast
 from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source, next_poll_time
 from protocols.modbus.config import ModbusSourceConfig, ModbusTable
-from protocols.modbus.source import _EXCEPTION_WORDS, ModbusSource, Refusal
+from protocols.modbus.link import EXCEPTION_WORDS, Refusal
+from protocols.modbus.source import ModbusSource
 from protocols.modbus.transport import LineStats, RtuLine, UnitSilentError
 
 __all__ = ["ModbusLineSource"]
@@ -41,7 +42,7 @@ class _UnitLink:
     async def read(self, table: ModbusTable, start: int, count: int) -> list[int] | Refusal:
         result = await self._line.read(self._unit, table, start, count)
         if isinstance(result, int):
-            words = _EXCEPTION_WORDS.get(result, "an unknown exception")
+            words = EXCEPTION_WORDS.get(result, "an unknown exception")
             return Refusal(f"device answered {words} (Modbus exception {result})", result)
         return result
 

@@ -44,32 +44,24 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-
-from config.errors import ConnectionLostError, DecodeError, PeerTimeoutError
+from config.errors import DecodeError
 from config.model import Quality, TagSample, utcnow
 from protocols.base import SampleSink, Source, next_poll_time
 from protocols.modbus.codec import decode
-from protocols.modbus.config import ModbusSourceConfig, ModbusTable, ModbusTag
+from protocols.modbus.config import (
+    ByteOrder,
+    ModbusSourceConfig,
+    ModbusTable,
+    ModbusTag,
+    ModbusType,
+)
+from protocols.modbus.link import EXCEPTION_WORDS, ModbusLink, Refusal
 from protocols.modbus.plan import Barrier, ReadBlock, plan
 
-__all__ = ["RETRY_REFUSED_EVERY", "ModbusSource"]
+__all__ = ["EXCEPTION_WORDS", "RETRY_REFUSED_EVERY", "ModbusSource", "Refusal"]
 
 RETRY_REFUSED_EVERY = 10
-# Extra time our own guard gives pymodbus to report its own timeout first.
-_TIMEOUT_GRACE = 0.5
-
-_MAP_EXCEPTIONS = frozenset({1, 2, 3})
-# Modbus exception codes in the words of the Modbus application protocol specification.
-_EXCEPTION_WORDS = {
-    1: "illegal function", 2: "illegal data address", 3: "illegal data value",
-    4: "server device failure", 5: "acknowledge", 6: "server device busy",
-    8: "memory parity error", 10: "gateway path unavailable",
-    11: "gateway target device failed to respond",
-}
 
 _UNIT_NAMES = {ModbusTable.HOLDING: "holding register", ModbusTable.INPUT: "input register",
                ModbusTable.COIL: "coil", ModbusTable.DISCRETE: "discrete input"}
@@ -104,6 +96,7 @@ class ModbusSource(Source):
         self._refused: dict[str, str] = {}  # tag id -> detail of the last refusal
         self._barriers: set[Barrier] = set()
         self._polls = 0
+        self._slices: list[list[tuple[str, ModbusTag, int, int, bool]]] = []  # per block
         self._blocks = self._plan()
         _quiet_pymodbus()
 
@@ -121,7 +114,7 @@ class ModbusSource(Source):
         return list(self._blocks)
 
     async def run(self, out: SampleSink) -> None:
-        link = _Link(self.config)
+        link = ModbusLink(self.config)
         try:
             await link.open()
             loop = asyncio.get_running_loop()
@@ -143,7 +136,7 @@ class ModbusSource(Source):
     async def probe(self) -> list[TagSample]:
         # A fresh instance: a probe neither uses nor changes the running session's knowledge.
         prober = ModbusSource(self.name, self.config)
-        link = _Link(self.config)
+        link = ModbusLink(self.config)
         try:
             await link.open()
             return await prober._poll(link)
@@ -156,10 +149,15 @@ class ModbusSource(Source):
         for tag_id in self._refused:
             tag = self.config.tags[tag_id]
             walls.add((tag.table, tag.address, tag.register_count))
-        return plan(good, max_registers=self.config.max_registers_per_read,
-                    max_gap=self.config.max_gap, barriers=sorted(walls))
+        blocks = plan(good, max_registers=self.config.max_registers_per_read,
+                      max_gap=self.config.max_gap, barriers=sorted(walls))
+        # Where each tag's values sit in its block's answer, worked out once per plan rather
+        # than on every read.
+        self._slices = [[(tag_id, tag, offset, offset + tag.register_count, _is_plain(tag))
+                         for tag_id, tag, offset in b.tags] for b in blocks]
+        return blocks
 
-    async def _poll(self, link: _Link) -> list[TagSample]:
+    async def _poll(self, link: ModbusLink) -> list[TagSample]:
         self._polls += 1
         samples: dict[str, TagSample] = {}
         changed = False
@@ -167,7 +165,7 @@ class ModbusSource(Source):
             for tag_id in list(self._refused):
                 if await self._read_alone(link, tag_id, self.config.tags[tag_id], samples):
                     changed = True
-        for block in self._blocks:
+        for block, slices in zip(self._blocks, self._slices, strict=True):
             data = await link.read(block.table, block.start, block.count)
             if isinstance(data, Refusal):
                 if not data.about_addresses:
@@ -178,9 +176,10 @@ class ModbusSource(Source):
                 await self._split(link, block, data, samples)
                 continue
             now = utcnow()
-            for tag_id, tag, offset in block.tags:
-                samples[tag_id] = self._decode(tag_id, tag,
-                                               data[offset:offset + tag.register_count], now)
+            for tag_id, tag, offset, end, plain in slices:
+                samples[tag_id] = TagSample(tag=tag_id, value=data[offset], quality=_GOOD,
+                                            agent_time=now) if plain else \
+                    self._decode(tag_id, tag, data[offset:end], now)
         for tag_id, detail in self._refused.items():
             if tag_id not in samples:
                 samples[tag_id] = self._bad(tag_id, detail, utcnow())
@@ -188,7 +187,7 @@ class ModbusSource(Source):
             self._blocks = self._plan()
         return [samples[t] for t in self.config.tags if t in samples]
 
-    async def _split(self, link: _Link, block: ReadBlock, refusal: Refusal,
+    async def _split(self, link: ModbusLink, block: ReadBlock, refusal: Refusal,
                      samples: dict[str, TagSample]) -> None:
         if len(block.tags) == 1:
             tag_id, tag, _ = block.tags[0]
@@ -202,7 +201,7 @@ class ModbusSource(Source):
             # Each tag reads fine alone: the device refuses the unused registers in between.
             self._barriers.update(_gaps(block))
 
-    async def _read_alone(self, link: _Link, tag_id: str, tag: ModbusTag,
+    async def _read_alone(self, link: ModbusLink, tag_id: str, tag: ModbusTag,
                           samples: dict[str, TagSample]) -> bool:
         """Read one tag on its own; True if the device answered (even if it won't decode)."""
         data = await link.read(tag.table, tag.address, tag.register_count)
@@ -245,6 +244,17 @@ class ModbusSource(Source):
                          detail=detail)
 
 
+_GOOD = Quality.GOOD
+
+
+def _is_plain(tag: ModbusTag) -> bool:
+    """A tag whose value is its one register as it came (most tags of most PLCs): read
+    without the codec."""
+    return tag.type is ModbusType.UINT16 and tag.scale is None and tag.offset is None \
+        and tag.byte_order in (ByteOrder.ABCD, ByteOrder.CDAB) \
+        and tag.table in (ModbusTable.HOLDING, ModbusTable.INPUT)
+
+
 def _gaps(block: ReadBlock) -> list[Barrier]:
     """The addresses of ``block`` that none of its tags covers."""
     covered = [False] * block.count
@@ -264,112 +274,3 @@ def _gaps(block: ReadBlock) -> list[Barrier]:
         i = j
     return gaps
 
-
-class Refusal:
-    """The device answered a read with a Modbus exception (or an unusable answer)."""
-
-    __slots__ = ("code", "text")
-
-    def __init__(self, text: str, code: int | None = None) -> None:
-        self.code = code
-        self.text = text
-
-    def __str__(self) -> str:
-        return self.text
-
-    @property
-    def about_addresses(self) -> bool:
-        """True when the answer says something about the address map, so splitting the block
-        finds the culprit: illegal function/address/value, or a short answer. Busy, device
-        failure and gateway codes are transient: the block is just bad for this poll."""
-        return self.code is None or self.code in _MAP_EXCEPTIONS
-
-
-def _swallow(task: asyncio.Future[Any]) -> None:
-    # A request abandoned because the link dropped may still fail later; mark it retrieved.
-    if not task.cancelled():
-        task.exception()
-
-
-class _Link:
-    """One pymodbus client connection: exactly one session, never reconnected."""
-
-    def __init__(self, config: ModbusSourceConfig) -> None:
-        assert config.host is not None  # the config requires it for transport tcp
-        self._where = f"{config.host}:{config.port}"
-        self._unit = config.unit_id
-        self._timeout = config.timeout
-        self._lost = asyncio.Event()
-        self._client = AsyncModbusTcpClient(
-            config.host, port=config.port, timeout=config.timeout, retries=0,
-            reconnect_delay=0, reconnect_delay_max=0, trace_connect=self._on_connection)
-
-    def _on_connection(self, up: bool) -> None:
-        if not up:
-            self._lost.set()
-
-    async def open(self) -> None:
-        try:
-            ok = await self._client.connect()
-        except (ModbusException, OSError) as exc:
-            raise ConnectionLostError(f"cannot connect to Modbus device {self._where}: "
-                                      f"{exc}") from exc
-        if not ok:
-            raise ConnectionLostError(f"cannot connect to Modbus device {self._where}")
-
-    def close(self) -> None:
-        self._client.close()
-
-    async def idle(self, seconds: float) -> None:
-        """Wait between polls; a drop meanwhile ends the session now, not at the next poll."""
-        try:
-            await asyncio.wait_for(self._lost.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
-
-    async def read(self, table: ModbusTable, start: int, count: int) -> list[int] | Refusal:
-        """Registers (bits as 0/1) or the device's refusal; raises RetryableError otherwise."""
-        if self._lost.is_set() or not self._client.connected:
-            raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
-        c = self._client
-        call = {ModbusTable.HOLDING: c.read_holding_registers,
-                ModbusTable.INPUT: c.read_input_registers,
-                ModbusTable.COIL: c.read_coils,
-                ModbusTable.DISCRETE: c.read_discrete_inputs}[table]
-        request = asyncio.ensure_future(call(start, count=count, device_id=self._unit))
-        request.add_done_callback(_swallow)
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            done, _ = await asyncio.wait({request, lost}, timeout=self._timeout + _TIMEOUT_GRACE,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            if not request.done():
-                request.cancel()
-        if request not in done:
-            if lost in done:
-                raise ConnectionLostError(f"Modbus device {self._where} closed the connection")
-            raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
-                                   f"{self._timeout:g}s")
-        try:
-            response = request.result()
-        except ConnectionException as exc:
-            raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
-        except ModbusIOException as exc:
-            if self._lost.is_set():
-                raise ConnectionLostError(
-                    f"Modbus device {self._where} closed the connection") from exc
-            raise PeerTimeoutError(f"Modbus device {self._where} did not answer within "
-                                   f"{self._timeout:g}s") from exc
-        except (ModbusException, OSError) as exc:
-            raise ConnectionLostError(f"Modbus device {self._where}: {exc}") from exc
-        if response.isError():
-            code = int(getattr(response, "exception_code", 0))
-            words = _EXCEPTION_WORDS.get(code, "an unknown exception")
-            return Refusal(f"device answered {words} (Modbus exception {code})", code)
-        values = response.bits if table in (ModbusTable.COIL, ModbusTable.DISCRETE) \
-            else response.registers
-        if len(values) < count:
-            return Refusal(f"device answered {len(values)} values instead of {count}")
-        return [int(v) for v in values[:count]]

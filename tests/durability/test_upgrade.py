@@ -23,7 +23,11 @@ from support import ROOT, wait_until
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.wiring.load import load_config
+from buffer import migrations
+from buffer.base import NewEvent
 from buffer.migrations import SCHEMA_VERSION
+from buffer.sqlite import SqliteBuffer
+from config.errors import SchemaTooNewError
 
 pytestmark = pytest.mark.slow
 
@@ -73,8 +77,9 @@ async def test_v1_buffer_opens_and_every_pending_event_is_delivered(tmp_path: Pa
     got = receiver.events()
     await receiver.aclose()
     assert {e["id"] for e in got} == undelivered  # not the delivered ones, not the dead letter
-    assert [int(e["data"]["quantity"]) for e in got] == sorted(
-        int(e["data"]["quantity"]) for e in got)  # in append order
+    for machine in ("m1", "m2"):  # in append order per machine (machines go in parallel)
+        mine = [int(e["data"]["quantity"]) for e in got if e["data"]["machine"] == machine]
+        assert mine == sorted(mine)
     assert {d.id for d in letters} == dead and letters[0].status == 422
     assert stats.sinks["central"].pending + stats.sinks["central"].leased == 0
     with sqlite3.connect(data / "buffer.db") as conn:
@@ -103,3 +108,42 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
                            check=False)
     assert stats.returncode == 1 and f"schema version {newer}" in stats.stderr
     assert json.dumps(stats.stdout) == '""'
+
+
+def test_v1_file_migrates_in_place_to_v2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    """Schema 2 (leases in memory) from the frozen v1 file: every undelivered row (pending,
+    and leased at the crash) is pending, the dead letter keeps its status and reason, detector
+    states, drop counts and the seq counter stay; v1 code would refuse the result."""
+    db = tmp_path / "buffer.db"
+    states = _build_v1(db)
+    with sqlite3.connect(db) as conn:  # the fixture has no detector state and no drops yet
+        conn.execute("INSERT INTO detector_state VALUES ('m1', '{\"state\":\"down\"}', 't')")
+        conn.execute("INSERT INTO drops VALUES ('plantedge.scrap.recorded', 3, 'a', 'b')")
+        conn.execute("UPDATE meta SET value = 3 WHERE name = 'dropped_total'")
+    undelivered = sorted(i for i, st in states.items() if st in ("pending", "leased"))
+    buf = SqliteBuffer(db, 2**30)
+    buf.open(["central"])
+    try:
+        stats = buf.stats()
+        assert stats.sinks["central"].pending == 8 and stats.sinks["central"].dead_letters == 1
+        assert stats.dropped_total == 3
+        assert buf.load_states() == {"m1": '{"state":"down"}'}
+        [letter] = buf.dead_letters()
+        assert (letter.status, letter.detail) == (422, "refused by an old receiver")
+        rows = buf.lease("central", 100)
+        assert [r.id for r in rows] == undelivered  # append order
+        assert buf.take_drops().by_type == {"plantedge.scrap.recorded": 3}
+        buf.append([NewEvent("new-1", "m1", "t", "2026-01-01T00:00:13.000Z", "{}")], {})
+        assert [r.seq for r in buf.lease("central", 1)] == [13]  # seq never reused
+    finally:
+        buf.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert {st for (st,) in conn.execute("SELECT DISTINCT state FROM deliveries")} == {
+            "pending", "dead"}
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        # The agent of schema 1 checks user_version against its own version and refuses.
+        monkeypatch.setattr(migrations, "SCHEMA_VERSION", 1)
+        with pytest.raises(SchemaTooNewError, match="schema version 2"):
+            migrations.check_version(conn, db)

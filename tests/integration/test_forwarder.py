@@ -125,6 +125,17 @@ def received_ids(receiver):
     return [e["id"] for e in receiver.events()]
 
 
+def assert_machine_order(receiver, ids):
+    """Exactly ``ids`` arrived, once each, each machine's in the order of ``ids``. Requests
+    for different machines run in parallel, so how machines interleave is free."""
+    got = receiver.events()
+    assert sorted(e["id"] for e in got) == sorted(ids)
+    machine = {e["id"]: e["source"].rsplit("/", 1)[1] for e in got}
+    for m in set(machine.values()):
+        assert [e["id"] for e in got if machine[e["id"]] == m] == [
+            i for i in ids if machine[i] == m], f"machine {m} out of order"
+
+
 # ---------------------------------------------------------------------------- happy paths
 
 
@@ -134,7 +145,7 @@ async def test_delivers_everything_once_in_order(receiver, buf, harness, mode):
     events = [new_event(i, machine=f"m{i % 3}") for i in range(25)]
     await append(buf, events, fw)
     await settled(fw, buf, 25)
-    assert received_ids(receiver) == [e.id for e in events]
+    assert_machine_order(receiver, [e.id for e in events])
     assert receiver.stats() == {"received": 25, "duplicates": 0}
     status = fw.status()
     assert status["delivered_total"] == 25
@@ -160,7 +171,7 @@ async def test_sqlite_buffer_end_to_end(receiver, harness, tmp_path):
         events = [new_event(i) for i in range(30)]
         await append(ab, events, fw)
         await wait_until(lambda: drained(ab), what="sqlite buffer drained")
-        assert received_ids(receiver) == [e.id for e in events]
+        assert_machine_order(receiver, [e.id for e in events])
         await fw.stop(5.0)
     finally:
         await ab.aclose()
@@ -175,12 +186,13 @@ async def test_5xx_is_retried_with_the_same_rows_in_order(receiver, buf, harness
     events = [new_event(i, machine=f"m{i % 2}") for i in range(10)]
     await append(buf, events, fw)
     await settled(fw, buf, 10)
-    assert received_ids(receiver) == [e.id for e in events]
+    assert_machine_order(receiver, [e.id for e in events])
     failed = [r for r in receiver.requests if r.status == 503]
     assert len(failed) == 3
-    # The retried request carried exactly the rows that failed: the oldest ones.
+    # The retried request carried exactly the rows that failed: the oldest of one machine
+    # (2 machines, 4 requests at most in flight: each request carries one machine).
     first_ok = next(r for r in receiver.requests if r.status == 207)
-    assert first_ok.ids == [e.id for e in events[:4]]
+    assert first_ok.ids == [e.id for e in events[:8:2]]
     assert fw.status()["retried_total"] == 3
     assert fw.status()["consecutive_failures"] == 0
     # Recovered: no current error; the last one is kept with its time.
@@ -224,7 +236,7 @@ async def test_connection_refused_then_receiver_started(buf, harness, tmp_path):
     await rx.start()
     try:
         await wait_until(lambda: drained(buf), what="drained after receiver start")
-        assert received_ids(rx) == [e.id for e in events]
+        assert_machine_order(rx, [e.id for e in events])
         assert rx.stats() == {"received": 30, "duplicates": 0}
         assert fw.status()["state"] in ("delivering", "idle")
         assert fw.status()["consecutive_failures"] == 0
@@ -269,7 +281,7 @@ async def test_401_holds_then_rotated_token_resumes_without_restart(receiver, bu
 
     token.write_text("fresh\n")
     await wait_until(lambda: drained(buf), what="drained after rotation")
-    assert received_ids(receiver) == [e.id for e in events]
+    assert_machine_order(receiver, [e.id for e in events])
     assert fw.status()["held_reason"] is None
     assert fw.status()["state"] != "held"
 
@@ -283,7 +295,7 @@ async def test_413_splits_the_batch(receiver, buf, harness):
     events = [new_event(i) for i in range(10)]
     await append(buf, events, fw)
     await wait_until(lambda: drained(buf), what="drained")
-    assert received_ids(receiver) == [e.id for e in events]
+    assert_machine_order(receiver, [e.id for e in events])
     assert receiver.stats()["duplicates"] == 0
     assert any(r.status == 413 for r in receiver.requests)
     assert await buf.dead_letters("erp") == []
@@ -308,7 +320,7 @@ async def test_poison_in_a_batch_is_isolated_by_bisection(receiver, buf, harness
     events = [new_event(i, machine=f"m{i % 3}") for i in range(20)]
     await append(buf, events, fw)
     await settled(fw, buf, 20)
-    assert received_ids(receiver) == [e.id for e in events if e.id != "ev-013"]
+    assert_machine_order(receiver, [e.id for e in events if e.id != "ev-013"])
     dead = await buf.dead_letters("erp")
     assert [(d.id, d.status) for d in dead] == [("ev-013", 422)]
     assert "ev-013" in dead[0].detail
@@ -329,7 +341,7 @@ async def test_207_rejected_item_is_dead_lettered_without_bisection(receiver, bu
     await append(buf, events, fw)
     await wait_until(lambda: drained(buf), what="drained")
     assert len(receiver.requests) == 1
-    assert received_ids(receiver) == [e.id for e in events if e.id != "ev-004"]
+    assert_machine_order(receiver, [e.id for e in events if e.id != "ev-004"])
     assert [(d.id, d.status) for d in await buf.dead_letters("erp")] == [("ev-004", 422)]
 
 
@@ -359,9 +371,10 @@ async def test_stop_during_backoff_returns_at_once_and_leaves_rows_leased(receiv
     await wait_until(lambda: fw.status()["state"] == "retrying", what="retrying")
     # stop() must not sit out the hour-long backoff (a failure here is a timeout, not a race).
     await asyncio.wait_for(fw.stop(drain_timeout=600), 10)
-    # Nothing settled, nothing lost: the attempted row stays leased until the next open.
+    # Nothing settled, nothing lost: the leased rows (one lease feeds max_in_flight single
+    # requests; both are m1's, so only the first was sent) stay leased until the next open.
     assert [p.id for p in await buf.pending("erp")] == ["ev-001", "ev-002"]
-    assert (await buf.stats()).sinks["erp"].leased == 1
+    assert (await buf.stats()).sinks["erp"].leased == 2
     assert receiver.stats()["received"] == 0
 
 
@@ -408,11 +421,11 @@ class FlakyBuffer:
         self.lease_failures = lease_failures
         self.settle_failures = settle_failures
 
-    async def lease(self, sink, limit):
+    async def lease(self, sink, limit, renew=()):
         if self.lease_failures:
             self.lease_failures -= 1
             raise OSError("disk I/O error (injected)")
-        return await self.inner.lease(sink, limit)
+        return await self.inner.lease(sink, limit, renew)
 
     async def settle(self, sink, settlement):
         if self.settle_failures:
@@ -429,7 +442,7 @@ async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harn
     await settled(fw, buf, 12)
     assert (flaky.lease_failures, flaky.settle_failures) == (0, 0)
     # Each batch was sent once: a failed settle is retried, not the delivery.
-    assert received_ids(receiver) == [e.id for e in events]
+    assert_machine_order(receiver, [e.id for e in events])
     assert receiver.stats()["duplicates"] == 0
     assert fw.status()["retried_total"] == 0  # buffer trouble is not a delivery retry
     assert fw.status()["consecutive_failures"] == 0
@@ -440,12 +453,13 @@ async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harn
 
 
 async def test_an_outage_is_logged_once_and_recovery_once(receiver, buf, harness, caplog):
-    caplog.set_level("INFO", logger="agent.runtime.forwarder")
+    caplog.set_level("INFO", logger="agent.runtime")
     fw = harness.start(buf, receiver.url)
     receiver.inject(503, count=6)
     await append(buf, [new_event(i) for i in range(3)], fw)
     await settled(fw, buf, 3)
-    messages = [r.getMessage() for r in caplog.records if r.name == "agent.runtime.forwarder"]
+    messages = [r.getMessage() for r in caplog.records
+                if r.name in ("agent.runtime.forwarder", "agent.runtime.settling")]
     assert sum("unavailable" in m for m in messages) == 1
     assert sum("recovered after 6 failed attempts" in m for m in messages) == 1
 
@@ -461,7 +475,7 @@ async def test_lease_batch_larger_than_the_sink_batch_is_chunked(receiver, buf, 
         await append(buf, events, fw)
         await settled(fw, buf, 10)
         assert [len(r.ids) for r in receiver.requests] == [3, 3, 3, 1]
-        assert received_ids(receiver) == [e.id for e in events]
+        assert_machine_order(receiver, [e.id for e in events])
     finally:
         await fw.stop(5.0)
         await sink.aclose()
@@ -474,9 +488,9 @@ class CallLog:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    async def lease(self, sink, limit):
+    async def lease(self, sink, limit, renew=()):
         self.calls.append("lease")
-        return await self.inner.lease(sink, limit)
+        return await self.inner.lease(sink, limit, renew)
 
     async def settle(self, sink, settlement):
         self.calls.append("settle")
@@ -495,7 +509,7 @@ async def test_batch_mode_leases_the_next_block_while_the_last_chunk_is_in_fligh
         events = [new_event(i) for i in range(8)]
         await append(buf, events, fw)
         await settled(fw, buf, 8)
-        assert received_ids(receiver) == [e.id for e in events]
+        assert_machine_order(receiver, [e.id for e in events])
         assert [len(r.ids) for r in receiver.requests] == [2, 2, 2, 2]
         # The second block is leased before the first block's last chunk is settled.
         second_lease = log.calls.index("lease", 1)
@@ -507,7 +521,7 @@ async def test_batch_mode_leases_the_next_block_while_the_last_chunk_is_in_fligh
         more = [new_event(i) for i in range(8, 11)]
         await append(buf, more, fw)
         await settled(fw, buf, 11)
-        assert received_ids(receiver) == [e.id for e in events + more]
+        assert_machine_order(receiver, [e.id for e in events + more])
         assert receiver.stats() == {"received": 11, "duplicates": 0}
     finally:
         await fw.stop(5.0)

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import buffer.migrations as migrations
 from buffer.base import (
     BufferCorruptError,
     BufferOpenError,
+    BufferStats,
     NewEvent,
     Settlement,
 )
@@ -259,6 +261,13 @@ def test_drops_survive_a_restart_until_taken(path: Path) -> None:
     b2.close()
 
 
+def as_in_file(stats: BufferStats) -> BufferStats:
+    """What a second connection sees of ``stats``: leases live in the agent's memory, so in
+    the file a leased row is still pending."""
+    return replace(stats, sinks={n: replace(s, pending=s.pending + s.leased, leased=0)
+                                 for n, s in stats.sinks.items()})
+
+
 def test_running_counts_match_a_recount_through_drops(path: Path) -> None:
     b = _opened(path, max_size=150_000)
     counted = SqliteBuffer.attach(path, max_size=150_000)  # counts rows on every call
@@ -269,9 +278,9 @@ def test_running_counts_match_a_recount_through_drops(path: Path) -> None:
                                    accepted=[leased[2].seq]))
         for start in range(20, 300, 20):
             b.append([ev(i, size=1500) for i in range(start, start + 20)], {})
-            assert b.stats() == counted.stats()
+            assert as_in_file(b.stats()) == counted.stats()
         assert b.stats().dropped_total > 0
-        assert b.replay_dead_letters() == 1 and b.stats() == counted.stats()
+        assert b.replay_dead_letters() == 1 and as_in_file(b.stats()) == counted.stats()
     finally:
         counted.close()
         b.close()
@@ -396,3 +405,55 @@ def test_kill_9_mid_append_keeps_whole_batches_with_their_state(path: Path) -> N
         assert got == [f"b{n}-{i}" for n in range(state + 1) for i in range(50)]
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------- grouped settles (schema 2)
+
+def _in_file(path: Path) -> tuple[list[tuple[str, str, int]], list[int]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT sink, state, seq FROM deliveries ORDER BY sink, seq")
+        return [tuple(r) for r in rows], [s for (s,) in conn.execute(  # type: ignore[misc]
+            "SELECT seq FROM events ORDER BY seq")]
+
+
+def test_a_lease_writes_nothing_and_settles_wait_for_the_next_write(path: Path) -> None:
+    b = _opened(path, settle_delay=3600.0)
+    b.append([ev(i) for i in range(4)], {})
+    before = _in_file(path)
+    rows = b.lease("erp", 4)
+    assert _in_file(path) == before  # leases live in memory
+    b.settle("erp", Settlement(accepted=[r.seq for r in rows[:2]]))
+    assert _in_file(path) == before  # grouped: not deleted yet
+    assert [r.id for r in b.lease("erp", 10)] == []  # but never offered again
+    b.append([ev(9)], {})  # the next write carries the deletion
+    deliveries, events = _in_file(path)
+    assert [s for _, _, s in deliveries] == [3, 4, 5] and events == [3, 4, 5]
+    b.close()
+
+
+def test_settled_ranges_spare_rows_in_flight_dead_letters_and_other_sinks(path: Path) -> None:
+    b = SqliteBuffer(path, 2**30, settle_delay=0.0)
+    b.open(["erp", "mes"])
+    b.append([ev(i) for i in range(12)], {})
+    first, second = b.lease("erp", 5), b.lease("erp", 7)
+    b.settle("erp", Settlement(dead={second[2].seq: (422, "bad")}))
+    # The second block is answered first; the first is still in flight.
+    b.settle("erp", Settlement(accepted=[r.seq for r in second if r.seq != second[2].seq]))
+    deliveries, events = _in_file(path)
+    assert [s for sink, st, s in deliveries if sink == "erp"] == [1, 2, 3, 4, 5, 8]
+    assert ("erp", "dead", 8) in deliveries
+    assert events == list(range(1, 13))  # every event still has its "mes" row
+    b.settle("mes", Settlement(accepted=[r.seq for r in b.lease("mes", 12)]))
+    deliveries, events = _in_file(path)
+    assert events == [1, 2, 3, 4, 5, 8]  # in flight for erp, or a dead letter
+    b.settle("erp", Settlement(accepted=[r.seq for r in first]))
+    assert _in_file(path) == ([("erp", "dead", 8)], [8])
+    b.close()
+
+
+def test_grouped_settles_are_committed_at_close(path: Path) -> None:
+    b = _opened(path, settle_delay=3600.0)
+    b.append([ev(i) for i in range(3)], {})
+    b.settle("erp", Settlement(accepted=[r.seq for r in b.lease("erp", 3)]))
+    b.close()
+    assert _in_file(path) == ([], [])
