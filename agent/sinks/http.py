@@ -353,8 +353,8 @@ def _all_accepted(content: bytes, events: Sequence[OutboundEvent]) -> bool:
         results = json.loads(content)["results"]
         statuses = {item["status"] for item in results}
         seen = {item["id"] for item in results}
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-        return False
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
+        return False  # the per-item reading says what is wrong with it
     return statuses <= _ACCEPTED_ITEM and all(  # bools are ints: True == 1 is not in the set
         type(st) is int for st in statuses) and seen.issuperset(e.id for e in events)
 
