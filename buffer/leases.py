@@ -100,6 +100,15 @@ class LeaseTable:
             s.due = min(s.leased.values(), default=math.inf)
         return n
 
+    def give_back(self, sink: str, seqs: Iterable[int]) -> int:
+        """Leased rows back to pending (their leaser stopped); settled rows stay. How many."""
+        s = self.of(sink)
+        back = [seq for seq in seqs if s.leased.pop(seq, None) is not None]
+        if back:
+            s.floor = min(s.floor, min(back) - 1)
+            s.due = min(s.leased.values(), default=math.inf)
+        return len(back)
+
     def release(self, sink: str, seqs: Iterable[int]) -> None:
         """Rows that are pending again (retry) or left pending for good (dead, written)."""
         s = self.of(sink)

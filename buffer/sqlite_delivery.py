@@ -149,6 +149,9 @@ class SqliteDeliveries(SqliteFile):
     def renew(self, sink: str, seqs: Sequence[int]) -> None:
         self._leases.renew(sink, seqs, self._clock() + self.lease_timeout)
 
+    def release(self, sink: str, seqs: Sequence[int]) -> None:
+        self._leases.give_back(sink, seqs)
+
     def settle(self, sink: str, settlement: Settlement) -> None:
         if not (settlement.accepted or settlement.retry or settlement.dead):
             return

@@ -148,3 +148,49 @@ async def test_no_machine_event_overtakes_an_unanswered_earlier_one(
     assert judge.accepted == Counter({e.id: 1 for e in events if e.id not in judge.dead})
     assert stats.dead_letters == len(judge.dead)
     assert fw.dead_lettered_total == len(judge.dead)
+
+
+async def test_a_replaced_forwarder_gives_its_rows_back_and_order_holds(
+        judged: tuple[Judge, str, list[NewEvent]], tmp_path: Path) -> None:
+    """A reload replaces a sink while its forwarder retries (the usual reason to reload: the
+    receiver refused). What the old forwarder leased must be offered to the new one at once,
+    before the newer rows of the same machines (a lease left to time out, 60 s, would let the
+    new forwarder send those first)."""
+    judge, url, events = judged
+    judge.dead.clear()
+    judge.slow, judge.unavailable = 0.0, 1.0  # the old sink's receiver answers 503 only
+    buf = AsyncBuffer(SqliteBuffer(tmp_path / "buf.db", 2**30, synchronous="OFF"))
+    await buf.open(["erp"])
+    config = HttpSinkConfig.model_validate({
+        "type": "http", "url": url, "mode": "batch", "batch_max_events": 4,
+        "max_in_flight": 2, "timeout": "5s"})
+    try:
+        await buf.append(events, {})
+        old_sink = HttpSink("erp", config)
+        old = Forwarder(old_sink, buf, FAST, lease_batch=20, poll_interval=3600.0)
+        old_task = asyncio.create_task(old.run())
+        await wait_until(lambda: judge.statuses[503] >= 3, timeout=10, what="503s")
+        held = (await buf.stats()).sinks["erp"].leased
+        assert held >= 4
+        await old.stop(1.0)  # as components.replace_sink does
+        await old_task
+        await old_sink.aclose()
+        assert (await buf.stats()).sinks["erp"].leased == 0  # given back
+        judge.unavailable = 0.0
+        new_sink = HttpSink("erp", config)
+        new = Forwarder(new_sink, buf, FAST, lease_batch=20, poll_interval=3600.0)
+        new_task = asyncio.create_task(new.run())
+        new.wake()
+        try:
+            async def drained() -> bool:
+                st = (await buf.stats()).sinks["erp"]
+                return st.pending + st.leased == 0
+            await wait_until(drained, timeout=20, what="backlog drained by the new forwarder")
+        finally:
+            await new.stop(5.0)
+            await new_task
+            await new_sink.aclose()
+    finally:
+        await buf.aclose()
+    assert judge.violations == []
+    assert judge.accepted == Counter({e.id: 1 for e in events})
