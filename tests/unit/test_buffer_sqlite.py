@@ -457,3 +457,32 @@ def test_grouped_settles_are_committed_at_close(path: Path) -> None:
     b.settle("erp", Settlement(accepted=[r.seq for r in b.lease("erp", 3)]))
     b.close()
     assert _in_file(path) == ([], [])
+
+
+def test_drop_oldest_spares_held_rows_and_counts_no_grouped_delete_as_a_loss(
+        path: Path) -> None:
+    """Capacity while deletions are grouped: rows accepted by one sink and not yet deleted
+    are no loss for that sink when their event is dropped (the other sink still needed it);
+    rows in flight are never dropped; stats count right after."""
+    b = SqliteBuffer(path, 200_000, settle_delay=3600.0)
+    b.open(["erp", "mes"])
+    b.append([ev(i, size=1500) for i in range(10)], {})
+    delivered = b.lease("erp", 4)  # e0..e3: accepted by erp, deletion grouped
+    b.settle("erp", Settlement(accepted=[r.seq for r in delivered]))
+    in_flight = b.lease("mes", 2)  # e0, e1: in flight for mes
+    b.append([ev(i, size=1500) for i in range(10, 120)], {})
+    kept_mes = {r.id for r in b.pending("mes", 1000)}
+    kept_erp = {r.id for r in b.pending("erp", 1000)}
+    assert {r.id for r in in_flight} <= kept_mes  # in flight: never dropped
+    dropped = {f"e{i}" for i in range(120)} - kept_mes
+    assert dropped and dropped >= {"e2", "e3"}  # events only mes still needed went too
+    drops = b.take_drops()
+    lost_erp = sum(drops.by_sink.get("erp", {}).values())
+    lost_mes = sum(drops.by_sink.get("mes", {}).values())
+    assert lost_mes == len(dropped)
+    assert lost_erp == len(dropped - {"e0", "e1", "e2", "e3"})  # erp had those already
+    assert kept_erp == kept_mes - {"e0", "e1"}
+    stats = b.stats()
+    assert (stats.sinks["erp"].pending, stats.sinks["erp"].leased) == (len(kept_erp), 0)
+    assert (stats.sinks["mes"].pending, stats.sinks["mes"].leased) == (len(kept_mes) - 2, 2)
+    b.close()
