@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support import fill_disk, small_tmpfs
 
 import buffer.migrations as migrations
 from buffer.base import (
@@ -26,7 +27,7 @@ from buffer.memory import MemoryBuffer
 from buffer.migrations import SCHEMA_VERSION, Migration
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.errors import SchemaTooNewError
+from config.errors import SchemaTooNewError, StorageFullError
 
 SINKS = ["erp"]
 
@@ -486,3 +487,32 @@ def test_drop_oldest_spares_held_rows_and_counts_no_grouped_delete_as_a_loss(
     assert (stats.sinks["erp"].pending, stats.sinks["erp"].leased) == (len(kept_erp), 0)
     assert (stats.sinks["mes"].pending, stats.sinks["mes"].leased) == (len(kept_mes) - 2, 2)
     b.close()
+
+
+def test_a_full_disk_does_not_stop_leases_and_accepted_settles(tmp_path: Path) -> None:
+    """Leases write nothing and accepted rows only wait for their grouped deletion, so a full
+    disk (a real tmpfs filled to the last byte) must not stop deliveries: the deletions wait,
+    the rows are never offered again, and they go once space returns."""
+    with small_tmpfs(tmp_path / "small", "4m") as mnt:
+        clock = [100.0]
+        b = SqliteBuffer(mnt / "buffer.db", 2**30, settle_delay=0.0, clock=lambda: clock[0])
+        b.open(["erp"])
+        b.append([ev(i, size=2000) for i in range(300)], {})
+        filler = fill_disk(mnt)
+        try:
+            with pytest.raises(StorageFullError):  # appends do fail: the disk is full
+                b.append([ev(i, size=2000) for i in range(1000, 1300)], {})
+            first = b.lease("erp", 10)
+            b.settle("erp", Settlement(accepted=[r.seq for r in first]))
+            second = b.lease("erp", 10)
+            assert {r.seq for r in first}.isdisjoint(r.seq for r in second)
+            b.settle("erp", Settlement(accepted=[r.seq for r in second]))
+            assert b._leases.settled_count() == 20  # waiting for space
+        finally:
+            filler.unlink()
+        clock[0] += 5.0
+        b.lease("erp", 1)  # the next try deletes them
+        assert b._leases.settled_count() == 0
+        b.close()
+        with sqlite3.connect(mnt / "buffer.db") as conn:
+            assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 280
