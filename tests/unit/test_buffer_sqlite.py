@@ -508,6 +508,8 @@ def test_a_full_disk_does_not_stop_leases_and_accepted_settles(tmp_path: Path) -
             assert {r.seq for r in first}.isdisjoint(r.seq for r in second)
             b.settle("erp", Settlement(accepted=[r.seq for r in second]))
             assert b._leases.settled_count() == 20  # waiting for space
+            stats = b.stats()  # answers on a full disk, counting the waiting ones delivered
+            assert (stats.sinks["erp"].pending, stats.sinks["erp"].leased) == (280, 0)
         finally:
             filler.unlink()
         clock[0] += 5.0
