@@ -23,10 +23,10 @@ Invariants:
   any request's answer is being worked on alone nothing new is sent. So a machine's event never
   reaches the receiver before every earlier event of that machine was accepted or dead-lettered.
   Retries re-send the same rows in the same order; splits and bisection keep order too.
-- Every leased row ends settled as accepted or dead, or stays leased (never dropped): a stop
-  or crash leaves unsettled rows leased, and the buffer returns them to pending when it is next
-  opened (or when the lease times out). The receiver deduplicates by event id, so a row
-  delivered but not yet settled at a crash is re-sent and answered 409, which settles it.
+- Every leased row ends settled as accepted or dead, or pending again (never dropped): a stop
+  gives unsettled rows back (below), a crash loses the leases with the process (the buffer
+  starts with none). The receiver deduplicates by event id, so a row delivered but not yet
+  settled at a crash is re-sent and answered 409, which settles it.
 - Leases cannot be reclaimed while their rows are held: every lease first renews every row
   the forwarder holds (queued, in flight, being retried), in the same call on the buffer's
   thread, and only a lease reclaims expired rows. However long an outage lasts, no row is
