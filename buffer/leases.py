@@ -6,7 +6,7 @@ to pending), so since schema version 2 it is not written at all: a delivery row 
 
     pending (file) --take--> leased --accept--> settled --flush--> (row deleted in the file)
          ^                     |  \\--retry / dead: written at once, leaves the table
-         +---expiry / release--+
+         +---expiry / release / give_back (the leaser stopped)
 
 - ``leased``: seq -> deadline (the buffer's monotonic clock). ``renew`` moves a deadline;
   ``expire`` returns rows whose deadline passed to pending (they are offered again).
