@@ -211,6 +211,12 @@ class Buffer(ABC):
         again while it lives."""
 
     @abstractmethod
+    def release(self, sink: str, seqs: Sequence[int]) -> None:
+        """Give back rows this leaser holds and will not settle (a forwarder that stops):
+        they are pending again at once. Rows not leased (settled, dead, gone) are left
+        alone, so an accepted row is never offered again by a release."""
+
+    @abstractmethod
     def settle(self, sink: str, settlement: Settlement) -> None:
         """Apply one attempt's outcome; rows not named stay leased."""
 

@@ -6,7 +6,7 @@ to pending), so since schema version 2 it is not written at all: a delivery row 
 
     pending (file) --take--> leased --accept--> settled --flush--> (row deleted in the file)
          ^                     |  \\--retry / dead: written at once, leaves the table
-         +---expiry / release--+
+         +---expiry / release / give_back (the leaser stopped)
 
 - ``leased``: seq -> deadline (the buffer's monotonic clock). ``renew`` moves a deadline;
   ``expire`` returns rows whose deadline passed to pending (they are offered again).
@@ -99,6 +99,15 @@ class LeaseTable:
         if n:
             s.due = min(s.leased.values(), default=math.inf)
         return n
+
+    def give_back(self, sink: str, seqs: Iterable[int]) -> int:
+        """Leased rows back to pending (their leaser stopped); settled rows stay. How many."""
+        s = self.of(sink)
+        back = [seq for seq in seqs if s.leased.pop(seq, None) is not None]
+        if back:
+            s.floor = min(s.floor, min(back) - 1)
+            s.due = min(s.leased.values(), default=math.inf)
+        return len(back)
 
     def release(self, sink: str, seqs: Iterable[int]) -> None:
         """Rows that are pending again (retry) or left pending for good (dead, written)."""

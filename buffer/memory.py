@@ -245,6 +245,14 @@ class MemoryBuffer(Buffer):
             if row is not None and row.state == "leased":
                 row.leased_until = until
 
+    def release(self, sink: str, seqs: Sequence[int]) -> None:
+        self._check()
+        rows = self._rows.get(sink, {})
+        for seq in seqs:
+            row = rows.get(seq)
+            if row is not None and row.state == "leased":
+                row.state = "pending"
+
     def settle(self, sink: str, settlement: Settlement) -> None:
         self._check()
         rows = self._rows.get(sink, {})

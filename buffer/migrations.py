@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buffer.snapshot import record_migrated, snapshot_before_migration
+from config import failpoints
 from config.errors import SchemaTooNewError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
@@ -138,6 +139,7 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
     upgrading = 0 < found < SCHEMA_VERSION  # a file with data (0: a new file, nothing to keep)
     if upgrading:
         snapshot_before_migration(conn, Path(path), found, SCHEMA_VERSION)
+        failpoints.hit("migration_after_snapshot")
     for step in MIGRATIONS:
         if step.version <= found:
             continue
@@ -152,6 +154,7 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
             if step.apply is not None:
                 step.apply(conn)
             conn.execute(f"PRAGMA user_version = {int(step.version)}")
+            failpoints.hit("migration_before_commit")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -16,7 +16,7 @@ lease and the accepted-but-not-yet-deleted state live in memory (``leases.py``):
        ^   (memory)      |  (memory)                 (memory)     event deleted with its last row)
        |                 |    --settle dead------> dead --replay--> pending   (purge: deleted)
        |                 |    --settle retry-----> pending (attempts + 1)
-       +--expiry/open----+
+       +--expiry/open/release (a leaser that stops gives its rows back)
 
 Invariants:
 

@@ -10,7 +10,9 @@
 - ``settle``: accepted rows become settled in memory and are deleted by the next write
   transaction (``_flush_settled``, called by every writer), or by their own transaction once
   ``settle_rows`` rows piled up or the oldest waited ``settle_delay`` seconds. Dead and retry
-  outcomes commit at once (they change what is in the file, not just when).
+  outcomes commit at once (they change what is in the file, not just when). On a full disk
+  the grouped deletes wait (``StorageFullError`` is not raised by a lease or an accepted
+  settle), so deliveries go on.
 - Running counts: ``_move`` collects row count changes by (sink, state) during a
   transaction; they are applied after COMMIT, dropped on ROLLBACK (and rows being flushed go
   back to settled).
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections import Counter
@@ -30,6 +33,7 @@ from buffer.capacity import IN_JSON, json_list, page_stats
 from buffer.leases import LeaseTable
 from buffer.settle import delete_accepted, mark_dead, mark_retry
 from buffer.sqlite_file import SqliteFile
+from config.errors import StorageFullError
 from config.model import format_time, utcnow
 
 __all__ = ["SqliteDeliveries"]
@@ -53,6 +57,7 @@ class SqliteDeliveries(SqliteFile):
         self._clock = clock
         self._leases = LeaseTable()
         self._settled_since: float | None = None  # clock time of the oldest grouped settle
+        self._full_until = -math.inf  # after a disk-full flush: no new try before this time
         # Settled rows being deleted by the open transaction (back to the table on rollback).
         self._flushing: dict[str, list[int]] = {}
         # Row counts by (sink, state) of the file and the event count, kept in step with every
@@ -149,6 +154,9 @@ class SqliteDeliveries(SqliteFile):
     def renew(self, sink: str, seqs: Sequence[int]) -> None:
         self._leases.renew(sink, seqs, self._clock() + self.lease_timeout)
 
+    def release(self, sink: str, seqs: Sequence[int]) -> None:
+        self._leases.give_back(sink, seqs)
+
     def settle(self, sink: str, settlement: Settlement) -> None:
         if not (settlement.accepted or settlement.retry or settlement.dead):
             return
@@ -182,11 +190,19 @@ class SqliteDeliveries(SqliteFile):
     def _maybe_flush(self, now: float) -> None:
         """Commit the grouped settles once enough piled up or the oldest waited long enough."""
         since = self._settled_since
-        if since is None or (now - since < self.settle_delay
-                             and self._leases.settled_count() < self.settle_rows):
+        if since is None or now < self._full_until or (
+                now - since < self.settle_delay
+                and self._leases.settled_count() < self.settle_rows):
             return
-        with self._write("deleting delivered events") as conn:
-            self._flush_settled(conn)
+        try:
+            with self._write("deleting delivered events") as conn:
+                self._flush_settled(conn)
+        except StorageFullError:
+            # The rows stay settled in memory (never offered again) and are deleted once a
+            # write succeeds. A full disk must not stop deliveries: leases and accepted
+            # settles write nothing else. Tried again a while later, not on every call.
+            self._full_until = now + max(self.settle_delay, 1.0)
+            return
         self._maybe_shrink()
 
     def _flush_now(self) -> None:

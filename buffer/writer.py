@@ -74,6 +74,9 @@ class AsyncBuffer:
             self.buffer.renew(sink, renew)
         return self.buffer.lease(sink, limit)
 
+    async def release(self, sink: str, seqs: Sequence[int]) -> None:
+        await self._call(self.buffer.release, sink, list(seqs))
+
     async def settle(self, sink: str, settlement: Settlement) -> None:
         await self._call(self.buffer.settle, sink, settlement)
 

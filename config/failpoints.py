@@ -20,6 +20,13 @@ Points (where they sit, and what a kill there must not break):
     leases to pending and re-sends them, the receiver answers 409 (already have it), which
     settles them. Duplicate *deliveries* are expected here, duplicate *facts* never.
 
+``migration_after_snapshot``
+    ``buffer.migrations.migrate`` once the snapshot and the "migrating" record are written,
+    before the first step: the next start snapshots again and migrates.
+``migration_before_commit``
+    ``migrate`` inside a step's transaction, after its statements and the version bump, before
+    COMMIT: the file stays at the old version, whole; the next start repeats the step.
+
 "After the POST is sent and before the answer" has no failpoint in the agent: httpx offers no
 hook between writing the request and reading the response. The tests kill the agent from the
 reference receiver's request handler when the POST arrives, which is deterministic and uses
@@ -34,7 +41,8 @@ import signal
 __all__ = ["ENV", "POINTS", "hit"]
 
 ENV = "EDGE_AGENT_FAILPOINT"
-POINTS = ("before_commit", "after_commit", "after_2xx_before_settle")
+POINTS = ("before_commit", "after_commit", "after_2xx_before_settle",
+          "migration_after_snapshot", "migration_before_commit")
 
 
 def _parse(spec: str | None) -> tuple[str | None, int]:

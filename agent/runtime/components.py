@@ -122,6 +122,10 @@ class Components:
     # ------------------------------------------------------------------ sinks
 
     def start_sink(self, name: str, config: SinkConfig) -> SinkSlot:
+        old = self.sinks.get(name)
+        if old is not None and old.task is not None and not old.task.done():
+            # Two forwarders of one sink would each lease its rows: order per machine lost.
+            raise RuntimeError(f"sink {name} already has a running forwarder; stop it first")
         sink = build_sink(name, config, self._agent_id)
         forwarder = Forwarder(self._wrap_sink(sink), self._buffer, config.retry)
         slot = SinkSlot(sink, forwarder)

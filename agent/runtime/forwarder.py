@@ -23,10 +23,10 @@ Invariants:
   any request's answer is being worked on alone nothing new is sent. So a machine's event never
   reaches the receiver before every earlier event of that machine was accepted or dead-lettered.
   Retries re-send the same rows in the same order; splits and bisection keep order too.
-- Every leased row ends settled as accepted or dead, or stays leased (never dropped): a stop
-  or crash leaves unsettled rows leased, and the buffer returns them to pending when it is next
-  opened (or when the lease times out). The receiver deduplicates by event id, so a row
-  delivered but not yet settled at a crash is re-sent and answered 409, which settles it.
+- Every leased row ends settled as accepted or dead, or pending again (never dropped): a stop
+  gives unsettled rows back (below), a crash loses the leases with the process (the buffer
+  starts with none). The receiver deduplicates by event id, so a row delivered but not yet
+  settled at a crash is re-sent and answered 409, which settles it.
 - Leases cannot be reclaimed while their rows are held: every lease first renews every row
   the forwarder holds (queued, in flight, being retried), in the same call on the buffer's
   thread, and only a lease reclaims expired rows. However long an outage lasts, no row is
@@ -35,7 +35,11 @@ Invariants:
 - Leasing ahead: while requests run, the next block is leased once fewer rows are waiting
   than one round of requests needs; an empty lease ends that until a ``wake()``.
 - A stop lets the requests in flight finish and settle (``drain_timeout``), sends nothing new,
-  and leaves the rest leased.
+  and gives every row it still holds back to the buffer (pending at once). A forwarder that
+  replaces this one (a reload) therefore starts from the oldest undelivered row of each
+  machine; rows left leased would have been offered only after ``lease_timeout``, after the
+  newer rows of the same machines (order broken). A row whose request was cancelled may have
+  reached the receiver: it is sent again and deduplicated there.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Forwarder(Settling):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
         self._holding: dict[int, None] = {}  # seqs leased and not settled (renewed per lease)
+        self._leasing: asyncio.Future[list[LeasedEvent]] | None = None  # the last lease call
 
     def __repr__(self) -> str:
         return f"Forwarder(sink={self.sink.name!r}, state={self.state.value})"
@@ -103,6 +108,13 @@ class Forwarder(Settling):
         if self._task is not None:
             raise RuntimeError(f"forwarder for sink {self.sink.name} is already running")
         self._task = asyncio.current_task()
+        try:
+            await self._loop()
+        finally:
+            self.state = ForwarderState.IDLE
+            await self._give_back()
+
+    async def _loop(self) -> None:
         while not self._stopping.is_set():
             # Clear before leasing: a wake() during the lease is then not lost.
             self._wake.clear()
@@ -121,11 +133,26 @@ class Forwarder(Settling):
             if self.state is ForwarderState.IDLE:
                 self.state = ForwarderState.DELIVERING
             await self._pump(rows)
-        self.state = ForwarderState.IDLE
+
+    async def _give_back(self) -> None:
+        """Leaving: the rows still held go back to pending (see the module docstring)."""
+        leasing = self._leasing
+        if leasing is not None and not leasing.done():
+            await asyncio.wait({leasing})  # its rows are held once it is done
+        held, self._holding = list(self._holding), {}
+        if not held:
+            return
+        try:
+            # Shielded: a cancel while leaving must not lose the give-back half-way.
+            await asyncio.shield(self._buffer.release(self.sink.name, held))
+        except Exception:
+            log.warning("sink %s: could not give back %d leased events; they are offered "
+                        "again when their lease times out", self.sink.name, len(held),
+                        exc_info=True)
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop after the requests in flight (and their settlement); a backoff ends at once.
-        Past ``drain_timeout`` they are cancelled; their rows stay leased."""
+        Past ``drain_timeout`` they are cancelled. The rows still held are given back."""
         self._stopping.set()
         self._wake.set()
         task = self._task
@@ -141,10 +168,17 @@ class Forwarder(Settling):
     # ------------------------------------------------------------------ leasing
 
     async def _lease(self) -> list[LeasedEvent]:
-        rows = await self._buffer.lease(self.sink.name, self._lease_limit,
-                                        renew=list(self._holding))
-        self._holding.update(dict.fromkeys(r.seq for r in rows))
-        return rows
+        # The buffer call runs on to the end even if this coroutine is cancelled (a stop
+        # cancels the lease ahead): what it leased is held all the same, and given back.
+        call = asyncio.ensure_future(self._buffer.lease(self.sink.name, self._lease_limit,
+                                                        renew=list(self._holding)))
+        call.add_done_callback(self._hold)
+        self._leasing = call
+        return await asyncio.shield(call)
+
+    def _hold(self, call: asyncio.Future[list[LeasedEvent]]) -> None:
+        if not call.cancelled() and call.exception() is None:
+            self._holding.update(dict.fromkeys(r.seq for r in call.result()))
 
     async def _lease_or_back_off(self) -> list[LeasedEvent] | None:
         try:

@@ -53,6 +53,8 @@ class AsyncLeaseBuffer(Protocol):
 
     async def settle(self, sink: str, settlement: Settlement) -> None: ...
 
+    async def release(self, sink: str, seqs: Sequence[int]) -> None: ...
+
 
 class ForwarderState(StrEnum):
     IDLE = "idle"

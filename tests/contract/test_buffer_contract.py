@@ -217,6 +217,18 @@ def test_a_renewed_lease_is_not_offered_again(make: Factory) -> None:
     assert b.stats().sinks["erp"].leased == 2
 
 
+def test_released_rows_are_offered_again_at_once_accepted_ones_never(buf: Buffer) -> None:
+    buf.append([ev(1), ev(2), ev(3), ev(4)], {})
+    rows = buf.lease("erp", 4)
+    buf.settle("erp", Settlement(dead={rows[3].seq: (422, "bad")}))
+    buf.settle("erp", Settlement(accepted=[rows[1].seq]))  # its deletion may still wait
+    # A stopping leaser gives back all it holds, the accepted and dead ones too (it may not
+    # know their settles went through): only the leased ones come back, first in order.
+    buf.release("erp", [r.seq for r in rows] + [10**6])
+    assert ids(buf.lease("erp", 5)) == ["e1", "e3"]
+    assert buf.stats().sinks["erp"].dead_letters == 1
+
+
 def test_dead_letters_listed_replayed_by_id_and_all(buf: Buffer) -> None:
     buf.append([ev(1), ev(2), ev(3)], {})
     rows = buf.lease("erp", 3)

@@ -362,8 +362,8 @@ async def test_207_partial_retry_resends_only_the_rest(receiver, buf, harness):
 # ---------------------------------------------------------------------------- stop
 
 
-async def test_stop_during_backoff_returns_at_once_and_leaves_rows_leased(receiver, buf,
-                                                                          harness):
+async def test_stop_during_backoff_returns_at_once_and_gives_the_rows_back(receiver, buf,
+                                                                           harness):
     policy = RetryPolicy(initial_backoff="10ms", max_backoff="1h")
     fw = harness.start(buf, receiver.url, policy=policy)
     receiver.inject(503, count=10, retry_after="3600")
@@ -372,9 +372,10 @@ async def test_stop_during_backoff_returns_at_once_and_leaves_rows_leased(receiv
     # stop() must not sit out the hour-long backoff (a failure here is a timeout, not a race).
     await asyncio.wait_for(fw.stop(drain_timeout=600), 10)
     # Nothing settled, nothing lost: the leased rows (one lease feeds max_in_flight single
-    # requests; both are m1's, so only the first was sent) stay leased until the next open.
+    # requests; both are m1's, so only the first was sent) are given back, pending at once
+    # (a forwarder replacing this one starts from them, not after the lease timeout).
     assert [p.id for p in await buf.pending("erp")] == ["ev-001", "ev-002"]
-    assert (await buf.stats()).sinks["erp"].leased == 2
+    assert (await buf.stats()).sinks["erp"].leased == 0
     assert receiver.stats()["received"] == 0
 
 
@@ -397,7 +398,9 @@ async def test_stop_past_drain_timeout_abandons_the_attempt(receiver, buf, harne
     await wait_until(lambda: receiver.stats()["received"] == 1, what="committed")
     await asyncio.wait_for(fw.stop(drain_timeout=0.2), 10)
     assert [p.id for p in await buf.pending("erp")] == ["ev-001"]  # still buffered
-    assert (await buf.stats()).sinks["erp"].leased == 1
+    # Given back: its answer was lost with the cancelled request, so it is sent again (the
+    # receiver answers 409), like after a timeout.
+    assert (await buf.stats()).sinks["erp"].leased == 0
     assert fw.status()["delivered_total"] == 0
 
 
@@ -432,6 +435,9 @@ class FlakyBuffer:
             self.settle_failures -= 1
             raise OSError("database is locked (injected)")
         await self.inner.settle(sink, settlement)
+
+    async def release(self, sink, seqs):
+        await self.inner.release(sink, seqs)
 
 
 async def test_buffer_errors_are_retried_and_nothing_is_lost(receiver, buf, harness, caplog):
@@ -496,6 +502,10 @@ class CallLog:
         self.calls.append("settle")
         await self.inner.settle(sink, settlement)
 
+    async def release(self, sink, seqs):
+        self.calls.append("release")
+        await self.inner.release(sink, seqs)
+
 
 async def test_batch_mode_leases_the_next_block_while_the_last_chunk_is_in_flight(receiver,
                                                                                    buf):
@@ -529,7 +539,7 @@ async def test_batch_mode_leases_the_next_block_while_the_last_chunk_is_in_fligh
         await task
 
 
-async def test_a_stop_leaves_rows_leased_ahead_leased_and_loses_nothing(receiver, buf):
+async def test_a_stop_gives_rows_leased_ahead_back_and_loses_nothing(receiver, buf):
     config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
                                             "mode": "batch", "batch_max_events": 2})
     sink = HttpSink("erp", config)
@@ -549,7 +559,7 @@ async def test_a_stop_leaves_rows_leased_ahead_leased_and_loses_nothing(receiver
     # The first block was answered and settled; the block leased ahead was never sent.
     assert fw.status()["delivered_total"] == 4
     assert [p.id for p in await buf.pending("erp")] == [new_event(i).id for i in range(4, 8)]
-    assert (await buf.stats()).sinks["erp"].leased == 4
+    assert (await buf.stats()).sinks["erp"].leased == 0  # given back: pending at once
 
 
 async def test_a_sink_that_raises_is_treated_as_retry(buf):

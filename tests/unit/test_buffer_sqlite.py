@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from support import fill_disk, small_tmpfs
 
 import buffer.migrations as migrations
 from buffer.base import (
@@ -26,7 +27,7 @@ from buffer.memory import MemoryBuffer
 from buffer.migrations import SCHEMA_VERSION, Migration
 from buffer.sqlite import SqliteBuffer
 from buffer.writer import AsyncBuffer
-from config.errors import SchemaTooNewError
+from config.errors import SchemaTooNewError, StorageFullError
 
 SINKS = ["erp"]
 
@@ -457,3 +458,63 @@ def test_grouped_settles_are_committed_at_close(path: Path) -> None:
     b.settle("erp", Settlement(accepted=[r.seq for r in b.lease("erp", 3)]))
     b.close()
     assert _in_file(path) == ([], [])
+
+
+def test_drop_oldest_spares_held_rows_and_counts_no_grouped_delete_as_a_loss(
+        path: Path) -> None:
+    """Capacity while deletions are grouped: rows accepted by one sink and not yet deleted
+    are no loss for that sink when their event is dropped (the other sink still needed it);
+    rows in flight are never dropped; stats count right after."""
+    b = SqliteBuffer(path, 200_000, settle_delay=3600.0)
+    b.open(["erp", "mes"])
+    b.append([ev(i, size=1500) for i in range(10)], {})
+    delivered = b.lease("erp", 4)  # e0..e3: accepted by erp, deletion grouped
+    b.settle("erp", Settlement(accepted=[r.seq for r in delivered]))
+    in_flight = b.lease("mes", 2)  # e0, e1: in flight for mes
+    b.append([ev(i, size=1500) for i in range(10, 120)], {})
+    kept_mes = {r.id for r in b.pending("mes", 1000)}
+    kept_erp = {r.id for r in b.pending("erp", 1000)}
+    assert {r.id for r in in_flight} <= kept_mes  # in flight: never dropped
+    dropped = {f"e{i}" for i in range(120)} - kept_mes
+    assert dropped and dropped >= {"e2", "e3"}  # events only mes still needed went too
+    drops = b.take_drops()
+    lost_erp = sum(drops.by_sink.get("erp", {}).values())
+    lost_mes = sum(drops.by_sink.get("mes", {}).values())
+    assert lost_mes == len(dropped)
+    assert lost_erp == len(dropped - {"e0", "e1", "e2", "e3"})  # erp had those already
+    assert kept_erp == kept_mes - {"e0", "e1"}
+    stats = b.stats()
+    assert (stats.sinks["erp"].pending, stats.sinks["erp"].leased) == (len(kept_erp), 0)
+    assert (stats.sinks["mes"].pending, stats.sinks["mes"].leased) == (len(kept_mes) - 2, 2)
+    b.close()
+
+
+def test_a_full_disk_does_not_stop_leases_and_accepted_settles(tmp_path: Path) -> None:
+    """Leases write nothing and accepted rows only wait for their grouped deletion, so a full
+    disk (a real tmpfs filled to the last byte) must not stop deliveries: the deletions wait,
+    the rows are never offered again, and they go once space returns."""
+    with small_tmpfs(tmp_path / "small", "4m") as mnt:
+        clock = [100.0]
+        b = SqliteBuffer(mnt / "buffer.db", 2**30, settle_delay=0.0, clock=lambda: clock[0])
+        b.open(["erp"])
+        b.append([ev(i, size=2000) for i in range(300)], {})
+        filler = fill_disk(mnt)
+        try:
+            with pytest.raises(StorageFullError):  # appends do fail: the disk is full
+                b.append([ev(i, size=2000) for i in range(1000, 1300)], {})
+            first = b.lease("erp", 10)
+            b.settle("erp", Settlement(accepted=[r.seq for r in first]))
+            second = b.lease("erp", 10)
+            assert {r.seq for r in first}.isdisjoint(r.seq for r in second)
+            b.settle("erp", Settlement(accepted=[r.seq for r in second]))
+            assert b._leases.settled_count() == 20  # waiting for space
+            stats = b.stats()  # answers on a full disk, counting the waiting ones delivered
+            assert (stats.sinks["erp"].pending, stats.sinks["erp"].leased) == (280, 0)
+        finally:
+            filler.unlink()
+        clock[0] += 5.0
+        b.lease("erp", 1)  # the next try deletes them
+        assert b._leases.settled_count() == 0
+        b.close()
+        with sqlite3.connect(mnt / "buffer.db") as conn:
+            assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 280
