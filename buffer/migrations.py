@@ -8,10 +8,13 @@ with ``SchemaTooNewError``: an older agent must never write a schema it does not
 Before the first step on a file that holds data, ``migrate`` snapshots it (``snapshot.py``),
 so ``edge-agent rollback`` can give the previous version its file back.
 
-Rollback also carries events appended after the snapshot into the restored file, through the
-core every version keeps: ``events(id, key, type, time, payload, created_at)``,
-``deliveries(sink, state, seq)`` and ``sinks(name)``. A migration must keep those columns
-(adding columns with defaults is fine); one that cannot must teach ``buffer/upgrade.py``.
+Rollback also carries events appended after the snapshot into the restored file, and the
+newer detector states, drops and counters, through the core every version keeps:
+``events(id, key, type, time, payload, created_at)``, ``deliveries(sink, state, seq,
+attempts, status, detail, failed_at)``, ``sinks(name)``, ``detector_state(key, state,
+updated_at)``, ``drops(type, count, first_at, last_at)`` and ``meta(name, value)``. A
+migration must keep those columns (adding columns with defaults is fine); one that cannot must
+teach ``buffer/upgrade.py``.
 
 Adding a version: append a ``Migration(n + 1, ...)`` below; never edit a released step.
 """

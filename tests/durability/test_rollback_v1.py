@@ -1,0 +1,105 @@
+"""Rollback of the real first migration (schema 1 -> 2) on the frozen v1 file.
+
+The generic round trip (``test_upgrade_rollback.py``) uses a made-up next version on top of the
+current one; this one starts from ``data/buffer_v1.sql``, lets this code migrate it, detect and
+settle after the upgrade, then gives the file back to schema 1. What the newer version knows
+that the snapshot does not must come back with it: undelivered events, dead letters detected
+since, and the detector states (a machine's sequence keeps increasing; an episode open at the
+stop is not detected again under a new id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from buffer import upgrade
+from buffer.base import NewEvent
+from buffer.snapshot import read_record, snapshot_path
+from buffer.sqlite import SqliteBuffer
+from buffer.upgrade import rollback
+
+FIXTURE = Path(__file__).parent / "data" / "buffer_v1.sql"
+STATE = json.dumps({"v": 1, "sequence": 41, "state": "down"})
+
+
+def _v1(db: Path) -> None:
+    with closing(sqlite3.connect(db)) as conn:
+        conn.executescript(FIXTURE.read_text())
+
+
+def _upgrade_and_work(db: Path) -> None:
+    """This version opens the v1 file (migrates it), detects 3 events, one becomes a dead
+    letter, the machine's state is saved, a drop is counted."""
+    buf = SqliteBuffer(db, max_size=2**30)
+    buf.open(["central"])
+    try:
+        buf.append([NewEvent(f"after-{i}", "m1", "plantedge.scrap.recorded",
+                             f"2026-01-02T00:00:0{i}.000Z", "{}") for i in range(3)],
+                   {"m1": STATE})
+    finally:
+        buf.close()
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        conn.execute("UPDATE deliveries SET state = 'dead', status = 400, detail = 'bad', "
+                     "failed_at = 't' WHERE seq = (SELECT seq FROM events WHERE id = 'after-0')")
+        conn.execute("INSERT INTO drops VALUES ('plantedge.scrap.recorded', 2, 'a', 'b')")
+        conn.execute("UPDATE meta SET value = 2 WHERE name = 'dropped_total'")
+        conn.commit()
+
+
+def _rows(db: Path, sql: str) -> list[Any]:
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_rollback_to_v1_keeps_dead_letters_states_and_drops_of_the_newer_version(
+        tmp_path: Path) -> None:
+    db = tmp_path / "buffer.db"
+    _v1(db)
+    _upgrade_and_work(db)
+    assert _rows(snapshot_path(db, 1), "PRAGMA user_version") == [(1,)]
+    r = rollback(db)
+    assert (r.from_schema, r.to_schema, r.carried_over) == (2, 1, 3)
+    assert _rows(db, "PRAGMA user_version") == [(1,)]
+    states = dict(_rows(db, "SELECT e.id, d.state FROM events e JOIN deliveries d "
+                            "ON d.seq = e.seq WHERE e.id LIKE 'after-%'"))
+    assert states == {"after-0": "dead", "after-1": "pending", "after-2": "pending"}
+    assert _rows(db, "SELECT status, detail FROM deliveries WHERE state = 'dead' AND seq = "
+                     "(SELECT seq FROM events WHERE id = 'after-0')") == [(400, "bad")]
+    # The newer detector state (sequence 41), not the snapshot's (none): new events go on
+    # from there instead of reusing sequence numbers the carried events already carry.
+    assert dict(_rows(db, "SELECT key, state FROM detector_state"))["m1"] == STATE
+    assert _rows(db, "SELECT type, count FROM drops") == [("plantedge.scrap.recorded", 2)]
+    assert _rows(db, "SELECT value FROM meta WHERE name = 'dropped_total'") == [(2,)]
+    rec = read_record(db)
+    assert rec is not None and (rec["outcome"], rec["carried_over"]) == ("rolled back", 3)
+
+
+def test_a_crash_before_the_final_rename_leaves_the_buffer_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "buffer.db"
+    _v1(db)
+    _upgrade_and_work(db)
+    real = os.replace
+
+    def crash(src: object, dst: object) -> None:
+        if Path(str(dst)) == db:
+            raise KeyboardInterrupt("power cut before the restored copy is renamed in")
+        real(src, dst)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(upgrade.os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            rollback(db)
+    # The buffer is still there (migrated, every event), and rollback can run again.
+    assert _rows(db, "PRAGMA user_version") == [(2,)]
+    assert _rows(db, "SELECT count(*) FROM events WHERE id LIKE 'after-%'") == [(3,)]
+    assert rollback(db).to_schema == 1
+    assert _rows(db, "PRAGMA user_version") == [(1,)]
