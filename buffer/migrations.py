@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from buffer.snapshot import record_migrated, snapshot_before_migration
+from buffer.snapshot import read_record, record_migrated, snapshot_before_migration
 from config.errors import SchemaTooNewError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migration", "check_version", "migrate"]
@@ -162,4 +162,10 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
             raise
     if upgrading:
         record_migrated(Path(path), found, SCHEMA_VERSION)
+    elif found == SCHEMA_VERSION:
+        # A crash after the last step's commit, before its record: finish the record.
+        previous = read_record(Path(path))
+        if previous and previous.get("outcome") == "migrating" \
+                and previous.get("to_schema") == found:
+            record_migrated(Path(path), found, found)
     return found, _user_version(conn)

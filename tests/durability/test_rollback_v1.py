@@ -21,7 +21,7 @@ import pytest
 
 from buffer import upgrade
 from buffer.base import NewEvent
-from buffer.snapshot import read_record, snapshot_path
+from buffer.snapshot import read_record, snapshot_path, write_record
 from buffer.sqlite import SqliteBuffer
 from buffer.upgrade import rollback
 
@@ -103,3 +103,20 @@ def test_a_crash_before_the_final_rename_leaves_the_buffer_in_place(
     assert _rows(db, "SELECT count(*) FROM events WHERE id LIKE 'after-%'") == [(3,)]
     assert rollback(db).to_schema == 1
     assert _rows(db, "PRAGMA user_version") == [(1,)]
+
+
+def test_a_crash_between_the_last_step_and_its_record_is_finished_at_the_next_open(
+        tmp_path: Path) -> None:
+    db = tmp_path / "buffer.db"
+    _v1(db)
+    _upgrade_and_work(db)
+    # As a kill -9 right after the v2 commit leaves it: the file migrated, the record not.
+    write_record(db, from_schema=1, to_schema=2, outcome="migrating",
+                 snapshot=snapshot_path(db, 1).name)
+    buf = SqliteBuffer(db, max_size=2**30)
+    buf.open(["central"])
+    buf.close()
+    rec = read_record(db)
+    assert rec is not None and (rec["from_schema"], rec["to_schema"], rec["outcome"]) == (
+        1, 2, "migrated")
+
