@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from buffer import migrations
-from buffer.snapshot import read_record, snapshot_path, write_record
+from buffer.snapshot import read_record, record_path, snapshot_path, write_record
 from config.errors import FatalError
 from config.model import format_time, utcnow
 
@@ -206,6 +206,7 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     undelivered = _restore(snap, tmp, carried, state)
+    _same_owner(tmp, path)
     stamp = format_time(utcnow()).replace(":", "").replace("-", "")
     aside = path.with_name(f"{path.name}.schema-v{current}.rolled-back-{stamp}")
     # The buffer path must never be missing (a crash between two renames left no buffer.db:
@@ -222,7 +223,19 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
     _sync_dir(path.parent)
     write_record(path, from_schema=current, to_schema=to_schema, outcome="rolled back",
                  snapshot=snap.name, set_aside=aside.name, carried_over=len(carried))
+    _same_owner(record_path(path), path)
     return RollbackResult(current, to_schema, snap, aside, len(carried), undelivered)
+
+
+def _same_owner(made: Path, like: Path) -> None:
+    """Give ``made`` the owner and mode of ``like``. Rollback is run by an operator or a
+    playbook as root, while the agent runs as its own user (the Debian package's unit): a
+    restored buffer owned by root is read-only to the agent, and the previous version would
+    not start on it."""
+    st = like.stat()
+    if os.geteuid() == 0 and (made.stat().st_uid, made.stat().st_gid) != (st.st_uid, st.st_gid):
+        os.chown(made, st.st_uid, st.st_gid)
+    os.chmod(made, st.st_mode & 0o7777)
 
 
 def _exclusive(path: Path) -> sqlite3.Connection:

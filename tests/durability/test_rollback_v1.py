@@ -120,3 +120,18 @@ def test_a_crash_between_the_last_step_and_its_record_is_finished_at_the_next_op
     assert rec is not None and (rec["from_schema"], rec["to_schema"], rec["outcome"]) == (
         1, 2, "migrated")
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (rollback run as root by a playbook)")
+def test_a_rollback_run_as_root_leaves_the_buffer_to_the_agents_user(tmp_path: Path) -> None:
+    db = tmp_path / "buffer.db"
+    _v1(db)
+    _upgrade_and_work(db)
+    agent_uid, agent_gid = 10001, 10001  # the image's and a typical system user's ids
+    for f in (db, snapshot_path(db, 1)):
+        os.chown(f, agent_uid, agent_gid)
+        os.chmod(f, 0o600)
+    rollback(db)  # as root, as the playbook's 'become' runs it
+    st = db.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (agent_uid, agent_gid, 0o600)
+    assert db.with_name("buffer.db.upgrade.json").stat().st_uid == agent_uid
