@@ -135,3 +135,31 @@ def test_a_rollback_run_as_root_leaves_the_buffer_to_the_agents_user(tmp_path: P
     st = db.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (agent_uid, agent_gid, 0o600)
     assert db.with_name("buffer.db.upgrade.json").stat().st_uid == agent_uid
+
+
+def test_no_room_for_the_snapshot_check_says_no_and_the_agent_refuses_to_migrate(
+        tmp_path: Path) -> None:
+    """A real ENOSPC (a 3 MiB tmpfs holding a 1.8 MiB v1 buffer): ``upgrade check`` says it
+    cannot take over and why; opening refuses the migration with what to do, and the file
+    stays at version 1 with every undelivered event."""
+    from support import small_tmpfs
+
+    from buffer.base import BufferOpenError
+    from buffer.upgrade import plan
+
+    with small_tmpfs(tmp_path / "small", "3m") as small:
+        db = small / "buffer.db"
+        _v1(db)
+        with closing(sqlite3.connect(db)) as conn:  # padding: the copy cannot fit beside it
+            conn.execute("CREATE TABLE pad(x)")
+            conn.execute("INSERT INTO pad VALUES (zeroblob(1800000))")
+            conn.commit()
+        p = plan(db)
+        assert not p.can_take_over and (p.found, p.target) == (1, 2)
+        assert "snapshot before migrating needs" in " ".join(p.problems), p.problems
+        with pytest.raises(BufferOpenError, match=r"snapshot .* failed .*disk is full.*nothing "
+                           r"was migrated.*Free disk space"):
+            SqliteBuffer(db, max_size=2**30).open(["central"])
+        assert _rows(db, "PRAGMA user_version") == [(1,)]
+        assert _rows(db, "SELECT count(*) FROM deliveries WHERE state != 'dead'") == [(8,)]
+        assert sorted(f.name for f in small.iterdir()) == ["buffer.db"]
