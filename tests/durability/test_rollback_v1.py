@@ -163,3 +163,40 @@ def test_no_room_for_the_snapshot_check_says_no_and_the_agent_refuses_to_migrate
         assert _rows(db, "PRAGMA user_version") == [(1,)]
         assert _rows(db, "SELECT count(*) FROM deliveries WHERE state != 'dead'") == [(8,)]
         assert sorted(f.name for f in small.iterdir()) == ["buffer.db"]
+
+
+@pytest.mark.slow
+def test_rollback_is_refused_while_a_real_agent_process_runs_on_the_migrated_file(
+        tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from _plant import write_config
+    from support import ROOT, wait_until_sync
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "buffer.db"
+    _v1(db)
+    cfg = write_config(tmp_path / "agent.yaml", data, 1, "http://127.0.0.1:1/events")
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_sync(lambda: read_record(db) is not None
+                        and read_record(db)["outcome"] == "migrated",  # type: ignore[index]
+                        timeout=30, what="the agent migrated the v1 file")
+        cli = [sys.executable, "-m", "agent.cli", "rollback", "--config", str(cfg)]
+        refused = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "stop the agent" in refused.stderr, refused.stderr
+        assert _rows(db, "PRAGMA user_version") == [(2,)]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert _rows(db, "PRAGMA user_version") == [(1,)]
+        assert _rows(db, "SELECT count(*) FROM deliveries WHERE state != 'dead'")[0][0] >= 8
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
