@@ -198,6 +198,7 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
             drops=conn.execute(
                 "SELECT type, count, first_at, last_at FROM drops").fetchall(),
             meta=conn.execute("SELECT name, value FROM meta").fetchall(),
+            sinks=conn.execute("SELECT name, added_at FROM sinks").fetchall(),
             dead=dead)
         conn.execute("DETACH DATABASE snap")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -260,6 +261,7 @@ class _State:
     detectors: list[tuple[Any, ...]]
     drops: list[tuple[Any, ...]]
     meta: list[tuple[Any, ...]]
+    sinks: list[tuple[Any, ...]]  # a sink added after the upgrade gets the carried events too
     dead: list[tuple[Any, ...]]  # (seq, sink, attempts, status, detail, failed_at) of carried
 
 
@@ -269,6 +271,8 @@ def _restore(snap: Path, tmp: Path, carried: list[tuple[Any, ...]], state: _Stat
     try:
         src.backup(dst)
         dst.execute("BEGIN IMMEDIATE")
+        dst.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
+                        state.sinks)
         sinks = [str(r[0]) for r in dst.execute("SELECT name FROM sinks")]
         dead: dict[int, dict[str, tuple[Any, ...]]] = {}
         for seq, sink, *rest in state.dead:

@@ -38,7 +38,7 @@ def _upgrade_and_work(db: Path) -> None:
     """This version opens the v1 file (migrates it), detects 3 events, one becomes a dead
     letter, the machine's state is saved, a drop is counted."""
     buf = SqliteBuffer(db, max_size=2**30)
-    buf.open(["central"])
+    buf.open(["central", "uns"])  # a second sink, configured with the upgrade
     try:
         buf.append([NewEvent(f"after-{i}", "m1", "plantedge.scrap.recorded",
                              f"2026-01-02T00:00:0{i}.000Z", "{}") for i in range(3)],
@@ -68,11 +68,14 @@ def test_rollback_to_v1_keeps_dead_letters_states_and_drops_of_the_newer_version
     r = rollback(db)
     assert (r.from_schema, r.to_schema, r.carried_over) == (2, 1, 3)
     assert _rows(db, "PRAGMA user_version") == [(1,)]
-    states = dict(_rows(db, "SELECT e.id, d.state FROM events e JOIN deliveries d "
-                            "ON d.seq = e.seq WHERE e.id LIKE 'after-%'"))
-    assert states == {"after-0": "dead", "after-1": "pending", "after-2": "pending"}
+    states = {(i, s): st for i, s, st in _rows(
+        db, "SELECT e.id, d.sink, d.state FROM events e JOIN deliveries d ON d.seq = e.seq "
+            "WHERE e.id LIKE 'after-%'")}
+    assert states == {("after-0", "central"): "dead", ("after-0", "uns"): "dead",
+                      ("after-1", "central"): "pending", ("after-1", "uns"): "pending",
+                      ("after-2", "central"): "pending", ("after-2", "uns"): "pending"}
     assert _rows(db, "SELECT status, detail FROM deliveries WHERE state = 'dead' AND seq = "
-                     "(SELECT seq FROM events WHERE id = 'after-0')") == [(400, "bad")]
+                     "(SELECT seq FROM events WHERE id = 'after-0')") == [(400, "bad")] * 2
     # The newer detector state (sequence 41), not the snapshot's (none): new events go on
     # from there instead of reusing sequence numbers the carried events already carry.
     assert dict(_rows(db, "SELECT key, state FROM detector_state"))["m1"] == STATE
