@@ -103,6 +103,10 @@ def plan(path: Path) -> UpgradePlan:
     target = migrations.SCHEMA_VERSION
     out = UpgradePlan(path=path, target=target, snapshots=snapshots(path),
                       last_upgrade=read_record(path))
+    unreadable = _unreadable(path)
+    if unreadable:
+        out.problems.append(unreadable)
+        return out
     with contextlib.suppress(OSError):
         out.free_bytes = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
     if not path.exists():
@@ -163,6 +167,9 @@ class RollbackResult:
 
 def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
     """Restore the snapshot taken before the last migration (see the module docstring)."""
+    unreadable = _unreadable(path)
+    if unreadable:  # else an unlistable directory would read as "no snapshot": nothing done
+        raise UpgradeError(unreadable)
     have = snapshots(path)
     record = read_record(path) or {}
     if to_schema is None:
@@ -226,6 +233,15 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
                  snapshot=snap.name, set_aside=aside.name, carried_over=len(carried))
     _same_owner(record_path(path), path)
     return RollbackResult(current, to_schema, snap, aside, len(carried), undelivered)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the data directory cannot be looked at by this user (None when it can)."""
+    d = path.parent
+    if d.exists() and not os.access(d, os.R_OK | os.X_OK):
+        return (f"cannot read the data directory {d} as this user (uid {os.geteuid()}): run "
+                f"as root or as the agent's user")
+    return None
 
 
 def _same_owner(made: Path, like: Path) -> None:

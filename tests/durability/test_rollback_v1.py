@@ -203,3 +203,49 @@ def test_rollback_is_refused_while_a_real_agent_process_runs_on_the_migrated_fil
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to become another user)")
+def test_a_user_who_cannot_read_the_data_directory_is_told_so() -> None:
+    """Not "no buffer file yet" (or a traceback) from upgrade check, and not "no snapshot"
+    from rollback, which the playbook takes as "nothing to roll back" and reinstalls the
+    previous version on a file it refuses."""
+    import shutil
+    import tempfile
+
+    from buffer.upgrade import UpgradeError, plan
+
+    top = Path(tempfile.mkdtemp(prefix="ea-perm-"))  # pytest's tmp_path is root's alone
+    try:
+        top.chmod(0o755)
+        data = top / "data"
+        data.mkdir(mode=0o700)
+        db = data / "buffer.db"
+        _v1(db)
+        _upgrade_and_work(db)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: an operator without sudo
+            out: list[str] = []
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                out.append(" ".join(plan(db).problems))
+                try:
+                    rollback(db)
+                    out.append("rolled back")
+                except UpgradeError as e:
+                    out.append(str(e))
+            except BaseException as e:  # reported to the parent, which asserts on it
+                out.append(f"{type(e).__name__}: {e}")
+            finally:
+                os.write(write, json.dumps(out).encode())
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            said = json.loads(f.read() or "[]")
+        os.waitpid(pid, 0)
+        assert len(said) == 2 and all("cannot read the data directory" in s for s in said), said
+        assert _rows(db, "PRAGMA user_version") == [(2,)]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
