@@ -78,7 +78,8 @@ def _check(path: Path, as_json: bool) -> int:
         return 0 if p.can_take_over else 1
     print(f"edge-agent {__version__} (buffer schema version {p.target}); buffer {path}")
     if p.found is None:
-        print("  no buffer file yet: it will be created")
+        if not p.problems:  # else unknown (an unreadable directory), not absent
+            print("  no buffer file yet: it will be created")
     else:
         print(f"  schema version {p.found}: {p.events} event(s), {p.undelivered} undelivered "
               f"delivery row(s), {p.size_bytes} bytes; {p.free_bytes} bytes free")

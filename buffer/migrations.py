@@ -8,10 +8,13 @@ with ``SchemaTooNewError``: an older agent must never write a schema it does not
 Before the first step on a file that holds data, ``migrate`` snapshots it (``snapshot.py``),
 so ``edge-agent rollback`` can give the previous version its file back.
 
-Rollback also carries events appended after the snapshot into the restored file, through the
-core every version keeps: ``events(id, key, type, time, payload, created_at)``,
-``deliveries(sink, state, seq)`` and ``sinks(name)``. A migration must keep those columns
-(adding columns with defaults is fine); one that cannot must teach ``buffer/upgrade.py``.
+Rollback also carries events appended after the snapshot into the restored file, and the
+newer detector states, drops and counters, through the core every version keeps:
+``events(id, key, type, time, payload, created_at)``, ``deliveries(sink, state, seq,
+attempts, status, detail, failed_at)``, ``sinks(name)``, ``detector_state(key, state,
+updated_at)``, ``drops(type, count, first_at, last_at)`` and ``meta(name, value)``. A
+migration must keep those columns (adding columns with defaults is fine); one that cannot must
+teach ``buffer/upgrade.py``.
 
 Adding a version: append a ``Migration(n + 1, ...)`` below; never edit a released step.
 """
@@ -23,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from buffer.snapshot import record_migrated, snapshot_before_migration
+from buffer.snapshot import read_record, record_migrated, snapshot_before_migration
 from config import failpoints
 from config.errors import SchemaTooNewError
 
@@ -162,4 +165,10 @@ def migrate(conn: sqlite3.Connection, path: Path | str) -> tuple[int, int]:
             raise
     if upgrading:
         record_migrated(Path(path), found, SCHEMA_VERSION)
+    elif found == SCHEMA_VERSION:
+        # A crash after the last step's commit, before its record: finish the record.
+        previous = read_record(Path(path))
+        if previous and previous.get("outcome") == "migrating" \
+                and previous.get("to_schema") == found:
+            record_migrated(Path(path), found, found)
     return found, _user_version(conn)

@@ -9,13 +9,19 @@ after a crash until the final rename:
 
 1. Open the current (migrated) file with an exclusive lock: a running agent holds the file
    open, so this fails and nothing is done (stop the agent first).
-2. Read the events that are not in the snapshot and still undelivered (detected after the
-   upgrade): they are carried over, so a rollback loses nothing detected since.
+2. Read the events that are not in the snapshot and still undelivered or dead letters
+   (detected after the upgrade): they are carried over, so a rollback loses nothing detected
+   since. Read the current detector states, unreported drops and counters too: they are newer
+   than the snapshot's and belong to the carried events (a machine's sequence must keep
+   increasing; an episode open at the stop must not be detected again under a new id).
 3. Copy the snapshot to ``<buffer>.rollback.tmp`` (backup API), append the carried events with
-   a pending row for every sink (through the core columns every schema version keeps, see
+   a pending row for every sink, or their dead-letter row, replace the detector states, drops
+   and meta with the current ones (through the core every schema version keeps, see
    ``migrations.py``), sync.
-4. Move the migrated file aside (``<buffer>.schema-v<N>.rolled-back-<time>``, kept for
-   inspection) and rename the copy into place; write the upgrade record (``rolled back``).
+4. Keep the migrated file as ``<buffer>.schema-v<N>.rolled-back-<time>`` (a hard link, so the
+   buffer path is never missing), then rename the copy into place (atomic); write the upgrade
+   record (``rolled back``). A crash before that rename leaves the migrated file in place, and
+   rollback can simply be run again.
 
 Delivery after a rollback: the snapshot's events that the newer version delivered meanwhile
 are pending again and are sent again with the same ids; a receiver deduplicates them by id
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from buffer import migrations
-from buffer.snapshot import read_record, snapshot_path, write_record
+from buffer.snapshot import read_record, record_path, snapshot_path, write_record
 from config.errors import FatalError
 from config.model import format_time, utcnow
 
@@ -97,6 +103,10 @@ def plan(path: Path) -> UpgradePlan:
     target = migrations.SCHEMA_VERSION
     out = UpgradePlan(path=path, target=target, snapshots=snapshots(path),
                       last_upgrade=read_record(path))
+    unreadable = _unreadable(path)
+    if unreadable:
+        out.problems.append(unreadable)
+        return out
     with contextlib.suppress(OSError):
         out.free_bytes = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
     if not path.exists():
@@ -157,6 +167,9 @@ class RollbackResult:
 
 def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
     """Restore the snapshot taken before the last migration (see the module docstring)."""
+    unreadable = _unreadable(path)
+    if unreadable:  # else an unlistable directory would read as "no snapshot": nothing done
+        raise UpgradeError(unreadable)
     have = snapshots(path)
     record = read_record(path) or {}
     if to_schema is None:
@@ -178,20 +191,39 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
                                f"to version {to_schema}")
         conn.execute("ATTACH DATABASE ? AS snap", (f"{snap.resolve().as_uri()}?mode=ro",))
         carried = conn.execute(
-            "SELECT e.id, e.key, e.type, e.time, e.payload, e.created_at FROM events e "
+            "SELECT e.seq, e.id, e.key, e.type, e.time, e.payload, e.created_at FROM events e "
             "WHERE e.id NOT IN (SELECT id FROM snap.events) AND EXISTS (SELECT 1 FROM "
-            "deliveries d WHERE d.seq = e.seq AND d.state IN ('pending', 'leased')) "
+            "deliveries d WHERE d.seq = e.seq AND d.state IN ('pending', 'leased', 'dead')) "
             "ORDER BY e.seq").fetchall()
+        carried_seqs = {int(r[0]) for r in carried}
+        dead = [r for r in conn.execute(
+            "SELECT seq, sink, attempts, status, detail, failed_at FROM deliveries "
+            "WHERE state = 'dead' ORDER BY seq") if int(r[0]) in carried_seqs]
+        state = _State(
+            detectors=conn.execute(
+                "SELECT key, state, updated_at FROM detector_state").fetchall(),
+            drops=conn.execute(
+                "SELECT type, count, first_at, last_at FROM drops").fetchall(),
+            meta=conn.execute("SELECT name, value FROM meta").fetchall(),
+            sinks=conn.execute("SELECT name, added_at FROM sinks").fetchall(),
+            dead=dead)
         conn.execute("DETACH DATABASE snap")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()  # the last connection: SQLite checkpoints and removes the -wal
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    undelivered = _restore(snap, tmp, carried)
+    undelivered = _restore(snap, tmp, carried, state)
+    _same_owner(tmp, path)
     stamp = format_time(utcnow()).replace(":", "").replace("-", "")
     aside = path.with_name(f"{path.name}.schema-v{current}.rolled-back-{stamp}")
-    os.replace(path, aside)
+    # The buffer path must never be missing (a crash between two renames left no buffer.db:
+    # the old agent then started on an empty file). A hard link keeps the migrated file, the
+    # rename below swaps the restored copy in atomically.
+    try:
+        os.link(path, aside)
+    except OSError:  # a file system without hard links: a copy
+        shutil.copy2(path, aside)
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.replace(path.with_name(path.name + suffix), aside.with_name(aside.name + suffix))
@@ -199,7 +231,28 @@ def rollback(path: Path, to_schema: int | None = None) -> RollbackResult:
     _sync_dir(path.parent)
     write_record(path, from_schema=current, to_schema=to_schema, outcome="rolled back",
                  snapshot=snap.name, set_aside=aside.name, carried_over=len(carried))
+    _same_owner(record_path(path), path)
     return RollbackResult(current, to_schema, snap, aside, len(carried), undelivered)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the data directory cannot be looked at by this user (None when it can)."""
+    d = path.parent
+    if d.exists() and not os.access(d, os.R_OK | os.X_OK):
+        return (f"cannot read the data directory {d} as this user (uid {os.geteuid()}): run "
+                f"as root or as the agent's user")
+    return None
+
+
+def _same_owner(made: Path, like: Path) -> None:
+    """Give ``made`` the owner and mode of ``like``. Rollback is run by an operator or a
+    playbook as root, while the agent runs as its own user (the Debian package's unit): a
+    restored buffer owned by root is read-only to the agent, and the previous version would
+    not start on it."""
+    st = like.stat()
+    if os.geteuid() == 0 and (made.stat().st_uid, made.stat().st_gid) != (st.st_uid, st.st_gid):
+        os.chown(made, st.st_uid, st.st_gid)
+    os.chmod(made, st.st_mode & 0o7777)
 
 
 def _exclusive(path: Path) -> sqlite3.Connection:
@@ -217,19 +270,50 @@ def _exclusive(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _restore(snap: Path, tmp: Path, carried: list[tuple[Any, ...]]) -> int:
+@dataclass(frozen=True)
+class _State:
+    """What the migrated file knows that is newer than the snapshot (rows of core tables)."""
+
+    detectors: list[tuple[Any, ...]]
+    drops: list[tuple[Any, ...]]
+    meta: list[tuple[Any, ...]]
+    sinks: list[tuple[Any, ...]]  # a sink added after the upgrade gets the carried events too
+    dead: list[tuple[Any, ...]]  # (seq, sink, attempts, status, detail, failed_at) of carried
+
+
+def _restore(snap: Path, tmp: Path, carried: list[tuple[Any, ...]], state: _State) -> int:
     src = sqlite3.connect(f"{snap.resolve().as_uri()}?mode=ro", uri=True)
     dst = sqlite3.connect(tmp, isolation_level=None)
     try:
         src.backup(dst)
         dst.execute("BEGIN IMMEDIATE")
+        dst.executemany("INSERT OR IGNORE INTO sinks(name, added_at) VALUES (?, ?)",
+                        state.sinks)
         sinks = [str(r[0]) for r in dst.execute("SELECT name FROM sinks")]
-        for row in carried:
+        dead: dict[int, dict[str, tuple[Any, ...]]] = {}
+        for seq, sink, *rest in state.dead:
+            dead.setdefault(int(seq), {})[str(sink)] = tuple(rest)
+        for old_seq, *row in carried:
             cur = dst.execute("INSERT OR IGNORE INTO events(id, key, type, time, payload, "
                               "created_at) VALUES (?, ?, ?, ?, ?, ?)", row)
-            if cur.rowcount:
-                dst.executemany("INSERT INTO deliveries(sink, state, seq) VALUES (?, 'pending', ?)",
-                                [(s, cur.lastrowid) for s in sinks])
+            if not cur.rowcount:
+                continue
+            letters = dead.get(int(old_seq), {})
+            for s in sinks:
+                if s in letters:  # a dead letter stays one (export, replay), with its reason
+                    dst.execute("INSERT INTO deliveries(sink, state, seq, attempts, status, "
+                                "detail, failed_at) VALUES (?, 'dead', ?, ?, ?, ?, ?)",
+                                (s, cur.lastrowid, *letters[s]))
+                else:
+                    dst.execute("INSERT INTO deliveries(sink, state, seq) "
+                                "VALUES (?, 'pending', ?)", (s, cur.lastrowid))
+        dst.execute("DELETE FROM detector_state")
+        dst.executemany("INSERT INTO detector_state(key, state, updated_at) VALUES (?, ?, ?)",
+                        state.detectors)
+        dst.execute("DELETE FROM drops")
+        dst.executemany("INSERT INTO drops(type, count, first_at, last_at) VALUES (?, ?, ?, ?)",
+                        state.drops)
+        dst.executemany("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", state.meta)
         dst.execute("COMMIT")
         undelivered = int(dst.execute("SELECT count(*) FROM deliveries WHERE state IN "
                                       "('pending', 'leased')").fetchone()[0])

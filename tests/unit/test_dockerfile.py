@@ -136,3 +136,18 @@ def test_build_stage_commands_work_in_a_fresh_venv(tmp_path: Path) -> None:
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     assert where.stdout.startswith(str(paths["/opt/edge-agent"]))
+
+
+def test_the_wheel_lists_every_package_of_the_tree() -> None:
+    """The wheel (the image's and the Debian package's venv) has only the packages listed in
+    pyproject.toml: a package split out later and not listed there is missing from both (the
+    receiver package was: ``edge-agent demo`` and ``receiver`` failed in the image, while
+    ``--version`` and ``config schema`` still worked)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    top = {p.split(".")[0] for p in listed}
+    on_disk = {".".join(d.relative_to(ROOT).parts) for t in top
+               for d in [ROOT / t, *(ROOT / t).rglob("*")]
+               if d.is_dir() and (d / "__init__.py").exists()}
+    assert on_disk - listed == set(), "packages missing from [tool.setuptools] packages"
+    assert listed - on_disk == set(), "listed packages that do not exist"
