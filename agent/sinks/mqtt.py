@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.sinks.addressing import address_of, event_type_of, render
+from agent.sinks.addressing import address_of, event_type_of, render, unfit
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import MqttSinkConfig
 from agent.sinks.mqtt_link import LinkDown, LinkRefused, MqttLink, reason_text
@@ -76,7 +76,7 @@ class MqttSink(Sink):
         self._link: MqttLink | None = None
         self._accepted_on_link = 0
         self._states = MachineStates() if config.state_topic else None
-        self._topics: dict[tuple[str, str], str] = {}
+        self._topics: dict[tuple[str, str], str | ItemResult] = {}
         self._connecting = asyncio.Lock()
         self._strikes: dict[str, int] = {}  # event id -> protocol errors it was first for
 
@@ -135,13 +135,17 @@ class MqttSink(Sink):
                   link.session_present)
         return link
 
-    def _topic(self, event: OutboundEvent) -> str:
+    def _topic(self, event: OutboundEvent) -> str | ItemResult:
+        """The event's topic, or the dead-letter verdict of an event that has none."""
         key = (event.source, event_type_of(event.payload))
         topic = self._topics.get(key)
         if topic is None:
             if len(self._topics) > 10_000:  # bounded: sources x types is small anyway
                 self._topics.clear()
-            topic = render(self.config.topic, address_of(event, self.agent_id))
+            address = address_of(event, self.agent_id)
+            why = unfit(self.config.topic, address, "mqtt")
+            topic = render(self.config.topic, address) if why is None else \
+                ItemResult(Outcome.REJECTED, None, f"no MQTT topic for this event: {why}")
             self._topics[key] = topic
         return topic
 
@@ -164,15 +168,23 @@ class MqttSink(Sink):
         if isinstance(link, Delivery):
             return link
         template = self.config.topic
-        futures = []
-        for i, e in enumerate(events):
-            futures.append(link.publish(self._topic(e), e.payload.encode("utf-8"),
+        futures: list[asyncio.Future[ReasonCode | None] | ItemResult] = []
+        sent = 0
+        for e in events:
+            topic = self._topic(e)
+            if isinstance(topic, ItemResult):
+                futures.append(topic)
+                continue
+            futures.append(link.publish(topic, e.payload.encode("utf-8"),
                                         properties=self._properties(e.id)))
-            if i == link.window - 1:
+            sent += 1
+            if sent == link.window:
                 # The first window goes on the wire now, while the rest is queued in paho
                 # (it follows as PUBACKs come back).
                 link.flush()
-        _done, pending = await asyncio.wait(futures, timeout=self.config.ack_timeout)
+        waiting = [f for f in futures if not isinstance(f, ItemResult)]
+        pending = (await asyncio.wait(waiting, timeout=self.config.ack_timeout))[1] \
+            if waiting else set()
         if pending:
             # PUBACKs overdue on a link that looks alive: start afresh on the next attempt.
             self._drop_link()
@@ -180,7 +192,7 @@ class MqttSink(Sink):
         accepted: list[OutboundEvent] = []
         refused_auth = 0
         for event, fut in zip(events, futures, strict=True):
-            item = _item(fut, self.config.ack_timeout)
+            item = fut if isinstance(fut, ItemResult) else _item(fut, self.config.ack_timeout)
             items[event.id] = item
             if item.outcome is Outcome.ACCEPTED:
                 accepted.append(event)
@@ -226,6 +238,8 @@ class MqttSink(Sink):
     def _publish_states(self, link: MqttLink, accepted: Sequence[OutboundEvent]) -> None:
         assert self._states is not None and self.config.state_topic is not None
         for address, body in self._states.apply(accepted, self.agent_id):
+            if unfit(self.config.state_topic, address, "mqtt") is not None:
+                continue  # a foreign event's machine: no state topic rather than a wrong one
             fut = link.publish(render(self.config.state_topic, address), body, retain=True)
             # Not awaited: the state is a convenience; a lost one is replaced by the next.
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())

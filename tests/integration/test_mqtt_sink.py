@@ -73,6 +73,22 @@ async def test_events_arrive_on_uns_topics_with_cloudevents_properties(
     assert [i for i, _, _ in consumer.copies.items] == [e.id for e in events]
 
 
+async def test_a_foreign_event_with_a_wildcard_type_is_dead_lettered_not_retried(
+        sink: MqttSink, consumer: MqttConsumer) -> None:
+    """An event not from this configuration (replayed, another version) whose type holds a
+    wildcard: before, paho raised on every attempt (RETRY forever, the sink stuck)."""
+    good = outbound(2)
+    bad_payload = good[0].payload.replace('"plantedge.scrap.recorded"', '"plantedge.x/#"')
+    bad = OutboundEvent("bad-1", None, bad_payload)
+    delivery = await sink.deliver([good[0], bad, good[1]])
+    assert delivery.outcome is Outcome.REJECTED
+    verdict = delivery.result_for("bad-1")
+    assert verdict.outcome is Outcome.REJECTED and "type 'x/#'" in verdict.detail
+    assert all(delivery.result_for(e.id).outcome is Outcome.ACCEPTED for e in good)
+    await wait_until(lambda: consumer.distinct() == 2, what="the two good events")
+    assert all("#" not in t for t in consumer.topics)
+
+
 async def test_mqtt_311_and_a_custom_topic(broker: MosquittoBroker) -> None:
     c = MqttConsumer(broker.port, topic="plant/#", client_id="c311")
     s = MqttSink("uns", sink_config(broker.url, protocol="3.1.1",

@@ -78,6 +78,24 @@ async def test_missing_stream_holds_with_a_clear_message(server: NatsServer,
     assert (await sink.deliver(outbound(2))).outcome is Outcome.ACCEPTED
 
 
+async def test_a_foreign_event_with_a_dotted_machine_is_dead_lettered(
+        server: NatsServer, sink: NatsSink) -> None:
+    """A buffered event whose machine id holds '.' (the config refuses such ids for a NATS
+    subject; an event replayed from elsewhere may still carry one) would land one token deeper
+    ('plantedge.s1.l1.press.1...'): before, it was published there and accepted."""
+    await create_stream(server.url)
+    good = outbound(1)
+    bad = OutboundEvent("bad-1", None, good[0].payload.replace(
+        "/machines/m1", "/machines/press.1"))
+    delivery = await sink.deliver([bad, good[0]])
+    assert delivery.outcome is Outcome.REJECTED
+    verdict = delivery.result_for("bad-1")
+    assert verdict.outcome is Outcome.REJECTED and "machine 'press.1'" in verdict.detail
+    assert delivery.result_for(good[0].id).outcome is Outcome.ACCEPTED
+    copies = await stream_copies(server.url)
+    assert [i for i, _, _ in copies.items] == [good[0].id]
+
+
 async def test_subject_outside_the_stream_holds(server: NatsServer) -> None:
     await create_stream(server.url, subjects=("plantedge.s1.l1.m1.>",))
     s = NatsSink("stream", sink_config(server.url), agent_id="edge-t")
