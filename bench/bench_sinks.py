@@ -229,13 +229,18 @@ def run_bare(kind: str, peer: str, payloads: Path, window: int, root: Path,
     return res
 
 
+IN_FLIGHT: int | None = None  # --in-flight
+
+
 def run_agent(kind: str, peer: str, n: int, window: int, root: Path,
               progress: Any) -> dict[str, Any]:
+    extra = f", max_in_flight: {IN_FLIGHT}" if IN_FLIGHT else ""
     data = root / f"agent-{kind}"
     data.mkdir(parents=True, exist_ok=True)
     fill_buffer(data / "buffer.db", ["out"], make_events(n, machines=20, agent="bench-edge"))
-    sink = (f'{{type: mqtt, url: "{peer}", batch_max_events: {window}}}' if kind == "mqtt"
-            else f'{{type: nats, servers: ["{peer}"], batch_max_events: {window}}}')
+    sink = (f'{{type: mqtt, url: "{peer}", batch_max_events: {window}{extra}}}'
+            if kind == "mqtt" else
+            f'{{type: nats, servers: ["{peer}"], batch_max_events: {window}{extra}}}')
     cfg = root / f"agent-{kind}.yaml"
     cfg.write_text("\n".join([
         f'agent: {{id: bench-edge, site: s1, data_dir: "{data}", stop_timeout: 10s}}',
@@ -425,10 +430,14 @@ def main() -> None:
     ap.add_argument("--sinks", default="mqtt,nats")
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--runs", type=int, default=3, help="alternating bare/agent runs (medians)")
+    ap.add_argument("--in-flight", type=int, help="the sinks' max_in_flight (default: the "
+                    "config default)")
     ap.add_argument("--bare", choices=["mqtt", "nats"], help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--payloads", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global IN_FLIGHT
+    IN_FLIGHT = args.in_flight
     if args.bare == "mqtt":
         bare_mqtt(int(args.peer), _messages(args.payloads, "mqtt"), args.batch)
         return

@@ -84,6 +84,10 @@ class MqttSink(Sink):
     def max_batch(self) -> int:
         return self.config.batch_max_events
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
+
     async def reload_credentials(self) -> None:
         self._drop_link()  # the next attempt re-reads the password and the TLS files
 
@@ -200,7 +204,7 @@ class MqttSink(Sink):
                 refused_auth += 1
         self._accepted_on_link += len(accepted)
         if link.protocol_error:
-            self._strike(events, items)
+            self._strike(events, futures, link, items)
         if refused_auth == len(events) and (len(events) > 1 or not self._accepted_on_link):
             topic = render(template, address_of(events[0], self.agent_id))
             return Delivery(Outcome.HOLD, _NOT_AUTHORIZED,
@@ -217,11 +221,18 @@ class MqttSink(Sink):
             return Delivery(Outcome.RETRY, detail=next(iter(items.values())).detail)
         return Delivery(outcome, detail="per-event results", items=items)
 
-    def _strike(self, events: Sequence[OutboundEvent], items: dict[str, ItemResult]) -> None:
-        """The link broke on a broker answer paho cannot read. The first event without a
-        PUBACK is the likely cause; the second time it is, it goes to the dead letters
-        instead of blocking the sink forever (the events after it are only retried)."""
-        first = next((e for e in events if items[e.id].outcome is Outcome.RETRY), None)
+    def _strike(self, events: Sequence[OutboundEvent],
+                futures: Sequence[asyncio.Future[ReasonCode | None] | ItemResult],
+                link: MqttLink, items: dict[str, ItemResult]) -> None:
+        """The link broke on a broker answer paho cannot read. The oldest publish on the link
+        without a PUBACK is the likely cause; the second time an event is, it goes to the dead
+        letters instead of blocking the sink forever (the events after it are only retried).
+        With several attempts in flight that event may be another attempt's: this one's
+        events are then only retried (striking this attempt's first would dead-letter an
+        innocent event once the poison broke the link twice)."""
+        first = next((e for e, f in zip(events, futures, strict=True)
+                      if f is link.first_unacked and items[e.id].outcome is Outcome.RETRY),
+                     None)
         if first is None:
             return
         strikes = self._strikes.get(first.id, 0) + 1

@@ -110,6 +110,7 @@ class MqttLink:
         self._acks: dict[int, asyncio.Future[ReasonCode | None]] = {}
         self.down: str | None = None
         self.protocol_error = False
+        self.first_unacked: asyncio.Future[ReasonCode | None] | None = None
         self.session_present = False
 
     @property
@@ -257,6 +258,10 @@ class MqttLink:
             self._connack.set_exception(err)
             self._connack.exception()
         acks, self._acks = self._acks, {}
+        if self.first_unacked is None:
+            # The broker handles one connection's publishes in order: the oldest publish
+            # without a PUBACK is the one it was reading when the link broke.
+            self.first_unacked = next(iter(acks.values()), None)
         for fut in acks.values():
             if not fut.done():
                 fut.set_exception(err)

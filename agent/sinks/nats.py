@@ -77,6 +77,10 @@ class NatsSink(Sink):
     def max_batch(self) -> int:
         return self.config.batch_max_events
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
+
     async def reload_credentials(self) -> None:
         await self.aclose()
 

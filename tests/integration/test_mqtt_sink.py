@@ -206,6 +206,33 @@ async def test_retained_state_topic(broker: MosquittoBroker) -> None:
     assert state["downtime"]["episode_id"] == "ep1"
 
 
+async def test_the_size_limit_strike_hits_the_poison_not_a_concurrent_attempt(
+        tmp_path: Path) -> None:
+    """Two attempts in flight on one link (max_in_flight > 1); the broker drops the link on
+    the oversized event of the first. Before, each attempt struck its own first unacknowledged
+    event, so after two breaks an innocent event of the other attempt was dead-lettered."""
+    b = MosquittoBroker(tmp_path / "small", extra_config="message_size_limit 2000")
+    b.start()
+    events = outbound(6)
+    big = json.loads(events[1].payload)
+    big["data"]["note"] = "x" * 5000
+    poison = OutboundEvent(events[1].id, None, json.dumps(big, separators=(",", ":"),
+                                                           sort_keys=True))
+    first, second = [events[0], poison], events[2:]
+    s = MqttSink("uns", sink_config(b.url), agent_id="edge-t")
+    try:
+        for round_ in (1, 2):
+            one, two = await asyncio.gather(s.deliver(first), s.deliver(second))
+            assert one.result_for(events[0].id).outcome is Outcome.ACCEPTED
+            assert all(two.result_for(e.id).outcome in (Outcome.ACCEPTED, Outcome.RETRY)
+                       for e in second), (round_, two)
+        assert one.result_for(poison.id).outcome is Outcome.REJECTED, one
+        assert "broke the connection" in one.result_for(poison.id).detail
+    finally:
+        await s.aclose()
+        b.kill()
+
+
 async def test_a_message_over_the_brokers_size_limit_is_dead_lettered(tmp_path: Path) -> None:
     b = MosquittoBroker(tmp_path / "small", extra_config="message_size_limit 2000")
     b.start()
