@@ -89,6 +89,27 @@ async def test_a_foreign_event_with_a_wildcard_type_is_dead_lettered_not_retried
     assert all("#" not in t for t in consumer.topics)
 
 
+@pytest.mark.parametrize(("protocol", "session", "present"), [
+    ("5", "persistent", True), ("3.1.1", "persistent", True),
+    ("5", "clean", False), ("3.1.1", "clean", False)])
+async def test_the_session_outlives_a_reconnect_only_when_persistent(
+        broker: MosquittoBroker, protocol: str, session: str, present: bool) -> None:
+    """The broker (persistence on, restarted in between) keeps a persistent session under
+    the stable client id: the reconnect finds it (session present); a clean one never does."""
+    s = MqttSink("uns", sink_config(broker.url, protocol=protocol, session=session),
+                 agent_id="edge-t")
+    try:
+        assert (await s.deliver(outbound(2))).outcome is Outcome.ACCEPTED
+        assert s._link is not None and not s._link.session_present  # the first connect
+        await s.reload_credentials()  # drops the link, as a held sink's probe does
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.start)
+        assert (await s.deliver(outbound(2))).outcome is Outcome.ACCEPTED
+        assert s._link is not None and s._link.session_present is present
+    finally:
+        await s.aclose()
+
+
 async def test_mqtt_311_and_a_custom_topic(broker: MosquittoBroker) -> None:
     c = MqttConsumer(broker.port, topic="plant/#", client_id="c311")
     s = MqttSink("uns", sink_config(broker.url, protocol="3.1.1",
