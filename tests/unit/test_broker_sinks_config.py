@@ -48,6 +48,8 @@ def test_mqtt_defaults_and_url_parts() -> None:
       "password": "p"}, "not token and username"),
     ({"type": "nats", "servers": ["nats://x"], "username": "u"}, "go together"),
     ({"type": "kafka", "brokers": ["k:9092"]}, "does not match any of the expected tags"),
+    ({"type": "nats", "servers": ["nats://s3cret@n1:4222"]}, "carries credentials"),
+    ({"type": "mqtt", "url": "mqtts://s3cret@broker:8883"}, "carries credentials"),
 ])
 def test_bad_broker_sink_configs_say_what_is_wrong(doc: dict[str, Any], message: str) -> None:
     assert message in errors(doc)
@@ -173,3 +175,13 @@ def test_our_own_events_are_fit_for_both() -> None:
         address = address_of(_event(source, "plantedge.downtime.started"), "edge-01")
         assert unfit(MqttSinkConfig.model_fields["topic"].default, address, "mqtt") is None
         assert unfit(NatsSinkConfig.model_fields["subject"].default, address, "nats") is None
+
+
+def test_a_credential_in_a_broker_url_is_refused_without_repeating_it() -> None:
+    from agent.wiring.load import load_config_text
+    from config.errors import ConfigError
+
+    text = _nats_config().replace("nats://127.0.0.1", "nats://s3cret@127.0.0.1")
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, "plant.yaml")
+    assert "carries credentials" in str(caught.value) and "s3cret" not in str(caught.value)
