@@ -213,7 +213,7 @@ class MqttSinkConfig(Strict):
                                   "attempt; unacknowledged events are sent again.")
     batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
                                   "flight) per attempt.")
-    max_in_flight: int = Field(4, ge=1, le=64, description="Attempts out at once on the one "
+    max_in_flight: int = Field(2, ge=1, le=64, description="Attempts out at once on the one "
                                "connection (each carries other machines' events: a machine's "
                                "event is never sent before its earlier ones were accepted or "
                                "dead-lettered). 1 waits for every PUBACK of a batch before the "
@@ -277,7 +277,7 @@ class NatsSinkConfig(Strict):
                                   "one attempt; unacknowledged events are sent again.")
     batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
                                   "flight) per attempt.")
-    max_in_flight: int = Field(4, ge=1, le=64, description="Attempts out at once on the one "
+    max_in_flight: int = Field(2, ge=1, le=64, description="Attempts out at once on the one "
                                "connection (each carries other machines' events: a machine's "
                                "event is never sent before its earlier ones were accepted or "
                                "dead-lettered). 1 waits for every acknowledgement of a batch "

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from support.brokers import MqttConsumer, fill_buffer, make_events
 from support.mosquitto import BrokerTls, MosquittoBroker, make_certs, needs_mosquitto
 
 from agent.runtime.forwarder import Forwarder
-from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.base import Delivery, OutboundEvent, Outcome
 from agent.sinks.config import MqttSinkConfig, RetryPolicy
 from agent.sinks.mqtt import MqttSink
 from buffer.sqlite import SqliteBuffer
@@ -287,6 +289,21 @@ async def test_a_message_over_the_brokers_size_limit_is_dead_lettered(tmp_path: 
 
 
 @pytest.mark.slow
+class _FreezingSink(MqttSink):
+    """Freezes the broker (SIGSTOP) as its ``at``-th attempt starts."""
+
+    def __init__(self, pid: int, at: int, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pid, self.at, self.calls, self.frozen = pid, at, 0, False
+
+    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(self.pid, signal.SIGSTOP)
+            self.frozen = True
+        return await super().deliver(events)
+
+
 async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: MosquittoBroker,
                                                       consumer: MqttConsumer) -> None:
     n = 3000
@@ -295,12 +312,20 @@ async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: Mo
     fill_buffer(path, ["uns"], events)
     buffer = AsyncBuffer(SqliteBuffer(path, max_size=2**31))
     await buffer.open(["uns"])
-    s = MqttSink("uns", sink_config(broker.url, batch_max_events=100), agent_id="edge-t")
+    pid = broker._proc.pid if broker._proc is not None else 0
+    s = _FreezingSink(pid, 8, "uns", sink_config(broker.url, batch_max_events=100),
+                      agent_id="edge-t")
     fw = Forwarder(s, buffer, RetryPolicy(initial_backoff="50ms", max_backoff="300ms"))
     task = asyncio.create_task(fw.run())
     try:
-        await wait_until(lambda: consumer.distinct() > n // 4, timeout=30, what="a quarter")
-        await asyncio.to_thread(broker.stop)  # graceful: the broker saves its queues
+        # The broker is frozen as the 8th attempt starts (a quarter of the way: waiting for
+        # the consumer's count raced the drain, two attempts in flight finished it first),
+        # then stopped gracefully: the broker saves its queues.
+        await wait_until(lambda: s.frozen, timeout=30, what="a quarter")
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            os.kill(pid, sig)
+        await asyncio.to_thread(broker.stop)
+        assert fw.delivered_total < n
         await wait_until(lambda: fw.state == "retrying", what="the sink noticing")
         await asyncio.to_thread(broker.start)
         await wait_until(lambda: consumer.distinct() == n, timeout=60, interval=0.1,
