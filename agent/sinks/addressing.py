@@ -4,20 +4,32 @@ An event's ``source`` is ``/sites/{site}/lines/{line}/machines/{machine}`` (mach
 ``/sites/{site}/agents/{agent}`` (the agent's own events, such as data gaps: line ``_agent``,
 machine = the agent id). ``{type}`` is the event type without the ``plantedge.`` prefix
 (``downtime.started``). Ids are limited by the config schema to letters, digits, ``.``, ``_``
-and ``-``, so they never contain MQTT wildcards or separators.
+and ``-``, so they never contain MQTT wildcards or separators; a ``.`` in an id would split a
+NATS subject token, which the config loader refuses for the ids a ``nats`` subject uses.
+
+An event that did not come from this configuration (replayed from an export, written by another
+version) may still carry anything in its source or type: ``unfit`` says why its topic or
+subject cannot be built, and the sinks dead-letter such an event with that reason rather than
+publish it somewhere else (a wildcard, an extra level) or retry it forever.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from agent.sinks.base import OutboundEvent
 
-__all__ = ["Address", "address_of", "event_type_of", "render"]
+__all__ = ["Address", "address_of", "event_type_of", "placeholders", "render", "unfit"]
 
 _TYPE_KEY = '"type":"'
 _PREFIX = "plantedge."
+_PLACEHOLDER = re.compile(r"{([a-z]+)}")
+# Characters a placeholder value must not bring into a topic or subject. MQTT: level separator,
+# wildcards, NUL. NATS: token separator, wildcards, whitespace (the protocol's delimiters).
+_MQTT_BAD = frozenset("/+#\0")
+_NATS_BAD = frozenset(".*> \t\r\n\0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +80,30 @@ def address_of(event: OutboundEvent, agent: str) -> Address:
 def render(template: str, address: Address) -> str:
     return template.format(site=address.site, line=address.line, machine=address.machine,
                            type=address.type, agent=address.agent)
+
+
+def placeholders(template: str) -> frozenset[str]:
+    return frozenset(_PLACEHOLDER.findall(template))
+
+
+def unfit(template: str, address: Address, kind: str) -> str | None:
+    """Why ``address`` cannot fill ``template`` of a ``kind`` ('mqtt' or 'nats') sink, or None.
+
+    Every placeholder value must be one topic level (one subject token); the type may span
+    several NATS tokens (``downtime.started``), none of them empty."""
+    bad = _MQTT_BAD if kind == "mqtt" else _NATS_BAD
+    for key in sorted(placeholders(template)):
+        value: str = getattr(address, key)
+        if key == "type" and kind == "nats":
+            parts = value.split(".")
+            if all(p and not bad.intersection(p) for p in parts):
+                continue
+        elif value and not bad.intersection(value):
+            continue
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)[:100]
+        what = "topic level" if kind == "mqtt" else "subject token"
+        return (f"the event's {key} '{shown}' is empty or contains a character that splits "
+                f"or widens the {what} ({' '.join(sorted(repr(c)[1:-1] for c in bad))}): "
+                f"its {'topic' if kind == 'mqtt' else 'subject'} from '{template}' would "
+                "address something else")
+    return None

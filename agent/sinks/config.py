@@ -155,6 +155,14 @@ _BROKER_URL = re.compile(r"^(?P<scheme>[a-z]+)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:
 _TEMPLATE_KEYS = ("site", "line", "machine", "type", "agent")
 
 
+def _no_userinfo(url: str, m: re.Match[str]) -> None:
+    if "@" in m["host"]:
+        # nats-py would take it as a token or user:password, and the URL is in every
+        # error message, log line and /status: credentials have their own keys.
+        raise ValueError(f"'{url.split('@')[-1]}' carries credentials before '@': give them "
+                         "as username/password or token (from a secret), not in the URL")
+
+
 def _check_template(v: str, what: str) -> str:
     """A topic/subject template: only the known ``{placeholders}``, no wildcards."""
     keys = re.findall(r"{([^{}]*)}", v)
@@ -205,6 +213,11 @@ class MqttSinkConfig(Strict):
                                   "attempt; unacknowledged events are sent again.")
     batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
                                   "flight) per attempt.")
+    max_in_flight: int = Field(2, ge=1, le=64, description="Attempts out at once on the one "
+                               "connection (each carries other machines' events: a machine's "
+                               "event is never sent before its earlier ones were accepted or "
+                               "dead-lettered). 1 waits for every PUBACK of a batch before the "
+                               "next.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
 
     @field_validator("url")
@@ -213,6 +226,7 @@ class MqttSinkConfig(Strict):
         m = _BROKER_URL.match(v)
         if not m or m["scheme"] not in ("mqtt", "mqtts"):
             raise ValueError(f"'{v}' is not mqtt://host[:port] or mqtts://host[:port]")
+        _no_userinfo(v, m)
         if m["port"] and not 0 < int(m["port"]) < 65536:
             raise ValueError(f"port {m['port']} of '{v}' is out of range")
         return v
@@ -263,6 +277,11 @@ class NatsSinkConfig(Strict):
                                   "one attempt; unacknowledged events are sent again.")
     batch_max_events: int = Field(500, ge=1, le=10000, description="Events published (in "
                                   "flight) per attempt.")
+    max_in_flight: int = Field(2, ge=1, le=64, description="Attempts out at once on the one "
+                               "connection (each carries other machines' events: a machine's "
+                               "event is never sent before its earlier ones were accepted or "
+                               "dead-lettered). 1 waits for every acknowledgement of a batch "
+                               "before the next.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry backoff.")
 
     @field_validator("servers")
@@ -272,6 +291,7 @@ class NatsSinkConfig(Strict):
             m = _BROKER_URL.match(url)
             if not m or m["scheme"] not in ("nats", "tls"):
                 raise ValueError(f"'{url}' is not nats://host[:port] or tls://host[:port]")
+            _no_userinfo(url, m)
         return v
 
     @field_validator("subject")

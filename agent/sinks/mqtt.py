@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.sinks.addressing import address_of, event_type_of, render
+from agent.sinks.addressing import address_of, event_type_of, render, unfit
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import MqttSinkConfig
 from agent.sinks.mqtt_link import LinkDown, LinkRefused, MqttLink, reason_text
@@ -76,13 +76,17 @@ class MqttSink(Sink):
         self._link: MqttLink | None = None
         self._accepted_on_link = 0
         self._states = MachineStates() if config.state_topic else None
-        self._topics: dict[tuple[str, str], str] = {}
+        self._topics: dict[tuple[str, str], str | ItemResult] = {}
         self._connecting = asyncio.Lock()
         self._strikes: dict[str, int] = {}  # event id -> protocol errors it was first for
 
     @property
     def max_batch(self) -> int:
         return self.config.batch_max_events
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
 
     async def reload_credentials(self) -> None:
         self._drop_link()  # the next attempt re-reads the password and the TLS files
@@ -135,13 +139,17 @@ class MqttSink(Sink):
                   link.session_present)
         return link
 
-    def _topic(self, event: OutboundEvent) -> str:
+    def _topic(self, event: OutboundEvent) -> str | ItemResult:
+        """The event's topic, or the dead-letter verdict of an event that has none."""
         key = (event.source, event_type_of(event.payload))
         topic = self._topics.get(key)
         if topic is None:
             if len(self._topics) > 10_000:  # bounded: sources x types is small anyway
                 self._topics.clear()
-            topic = render(self.config.topic, address_of(event, self.agent_id))
+            address = address_of(event, self.agent_id)
+            why = unfit(self.config.topic, address, "mqtt")
+            topic = render(self.config.topic, address) if why is None else \
+                ItemResult(Outcome.REJECTED, None, f"no MQTT topic for this event: {why}")
             self._topics[key] = topic
         return topic
 
@@ -164,15 +172,23 @@ class MqttSink(Sink):
         if isinstance(link, Delivery):
             return link
         template = self.config.topic
-        futures = []
-        for i, e in enumerate(events):
-            futures.append(link.publish(self._topic(e), e.payload.encode("utf-8"),
+        futures: list[asyncio.Future[ReasonCode | None] | ItemResult] = []
+        sent = 0
+        for e in events:
+            topic = self._topic(e)
+            if isinstance(topic, ItemResult):
+                futures.append(topic)
+                continue
+            futures.append(link.publish(topic, e.payload.encode("utf-8"),
                                         properties=self._properties(e.id)))
-            if i == link.window - 1:
+            sent += 1
+            if sent == link.window:
                 # The first window goes on the wire now, while the rest is queued in paho
                 # (it follows as PUBACKs come back).
                 link.flush()
-        _done, pending = await asyncio.wait(futures, timeout=self.config.ack_timeout)
+        waiting = [f for f in futures if not isinstance(f, ItemResult)]
+        pending = (await asyncio.wait(waiting, timeout=self.config.ack_timeout))[1] \
+            if waiting else set()
         if pending:
             # PUBACKs overdue on a link that looks alive: start afresh on the next attempt.
             self._drop_link()
@@ -180,7 +196,7 @@ class MqttSink(Sink):
         accepted: list[OutboundEvent] = []
         refused_auth = 0
         for event, fut in zip(events, futures, strict=True):
-            item = _item(fut, self.config.ack_timeout)
+            item = fut if isinstance(fut, ItemResult) else _item(fut, self.config.ack_timeout)
             items[event.id] = item
             if item.outcome is Outcome.ACCEPTED:
                 accepted.append(event)
@@ -188,7 +204,7 @@ class MqttSink(Sink):
                 refused_auth += 1
         self._accepted_on_link += len(accepted)
         if link.protocol_error:
-            self._strike(events, items)
+            self._strike(events, futures, link, items)
         if refused_auth == len(events) and (len(events) > 1 or not self._accepted_on_link):
             topic = render(template, address_of(events[0], self.agent_id))
             return Delivery(Outcome.HOLD, _NOT_AUTHORIZED,
@@ -205,11 +221,18 @@ class MqttSink(Sink):
             return Delivery(Outcome.RETRY, detail=next(iter(items.values())).detail)
         return Delivery(outcome, detail="per-event results", items=items)
 
-    def _strike(self, events: Sequence[OutboundEvent], items: dict[str, ItemResult]) -> None:
-        """The link broke on a broker answer paho cannot read. The first event without a
-        PUBACK is the likely cause; the second time it is, it goes to the dead letters
-        instead of blocking the sink forever (the events after it are only retried)."""
-        first = next((e for e in events if items[e.id].outcome is Outcome.RETRY), None)
+    def _strike(self, events: Sequence[OutboundEvent],
+                futures: Sequence[asyncio.Future[ReasonCode | None] | ItemResult],
+                link: MqttLink, items: dict[str, ItemResult]) -> None:
+        """The link broke on a broker answer paho cannot read. The oldest publish on the link
+        without a PUBACK is the likely cause; the second time an event is, it goes to the dead
+        letters instead of blocking the sink forever (the events after it are only retried).
+        With several attempts in flight that event may be another attempt's: this one's
+        events are then only retried (striking this attempt's first would dead-letter an
+        innocent event once the poison broke the link twice)."""
+        first = next((e for e, f in zip(events, futures, strict=True)
+                      if f is link.first_unacked and items[e.id].outcome is Outcome.RETRY),
+                     None)
         if first is None:
             return
         strikes = self._strikes.get(first.id, 0) + 1
@@ -226,6 +249,8 @@ class MqttSink(Sink):
     def _publish_states(self, link: MqttLink, accepted: Sequence[OutboundEvent]) -> None:
         assert self._states is not None and self.config.state_topic is not None
         for address, body in self._states.apply(accepted, self.agent_id):
+            if unfit(self.config.state_topic, address, "mqtt") is not None:
+                continue  # a foreign event's machine: no state topic rather than a wrong one
             fut = link.publish(render(self.config.state_topic, address), body, retain=True)
             # Not awaited: the state is a convenience; a lost one is replaced by the next.
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -40,7 +40,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from agent.sinks.addressing import address_of, event_type_of, render
+from agent.sinks.addressing import address_of, event_type_of, render, unfit
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import NatsSinkConfig
 from agent.sinks.tls import TlsSetupError, client_context
@@ -70,12 +70,16 @@ class NatsSink(Sink):
         self._where = ", ".join(config.servers)
         self._auth_error: str | None = None
         self._last_error: str | None = None
-        self._subjects: dict[tuple[str, str], str] = {}
+        self._subjects: dict[tuple[str, str], str | ItemResult] = {}
         self._connecting = asyncio.Lock()
 
     @property
     def max_batch(self) -> int:
         return self.config.batch_max_events
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.max_in_flight
 
     async def reload_credentials(self) -> None:
         await self.aclose()
@@ -166,13 +170,17 @@ class NatsSink(Sink):
         futures: list[asyncio.Future[ItemResult]] = []
         subjects: list[str] = []
         for event in events:
+            subject = self._subject(event)
+            fut: asyncio.Future[ItemResult] = loop.create_future()
+            futures.append(fut)
+            if isinstance(subject, ItemResult):
+                subjects.append("")
+                fut.set_result(subject)
+                continue
             self._next += 1
             reply = f"{self._inbox}.{self._next}"
-            fut: asyncio.Future[ItemResult] = loop.create_future()
             self._acks[reply] = fut
-            subject = self._subject(event)
             subjects.append(subject)
-            futures.append(fut)
             await nc.publish(subject, event.payload.encode("utf-8"), reply=reply,
                              headers={"Nats-Msg-Id": event.id})
         _done, pending = await asyncio.wait(futures, timeout=self.config.ack_timeout)
@@ -203,13 +211,17 @@ class NatsSink(Sink):
             return Delivery(outcome, first.status, first.detail)
         return Delivery(outcome, detail="per-event results", items=items)
 
-    def _subject(self, event: OutboundEvent) -> str:
+    def _subject(self, event: OutboundEvent) -> str | ItemResult:
+        """The event's subject, or the dead-letter verdict of an event that has none."""
         key = (event.source, event_type_of(event.payload))
         subject = self._subjects.get(key)
         if subject is None:
             if len(self._subjects) > 10_000:  # bounded: sources x types is small anyway
                 self._subjects.clear()
-            subject = render(self.config.subject, address_of(event, self.agent_id))
+            address = address_of(event, self.agent_id)
+            why = unfit(self.config.subject, address, "nats")
+            subject = render(self.config.subject, address) if why is None else \
+                ItemResult(Outcome.REJECTED, None, f"no NATS subject for this event: {why}")
             self._subjects[key] = subject
         return subject
 

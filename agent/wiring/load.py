@@ -29,6 +29,8 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from agent.detect.config import MachineConfig
+from agent.sinks.addressing import placeholders
+from agent.sinks.config import NatsSinkConfig
 from agent.wiring.schema import AgentSettings, Config
 from config._messages import dotted, suggest, translate
 from config._refs import prepare
@@ -249,10 +251,42 @@ class _Load:
                           f"'{alarms.tag}', which is not an OPC UA tag of kind: alarms "
                           "(its values would never be alarm events)", self._mark(at))
         sinks = data.get("sinks", {})
+        if isinstance(sinks, dict):
+            self._nats_subject_tokens(data, machines, sinks)
         if machines and isinstance(sinks, dict) and not sinks:
             anchor = ("sinks",) if "sinks" in data else ("machines",)
             self._add(("sinks",), "no sinks configured: the machines' events would only "
                       "accumulate in the buffer; add one under 'sinks'", self._mark(anchor))
+
+    def _nats_subject_tokens(self, data: dict[Any, Any], machines: dict[Any, Any],
+                             sinks: dict[Any, Any]) -> None:
+        """An id a NATS subject uses must be one subject token: ids may contain '.', which
+        NATS reads as a separator (machine 'press.1' of line 'l' and machine '1' of line
+        'l.press' would share a subject; 'press.' leaves an empty token no stream covers)."""
+        default = NatsSinkConfig.model_fields["subject"].default
+        raw_agent = data.get("agent")
+        agent: dict[Any, Any] = raw_agent if isinstance(raw_agent, dict) else {}
+        for sid, sink in sinks.items():
+            if not isinstance(sink, dict) or sink.get("type") != "nats":
+                continue
+            template = sink.get("subject", default)
+            used = placeholders(template) if isinstance(template, str) else frozenset()
+            ids: list[tuple[KeyPath, str, Any]] = []
+            if "site" in used:
+                ids.append((("agent", "site"), "site", agent.get("site")))
+            if used & {"agent", "machine"}:  # the agent's own events: machine = agent id
+                ids.append((("agent", "id"), "agent id", agent.get("id")))
+            for mid, machine in machines.items():
+                if "machine" in used:
+                    ids.append((("machines", mid), "machine id", mid))
+                if "line" in used and isinstance(machine, dict):
+                    ids.append((("machines", mid, "line"), "line", machine.get("line")))
+            for path, what, value in ids:
+                if isinstance(value, str) and "." in value:
+                    self._add(path, f"{what} '{value}' contains '.', which splits a NATS "
+                              f"subject token: sink '{sid}' (subject '{template}') would "
+                              f"publish under a different subject; rename it (letters, digits, "
+                              "'_' and '-')", self._mark(path))
 
     @staticmethod
     def _is_alarm_tag(sources: Any, sid: str, tag: str) -> bool:

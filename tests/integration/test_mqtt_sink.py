@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from support.brokers import MqttConsumer, fill_buffer, make_events
 from support.mosquitto import BrokerTls, MosquittoBroker, make_certs, needs_mosquitto
 
 from agent.runtime.forwarder import Forwarder
-from agent.sinks.base import OutboundEvent, Outcome
+from agent.sinks.base import Delivery, OutboundEvent, Outcome
 from agent.sinks.config import MqttSinkConfig, RetryPolicy
 from agent.sinks.mqtt import MqttSink
 from buffer.sqlite import SqliteBuffer
@@ -71,6 +73,43 @@ async def test_events_arrive_on_uns_topics_with_cloudevents_properties(
     assert props.ContentType == "application/cloudevents+json"
     assert dict(props.UserProperty)["id"] == consumer.copies.items[0][0]
     assert [i for i, _, _ in consumer.copies.items] == [e.id for e in events]
+
+
+async def test_a_foreign_event_with_a_wildcard_type_is_dead_lettered_not_retried(
+        sink: MqttSink, consumer: MqttConsumer) -> None:
+    """An event not from this configuration (replayed, another version) whose type holds a
+    wildcard: before, paho raised on every attempt (RETRY forever, the sink stuck)."""
+    good = outbound(2)
+    bad_payload = good[0].payload.replace('"plantedge.scrap.recorded"', '"plantedge.x/#"')
+    bad = OutboundEvent("bad-1", None, bad_payload)
+    delivery = await sink.deliver([good[0], bad, good[1]])
+    assert delivery.outcome is Outcome.REJECTED
+    verdict = delivery.result_for("bad-1")
+    assert verdict.outcome is Outcome.REJECTED and "type 'x/#'" in verdict.detail
+    assert all(delivery.result_for(e.id).outcome is Outcome.ACCEPTED for e in good)
+    await wait_until(lambda: consumer.distinct() == 2, what="the two good events")
+    assert all("#" not in t for t in consumer.topics)
+
+
+@pytest.mark.parametrize(("protocol", "session", "present"), [
+    ("5", "persistent", True), ("3.1.1", "persistent", True),
+    ("5", "clean", False), ("3.1.1", "clean", False)])
+async def test_the_session_outlives_a_reconnect_only_when_persistent(
+        broker: MosquittoBroker, protocol: str, session: str, present: bool) -> None:
+    """The broker (persistence on, restarted in between) keeps a persistent session under
+    the stable client id: the reconnect finds it (session present); a clean one never does."""
+    s = MqttSink("uns", sink_config(broker.url, protocol=protocol, session=session),
+                 agent_id="edge-t")
+    try:
+        assert (await s.deliver(outbound(2))).outcome is Outcome.ACCEPTED
+        assert s._link is not None and not s._link.session_present  # the first connect
+        await s.reload_credentials()  # drops the link, as a held sink's probe does
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.start)
+        assert (await s.deliver(outbound(2))).outcome is Outcome.ACCEPTED
+        assert s._link is not None and s._link.session_present is present
+    finally:
+        await s.aclose()
 
 
 async def test_mqtt_311_and_a_custom_topic(broker: MosquittoBroker) -> None:
@@ -190,6 +229,33 @@ async def test_retained_state_topic(broker: MosquittoBroker) -> None:
     assert state["downtime"]["episode_id"] == "ep1"
 
 
+async def test_the_size_limit_strike_hits_the_poison_not_a_concurrent_attempt(
+        tmp_path: Path) -> None:
+    """Two attempts in flight on one link (max_in_flight > 1); the broker drops the link on
+    the oversized event of the first. Before, each attempt struck its own first unacknowledged
+    event, so after two breaks an innocent event of the other attempt was dead-lettered."""
+    b = MosquittoBroker(tmp_path / "small", extra_config="message_size_limit 2000")
+    b.start()
+    events = outbound(6)
+    big = json.loads(events[1].payload)
+    big["data"]["note"] = "x" * 5000
+    poison = OutboundEvent(events[1].id, None, json.dumps(big, separators=(",", ":"),
+                                                           sort_keys=True))
+    first, second = [events[0], poison], events[2:]
+    s = MqttSink("uns", sink_config(b.url), agent_id="edge-t")
+    try:
+        for round_ in (1, 2):
+            one, two = await asyncio.gather(s.deliver(first), s.deliver(second))
+            assert one.result_for(events[0].id).outcome is Outcome.ACCEPTED
+            assert all(two.result_for(e.id).outcome in (Outcome.ACCEPTED, Outcome.RETRY)
+                       for e in second), (round_, two)
+        assert one.result_for(poison.id).outcome is Outcome.REJECTED, one
+        assert "broke the connection" in one.result_for(poison.id).detail
+    finally:
+        await s.aclose()
+        b.kill()
+
+
 async def test_a_message_over_the_brokers_size_limit_is_dead_lettered(tmp_path: Path) -> None:
     b = MosquittoBroker(tmp_path / "small", extra_config="message_size_limit 2000")
     b.start()
@@ -223,6 +289,21 @@ async def test_a_message_over_the_brokers_size_limit_is_dead_lettered(tmp_path: 
 
 
 @pytest.mark.slow
+class _FreezingSink(MqttSink):
+    """Freezes the broker (SIGSTOP) as its ``at``-th attempt starts."""
+
+    def __init__(self, pid: int, at: int, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.pid, self.at, self.calls, self.frozen = pid, at, 0, False
+
+    async def deliver(self, events: Sequence[OutboundEvent]) -> Delivery:
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(self.pid, signal.SIGSTOP)
+            self.frozen = True
+        return await super().deliver(events)
+
+
 async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: MosquittoBroker,
                                                       consumer: MqttConsumer) -> None:
     n = 3000
@@ -231,12 +312,20 @@ async def test_broker_restart_mid_drain_loses_nothing(tmp_path: Path, broker: Mo
     fill_buffer(path, ["uns"], events)
     buffer = AsyncBuffer(SqliteBuffer(path, max_size=2**31))
     await buffer.open(["uns"])
-    s = MqttSink("uns", sink_config(broker.url, batch_max_events=100), agent_id="edge-t")
+    pid = broker._proc.pid if broker._proc is not None else 0
+    s = _FreezingSink(pid, 8, "uns", sink_config(broker.url, batch_max_events=100),
+                      agent_id="edge-t")
     fw = Forwarder(s, buffer, RetryPolicy(initial_backoff="50ms", max_backoff="300ms"))
     task = asyncio.create_task(fw.run())
     try:
-        await wait_until(lambda: consumer.distinct() > n // 4, timeout=30, what="a quarter")
-        await asyncio.to_thread(broker.stop)  # graceful: the broker saves its queues
+        # The broker is frozen as the 8th attempt starts (a quarter of the way: waiting for
+        # the consumer's count raced the drain, two attempts in flight finished it first),
+        # then stopped gracefully: the broker saves its queues.
+        await wait_until(lambda: s.frozen, timeout=30, what="a quarter")
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            os.kill(pid, sig)
+        await asyncio.to_thread(broker.stop)
+        assert fw.delivered_total < n
         await wait_until(lambda: fw.state == "retrying", what="the sink noticing")
         await asyncio.to_thread(broker.start)
         await wait_until(lambda: consumer.distinct() == n, timeout=60, interval=0.1,

@@ -48,6 +48,8 @@ def test_mqtt_defaults_and_url_parts() -> None:
       "password": "p"}, "not token and username"),
     ({"type": "nats", "servers": ["nats://x"], "username": "u"}, "go together"),
     ({"type": "kafka", "brokers": ["k:9092"]}, "does not match any of the expected tags"),
+    ({"type": "nats", "servers": ["nats://s3cret@n1:4222"]}, "carries credentials"),
+    ({"type": "mqtt", "url": "mqtts://s3cret@broker:8883"}, "carries credentials"),
 ])
 def test_bad_broker_sink_configs_say_what_is_wrong(doc: dict[str, Any], message: str) -> None:
     assert message in errors(doc)
@@ -89,3 +91,97 @@ def test_packed_mqtt5_properties_match_paho() -> None:
     reference.ContentType = "application/cloudevents+json"
     reference.UserProperty = [("id", "0b5f6c1e-8d1a-5c3e-9a57-2f0d6e4b1c77")]
     assert _EventProperties("0b5f6c1e-8d1a-5c3e-9a57-2f0d6e4b1c77").pack() == reference.pack()
+
+
+# --------------------------------------------------------------------------- addressing faults
+
+NATS_CONFIG = """
+agent: {id: AGENT, site: SITE, data_dir: /tmp/edge-nats-tokens}
+sources:
+  plc: {type: modbus, host: 127.0.0.1, tags: {st: {table: holding, address: 0, type: uint16}}}
+machines:
+  MACHINE: {line: LINE, state: {tag: st, map: {1: running}}}
+sinks:
+  stream: {type: nats, servers: ["nats://127.0.0.1:4222"]SUBJECT}
+"""
+
+
+def _nats_config(agent: str = "edge-1", site: str = "s1", machine: str = "m1",
+                 line: str = "l1", subject: str = "") -> str:
+    return (NATS_CONFIG.replace("AGENT", agent).replace("SITE", site)
+            .replace("MACHINE", machine).replace("LINE", line).replace("SUBJECT", subject))
+
+
+@pytest.mark.parametrize(("kw", "where", "what"), [
+    ({"machine": "press.1"}, "machines.\"press.1\"", "machine id 'press.1'"),
+    ({"machine": "press."}, "machines.\"press.\"", "machine id 'press.'"),
+    ({"line": "l.1"}, "line", "line 'l.1'"),
+    ({"site": "plant.a"}, "agent.site", "site 'plant.a'"),
+    ({"agent": "edge.1"}, "agent.id", "agent id 'edge.1'"),  # its own events: machine = id
+])
+def test_an_id_with_a_dot_in_a_nats_subject_is_refused_where_it_is(
+        kw: dict[str, str], where: str, what: str) -> None:
+    from agent.wiring.load import load_config_text
+    from config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(_nats_config(**kw), "plant.yaml")
+    issues = [i for i in caught.value.issues if "splits a NATS subject token" in i.message]
+    assert len(issues) == 1, caught.value.issues
+    assert what in issues[0].message and "sink 'stream'" in issues[0].message
+    assert where in issues[0].path and issues[0].line is not None
+
+
+def test_a_dot_in_an_id_the_subject_does_not_use_is_fine() -> None:
+    from agent.wiring.load import load_config_text
+
+    config = load_config_text(_nats_config(machine="press.1", agent="edge.1",
+                                           subject=', subject: "uns.{site}.{line}.{type}"'))
+    assert "press.1" in config.machines
+    http = _nats_config(machine="press.1").replace(
+        '{type: nats, servers: ["nats://127.0.0.1:4222"]}', '{type: http, url: "http://x/e"}')
+    assert "press.1" in load_config_text(http).machines  # MQTT and HTTP: a dot is just a dot
+
+
+@pytest.mark.parametrize(("source", "type_", "kind", "word"), [
+    ("/sites/s/lines/l/machines/m", "plantedge.x#", "mqtt", "type 'x#'"),
+    ("/sites/s/lines/l/machines/m", "plantedge.a/b", "mqtt", "type 'a/b'"),
+    ("/sites/s/lines/l+/machines/m", "plantedge.ok", "mqtt", "line 'l+'"),
+    ("/sites/s/lines/l/machines/press.1", "plantedge.ok", "nats", "machine 'press.1'"),
+    ("/sites/s/lines/l/machines/>", "plantedge.ok", "nats", "machine '>'"),
+    ("/sites/s/lines/l/machines/m", "plantedge.x y", "nats", "type 'x y'"),
+    ("/sites/s/lines/l/machines/m", "plantedge.x..y", "nats", "type 'x..y'"),
+    ("/sites/s/lines/l/machines/m", "", "nats", "type 'unknown'"),
+])
+def test_a_foreign_event_that_would_widen_its_topic_is_unfit(
+        source: str, type_: str, kind: str, word: str) -> None:
+    from agent.sinks.addressing import unfit
+
+    template = MqttSinkConfig.model_fields["topic"].default if kind == "mqtt" \
+        else NatsSinkConfig.model_fields["subject"].default
+    address = address_of(_event(source, type_), "edge-1")
+    why = unfit(template, address, kind)
+    if word == "type 'unknown'":  # no type at all: addressed as 'unknown', which is fine
+        assert why is None
+        return
+    assert why is not None and word in why
+
+
+def test_our_own_events_are_fit_for_both() -> None:
+    from agent.sinks.addressing import unfit
+
+    for source in ("/sites/plant-a/lines/line-1/machines/filler_1",
+                   "/sites/plant-a/agents/edge-01"):
+        address = address_of(_event(source, "plantedge.downtime.started"), "edge-01")
+        assert unfit(MqttSinkConfig.model_fields["topic"].default, address, "mqtt") is None
+        assert unfit(NatsSinkConfig.model_fields["subject"].default, address, "nats") is None
+
+
+def test_a_credential_in_a_broker_url_is_refused_without_repeating_it() -> None:
+    from agent.wiring.load import load_config_text
+    from config.errors import ConfigError
+
+    text = _nats_config().replace("nats://127.0.0.1", "nats://s3cret@127.0.0.1")
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, "plant.yaml")
+    assert "carries credentials" in str(caught.value) and "s3cret" not in str(caught.value)
