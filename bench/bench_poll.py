@@ -40,8 +40,9 @@ six hops to the buffer's thread (~20 us each), the detector state's snapshot. fs
 event; 36 KB written per event (target not met): a one-event commit appends ~10 WAL frames of
 4 KiB: the events leaf, its id index, the AUTOINCREMENT counter, the delivery row, the
 detector_state leaf, and when a state row changes size the siblings SQLite rebalances plus
-page 1 and the auto_vacuum pointer map (a state that keeps its size costs 6 frames: the floor
-of a one-event commit under this schema is ~20 KB). RSS 61.5 MiB (58 with ``--steady``).
+page 1 and the auto_vacuum pointer map. Saved states are now padded to a stable size: 6-7
+frames, 34-36 KB per event (the floor of a one-event commit under this schema is ~20 KB).
+RSS 61.5 MiB (58 with ``--steady``).
 """
 
 from __future__ import annotations
