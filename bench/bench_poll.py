@@ -1,11 +1,14 @@
 """Poll footprint: the agent polling 10 Modbus devices vs a bare pymodbus client, same run.
 
     .venv/bin/python bench/bench_poll.py [--seconds 20] [--runs 3] [--warmup 5] [--dir DIR]
+                                         [--steady]
 
 The job (the one issue 12 compared with a Node-RED flow): 10 devices x 16 holding registers,
 each read as one request 5 times a second; each device's machine changes state every 5 s
 (staggered), so the agent detects a downtime start or end every 5 s per machine (2 events/s in
-all) and delivers each to the reference receiver (batch mode).
+all) and delivers each to the reference receiver (batch mode). With ``--steady`` no machine
+changes state: the same reads with no event, i.e. the cost of polling alone (the per-event
+figures are then the window's totals).
 
 Processes: this script only measures. A server process runs the 10 pymodbus devices (one
 ``ModbusSimulator`` each, own port) and flips the states; it writes the number of read
@@ -28,11 +31,18 @@ line is the one to compare.
 Targets: agent CPU per read <= 1.5x the bare client's; <= 1 fsync and <= 10 KB written per
 event; RSS no higher than before. Nothing asserts: it is a script for figures.
 
-Last measured (2026-12-02, shared 2-core machine, 20 s windows, runs alternating with the
-previous code, medians of 8 and 7 runs): agent 356 -> 280 us of CPU per read (bare client
-80-125: 2.8x, target not met), fsync 4.0 -> 1.0 per event, 59 -> 27 KB written per event
-(target not met: one event per commit touches ~6 pages of 4 KiB: the event, its id index, its
-delivery row, the AUTOINCREMENT counter, the detector state), RSS 57.4 -> 57.7 MiB.
+Last measured (2026-12-02, shared 2-core machine, load 0.7-4.5, 15 s windows, medians of 2-3
+runs): agent 253-290 us of CPU per read, bare client 80-107 (2.7-2.9x, target not met); with
+``--steady`` 120 us (1.2-1.3x: the polling path alone meets the target). The rest is per event,
+~3.5 ms of CPU for each (one per 25 reads here): the HTTP POST (httpx plus the loopback send,
+~0.7 ms of client CPU measured alone against the receiver), the commit with its fsync (~0.25 ms),
+six hops to the buffer's thread (~20 us each), the detector state's snapshot. fsync 1.0 per
+event; 36 KB written per event (target not met): a one-event commit appends ~10 WAL frames of
+4 KiB: the events leaf, its id index, the AUTOINCREMENT counter, the delivery row, the
+detector_state leaf, and when a state row changes size the siblings SQLite rebalances plus
+page 1 and the auto_vacuum pointer map. Saved states are now padded to a stable size: 6-7
+frames, 34-36 KB per event (the floor of a one-event commit under this schema is ~20 KB).
+RSS 61.5 MiB (58 with ``--steady``).
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-async def _serve(ports_file: Path, count_file: Path) -> None:
+async def _serve(ports_file: Path, count_file: Path, steady: bool = False) -> None:
     from protocols.modbus.config import ModbusTable
     from protocols.modbus.simulator import ModbusSimulator
 
@@ -95,7 +105,8 @@ async def _serve(ports_file: Path, count_file: Path) -> None:
         await asyncio.sleep(max(0.0, due - loop.time()))
         i = flips % DEVICES
         k = flips // DEVICES
-        await sims[i].set_registers(ModbusTable.HOLDING, 0, [3 if k % 2 == 0 else 1])
+        if not steady:  # --steady: the same ticks, no state change (so no event)
+            await sims[i].set_registers(ModbusTable.HOLDING, 0, [3 if k % 2 == 0 else 1])
         flips += 1
         _write(count_file, str(sum(len(s.requests) for s in sims)))
         for s in sims:
@@ -281,11 +292,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--steady", action="store_true",
+                        help="no machine changes state: the cost of polling alone, no event")
     parser.add_argument("--serve", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(_serve(*args.serve))
+        asyncio.run(_serve(args.serve[0], args.serve[1], steady=args.steady))
         return
     if args.bare:
         with contextlib.suppress(KeyboardInterrupt):
@@ -296,7 +309,8 @@ def main() -> None:
         ports_file, count_file = root / "ports.json", root / "reads"
         count_file.write_text("0")
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(ports_file),
-                                   str(count_file)], cwd=ROOT)
+                                   str(count_file)] + (["--steady"] if args.steady else []),
+                                  cwd=ROOT)
         rx_port = _port()
         rx = subprocess.Popen([sys.executable, "-m", "agent.cli", "receiver", "--listen",
                                f"127.0.0.1:{rx_port}", "--db", str(root / "rx.db")], cwd=ROOT,

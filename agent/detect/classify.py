@@ -35,7 +35,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -68,6 +68,12 @@ class EpisodeRecord:
     classified_at: str | None = None
     text: str | None = None
     classification_id: str | None = None
+
+
+# The fields of a record, in order: a record is saved with every detector state commit (up to
+# RECENT of them), and ``dataclasses.asdict`` deep-copies each value of each one; the values
+# are plain strings and numbers, so the same dict is built directly.
+_RECORD_FIELDS = tuple(f.name for f in fields(EpisodeRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +281,8 @@ class Classifier:
         return notes
 
     def to_json(self) -> dict[str, Any]:
-        return {"recent": [asdict(r) for r in self.recent], "grace_open": self.grace_open,
+        return {"recent": [{f: getattr(r, f) for f in _RECORD_FIELDS} for r in self.recent],
+                "grace_open": self.grace_open,
                 "open": list(self.open_classification) if self.open_classification else None,
                 "unattributed_total": self.unattributed_total,
                 "last_unattributed": self.last_unattributed}
