@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT, wait_until
+from support.configs import modbus_agent_yaml
 from support.plant import HOLDING_0, modbus_plant
 
 from agent import __version__
@@ -43,15 +44,7 @@ class Scraper:
 
 
 def _config(tmp: Path, plc_port: int, sink_url: str) -> str:
-    return f"""
-agent: {{id: fleet-edge, site: s1, data_dir: "{tmp / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    return modbus_agent_yaml("fleet-edge", tmp / "agent", plc_port) + f"""\
     tags: {{m.state: {{table: holding, address: 0, type: uint16}}}}
 machines:
   m1: {{line: l1, state: {{tag: m.state, map: {{1: running, 3: down}}}},

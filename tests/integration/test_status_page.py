@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support import ROOT, wait_until
+from support.configs import modbus_agent_yaml
 from support.plant import HOLDING_0, modbus_plant
 
 from agent.status_page import render_page
@@ -24,15 +25,7 @@ R2 = ModbusTag.model_validate({"table": "holding", "address": 2, "type": "uint16
 
 
 def _config(tmp: Path, plc_port: int, sink_url: str) -> str:
-    return f"""
-agent: {{id: page-edge, site: s1, data_dir: "{tmp / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    return modbus_agent_yaml("page-edge", tmp / "agent", plc_port) + f"""\
     tags:
       m1.state: {{table: holding, address: 0, type: uint16}}
       m2.state: {{table: holding, address: 1, type: uint16}}
