@@ -64,7 +64,7 @@ def render_page(doc: dict[str, Any], now: datetime | None = None) -> str:
         f'<span id=readiness class="{"ready" if ready else "notready"}">'
         f"{'READY' if ready else 'NOT READY'}</span></h1>",
         f"<div class=meta>version {_e(doc.get('version'))} &middot; up "
-        f"{_e(_age(doc.get('uptime_s')))} &middot; config "
+        f"{_e(age_text(doc.get('uptime_s')))} &middot; config "
         f"{_e(str(doc.get('config_hash') or '-')[:12])} &middot; as of {_e(doc.get('time'))}"
         f" &middot; refreshes every {REFRESH_SECONDS}s</div>",
     ]
@@ -95,14 +95,14 @@ def _tile(mid: str, m: dict[str, Any], now: datetime) -> str:
     state = str(m.get("state") or "unknown")
     colour = STATE_COLOURS.get(state, STATE_COLOURS["unknown"])
     since = _time(m.get("since"))
-    lines = [f"<p>for {_e(_age((now - since).total_seconds()) if since else '-')}"
+    lines = [f"<p>for {_e(age_text((now - since).total_seconds()) if since else '-')}"
              f"{'' if m.get('signal') in (None, 'ok') else ' &middot; signal ' + _e(m['signal'])}"
              "</p>"]
     ep = m.get("open_downtime")
     if isinstance(ep, dict):
         start = _time(ep.get("started_at"))
         lines.append(f"<p class=downtime>open {_e(ep.get('category'))} downtime "
-                     f"{_e(_age((now - start).total_seconds()) if start else '')}, "
+                     f"{_e(age_text((now - start).total_seconds()) if start else '')}, "
                      f"{_e(reason_label(ep))}</p>")
     if m.get("order_id"):
         lines.append(f"<p>order {_e(m['order_id'])}</p>")
@@ -146,7 +146,7 @@ def _sources(doc: dict[str, Any]) -> str:
         rows.append(
             f'<tr data-source="{_e(name)}"><td>{_e(name)}</td>'
             f'<td class="{"good" if up else "bad"}">{_e(s.get("state"))}</td>'
-            f'<td class=num>{_e(_age(s.get("last_sample_age_s")))}</td>'
+            f'<td class=num>{_e(age_text(s.get("last_sample_age_s")))}</td>'
             f'<td class=num>{len(bad)}</td><td>{_e(", ".join(sorted(bad))[:80])}</td>'
             f'<td>{_e(str(s.get("last_error") or "")[:100]) if not up else ""}</td></tr>')
     return ("<h2>Sources</h2><table id=sources><tr><th>source</th><th>state</th>"
@@ -167,7 +167,7 @@ def _sinks(doc: dict[str, Any]) -> str:
             f'<td class=num>{_e(b.get("pending", "-"))}</td>'
             f'<td class=num>{_e(b.get("leased", "-"))}</td>'
             f'<td class=num>{_e(b.get("dead_letters", "-"))}</td>'
-            f'<td class=num>{_e(_age(b.get("oldest_pending_age_s")))}</td>'
+            f'<td class=num>{_e(age_text(b.get("oldest_pending_age_s")))}</td>'
             f'<td class=num>{_e(s.get("delivered_total", "-"))}</td>'
             f"<td>{_e(str(problem)[:100])}</td></tr>")
     return ("<h2>Sinks</h2><table id=sinks><tr><th>sink</th><th>state</th><th>pending</th>"
@@ -196,7 +196,7 @@ def _time(text: Any) -> datetime | None:
         return None
 
 
-def _age(seconds: Any) -> str:
+def age_text(seconds: Any) -> str:
     """A duration for people: 42s, 12m, 3.5h, 2.0d; '-' when unknown."""
     if not isinstance(seconds, int | float):
         return "-"

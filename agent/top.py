@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from agent.cli_conventions import printable
-from agent.status_page import reason_label
+from agent.status_page import age_text, reason_label
 
 __all__ = ["add_parser", "render", "run"]
 
@@ -197,12 +197,12 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
 
     def since(text: Any) -> str:
         t = when(text)
-        return _age((now - t).total_seconds()) if t else "-"
+        return age_text((now - t).total_seconds()) if t else "-"
 
     ready = "READY" if doc.get("ready") else "NOT READY"
     head = (f"edge-agent {printable(doc.get('agent_id'))} @ {printable(doc.get('site'))}  "
             f"{_paint(ready, '32' if doc.get('ready') else '31', colour)}  "
-            f"up {_age(doc.get('uptime_s'))}  v{printable(doc.get('version'))}  "
+            f"up {age_text(doc.get('uptime_s'))}  v{printable(doc.get('version'))}  "
             f"{printable(doc.get('time') or '')}")
     lines = [head]
     lines += [f"  ! {printable(r)}" for r in doc.get("readiness_reasons") or []]
@@ -226,7 +226,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
     rows = []
     for name, s in (doc.get("sources") or {}).items():
         bad = s.get("bad_tags") or {}
-        rows.append([name, str(s.get("state")), _age(s.get("last_sample_age_s")),
+        rows.append([name, str(s.get("state")), age_text(s.get("last_sample_age_s")),
                      str(len(bad)) + (f" ({', '.join(sorted(bad))[:40]})" if bad else ""),
                      "" if s.get("state") == "up" else str(s.get("last_error") or "")[:50]])
     lines += ["", *_table(["SOURCE", "STATE", "SAMPLE AGE", "BAD TAGS", "LAST ERROR"], rows,
@@ -239,7 +239,7 @@ def render(doc: dict[str, Any], rates: dict[str, float], *, colour: bool) -> lis
         rate = rates.get(name)
         rows.append([name, str(s.get("state")), str(b.get("pending", "-")),
                      str(b.get("leased", "-")), str(b.get("dead_letters", "-")),
-                     _age(b.get("oldest_pending_age_s")),
+                     age_text(b.get("oldest_pending_age_s")),
                      "-" if rate is None else f"{rate:.1f}/s",
                      str(s.get("held_reason") or s.get("last_error") or "")[:50]])
     lines += ["", *_table(["SINK", "STATE", "PENDING", "LEASED", "DEAD", "OLDEST", "RATE",
@@ -281,16 +281,3 @@ def _clip(line: str, width: int) -> str:
 
 def _paint(text: str, code: str, colour: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if colour else text
-
-
-def _age(seconds: Any) -> str:
-    if not isinstance(seconds, int | float):
-        return "-"
-    seconds = max(0.0, float(seconds))
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"

@@ -18,8 +18,8 @@ from config.base import Strict
 from config.secrets import Secret
 from config.units import Duration, DurationOrZero
 
-__all__ = ["HttpAuth", "HttpSinkConfig", "MqttSinkConfig", "NatsSinkConfig", "OAuth2ClientAuth",
-           "OAuth2Config", "RetryPolicy", "SinkConfig", "SinkMode", "TlsConfig",
+__all__ = ["HttpAuth", "HttpSinkConfig", "HttpTarget", "MqttSinkConfig", "NatsSinkConfig",
+           "OAuth2ClientAuth", "OAuth2Config", "RetryPolicy", "SinkConfig", "SinkMode", "TlsConfig",
            "check_headers", "check_http_url"]
 
 
@@ -54,6 +54,21 @@ def check_headers(headers: dict[str, str]) -> dict[str, str]:
                              "(a line break, control or non-ASCII character, or a leading or "
                              "trailing space)")
     return headers
+
+
+class HttpTarget(Strict):
+    """Checks shared by every model that posts to an HTTP endpoint: its ``url`` and static
+    ``headers`` fields (declared by each subclass, with its own description and order)."""
+
+    @field_validator("url", check_fields=False)
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_http_url(v)
+
+    @field_validator("headers", check_fields=False)
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_headers(v)
 
 
 class SinkMode(StrEnum):
@@ -120,7 +135,7 @@ class RetryPolicy(Strict):
                                   "Retry-After).")
 
 
-class HttpSinkConfig(Strict):
+class HttpSinkConfig(HttpTarget):
     type: Literal["http"] = Field(description="HTTP(S) endpoint speaking the delivery contract.")
     url: str = Field(description="Endpoint URL.")
     mode: SinkMode = Field(SinkMode.SINGLE, description="'single': one CloudEvent per request; "
@@ -137,16 +152,6 @@ class HttpSinkConfig(Strict):
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for https:// URLs: "
                            "custom CA, client certificate (mutual TLS).")
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_http_url(v)
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_headers(v)
-
 
 # --------------------------------------------------------------------------- brokers
 
@@ -155,12 +160,18 @@ _BROKER_URL = re.compile(r"^(?P<scheme>[a-z]+)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^:
 _TEMPLATE_KEYS = ("site", "line", "machine", "type", "agent")
 
 
-def _no_userinfo(url: str, m: re.Match[str]) -> None:
+def _broker_url(url: str, plain: str, secure: str) -> re.Match[str]:
+    """``url`` parsed as scheme://host[:port] with one of the two schemes given, and no
+    credentials in it."""
+    m = _BROKER_URL.match(url)
+    if not m or m["scheme"] not in (plain, secure):
+        raise ValueError(f"'{url}' is not {plain}://host[:port] or {secure}://host[:port]")
     if "@" in m["host"]:
         # nats-py would take it as a token or user:password, and the URL is in every
         # error message, log line and /status: credentials have their own keys.
         raise ValueError(f"'{url.split('@')[-1]}' carries credentials before '@': give them "
                          "as username/password or token (from a secret), not in the URL")
+    return m
 
 
 def _check_template(v: str, what: str) -> str:
@@ -223,10 +234,7 @@ class MqttSinkConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        m = _BROKER_URL.match(v)
-        if not m or m["scheme"] not in ("mqtt", "mqtts"):
-            raise ValueError(f"'{v}' is not mqtt://host[:port] or mqtts://host[:port]")
-        _no_userinfo(v, m)
+        m = _broker_url(v, "mqtt", "mqtts")
         if m["port"] and not 0 < int(m["port"]) < 65536:
             raise ValueError(f"port {m['port']} of '{v}' is out of range")
         return v
@@ -288,10 +296,7 @@ class NatsSinkConfig(Strict):
     @classmethod
     def _servers(cls, v: list[str]) -> list[str]:
         for url in v:
-            m = _BROKER_URL.match(url)
-            if not m or m["scheme"] not in ("nats", "tls"):
-                raise ValueError(f"'{url}' is not nats://host[:port] or tls://host[:port]")
-            _no_userinfo(url, m)
+            _broker_url(url, "nats", "tls")
         return v
 
     @field_validator("subject")

@@ -18,7 +18,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 
 from agent.detect.config import MachineConfig
-from agent.sinks.config import HttpAuth, SinkConfig, TlsConfig, check_headers, check_http_url
+from agent.sinks.config import HttpAuth, HttpTarget, SinkConfig, TlsConfig
 from buffer.config import BufferConfig
 from config.base import ComponentId, Strict, check_id
 from config.secrets import Secret
@@ -92,7 +92,7 @@ SourceConfig = Annotated[ModbusSourceConfig | OpcuaSourceConfig | MqttSourceConf
                          Field(discriminator="type")]
 
 
-class FleetConfig(Strict):
+class FleetConfig(HttpTarget):
     url: str = Field(description="Central URL that receives a heartbeat POST (agent id, site, "
                      "version, config hash, uptime, buffer stats, component states).")
     interval: Duration = Field(60.0, description="Time between heartbeats.")
@@ -100,16 +100,6 @@ class FleetConfig(Strict):
     auth: HttpAuth = Field(default_factory=HttpAuth, description="Authentication.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for https:// URLs.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra static headers.")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_http_url(v)
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_headers(v)
 
 
 class Config(Strict):

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import pytest
 from support import AgentProcess, free_port, wait_until
-from support.node_opcua import NodeOpcuaServer, available
+from support.node_opcua import NodeOpcuaServer, needs_node_opcua
 
 from agent.receiver import Receiver
 from config.failpoints import ENV
 from config.model import format_time, utcnow
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not available(), reason="node and tests/support/node_opcua/node_modules are needed "
-    "(.ci/run installs them)")]
+pytestmark = needs_node_opcua
 
 
 def write_config(path: Path, data: Path, endpoint: str, sink: str) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from support import AgentProcess, free_port, wait_until
+from support.configs import http_sink_yaml, modbus_agent_yaml
 
 from agent.receiver import Receiver
 from protocols.modbus.config import ModbusTag
@@ -28,34 +29,19 @@ CLASSIFIED = "plantedge.downtime.classified"
 
 def write_config(path: Path, data_dir: Path, plc_port: int, sink_url: str, health_port: int,
                  token_file: Path) -> None:
-    path.write_text(f"""
-agent: {{id: reason-kill-edge, site: s1, data_dir: "{data_dir}", stop_timeout: 2s}}
-health:
-  listen: "127.0.0.1:{health_port}"
-  reason_entry: {{bearer_token: "${{file:{token_file}}}"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    health = (f'{{listen: "127.0.0.1:{health_port}", '
+              f'reason_entry: {{bearer_token: "${{file:{token_file}}}"}}}}')
+    path.write_text(modbus_agent_yaml("reason-kill-edge", data_dir, plc_port, health=health)
+                    + """\
     timeout: 500ms
     tags:
-      m.state: {{table: holding, address: 0, type: uint16}}
+      m.state: {table: holding, address: 0, type: uint16}
 machines:
   m1:
     line: l1
-    state: {{tag: m.state, map: {{1: running, 3: down}}}}
-    downtime: {{reasons: {{7: Bottle jam}}}}
-sinks:
-  central:
-    type: http
-    url: "{sink_url}"
-    mode: batch
-    timeout: 2s
-    retry: {{initial_backoff: 50ms, max_backoff: 300ms}}
-buffer: {{commit_interval: 10ms}}
-""", encoding="utf-8")
+    state: {tag: m.state, map: {1: running, 3: down}}
+    downtime: {reasons: {7: Bottle jam}}
+""" + http_sink_yaml(sink_url, max_backoff="300ms"), encoding="utf-8")
 
 
 async def test_kill9_right_after_the_2xx_still_delivers_the_classification_once(

@@ -13,17 +13,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT, wait_until
+from support.configs import modbus_agent_yaml
+from support.plant import HOLDING_0, modbus_plant
 
 from agent import __version__
-from agent.health import HealthServer
-from agent.receiver import Receiver
 from agent.runtime import Runtime
-from agent.wiring.load import load_config_text
-from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
 DASHBOARD = ROOT / "docs" / "grafana" / "edge-agent-dashboard.json"
-STATE = ModbusTag.model_validate({"table": "holding", "address": 0, "type": "uint16"})
+STATE = HOLDING_0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -45,41 +43,22 @@ class Scraper:
         return out
 
 
-@pytest.fixture
-async def scraper(tmp_path: Path) -> AsyncIterator[Scraper]:
-    plc = ModbusSimulator(size=16)
-    await plc.start()
-    await plc.set_value(STATE, 1)
-    rx = Receiver(tmp_path / "rx.db")
-    await rx.start()
-    config = load_config_text(f"""
-agent: {{id: fleet-edge, site: s1, data_dir: "{tmp_path / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc.port}
-    poll_interval: 50ms
+def _config(tmp: Path, plc_port: int, sink_url: str) -> str:
+    return modbus_agent_yaml("fleet-edge", tmp / "agent", plc_port) + f"""\
     tags: {{m.state: {{table: holding, address: 0, type: uint16}}}}
 machines:
   m1: {{line: l1, state: {{tag: m.state, map: {{1: running, 3: down}}}},
         downtime: {{min_duration: 0s}}}}
 sinks:
-  central: {{type: http, url: "{rx.url}", timeout: 2s}}
+  central: {{type: http, url: "{sink_url}", timeout: 2s}}
 buffer: {{commit_interval: 10ms}}
-""", "<test>")
-    rt = Runtime(config)
-    health = HealthServer(rt, config.health.listen)
-    await rt.start()
-    port = await health.start()
-    try:
-        yield Scraper(rt, plc, f"http://127.0.0.1:{port}/metrics")
-    finally:
-        await health.aclose()
-        await rt.stop()
-        await rx.aclose()
-        await plc.stop()
+"""
+
+
+@pytest.fixture
+async def scraper(tmp_path: Path) -> AsyncIterator[Scraper]:
+    async with modbus_plant(tmp_path, lambda port, url: _config(tmp_path, port, url)) as p:
+        yield Scraper(p.rt, p.plc, f"http://127.0.0.1:{p.health_port}/metrics")
 
 
 def _state(samples: Samples, state: str) -> float | None:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_until
+from support.configs import http_sink_yaml, modbus_agent_yaml
 
 from agent import __version__
 from agent.health import HealthServer
@@ -25,33 +26,18 @@ STATE = ModbusTag.model_validate({"table": "holding", "address": 0, "type": "uin
 
 
 def make_config(tmp: Path, plc_port: int, sink_url: str, health: str = "") -> Config:
-    text = f"""
-agent: {{id: health-edge, site: s1, data_dir: "{tmp / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"{health}}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    text = modbus_agent_yaml("health-edge", tmp / "agent", plc_port,
+                             health=f'{{listen: "127.0.0.1:0"{health}}}') + """\
     timeout: 300ms
     stale_after: 600ms
-    backoff: {{initial: 50ms, max: 200ms}}
+    backoff: {initial: 50ms, max: 200ms}
     tags:
-      m.state: {{table: holding, address: 0, type: uint16}}
+      m.state: {table: holding, address: 0, type: uint16}
 machines:
   m1:
     line: l1
-    state: {{tag: m.state, map: {{1: running, 3: down}}}}
-sinks:
-  central:
-    type: http
-    url: "{sink_url}"
-    mode: batch
-    timeout: 2s
-    retry: {{initial_backoff: 50ms, max_backoff: 200ms}}
-buffer: {{commit_interval: 10ms}}
-"""
+    state: {tag: m.state, map: {1: running, 3: down}}
+""" + http_sink_yaml(sink_url)
     return load_config_text(text, "<test>")
 
 

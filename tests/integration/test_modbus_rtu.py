@@ -109,6 +109,19 @@ async def wait_until(predicate: Callable[[], bool], within: float = 10.0) -> Non
         await asyncio.sleep(0.005)
 
 
+async def collect(source: ModbusLineSource, batches: int) -> Collector:
+    """Run ``source`` until it delivered ``batches`` batches of samples, then cancel it."""
+    out = Collector()
+    task = asyncio.create_task(source.run(out))
+    try:
+        await wait_until(lambda: len(out.batches) >= batches)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return out
+
+
 @contextlib.asynccontextmanager
 async def opened(cfg: ModbusSourceConfig) -> AsyncIterator[RtuLine]:
     link = RtuLine(cfg, LineStats(cfg.where))
@@ -122,14 +135,7 @@ async def opened(cfg: ModbusSourceConfig) -> AsyncIterator[RtuLine]:
 async def test_three_units_one_silent(rig: Rig) -> None:
     source = build_source("rs485", rig.config())
     assert isinstance(source, ModbusLineSource)
-    out = Collector()
-    task = asyncio.create_task(source.run(out))
-    try:
-        await wait_until(lambda: len(out.batches) >= 3)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    out = await collect(source, 3)
     assert out.connects == 1
     for batch in range(len(out.batches)):
         got = out.by_tag(batch)
@@ -295,14 +301,7 @@ async def test_three_units_one_silent_on_npm_modbus_serial(transport: str) -> No
         gw = stack.enter_context(Gateway(line.client)) if transport == "rtu-over-tcp" else None
         cfg = config(transport, line, gw, tags, timeout="500ms")
         source = ModbusLineSource("rs485", cfg)
-        out = Collector()
-        task = asyncio.create_task(source.run(out))
-        try:
-            await wait_until(lambda: len(out.batches) >= 2)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        out = await collect(source, 2)
     got = out.by_tag()
     assert (got["u1.a"].value, got["u1.b"].value) == (100, 105)
     assert got["u2.a"].value == (201 << 16) + 202 and got["u2.c"].value is True

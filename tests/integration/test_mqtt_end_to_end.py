@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from support import wait_until
+from support.configs import http_sink_yaml
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
 from agent.receiver import Receiver
@@ -42,15 +43,7 @@ machines:
     state: {{tag: oven.state, map: {{RUNNING: running, STOPPED: down, MAINT: planned}}}}
     downtime: {{min_duration: 100ms}}
     scrap: {{quantity_tag: oven.reject, window: 1s}}
-sinks:
-  central:
-    type: http
-    url: "{sink_url}"
-    mode: batch
-    timeout: 2s
-    retry: {{initial_backoff: 50ms, max_backoff: 500ms}}
-buffer: {{commit_interval: 10ms}}
-"""
+""" + http_sink_yaml(sink_url, max_backoff="500ms")
     return load_config_text(text, "<test>")
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.node_opcua import NodeOpcuaServer, available
+from support import free_port
+from support.node_opcua import NodeOpcuaServer, needs_node_opcua
 
 from agent.detect.config import MachineConfig
 from agent.detect.machine import MachineDetector
@@ -21,15 +21,7 @@ from config.model import Event, TagSample, utcnow
 from protocols.opcua.config import OpcuaSourceConfig
 from protocols.opcua.source import OpcuaSource
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not available(), reason="node and tests/support/node_opcua/node_modules are needed "
-    "(.ci/run installs them)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = needs_node_opcua
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_until
-from support.node_opcua import NodeOpcuaServer, available
+from support import free_port, wait_until
+from support.node_opcua import NodeOpcuaServer, needs_node_opcua
 from support.tcp_proxy import TcpProxy
 
 from agent.receiver import Receiver
@@ -26,15 +25,7 @@ from protocols.opcua.history import BackfillReport, backfill
 from protocols.opcua.nodeids import parse_node_id
 from protocols.opcua.session import Session
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not available(), reason="node and tests/support/node_opcua/node_modules are needed "
-    "(.ci/run installs them)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = needs_node_opcua
 
 
 @pytest.fixture(scope="module")

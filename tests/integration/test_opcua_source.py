@@ -19,6 +19,7 @@ import pytest_asyncio
 from asyncua import ua
 from cryptography import x509
 from support import free_port, wait_until
+from support.configs import http_sink_yaml
 
 from agent.cli import main
 from agent.receiver import Receiver
@@ -109,15 +110,7 @@ machines:
     downtime: {{min_duration: 100ms, reason_tag: m.reason, reasons: {{5: Jam}}}}
     scrap: {{counter: m.scrap, window: 500ms}}
     order_tag: m.order
-sinks:
-  central:
-    type: http
-    url: "{sink_url}"
-    mode: batch
-    timeout: 2s
-    retry: {{initial_backoff: 50ms, max_backoff: 500ms}}
-buffer: {{commit_interval: 10ms}}
-"""
+""" + http_sink_yaml(sink_url, max_backoff="500ms")
     return load_config_text(text, "<test>")
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ROOT, free_port, wait_until
+from support.configs import http_sink_yaml, modbus_agent_yaml
 
 from agent import reasons_api
 from agent.health import HealthServer
@@ -41,34 +42,19 @@ def config_text(tmp: Path, plc_port: int, sink_url: str, *, entry: bool = True,
     token_file = tmp / "reason-token"
     token_file.write_text(TOKEN + "\n", encoding="utf-8")
     health = f', reason_entry: {{bearer_token: "${{file:{token_file}}}"}}' if entry else ""
-    return f"""
-agent: {{id: reason-edge, site: s1, data_dir: "{tmp / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"{health}}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    return modbus_agent_yaml("reason-edge", tmp / "agent", plc_port,
+                             health=f'{{listen: "127.0.0.1:0"{health}}}') + """\
     timeout: 300ms
     tags:
-      m.state: {{table: holding, address: 0, type: uint16}}
+      m.state: {table: holding, address: 0, type: uint16}
 machines:
   m1:
     line: l1
-    state: {{tag: m.state, map: {{1: running, 3: down}}}}
+    state: {tag: m.state, map: {1: running, 3: down}}
     downtime:
-      reasons: {{7: Bottle jam, 9: No material}}
-      reason_categories: {{9: unplanned}}
-sinks:
-  central:
-    type: http
-    url: "{sink_url}"
-    mode: {mode}
-    timeout: 2s
-    retry: {{initial_backoff: 50ms, max_backoff: 200ms}}
-buffer: {{commit_interval: 10ms}}
-"""
+      reasons: {7: Bottle jam, 9: No material}
+      reason_categories: {9: unplanned}
+""" + http_sink_yaml(sink_url, mode=mode)
 
 
 @dataclass

@@ -12,31 +12,20 @@ from pathlib import Path
 import httpx
 import pytest
 from support import ROOT, wait_until
+from support.configs import modbus_agent_yaml
+from support.plant import HOLDING_0, modbus_plant
 
-from agent.health import HealthServer
-from agent.receiver import Receiver
-from agent.runtime import Runtime
 from agent.status_page import render_page
-from agent.wiring.load import load_config_text
 from protocols.modbus.config import ModbusTag
-from protocols.modbus.simulator import ModbusSimulator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-M1 = ModbusTag.model_validate({"table": "holding", "address": 0, "type": "uint16"})
+M1 = HOLDING_0
 M2 = ModbusTag.model_validate({"table": "holding", "address": 1, "type": "uint16"})
 R2 = ModbusTag.model_validate({"table": "holding", "address": 2, "type": "uint16"})
 
 
 def _config(tmp: Path, plc_port: int, sink_url: str) -> str:
-    return f"""
-agent: {{id: page-edge, site: s1, data_dir: "{tmp / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 50ms
+    return modbus_agent_yaml("page-edge", tmp / "agent", plc_port) + f"""\
     tags:
       m1.state: {{table: holding, address: 0, type: uint16}}
       m2.state: {{table: holding, address: 1, type: uint16}}
@@ -70,19 +59,9 @@ async def _chromium(*args: str) -> bytes:
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run does)")
 async def test_status_page_in_chromium(tmp_path: Path) -> None:
-    plc = ModbusSimulator(size=16)
-    await plc.start()
-    rx = Receiver(tmp_path / "rx.db")
-    await rx.start()
-    assert plc.port is not None
-    await plc.set_value(M1, 1)
-    await plc.set_value(M2, 1)
-    config = load_config_text(_config(tmp_path, plc.port, rx.url), "<test>")
-    rt = Runtime(config)
-    health = HealthServer(rt, config.health.listen)
-    try:
-        await rt.start()
-        url = f"http://127.0.0.1:{await health.start()}/"
+    async with modbus_plant(tmp_path, lambda port, url: _config(tmp_path, port, url),
+                            initial=((M1, 1), (M2, 1))) as p:
+        plc, rt, url = p.plc, p.rt, f"http://127.0.0.1:{p.health_port}/"
         await wait_until(lambda: rt.detectors["filler-1"].state.value == "running")
         # filler-1: one closed episode (down, then running again); press-2: down now, reason 17.
         await plc.set_value(M1, 3)
@@ -120,11 +99,6 @@ async def test_status_page_in_chromium(tmp_path: Path) -> None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, kept)
         print(f"status page screenshot: {kept}")
-    finally:
-        await health.aclose()
-        await rt.stop()
-        await rx.aclose()
-        await plc.stop()
 
 
 def test_page_escapes_values_and_draws_open_downtime() -> None:

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 from support import ROOT, wait_until
+from support.configs import modbus_agent_yaml
+from support.plant import HOLDING_0, modbus_plant
 
-from agent.health import HealthServer
-from agent.receiver import Receiver
 from agent.runtime import Runtime
-from agent.wiring.load import load_config_text
 from protocols.modbus.config import ModbusTag
 from protocols.modbus.simulator import ModbusSimulator
 
 TMUX = shutil.which("tmux")
-STATE = ModbusTag.model_validate({"table": "holding", "address": 0, "type": "uint16"})
+STATE = HOLDING_0
 REASON = ModbusTag.model_validate({"table": "holding", "address": 1, "type": "uint16"})
 CLI = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
 
@@ -31,22 +30,8 @@ class Plant:
         self.plc, self.rt, self.url = plc, rt, url
 
 
-@pytest.fixture
-async def plant(tmp_path: Path) -> AsyncIterator[Plant]:
-    plc = ModbusSimulator(size=16)
-    await plc.start()
-    await plc.set_value(STATE, 1)
-    rx = Receiver(tmp_path / "rx.db")
-    await rx.start()
-    config = load_config_text(f"""
-agent: {{id: top-edge, site: s1, data_dir: "{tmp_path / 'agent'}", stop_timeout: 2s}}
-health: {{listen: "127.0.0.1:0"}}
-sources:
-  plc:
-    type: modbus
-    host: 127.0.0.1
-    port: {plc.port}
-    poll_interval: 50ms
+def _config(tmp: Path, plc_port: int, sink_url: str) -> str:
+    return modbus_agent_yaml("top-edge", tmp / "agent", plc_port) + f"""\
     tags:
       m.state: {{table: holding, address: 0, type: uint16}}
       m.reason: {{table: holding, address: 1, type: uint16}}
@@ -56,21 +41,16 @@ machines:
     state: {{tag: m.state, map: {{1: running, 3: down}}}}
     downtime: {{min_duration: 0s, reason_tag: m.reason, reasons: {{42: Film break}}}}
 sinks:
-  central: {{type: http, url: "{rx.url}", timeout: 2s}}
+  central: {{type: http, url: "{sink_url}", timeout: 2s}}
 buffer: {{commit_interval: 10ms}}
-""", "<test>")
-    rt = Runtime(config)
-    health = HealthServer(rt, config.health.listen)
-    await rt.start()
-    port = await health.start()
-    await wait_until(lambda: rt.detectors["filler-1"].state.value == "running")
-    try:
-        yield Plant(plc, rt, f"http://127.0.0.1:{port}")
-    finally:
-        await health.aclose()
-        await rt.stop()
-        await rx.aclose()
-        await plc.stop()
+"""
+
+
+@pytest.fixture
+async def plant(tmp_path: Path) -> AsyncIterator[Plant]:
+    async with modbus_plant(tmp_path, lambda port, url: _config(tmp_path, port, url)) as p:
+        await wait_until(lambda: p.rt.detectors["filler-1"].state.value == "running")
+        yield Plant(p.plc, p.rt, f"http://127.0.0.1:{p.health_port}")
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

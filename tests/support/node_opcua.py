@@ -20,7 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NS_URI_INDEX", "NodeOpcuaServer", "available"]
+import pytest
+
+__all__ = ["NS_URI_INDEX", "NodeOpcuaServer", "available", "needs_node_opcua"]
 
 HERE = Path(__file__).resolve().parent / "node_opcua"
 NS_URI_INDEX = 1  # the server's own namespace
@@ -28,6 +30,12 @@ NS_URI_INDEX = 1  # the server's own namespace
 
 def available() -> bool:
     return shutil.which("node") is not None and (HERE / "node_modules" / "node-opcua").is_dir()
+
+
+# The marks of a test module that runs this server (slow: it starts a node process).
+needs_node_opcua = [pytest.mark.slow, pytest.mark.skipif(
+    not available(), reason="node and tests/support/node_opcua/node_modules are needed "
+    "(.ci/run installs them)")]
 
 
 class NodeOpcuaServer:
