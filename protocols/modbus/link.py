@@ -104,12 +104,14 @@ class ModbusLink:
         return ConnectionLostError(f"Modbus device {self._where} closed the connection")
 
     def _check_lost(self) -> None:
-        """After a CancelledError: ours (the link dropped) becomes ConnectionLostError."""
+        """After a CancelledError: ours (the link dropped) becomes ConnectionLostError, unless
+        someone else cancelled the task too (a stop, racing with the drop it causes): that
+        cancel must win, or the stop would wait for a session that never ends."""
         if self._cancelled_for_loss:
             self._cancelled_for_loss = False
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if task is not None and task.uncancel() > 0:
+                return  # the caller re-raises the CancelledError
             raise self._closed() from None
 
     async def open(self) -> None:
