@@ -19,7 +19,6 @@ down are DEBUG. A watchdog ends a session that looks alive but has not shown pro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -108,16 +107,16 @@ class Supervisor:
                 left = self._watchdog - idle
                 if left <= 0:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                    # wait(), not a suppressed await: a stop cancelling us meanwhile must
+                    # end supervision, not be taken for the session's own cancel.
+                    await asyncio.wait([task])
                     raise _WatchdogExpired
                 await asyncio.wait([task], timeout=left)
             task.result()
         finally:
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await asyncio.wait([task])
 
     def _went_down(self, error: str) -> None:
         self.attempts += 1

@@ -1,0 +1,55 @@
+"""A stop that arrives while the watchdog is ending a hung session still ends supervision.
+
+Before, the watchdog waited for the hung session with a suppressed ``await``: a stop's cancel
+arriving in that window was swallowed, supervision went on with a new session, and the
+runtime's stop waited for it for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.runtime.supervisor import Supervisor
+from config.backoff import Backoff
+
+
+async def test_a_stop_during_the_watchdogs_cancel_ends_supervision() -> None:
+    cleaning = asyncio.Event()
+    sessions = 0
+
+    async def hung_session() -> None:
+        nonlocal sessions
+        sessions += 1
+        try:
+            await asyncio.sleep(3600)  # no progress: the watchdog fires
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.2)  # a session that takes a moment to close its link
+            raise
+
+    sup = Supervisor("source", "plc", hung_session, backoff=Backoff(0.01, 0.01),
+                     watchdog=0.05)
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(cleaning.wait(), timeout=5)
+    task.cancel()  # the stop, while the watchdog waits for the session to finish
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done, "supervision went on after the stop"
+    assert task.cancelled()
+    assert sessions == 1
+
+
+async def test_a_stop_while_a_session_runs_ends_supervision() -> None:
+    started = asyncio.Event()
+
+    async def session() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    sup = Supervisor("source", "plc", session, backoff=Backoff(0.01, 0.01), watchdog=30)
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(started.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
