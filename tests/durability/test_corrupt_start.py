@@ -39,6 +39,17 @@ def _checkpoint(db: Path) -> None:
         conn.close()
 
 
+def _event_leaf_pages(db: Path) -> list[int]:
+    """Page numbers (1-based) of the events table's b-tree leaves (SQLite's dbstat table)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [n for (n,) in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' "
+            "ORDER BY pageno")]
+    finally:
+        conn.close()
+
+
 def damage(db: Path, how: str) -> None:
     if how == "missing_wal":
         wal = db.with_name(db.name + "-wal")
@@ -53,7 +64,11 @@ def damage(db: Path, how: str) -> None:
         elif how == "damaged_page":
             pages = size // 4096
             assert pages >= 6, f"file too small to damage a middle page: {pages} pages"
-            f.seek(4096 * (pages // 2))
+            # A leaf page of the events table, so some events are lost for sure: "the middle
+            # page" depended on the layout and sometimes held only detector state.
+            leaves = _event_leaf_pages(db)
+            assert len(leaves) >= 2, f"events fill only {len(leaves)} leaf page(s)"
+            f.seek(4096 * (leaves[len(leaves) // 2] - 1))
             f.write(b"\xff" * 4096)
         else:
             assert how == "truncated"
