@@ -19,9 +19,10 @@ import json
 import re
 from dataclasses import dataclass
 
-from agent.sinks.base import OutboundEvent
+from agent.sinks.base import ItemResult, OutboundEvent, Outcome
 
-__all__ = ["Address", "address_of", "event_type_of", "placeholders", "render", "unfit"]
+__all__ = ["Address", "Destinations", "address_of", "event_type_of", "placeholders", "render",
+           "unfit"]
 
 _TYPE_KEY = '"type":"'
 _PREFIX = "plantedge."
@@ -107,3 +108,28 @@ def unfit(template: str, address: Address, kind: str) -> str | None:
                 f"its {'topic' if kind == 'mqtt' else 'subject'} from '{template}' would "
                 "address something else")
     return None
+
+
+class Destinations:
+    """Each event's topic (MQTT) or subject (NATS) from ``template``, cached per (source,
+    type), or the dead-letter verdict of an event that has none."""
+
+    _MAX = 10_000  # bounded: sources x types is small anyway
+
+    def __init__(self, template: str, kind: str, agent_id: str) -> None:
+        self._template, self._kind, self._agent_id = template, kind, agent_id
+        self._what = "MQTT topic" if kind == "mqtt" else "NATS subject"
+        self._cache: dict[tuple[str, str], str | ItemResult] = {}
+
+    def of(self, event: OutboundEvent) -> str | ItemResult:
+        key = (event.source, event_type_of(event.payload))
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) > self._MAX:
+                self._cache.clear()
+            address = address_of(event, self._agent_id)
+            why = unfit(self._template, address, self._kind)
+            found = render(self._template, address) if why is None else \
+                ItemResult(Outcome.REJECTED, None, f"no {self._what} for this event: {why}")
+            self._cache[key] = found
+        return found

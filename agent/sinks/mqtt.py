@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.sinks.addressing import address_of, event_type_of, render, unfit
+from agent.sinks.addressing import Destinations, address_of, render, unfit
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import MqttSinkConfig
 from agent.sinks.mqtt_link import LinkDown, LinkRefused, MqttLink, reason_text
@@ -76,7 +76,7 @@ class MqttSink(Sink):
         self._link: MqttLink | None = None
         self._accepted_on_link = 0
         self._states = MachineStates() if config.state_topic else None
-        self._topics: dict[tuple[str, str], str | ItemResult] = {}
+        self._topics = Destinations(config.topic, "mqtt", agent_id)
         self._connecting = asyncio.Lock()
         self._strikes: dict[str, int] = {}  # event id -> protocol errors it was first for
 
@@ -139,20 +139,6 @@ class MqttSink(Sink):
                   link.session_present)
         return link
 
-    def _topic(self, event: OutboundEvent) -> str | ItemResult:
-        """The event's topic, or the dead-letter verdict of an event that has none."""
-        key = (event.source, event_type_of(event.payload))
-        topic = self._topics.get(key)
-        if topic is None:
-            if len(self._topics) > 10_000:  # bounded: sources x types is small anyway
-                self._topics.clear()
-            address = address_of(event, self.agent_id)
-            why = unfit(self.config.topic, address, "mqtt")
-            topic = render(self.config.topic, address) if why is None else \
-                ItemResult(Outcome.REJECTED, None, f"no MQTT topic for this event: {why}")
-            self._topics[key] = topic
-        return topic
-
     def _properties(self, event_id: str) -> Properties | None:
         return _EventProperties(event_id) if self.config.protocol == "5" else None
 
@@ -175,7 +161,7 @@ class MqttSink(Sink):
         futures: list[asyncio.Future[ReasonCode | None] | ItemResult] = []
         sent = 0
         for e in events:
-            topic = self._topic(e)
+            topic = self._topics.of(e)
             if isinstance(topic, ItemResult):
                 futures.append(topic)
                 continue

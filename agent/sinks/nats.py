@@ -40,7 +40,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from agent.sinks.addressing import address_of, event_type_of, render, unfit
+from agent.sinks.addressing import Destinations
 from agent.sinks.base import Delivery, ItemResult, OutboundEvent, Outcome, Sink
 from agent.sinks.config import NatsSinkConfig
 from agent.sinks.tls import TlsSetupError, client_context
@@ -70,7 +70,7 @@ class NatsSink(Sink):
         self._where = ", ".join(config.servers)
         self._auth_error: str | None = None
         self._last_error: str | None = None
-        self._subjects: dict[tuple[str, str], str | ItemResult] = {}
+        self._subjects = Destinations(config.subject, "nats", agent_id)
         self._connecting = asyncio.Lock()
 
     @property
@@ -170,7 +170,7 @@ class NatsSink(Sink):
         futures: list[asyncio.Future[ItemResult]] = []
         subjects: list[str] = []
         for event in events:
-            subject = self._subject(event)
+            subject = self._subjects.of(event)
             fut: asyncio.Future[ItemResult] = loop.create_future()
             futures.append(fut)
             if isinstance(subject, ItemResult):
@@ -210,20 +210,6 @@ class NatsSink(Sink):
             # One verdict for all (a missing stream, a lost connection): nothing to settle.
             return Delivery(outcome, first.status, first.detail)
         return Delivery(outcome, detail="per-event results", items=items)
-
-    def _subject(self, event: OutboundEvent) -> str | ItemResult:
-        """The event's subject, or the dead-letter verdict of an event that has none."""
-        key = (event.source, event_type_of(event.payload))
-        subject = self._subjects.get(key)
-        if subject is None:
-            if len(self._subjects) > 10_000:  # bounded: sources x types is small anyway
-                self._subjects.clear()
-            address = address_of(event, self.agent_id)
-            why = unfit(self.config.subject, address, "nats")
-            subject = render(self.config.subject, address) if why is None else \
-                ItemResult(Outcome.REJECTED, None, f"no NATS subject for this event: {why}")
-            self._subjects[key] = subject
-        return subject
 
     # ------------------------------------------------------------------ callbacks
 
