@@ -35,12 +35,12 @@ deb: $(BIN)/.installed
 	BUILD_PYTHON=$(BIN)/python bash packaging/deb/build.sh dist
 
 deb-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_deb.py
+	$(BIN)/python -m pytest -q -m deploy -s -o timeout=1800 tests/deploy/test_deb.py
 
 # The container image built and run by a Docker engine (started here when none answers; skips
 # with the reason when none can be): size, uid, health, demo, SIGTERM, upgrade on a volume.
 image-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m deploy -s tests/deploy/test_image.py
+	$(BIN)/python -m pytest -q -m deploy -s -o timeout=1800 tests/deploy/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -19,6 +18,7 @@ from agent.runtime import Runtime
 from agent.runtime.reload import ReloadRequests
 from agent.wiring.schema import Config, LoopImpl
 from config.redaction import register_config_secrets
+from config.tasks import cancel_all
 
 __all__ = ["run_agent", "run_async"]
 
@@ -79,11 +79,7 @@ async def serve(config: Config, config_hash: str | None, stop: asyncio.Event,
             loop.remove_signal_handler(signal.SIGHUP)
         if reloads is not None:
             await reloads.aclose()
-        for task in helpers:
-            task.cancel()
-        for task in helpers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(helpers)
         await health.aclose()
         await runtime.stop()
         notifier.close()

@@ -32,7 +32,6 @@ The configuration below goes through the same loader as a plant's own file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import shlex
@@ -48,6 +47,7 @@ from agent.demo_uns import UNS_SINK_YAML, UnsWatcher
 from agent.receiver import Receiver
 from agent.runtime import Runtime
 from agent.wiring.load import config_hash, load_config_text
+from config.tasks import wait_event
 from protocols.modbus.config import ModbusSourceConfig
 from protocols.modbus.simulator import ModbusSimulator
 from protocols.mqtt.demo_plant import MACHINE_YAML as MQTT_MACHINE_YAML
@@ -209,8 +209,7 @@ class _Plant:
             if now >= next_scrap:
                 await self.make_scrap()
                 next_scrap += 1.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
+            await wait_event(stop, 0.1)
 
 
 _OPERATOR_CMD = ["reason", "set", "press-3", "20", "--text", "die change for PO-2002"]
@@ -313,8 +312,7 @@ async def _demo(duration: float, data_dir: Path, sink: str = "http") -> int:
     async def script() -> None:
         plant_task = asyncio.create_task(plant.run(stop_plant))
         sealer_task = asyncio.create_task(sealer.run(stop_plant)) if sealer else None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop_agent.wait(), duration)
+        await wait_event(stop_agent, duration)
         stop_plant.set()
         for t in tasks:
             t.cancel()

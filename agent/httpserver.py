@@ -71,6 +71,7 @@ from agent.httpmessages import (
     canned,
     default_body_limit,
 )
+from config.tasks import cancel_all, within
 
 __all__ = ["BodyLimit", "Handler", "HttpServer", "Request", "Response", "default_body_limit"]
 
@@ -166,11 +167,7 @@ class HttpServer:
         self._closed = True
         if self._server is not None:
             self._server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(list(self._connections))
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -268,7 +265,7 @@ class HttpServer:
     async def _receive(self, h: h11.Connection, reader: asyncio.StreamReader,
                        timeout: float, what: str) -> None:
         try:
-            data = await asyncio.wait_for(reader.read(_READ_CHUNK), timeout)
+            data = await within(reader.read(_READ_CHUNK), timeout)
         except TimeoutError:
             raise _Refuse(408, f"{what} not received in time") from None
         h.receive_data(data)  # b"" is the end of the stream
@@ -283,8 +280,8 @@ class HttpServer:
                     if deadline is None and not h.trailing_data[0]:
                         # Idle: waiting for the first byte of a request.
                         try:
-                            data = await asyncio.wait_for(reader.read(_READ_CHUNK),
-                                                          self._idle_timeout)
+                            data = await within(reader.read(_READ_CHUNK),
+                                                self._idle_timeout)
                         except TimeoutError:
                             return None
                         if not data:
@@ -384,7 +381,7 @@ class HttpServer:
     async def _send_raw(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         writer.write(data)
         try:
-            await asyncio.wait_for(writer.drain(), self._write_timeout)
+            await within(writer.drain(), self._write_timeout)
         except TimeoutError:
             raise _Gone() from None
 

@@ -29,6 +29,7 @@ from agent.wiring.schema import Config
 from config.backoff import Backoff
 from config.errors import EdgeAgentError, PermanentError
 from config.model import Quality, TagSample, Value, format_time, parse_time
+from config.tasks import wait_event
 
 __all__ = ["SampleFileError", "read_samples", "record", "replay", "sample_to_json"]
 
@@ -143,8 +144,7 @@ async def record(config: Config, out: TextIO, duration: float | None,
             left = None if duration is None else duration - elapsed
             if left is not None and left <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0 if left is None else min(1.0, left))
+            await wait_event(stop, 1.0 if left is None else min(1.0, left))
             if on_progress is not None:
                 on_progress(count, time.monotonic() - started)
     finally:

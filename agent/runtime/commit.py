@@ -45,6 +45,7 @@ from config import failpoints
 from config.backoff import Backoff
 from config.errors import EdgeAgentError, StorageFullError
 from config.model import Event, EventType, event_id, format_time, utcnow
+from config.tasks import within
 
 __all__ = ["AGENT_STATE_KEY", "MAX_UNCOMMITTED", "Committer"]
 
@@ -146,7 +147,7 @@ class Committer:
         if fut is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            await within(asyncio.shield(fut), timeout)
             return True
         except (TimeoutError, StorageFullError):
             return False

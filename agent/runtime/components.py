@@ -38,6 +38,7 @@ from agent.sinks.config import SinkConfig
 from agent.wiring.build import build_sink, build_source
 from agent.wiring.schema import SourceConfig
 from config.backoff import Backoff
+from config.tasks import cancel_and_wait
 from protocols.base import Source
 
 __all__ = ["Components", "SinkSlot", "SourceSlot"]
@@ -107,7 +108,7 @@ class Components:
         slot = self.sources.pop(name, None)
         if slot is None:
             return False
-        await _cancel(slot.task)
+        await cancel_and_wait(slot.task)
         return True
 
     async def replace_source(self, name: str, config: SourceConfig) -> SourceSlot:
@@ -117,7 +118,7 @@ class Components:
     async def stop_sources(self) -> None:
         """Stop every source at shutdown; the slots stay, so their counters can still be read."""
         for slot in self.sources.values():
-            await _cancel(slot.task)
+            await cancel_and_wait(slot.task)
 
     # ------------------------------------------------------------------ sinks
 
@@ -179,14 +180,8 @@ class Components:
 async def _halt(slot: SinkSlot, timeout: float) -> None:
     with contextlib.suppress(Exception):
         await slot.forwarder.stop(timeout)
-    await _cancel(slot.task)
+    await cancel_and_wait(slot.task)
     with contextlib.suppress(Exception):
         await slot.sink.aclose()
 
 
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

@@ -50,6 +50,7 @@ from buffer.writer import AsyncBuffer
 from config.errors import EdgeAgentError
 from config.model import Event, TagSample, age_seconds, format_time, utcnow
 from config.recent import WINDOW
+from config.tasks import cancel_all, within
 from protocols.base import Source, bad_samples
 
 __all__ = ["Runtime"]
@@ -185,15 +186,15 @@ class Runtime:
         self.accepting = False
         if self.committer.acks_waiting:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.flush(), timeout=timeout / 4)
+                await within(self.flush(), timeout / 4)
         await self.components.stop_sources()
         ticker = [t for t in self._tasks if t.get_name() == "ticker"]
         committer = [t for t in self._tasks if t.get_name() == "committer"]
-        await _cancel_all(ticker)
+        await cancel_all(ticker)
         # Final commit of whatever was detected, then let forwarders finish in-flight work.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), timeout=timeout / 2)
-        await _cancel_all(committer)
+            await within(self.flush(), timeout / 2)
+        await cancel_all(committer)
         await self.components.stop_sinks(timeout / 2)
         await self.buffer.aclose()
         log.info("agent %s stopped", self.config.agent.id)
@@ -372,10 +373,3 @@ class Runtime:
                 reasons.append(f"sink {name} is held: {st.get('held_reason')}")
         return reasons
 
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t

@@ -45,7 +45,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from typing import Any
@@ -55,6 +54,7 @@ from agent.runtime.settling import AsyncLeaseBuffer, ForwarderState, Settling
 from agent.sinks.base import Delivery, Outcome, Sink
 from agent.sinks.config import RetryPolicy
 from buffer.base import LeasedEvent, Settlement
+from config.tasks import cancel_and_wait, wait_event
 
 __all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
 
@@ -125,8 +125,7 @@ class Forwarder(Settling):
                 if self.state is ForwarderState.RETRYING:
                     self._answered()
                 self.state = ForwarderState.IDLE
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await wait_event(self._wake, self._poll_interval)
                 continue
             if self.state is ForwarderState.RETRYING:
                 self._answered()  # only a lease failure leaves us here: the buffer is back
@@ -162,8 +161,7 @@ class Forwarder(Settling):
         if not done:
             log.warning("sink %s: delivery still in flight after %.1fs; abandoning it "
                         "(its events stay buffered)", self.sink.name, drain_timeout)
-            task.cancel()
-            await asyncio.wait({task})
+            await cancel_and_wait(task)
 
     # ------------------------------------------------------------------ leasing
 

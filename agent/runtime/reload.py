@@ -40,6 +40,7 @@ from agent.wiring.schema import Config
 from config.errors import ConfigError, EdgeAgentError
 from config.model import format_time, utcnow
 from config.redaction import register_config_secrets
+from config.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from agent.runtime.core import Runtime
@@ -74,10 +75,7 @@ class ReloadRequests:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)
 
 
 async def reload_from_file(runtime: Runtime, path: Path) -> bool:

@@ -23,7 +23,6 @@ shielded from cancellation, so a stop never leaves one half-applied).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -39,6 +38,7 @@ from buffer.base import LeasedEvent, Settlement
 from config import failpoints
 from config.backoff import Backoff
 from config.model import format_time, utcnow
+from config.tasks import wait_event
 
 __all__ = ["AsyncLeaseBuffer", "ForwarderState", "Settling"]
 
@@ -297,5 +297,4 @@ class Settling:
                 log.exception("sink %s: reloading credentials failed", self.sink.name)
 
     async def _pause(self, delay: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+        await wait_event(self._stopping, delay)

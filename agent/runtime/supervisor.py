@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from config.backoff import Backoff
 from config.errors import EdgeAgentError
+from config.tasks import cancel_and_wait
 
 __all__ = ["Supervisor"]
 
@@ -106,17 +107,16 @@ class Supervisor:
                 idle = time.monotonic() - self._last_progress
                 left = self._watchdog - idle
                 if left <= 0:
-                    task.cancel()
-                    # wait(), not a suppressed await: a stop cancelling us meanwhile must
-                    # end supervision, not be taken for the session's own cancel.
-                    await asyncio.wait([task])
+                    # Not a suppressed await: a stop cancelling us meanwhile must end
+                    # supervision, not be taken for the session's own cancel.
+                    await cancel_and_wait(task)
                     raise _WatchdogExpired
                 await asyncio.wait([task], timeout=left)
             task.result()
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.wait([task])
+            # Cancelled again while it runs on: a cancel lost in the protocol library must
+            # not leave a session polling the device after supervision ended.
+            await cancel_and_wait(task)
 
     def _went_down(self, error: str) -> None:
         self.attempts += 1

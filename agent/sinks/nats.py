@@ -46,6 +46,7 @@ from agent.sinks.config import NatsSinkConfig
 from agent.sinks.tls import TlsSetupError, client_context
 from config.redaction import add_secret_values
 from config.secrets import SecretResolutionError
+from config.tasks import within
 
 __all__ = ["NatsSink"]
 
@@ -135,8 +136,7 @@ class NatsSink(Sink):
             return Delivery(Outcome.HOLD, detail=str(exc))
         self._auth_error = self._last_error = None
         try:
-            nc = await asyncio.wait_for(nats.connect(**opts),
-                                        timeout=3 * self.config.connect_timeout + 1)
+            nc = await within(nats.connect(**opts), 3 * self.config.connect_timeout + 1)
         except (nats.errors.Error, OSError, ssl.SSLError, TimeoutError) as exc:
             why = _describe(exc)
             if self._last_error and isinstance(exc, nats.errors.NoServersError | TimeoutError):

@@ -26,7 +26,6 @@ check how reads were coalesced.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from pymodbus.constants import ExcCodes
@@ -34,6 +33,7 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from config.tasks import within
 from protocols.modbus.codec import encode
 from protocols.modbus.config import ModbusTable, ModbusTag
 
@@ -112,7 +112,7 @@ class ModbusSimulator:
             listener = server.transport
             await server.shutdown()
             if listener is not None and hasattr(listener, "wait_closed"):
-                await asyncio.wait_for(listener.wait_closed(), timeout=5)
+                await within(listener.wait_closed(), 5)
 
     def fail(self, table: ModbusTable, address: int, count: int = 1,
              code: int = ExcCodes.ILLEGAL_ADDRESS) -> None:

@@ -10,7 +10,6 @@ configuration blocks, loaded by the demo through the same loader as a plant's ow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from config.tasks import wait_event
 from protocols.mqtt.broker import MosquittoBroker, find_mosquitto
 
 __all__ = ["MACHINE_YAML", "SOURCE_YAML", "MqttDemoMachine"]
@@ -98,8 +98,7 @@ class MqttDemoMachine:
                     self._client.publish(_REJECT, json.dumps({"qty": self._rng.randint(1, 2)}),
                                          qos=1)
                 next_reject += 1.5
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.1)
+            await wait_event(stop, 0.1)
 
     def stop(self) -> None:
         self._client.disconnect()

@@ -36,6 +36,7 @@ import paho.mqtt.client as mqtt
 
 from config.errors import PeerTimeoutError
 from config.model import Quality, TagSample, utcnow
+from config.tasks import cancel_and_wait
 from protocols.base import SampleSink, Source
 from protocols.mqtt.acks import Acks
 from protocols.mqtt.bridge import PahoConnection
@@ -164,8 +165,7 @@ class MqttSource(Source):
                 if waiter not in done:
                     break
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
         if not up.is_set():
             raise PeerTimeoutError(f"MQTT broker {self.config.host}:{self.config.port} did "
                                    f"not accept the connection within "

@@ -33,6 +33,7 @@ from asyncua.common.subscription import OverflowPolicy, Subscription
 
 from config.errors import ConnectionLostError, FatalError, PeerTimeoutError, RetryableError
 from config.secrets import SecretResolutionError
+from config.tasks import wait_event
 from protocols.opcua.alarms import alarm_filter, condition_refresh_request, refresh_marker_filter
 from protocols.opcua.config import DeadbandType, OpcuaSourceConfig, OpcuaTag, TagKind
 from protocols.opcua.security import TrustDirectory, UntrustedServerError, apply_security
@@ -165,8 +166,7 @@ class Session:
 
     async def wait_lost(self, seconds: float) -> None:
         """Sleep up to ``seconds``; raise ConnectionLostError at once if the session dies."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lost.wait(), timeout=max(0.0, seconds))
+        await wait_event(self._lost, seconds)
         self.raise_if_lost()
 
     # ------------------------------------------------------------------ errors

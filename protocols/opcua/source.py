@@ -252,12 +252,18 @@ class OpcuaSource(Source):
         check = min(0.25, cfg.publishing_interval)
         while True:
             session.check_alive()
+            # Not sub.next_event(timeout=...): its asyncio.wait_for loses a cancel that
+            # arrives with a notification on Python 3.11, and a stop would then wait for ever.
             try:
-                event = await sub.next_event(timeout=check)
-            except StopAsyncIteration:
-                session.lose(f"{session.where}: the subscription was closed")
-                session.raise_if_lost()
-                return
+                async with asyncio.timeout(check):
+                    event = await queue.get()
+            except TimeoutError:
+                event = None
+            else:
+                if event is None:  # the end-of-subscription marker
+                    session.lose(f"{session.where}: the subscription was closed")
+                    session.raise_if_lost()
+                    return
             batch: list[TagSample] = []
             now = utcnow()  # one receive time per burst
             while event is not None:

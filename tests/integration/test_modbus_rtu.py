@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import stop_task
 from support.rtu_peer import (
     Gateway,
     NodeModbusDevice,
@@ -116,9 +117,7 @@ async def collect(source: ModbusLineSource, batches: int) -> Collector:
     try:
         await wait_until(lambda: len(out.batches) >= batches)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
     return out
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
+from support import stop_task
 
 from config.errors import ConnectionLostError, PeerTimeoutError
 from config.model import Quality, TagSample
@@ -67,10 +68,7 @@ async def running(source: ModbusSource, out: Collector) -> AsyncIterator[asyncio
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionLostError,
-                                 PeerTimeoutError):
-            await task
+        await stop_task(task, ConnectionLostError, PeerTimeoutError)
 
 
 def free_port() -> int:

@@ -6,12 +6,11 @@ Real Mosquitto, persistent session."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from support import wait_until
+from support import stop_task, wait_until
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
 from config.errors import ConnectionLostError
@@ -61,9 +60,7 @@ async def run_until(src: MqttSource, out: Durable, done: Callable[[], bool]) -> 
     try:
         await wait_until(done, timeout=10, what="the session's messages")
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-            await task
+        await stop_task(task, ConnectionLostError)
 
 
 async def test_a_new_instance_does_not_apply_a_redelivery_twice(tmp_path: Path) -> None:
@@ -99,9 +96,7 @@ async def test_a_new_instance_does_not_apply_a_redelivery_twice(tmp_path: Path) 
             await wait_until(lambda: two.rejects() == 1, what="the next message")
             two.commit()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-                await task
+            await stop_task(task, ConnectionLostError)
         # Nothing is left to redeliver.
         three = Durable()
         src3 = source(broker.url)
@@ -113,9 +108,7 @@ async def test_a_new_instance_does_not_apply_a_redelivery_twice(tmp_path: Path) 
             assert src3.redeliveries_skipped == 0
             assert [s.value for s in three.samples if s.tag == "m1.reject"] == [3]
         finally:
-            marker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-                await marker
+            await stop_task(marker, ConnectionLostError)
     finally:
         pub.close()
         broker.kill()

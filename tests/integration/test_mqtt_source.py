@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_until
+from support import stop_task, wait_until
 from support.mosquitto import (
     BrokerTls,
     CertSet,
@@ -64,9 +64,7 @@ async def session(source: MqttSource, out: Collector) -> AsyncIterator[asyncio.T
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-            await task
+        await stop_task(task, ConnectionLostError)
 
 
 async def subscribed(source: MqttSource, out: Collector, pub: Publisher, topic: str,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_until
+from support import stop_task, wait_until
 from support.mosquitto import MosquittoBroker, Publisher, needs_mosquitto
 
 from config.errors import ConnectionLostError
@@ -137,9 +137,7 @@ async def test_births_aliases_seq_gap_rebirth_and_death(broker: MosquittoBroker)
         assert "NDEATH" in (out.last("press.speed").detail or "")  # type: ignore[union-attr]
         assert not task.done()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-            await task
+        await stop_task(task, ConnectionLostError)
         host.close()
         node.pub.close()
 
@@ -163,8 +161,6 @@ async def test_data_before_birth_and_garbage_ask_for_a_rebirth(broker: Mosquitto
         assert "undecodable Sparkplug payload" in (out.last("press.temp").detail or "")  # type: ignore[union-attr]
         assert not task.done()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-            await task
+        await stop_task(task, ConnectionLostError)
         host.close()
         pub.close()

@@ -9,7 +9,6 @@ ok" once space is back, STOPPING=1 on SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import AgentProcess, fill_disk, free_port, small_tmpfs, wait_until
+from support import AgentProcess, fill_disk, free_port, small_tmpfs, stop_task, wait_until
 
 from agent.notify import Notifier, run_watchdog
 from agent.receiver import Receiver
@@ -127,9 +126,7 @@ async def test_watchdog_pings_only_while_healthy(listener: Listener, tmp_path: P
         await wait_until(lambda: listener.count("WATCHDOG") >= 1, what="pings resume")
         assert listener.messages[-1] in ({"WATCHDOG": "1"}, {"STATUS": "fine"})
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
         n.close()
 
 

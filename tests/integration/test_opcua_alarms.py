@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port
+from support import free_port, stop_task
 from support.node_opcua import NodeOpcuaServer, needs_node_opcua
 
 from agent.detect.config import MachineConfig
@@ -101,9 +101,7 @@ async def session(cfg: OpcuaSourceConfig, pipe: Pipeline) -> AsyncIterator[None]
             ".alarms") and json.loads(str(s.value))["kind"] == "active") >= 2)
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
 
 def started(pipe: Pipeline, machine: str) -> list[dict[str, Any]]:
@@ -223,9 +221,7 @@ async def test_an_alarm_tag_on_a_node_that_is_no_notifier_is_bad_and_says_why(
         await wait_until(lambda: any(s.tag == "wrong.alarms" and "notifier" in (s.detail or "")
                                      for s in pipe.samples))
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
     # First "unknown until the ConditionRefresh" (every alarm tag, every session), then why.
     wrong = [s for s in pipe.samples if s.tag == "wrong.alarms"]
     assert all(s.quality.value == "bad" for s in wrong)
@@ -315,9 +311,7 @@ async def test_a_network_outage_ends_with_a_condition_refresh(plc: NodeOpcuaServ
         await wait_until(lambda: [a["condition"] for _, a in alarms.active.values()]
                          == ["MotorFault"])
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
         await proxy.aclose()
 
 

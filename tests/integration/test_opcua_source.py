@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from asyncua import ua
 from cryptography import x509
-from support import free_port, wait_until
+from support import free_port, stop_task, wait_until
 from support.configs import http_sink_yaml
 
 from agent.cli import main
@@ -439,8 +439,5 @@ def _start(source: OpcuaSource, out: Collect) -> Any:
 
 
 async def _stop(task: Any) -> None:
-    import contextlib
 
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, ConnectionLostError):
-        await task
+    await stop_task(task, ConnectionLostError)

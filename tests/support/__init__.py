@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentProcess", "fill_disk", "free_port", "small_tmpfs", "wait_until",
+__all__ = ["AgentProcess", "fill_disk", "free_port", "small_tmpfs", "stop_task", "wait_until",
            "wait_until_sync"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def stop_task(task: asyncio.Task[Any], *expected: type[BaseException]) -> None:
+    """Cancel ``task`` until it ends (a cancel lost in a library's wait_for is sent again);
+    an exception it ended with is raised unless it is one of ``expected``."""
+    from config.tasks import cancel_and_wait
+
+    await cancel_and_wait(task)
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, expected):
+        raise exc
 
 
 async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0,

@@ -1,0 +1,93 @@
+"""Waiting with a time limit, and cancelling a task so that it really ends.
+
+Why this module exists: on Python 3.11, ``asyncio.wait_for`` returns the inner result when a
+cancellation of the waiting task arrives in the same loop iteration as that result (fixed in
+3.12 by rewriting it on ``asyncio.timeout``). The cancellation is then lost: a loop that
+waits on a frequently set event, or a library waiting on frequent responses, runs on, and
+``task.cancel(); await task`` waits for ever. Our own code therefore never calls
+``asyncio.wait_for`` (ruff bans it) and waits with ``asyncio.timeout`` instead, through
+``wait_event`` and ``within`` below.
+
+The libraries do call it: pymodbus for each response, asyncua's ``Subscription.next_event``,
+nats-py for each request. So a cancel sent into their code can be swallowed too.
+``cancel_and_wait`` is the one way the agent stops a task: it cancels again while the task
+runs on, so a lost cancellation costs one more interval instead of a stop that never ends.
+
+Invariants of ``cancel_and_wait``:
+- when it returns, the task is done (cancelled, failed or finished);
+- the task's own exception or CancelledError never reaches the caller (it is retrieved, so
+  asyncio does not log "exception was never retrieved");
+- a cancellation of the *caller* is not swallowed: it propagates (the task has been asked to
+  stop at least once by then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a task has to end after a cancel before it is cancelled again. Long enough for
+#: a cleanup that awaits a shielded close (a session close is bounded by its own timeout and
+#: a second cancel only stops waiting for it), short enough that a lost cancel is a blip.
+AGAIN_AFTER = 1.0
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until ``event`` is set or ``timeout`` seconds pass; True when it is set."""
+    if event.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(0.0, timeout)):
+            await event.wait()
+    return event.is_set()
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """``await awaitable`` with a time limit (TimeoutError past it), without the lost
+    cancellation of ``asyncio.wait_for`` on Python 3.11."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+async def cancel_and_wait(task: asyncio.Future[Any] | None, *,
+                          again_after: float = AGAIN_AFTER) -> None:
+    """Cancel ``task`` and return once it is done (see the module docstring)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    await _until_done(task, again_after)
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]], *,
+                     again_after: float = AGAIN_AFTER) -> None:
+    """Cancel every task at once, then wait until each is done."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        await _until_done(t, again_after)
+
+
+async def _until_done(task: asyncio.Future[Any], again_after: float) -> None:
+    # A cancel is only repeated after ``again_after``: a second cancel sent at once would
+    # interrupt the cleanup (a finally with an await) that the first one started.
+    asks = 1
+    while True:
+        await asyncio.wait({task}, timeout=again_after)
+        if task.done():
+            break
+        task.cancel()
+        asks += 1
+    if asks > 1:
+        name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+        # Either a cleanup that took longer than ``again_after`` or a lost cancellation.
+        log.warning("task %s ran on after a cancel; it ended after %d cancels, %.1fs apart",
+                    name, asks, again_after)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure at stop is not news
