@@ -67,7 +67,7 @@ async def test_capacity_drops_are_accounted_for_exactly(tmp_path: Path, when_ful
 
         # On a timeout the assertions below say what does not add up.
         with contextlib.suppress(AssertionError):
-            await wait_until(drained, timeout=20, interval=0.1, what="drained and accounted")
+            await wait_until(drained, timeout=60, interval=0.1, what="drained and accounted")
         stats = await rt.buffer.stats()
     finally:
         await rt.stop()
