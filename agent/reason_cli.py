@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,24 @@ def _token(args: argparse.Namespace) -> str:
                      "health.reason_entry.bearer_token")
 
 
+def _post_with_retries(http: httpx.Client, path: str, body: dict[str, Any],
+                       attempts: int = 3) -> httpx.Response:
+    """POST with one idempotency key for every attempt: an answer lost on the way, or a 503
+    (not committed in time), is asked again without risking a second classification or undoing
+    one made by someone else meanwhile."""
+    key = f"edge-agent-cli-{uuid.uuid4()}"
+    for attempt in range(1, attempts + 1):
+        try:
+            r = http.post(path, json=body, headers={"Idempotency-Key": key})
+        except (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError):
+            if attempt == attempts:
+                raise
+            continue
+        if r.status_code != 503 or attempt == attempts:
+            return r
+    raise AssertionError("unreachable")
+
+
 def _refused(r: httpx.Response) -> int:
     try:
         doc = r.json()
@@ -185,7 +204,7 @@ def _set(http: httpx.Client, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"code": code, "by": args.by}
     if args.text:
         body["text"] = args.text
-    r = http.post(f"/machines/{args.machine}/episodes/{episode}/reason", json=body)
+    r = _post_with_retries(http, f"/machines/{args.machine}/episodes/{episode}/reason", body)
     if r.status_code not in (200, 201):
         return _refused(r)
     doc = r.json()

@@ -13,6 +13,9 @@ file works at once)::
          -> 201 {"event_id", "episode_id", "reason_code", "created": true}   a new event
             200 {..., "created": false}   the same as the episode's latest classification
             (the same request twice gives one event and the same answer)
+         Header ``Idempotency-Key`` (optional, 1-255 visible ASCII characters): a retry with
+         the same key answers as the first request did, even after someone else classified
+         the episode since; the same key with another request is refused (422).
 
 Errors: 401 missing or wrong token (checked first, so machine names do not leak); 404 unknown
 machine or episode (or reason entry off); 422 a code not in the machine's ``reasons`` map
@@ -34,7 +37,7 @@ import json
 import logging
 from typing import Any
 
-from agent.detect.classify import RECENT, EpisodeNotFound, UnknownCode
+from agent.detect.classify import RECENT, EpisodeNotFound, KeyReused, UnknownCode
 from agent.httpserver import Request, Response
 from agent.runtime import Runtime
 from config.model import utcnow
@@ -83,7 +86,8 @@ async def answer(runtime: Runtime, req: Request) -> Response:
     if len(parts) == 5 and parts[2] == "episodes" and parts[4] == "reason":
         if req.method != "POST":
             return Response.json({"error": "use POST"}, 405, {"Allow": "POST"})
-        return await _classify(runtime, parts[1], parts[3], req.body)
+        return await _classify(runtime, parts[1], parts[3], req.body,
+                               req.headers.get("idempotency-key"))
     return Response.json({"error": "not found", "endpoints": [
         "GET /machines/{machine}/episodes?open=1&recent=N",
         "POST /machines/{machine}/episodes/{episode_id}/reason"]}, 404)
@@ -105,20 +109,26 @@ def _list(runtime: Runtime, machine: str, query: dict[str, str]) -> Response:
                           "known_codes": det.cfg.downtime.reasons})
 
 
-async def _classify(runtime: Runtime, machine: str, episode_id: str, body: bytes) -> Response:
+async def _classify(runtime: Runtime, machine: str, episode_id: str, body: bytes,
+                    key: str | None) -> Response:
     det = runtime.detectors.get(machine)
     if det is None:
         return _no_machine(runtime, machine)
+    if key is not None and not _valid_key(key):
+        return Response.json({"error": "Idempotency-Key must be 1 to 255 visible ASCII "
+                                       "characters"}, 400)
     fields = _fields(body)
     if isinstance(fields, Response):
         return fields
     code, text, by = fields
     try:
-        result, events = det.classify(episode_id, code, text, by, utcnow())
+        result, events = det.classify(episode_id, code, text, by, utcnow(), key)
     except EpisodeNotFound as exc:
         return Response.json({"error": str(exc)}, 404)
     except UnknownCode as exc:
         return Response.json({"error": str(exc), "known_codes": exc.known}, 422)
+    except KeyReused as exc:
+        return Response.json({"error": str(exc)}, 422)
     if result.created:
         log.info("machine %s: episode %s classified %r by %s (event %s)", machine,
                  result.episode_id, code, by, result.event_id,
@@ -168,6 +178,10 @@ def _fields(body: bytes) -> tuple[str, str | None, str] | Response:
     if problems:
         return Response.json({"error": "; ".join(problems)}, 422)
     return code, (text.strip() or None) if isinstance(text, str) else None, str(by)
+
+
+def _valid_key(key: str) -> bool:
+    return 0 < len(key) <= 255 and all("!" <= c <= "~" for c in key)
 
 
 def _encodable(text: str) -> bool:

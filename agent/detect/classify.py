@@ -30,6 +30,10 @@ Invariants:
   seen after that cannot be told apart from a reason for the new stop.
 - Codes from the operator or the API are checked against the machine's ``reasons`` map when it
   has one; PLC codes are taken as they come (an unmapped code is still a fact).
+- A request with an idempotency key answers as it did the first time for as long as the key is
+  among the machine's last ``KEYS`` keys (saved with the state): a client retrying request A
+  after someone else classified with B does not make A the latest again. The same key with a
+  different request is refused (KeyReused), changing nothing.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ from agent.detect.config import DowntimeRule
 from agent.detect.episode import Episode
 from config.model import EventType, format_time, parse_time
 
-__all__ = ["RECENT", "Classification", "Classifier", "EpisodeNotFound", "EpisodeRecord",
-           "UnknownCode"]
+__all__ = ["KEYS", "RECENT", "Classification", "Classifier", "EpisodeNotFound",
+           "EpisodeRecord", "KeyReused", "UnknownCode"]
 
 # Ended episodes remembered per machine for listing and classification: a shift's worth of
 # stops on a busy line, a few kilobytes of detector state.
 RECENT = 20
+# Idempotency keys remembered per machine: far more than the requests a client retries at
+# once, a few kilobytes of detector state.
+KEYS = 64
 
 Emit = Callable[[EventType, datetime, tuple[object, ...], dict[str, Any]], str]
 
@@ -98,6 +105,10 @@ class EpisodeNotFound(LookupError):
     """No such episode among the open (reported) one and the recent ended ones."""
 
 
+class KeyReused(ValueError):
+    """An idempotency key seen before with a different request."""
+
+
 class Classifier:
     def __init__(self, rule: DowntimeRule, emit: Emit) -> None:
         self.rule = rule
@@ -109,6 +120,9 @@ class Classifier:
         self.unattributed_total = 0
         self.last_unattributed: dict[str, Any] | None = None
         self.notes: list[str] = []  # for the runtime's log; not saved
+        # idempotency key -> [asked episode id or "", code, text or "", by, episode id,
+        # event id], oldest first.
+        self.keys: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ episode lifecycle
 
@@ -177,9 +191,26 @@ class Classifier:
         return next((r for r in self.recent if r.episode_id == episode_id), None)
 
     def classify(self, open_ep: Episode | None, episode_id: str | None, code: str,
-                 text: str | None, by: str, at: datetime) -> Classification:
+                 text: str | None, by: str, at: datetime,
+                 key: str | None = None) -> Classification:
         """Classify the named episode (or, with None, the open reported one, else the latest
-        ended one). Raises EpisodeNotFound or UnknownCode; nothing changes then."""
+        ended one). Raises EpisodeNotFound, UnknownCode or KeyReused; nothing changes then."""
+        asked = [episode_id or "", code, text or "", by]
+        seen = self.keys.get(key) if key is not None else None
+        if seen is not None:
+            if seen[:4] != asked:
+                raise KeyReused(f"Idempotency-Key {key!r} was used for another request "
+                                f"(episode {seen[4]}, code {seen[1]!r})")
+            return Classification(seen[4], seen[5], seen[1], False)
+        result = self._classify(open_ep, episode_id, code, text, by, at)
+        if key is not None:
+            self.keys[key] = [*asked, result.episode_id, result.event_id]
+            for old in list(self.keys)[:-KEYS]:
+                del self.keys[old]
+        return result
+
+    def _classify(self, open_ep: Episode | None, episode_id: str | None, code: str,
+                  text: str | None, by: str, at: datetime) -> Classification:
         self.check_code(code)
         if open_ep is not None and open_ep.announced and episode_id in (None,
                                                                           open_ep.episode_id):
@@ -285,7 +316,8 @@ class Classifier:
                 "grace_open": self.grace_open,
                 "open": list(self.open_classification) if self.open_classification else None,
                 "unattributed_total": self.unattributed_total,
-                "last_unattributed": self.last_unattributed}
+                "last_unattributed": self.last_unattributed,
+                "keys": [[k, *v] for k, v in self.keys.items()]}
 
     def restore(self, d: dict[str, Any] | None) -> None:
         if not d:
@@ -296,3 +328,4 @@ class Classifier:
         self.open_classification = (str(oc[0]), oc[1], str(oc[2]), str(oc[3])) if oc else None
         self.unattributed_total = int(d.get("unattributed_total", 0))
         self.last_unattributed = d.get("last_unattributed")
+        self.keys = {str(k[0]): [str(v) for v in k[1:]] for k in d.get("keys", [])}

@@ -308,13 +308,15 @@ class MachineDetector:
     # ------------------------------------------------------------------ classification
 
     def classify(self, episode_id: str | None, code: str, text: str | None, by: str,
-                 at: datetime) -> tuple[Classification, list[Event]]:
+                 at: datetime, key: str | None = None) -> tuple[Classification, list[Event]]:
         """An operator's or an API's reason for an episode (rules in detect/classify.py).
-        ``at`` is the classification time (the caller's clock: detection reads none).
-        Raises EpisodeNotFound or UnknownCode, changing nothing."""
+        ``at`` is the classification time (the caller's clock: detection reads none); ``key``
+        the request's idempotency key. Raises EpisodeNotFound, UnknownCode or KeyReused,
+        changing nothing."""
+        known = key is None or key in self.classifier.keys
         result = self.classifier.classify(self.downtime.episode, episode_id, code, text, by,
-                                          at)
-        if result.created:
+                                          at, key)
+        if result.created or not known:  # a new key is state too
             self.outbox.dirty = True
         return result, self.outbox.drain()
 

@@ -166,6 +166,45 @@ async def test_reason_entry_over_http(agent: Agent) -> None:
     assert agent.rx.stats()["duplicates"] == 0
 
 
+async def test_a_retry_with_its_idempotency_key_does_not_undo_a_later_classification(
+        agent: Agent) -> None:
+    """A terminal retries request A (its answer was lost) after a supervisor classified the
+    same stop with B: with the key, A answers as it did and B stays the latest."""
+    episode = await agent.one_stop()
+    url = f"{agent.base}/machines/m1/episodes"
+    reason = f"{url}/{episode}/reason"
+    keyed = {**AUTH, "Idempotency-Key": "terminal-3-req-0001"}
+    async with httpx.AsyncClient() as http:
+        first = await http.post(reason, json={"code": "7", "by": "operator"}, headers=keyed)
+        assert first.status_code == 201, first.text
+        later = await http.post(reason, json={"code": "9"}, headers=AUTH)
+        assert later.status_code == 201
+        retry = await http.post(reason, json={"code": "7", "by": "operator"}, headers=keyed)
+        assert retry.status_code == 200, retry.text
+        assert retry.json() == {**first.json(), "created": False}
+        listed = (await http.get(url, headers=AUTH)).json()["episodes"]
+        assert listed[0]["reason_code"] == "9"  # B is still the latest
+
+        reused = await http.post(reason, json={"code": "9", "by": "operator"}, headers=keyed)
+        assert reused.status_code == 422 and "terminal-3-req-0001" in reused.json()["error"]
+        bad = await http.post(reason, json={"code": "7"},
+                              headers={**AUTH, "Idempotency-Key": "with space"})
+        assert bad.status_code == 400
+        bad = await http.post(reason, json={"code": "7"},
+                              headers={**AUTH, "Idempotency-Key": "k" * 256})
+        assert bad.status_code == 400
+        await wait_until(lambda: len(agent.of_type(CLASSIFIED)) == 2, what="two events")
+    await agent.rt.flush()
+    assert [e["data"]["reason_code"] for e in agent.of_type(CLASSIFIED)] == ["7", "9"]
+    # The key is detector state: a restart (the snapshot restored) still knows it.
+    det = agent.rt.detectors["m1"]
+    clone = type(det)(det.machine_id, det.cfg, det.site)
+    clone.restore(det.snapshot())
+    again, events = clone.classify(episode, "7", None, "operator",
+                                   parse_time("2030-01-01T00:00:00Z"), "terminal-3-req-0001")
+    assert (again.event_id, again.created, events) == (first.json()["event_id"], False, [])
+
+
 async def test_an_open_stop_can_be_classified_and_its_end_carries_the_code(
         agent: Agent) -> None:
     await agent.plc.set_value(STATE, 3)
