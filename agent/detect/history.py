@@ -6,9 +6,11 @@ ring (an operator, an API, a late PLC reason) updates its reason (and category, 
 implies one), so people see what the central system gets. ``/status`` shows the ring; the
 status page draws it as a timeline of the last shift, ``edge-agent top`` shows the open one.
 
-Invariants: memory only (a restart starts an empty ring; the buffer and the central system
-keep the record of truth); bounded by ``per_machine`` entries and by ``keep_seconds`` of age,
-so a machine flapping all day costs at most ``per_machine`` small dicts.
+Invariants: memory only; after a restart the ring is seeded with the ended episodes the
+detector state keeps for classification (its last ``RECENT``, 20), so the timeline shows at
+least those; the buffer and the central system keep the record of truth. Bounded by
+``per_machine`` entries and by ``keep_seconds`` of age, so a machine flapping all day costs at
+most ``per_machine`` small dicts.
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ class EpisodeHistory:
                          "category": d.get("category"), "reason_code": d.get("reason_code"),
                          "reason": d.get("reason"),
                          "duration_s": d.get("duration_seconds")})
+
+    def seed(self, machine: str, episodes: list[dict[str, Any]]) -> None:
+        """Fill an empty ring from a detector's episode listing (newest first; the open one,
+        if any, is left out: ``/status`` shows it as the open downtime)."""
+        if self._rings.get(machine):
+            return
+        ring = self._rings.setdefault(machine, deque(maxlen=self._per_machine))
+        for e in reversed(episodes):
+            if e.get("open"):
+                continue
+            ring.append({"episode_id": e.get("episode_id"), "started_at": e.get("started_at"),
+                         "ended_at": e.get("ended_at"), "category": e.get("category"),
+                         "reason_code": e.get("reason_code"), "reason": e.get("reason"),
+                         "duration_s": e.get("duration_seconds"),
+                         **({"classified_by": e["classified_by"]}
+                            if e.get("classified_by") else {})})
 
     def _classified(self, machine: str, d: dict[str, Any]) -> None:
         # Newest first: a classification is almost always of one of the last stops.

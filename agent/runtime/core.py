@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.detect import MachineDetector
+from agent.detect.classify import RECENT
 from agent.detect.history import EpisodeHistory
 from agent.runtime.commit import Committer
 from agent.runtime.components import Components, SourceSlot
@@ -176,6 +177,9 @@ class Runtime:
                               "starting it fresh", mid, exc)
         self.components.set_detectors(detectors)
         self.committer.restore(states)
+        for mid, det in detectors.items():
+            # The stops the detector state remembers draw the timeline again after a restart.
+            self.history.seed(mid, det.episodes(RECENT))
 
     async def stop(self) -> None:
         if self._stopped:

@@ -456,3 +456,21 @@ async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_on
 async def _post_ok(http: httpx.AsyncClient, url: str) -> httpx.Response | None:
     r = await http.post(url, json={"code": "7"}, headers=AUTH)
     return r if r.status_code != 503 else None
+
+
+async def test_the_recent_stops_of_the_timeline_survive_a_restart(tmp_path: Path) -> None:
+    """The status page's timeline is drawn from memory; after a restart it is seeded from the
+    detector state, which keeps the recent ended stops with their classification."""
+    async for a in _start(tmp_path):
+        episode = await a.one_stop()
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{a.base}/machines/m1/episodes/{episode}/reason",
+                                json={"code": "7", "by": "operator"}, headers=AUTH)
+            assert r.status_code == 201
+        before = (await a.rt.status())["machines"]["m1"]["recent_downtime"]
+    async for b in _start(tmp_path):
+        after = (await b.rt.status())["machines"]["m1"]["recent_downtime"]
+        assert [e["episode_id"] for e in after] == [e["episode_id"] for e in before] == [episode]
+        assert after[0]["reason"] == "Bottle jam" and after[0]["classified_by"] == "operator"
+        assert after[0]["started_at"] == before[0]["started_at"]
+        assert after[0]["ended_at"] == before[0]["ended_at"]
