@@ -607,6 +607,28 @@ def test_a_down_sink_loses_its_own_oldest_while_the_other_keeps_receiving(
     assert b.stats().size_bytes <= 200_000
 
 
+def test_drop_oldest_spares_old_events_a_sink_within_its_share_still_needs(
+        make: Factory) -> None:
+    """Fair share under drop_oldest: 'mes' keeps up, except that one machine's events wait
+    (held back behind a retried one: per-machine order) while the other machine's newer ones
+    are delivered; 'erp' is down. When the buffer is full, what goes is what only 'erp' still
+    needs, however new, not the older events 'mes' still has to send."""
+    b = make(max_size=200_000, when_full="drop_oldest")
+    b.open(SINKS)
+    evs = [ev(i, key="slow" if i % 10 == 0 else "fast", size=1500) for i in range(300)]
+    for start in range(0, 300, 10):
+        b.append(evs[start:start + 10], {})
+        rows = b.lease("mes", 100)
+        b.settle("mes", Settlement(accepted=[r.seq for r in rows if r.key == "fast"],
+                                   retry=[r.seq for r in rows if r.key == "slow"]))
+    drops = b.take_drops()
+    assert drops.by_type, "the buffer never filled"
+    assert ids(b.pending("mes")) == [e.id for e in evs if e.key == "slow"]  # none lost
+    assert "mes" not in drops.by_sink and sum(drops.by_sink["erp"].values()) > 0
+    stats = b.stats()  # within its share: at most half of the buffered events
+    assert stats.sinks["mes"].pending == 30 and 30 + 10 <= (stats.events + 10) / 2
+
+
 def test_drops_attribute_rows_only_to_sinks_that_still_needed_them(make: Factory) -> None:
     b = make(max_size=200_000, when_full="drop_oldest")
     b.open(SINKS)
