@@ -626,7 +626,7 @@ def test_drop_oldest_spares_old_events_a_sink_within_its_share_still_needs(
     assert ids(b.pending("mes")) == [e.id for e in evs if e.key == "slow"]  # none lost
     assert "mes" not in drops.by_sink and sum(drops.by_sink["erp"].values()) > 0
     stats = b.stats()  # within its share: at most half of the buffered events
-    assert stats.sinks["mes"].pending == 30 and 30 + 10 <= (stats.events + 10) / 2
+    assert stats.sinks["mes"].pending == 30 and (stats.events + 10) / 2 >= 30 + 10
 
 
 def test_drops_attribute_rows_only_to_sinks_that_still_needed_them(make: Factory) -> None:
