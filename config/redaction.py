@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +29,8 @@ from pydantic import BaseModel
 from config.secrets import Secret, SecretResolutionError
 
 __all__ = ["add_secret_values", "redact", "register_config_secrets", "shown_forms"]
+
+log = logging.getLogger(__name__)
 
 _MASK = "***"
 _MIN_SECRET = 6  # shorter values would mask ordinary words
@@ -67,21 +70,28 @@ def register_config_secrets(config: Any) -> None:
     """Register the current value of every ``Secret`` in a configuration object tree."""
     found: list[str | None] = []
 
-    def walk(obj: Any) -> None:
+    def walk(obj: Any, path: str) -> None:
         if isinstance(obj, Secret):
             with contextlib.suppress(SecretResolutionError):  # unreadable: nothing to hide
-                found.append(obj.reveal())
+                value = obj.reveal()
+                found.append(value)
+                if 0 < len(value.strip()) < _MIN_SECRET:
+                    # Said, not refused: a short PLC or broker password may not be ours to
+                    # change, but whoever reads the logs must know it is not hidden there.
+                    log.warning("the secret at %s (%s) is shorter than %d characters: it "
+                                "cannot be masked in logs and status texts; use a longer one",
+                                path or "the top", obj.reference, _MIN_SECRET)
         elif isinstance(obj, BaseModel):
             for name in type(obj).model_fields:
-                walk(getattr(obj, name))
+                walk(getattr(obj, name), f"{path}.{name}" if path else name)
         elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
+            for k, v in obj.items():
+                walk(v, f"{path}.{k}" if path else str(k))
         elif isinstance(obj, list | tuple):
-            for v in obj:
-                walk(v)
+            for n, v in enumerate(obj):
+                walk(v, f"{path}[{n}]")
 
-    walk(config)
+    walk(config, "")
     add_secret_values(found)
 
 

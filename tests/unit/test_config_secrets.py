@@ -218,3 +218,26 @@ def test_malformed_references(value: str, message: str) -> None:
         url: "{value}"
         """)
     assert issues(text) == [f"cfg.yaml:9:5: sinks.erp.url: {message}"]
+
+
+def test_a_secret_too_short_to_mask_is_named_in_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from config.redaction import register_config_secrets
+
+    monkeypatch.setenv("ERP_TOKEN", "pw12")
+    config = load(config_text("""\
+        type: http
+        url: https://erp.example/api
+        auth: {bearer_token: "${env:ERP_TOKEN}"}
+        """))
+    with caplog.at_level(logging.WARNING, logger="config.redaction"):
+        register_config_secrets(config)
+    assert "sinks.erp.auth.bearer_token (${env:ERP_TOKEN}) is shorter than 6" in caplog.text
+    assert "pw12" not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ERP_TOKEN", SECRET)
+    with caplog.at_level(logging.WARNING, logger="config.redaction"):
+        register_config_secrets(config)
+    assert "shorter" not in caplog.text
