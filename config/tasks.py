@@ -63,6 +63,25 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
         return await awaitable
 
 
+async def run_to_end(awaitable: Awaitable[T]) -> T:
+    """``await awaitable`` to its end even when the caller is cancelled meanwhile; the
+    caller's cancel is re-raised once it has ended. For a cleanup that must not stop half-way
+    because a stop repeats its cancel (a give-back of leases); only for work that its own
+    calls bound."""
+    fut = asyncio.ensure_future(awaitable)
+    held: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait({fut})
+        except asyncio.CancelledError as exc:
+            held = held or exc
+    if held is not None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the caller's cancel is what it hears of
+        raise held
+    return fut.result()
+
+
 async def cancel_and_wait(task: asyncio.Future[Any] | None, *,
                           again_after: float = AGAIN_AFTER) -> None:
     """Cancel ``task`` and return once it is done (see the module docstring)."""

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from config.tasks import cancel_all, cancel_and_wait, wait_event, within
+from config.tasks import cancel_all, cancel_and_wait, run_to_end, wait_event, within
 
 Waiter = Callable[[asyncio.Event], Awaitable[object]]
 
@@ -173,3 +173,21 @@ async def test_cancel_all_waits_for_every_task_when_its_caller_is_cancelled() ->
     with pytest.raises(asyncio.CancelledError):
         await stopping
     assert all(t.cancelled() for t in tasks)
+
+
+async def test_run_to_end_finishes_a_cleanup_through_repeated_cancels() -> None:
+    finished = asyncio.Event()
+
+    async def give_back() -> str:
+        await asyncio.sleep(0.15)
+        finished.set()
+        return "given back"
+
+    async def leaving() -> str:
+        return await run_to_end(give_back())
+
+    task = asyncio.create_task(leaving())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task, again_after=0.02)  # several cancels during the cleanup
+    assert task.cancelled() and finished.is_set()
+    assert await run_to_end(give_back()) == "given back"
