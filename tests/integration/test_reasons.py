@@ -500,7 +500,14 @@ async def test_a_new_key_is_answered_only_once_it_is_committed(
         assert same.status_code == 503, same.text  # the key is not durable yet
         assert same.json()["event_id"] == first.json()["event_id"]
         monkeypatch.setattr(buffer, "append", real_append)
-        retry = await http.post(reason, json={"code": "7"}, headers=keyed)
+
+        async def answered() -> httpx.Response | None:
+            # 503 until the committer, backing off after the failures, has committed.
+            r = await http.post(reason, json={"code": "7"}, headers=keyed)
+            return r if r.status_code != 503 else None
+
+        retry = await wait_until(answered, what="the key committed")
         assert retry.status_code == 200, retry.text
+        assert retry.json()["event_id"] == first.json()["event_id"]
     # Committed with the detector state (a restart restores it from there).
     assert "terminal-3-req-0002" in (await agent.rt.buffer.load_states())["m1"]
