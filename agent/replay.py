@@ -27,9 +27,9 @@ from agent.runtime.supervisor import Supervisor
 from agent.wiring.build import build_detectors, build_source
 from agent.wiring.schema import Config
 from config.backoff import Backoff
-from config.errors import EdgeAgentError, PermanentError
+from config.errors import PermanentError
 from config.model import Quality, TagSample, Value, format_time, parse_time
-from config.tasks import wait_event
+from config.tasks import cancel_all, wait_event
 
 __all__ = ["SampleFileError", "read_samples", "record", "replay", "sample_to_json"]
 
@@ -148,10 +148,8 @@ async def record(config: Config, out: TextIO, duration: float | None,
             if on_progress is not None:
                 on_progress(count, time.monotonic() - started)
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, EdgeAgentError):
-                await t
+        # cancel_all, not one cancel and an await: a session in a library that loses the
+        # cancel (wait_for on Python 3.11) would keep the command from ever ending.
+        await cancel_all(tasks)
         out.flush()
     return count

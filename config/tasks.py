@@ -17,8 +17,15 @@ Invariants of ``cancel_and_wait``:
 - when it returns, the task is done (cancelled, failed or finished);
 - the task's own exception or CancelledError never reaches the caller (it is retrieved, so
   asyncio does not log "exception was never retrieved");
-- a cancellation of the *caller* is not swallowed: it propagates (the task has been asked to
-  stop at least once by then).
+- a cancellation of the *caller* is not swallowed: it propagates once the task is done (it
+  is held back until then, and the task is still cancelled again each ``again_after``).
+
+Why the caller's cancel waits for the task: stops nest. A supervisor cancelled by a stop runs
+``cancel_and_wait(session)`` in its ``finally``, and the stop cancels the supervisor again
+after a second. Were that second cancel let through at once, it would end the supervisor's
+wait before its own repeat, and a session whose one cancel a library lost would run on with
+nobody left to stop it (still polling the PLC after a reload replaced its source). The same
+is true of ``asyncio.TaskGroup``, which also waits for its children when it is cancelled.
 """
 
 from __future__ import annotations
@@ -56,6 +63,25 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
         return await awaitable
 
 
+async def run_to_end(awaitable: Awaitable[T]) -> T:
+    """``await awaitable`` to its end even when the caller is cancelled meanwhile; the
+    caller's cancel is re-raised once it has ended. For a cleanup that must not stop half-way
+    because a stop repeats its cancel (a give-back of leases); only for work that its own
+    calls bound."""
+    fut = asyncio.ensure_future(awaitable)
+    held: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait({fut})
+        except asyncio.CancelledError as exc:
+            held = held or exc
+    if held is not None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the caller's cancel is what it hears of
+        raise held
+    return fut.result()
+
+
 async def cancel_and_wait(task: asyncio.Future[Any] | None, *,
                           again_after: float = AGAIN_AFTER) -> None:
     """Cancel ``task`` and return once it is done (see the module docstring)."""
@@ -70,20 +96,34 @@ async def cancel_all(tasks: list[asyncio.Task[Any]], *,
     """Cancel every task at once, then wait until each is done."""
     for t in tasks:
         t.cancel()
+    held: asyncio.CancelledError | None = None
     for t in tasks:
-        await _until_done(t, again_after)
+        try:
+            await _until_done(t, again_after)
+        except asyncio.CancelledError as exc:  # the caller's, held until every task is done
+            held = held or exc
+    if held is not None:
+        raise held
 
 
 async def _until_done(task: asyncio.Future[Any], again_after: float) -> None:
     # A cancel is only repeated after ``again_after``: a second cancel sent at once would
     # interrupt the cleanup (a finally with an await) that the first one started.
+    loop = asyncio.get_running_loop()
     asks = 1
-    while True:
-        await asyncio.wait({task}, timeout=again_after)
-        if task.done():
-            break
-        task.cancel()
-        asks += 1
+    again_at = loop.time() + again_after
+    held: asyncio.CancelledError | None = None  # the caller's own cancel, until the task ends
+    while not task.done():
+        if loop.time() >= again_at:
+            task.cancel()
+            asks += 1
+            again_at = loop.time() + again_after
+        try:
+            await asyncio.wait({task}, timeout=max(0.0, again_at - loop.time()))
+        except asyncio.CancelledError as exc:
+            # The caller's (a stop of a stop): re-raised once the task is done. The schedule
+            # above stays, so repeated cancels of the caller do not postpone the repeat.
+            held = held or exc
     if asks > 1:
         name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
         # Either a cleanup that took longer than ``again_after`` or a lost cancellation.
@@ -91,3 +131,5 @@ async def _until_done(task: asyncio.Future[Any], again_after: float) -> None:
                     name, asks, again_after)
     if not task.cancelled():
         task.exception()  # retrieved: a failure at stop is not news
+    if held is not None:
+        raise held

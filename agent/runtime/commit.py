@@ -136,12 +136,22 @@ class Committer:
         """Take what ``det`` just produced outside a sample or tick and wait until the event
         ``wait_for`` is committed (with the detector state), or ``timeout``: False then (it
         stays queued and commits later, like any detection). An id that is neither among
-        ``events`` nor waited for already is committed."""
+        ``events`` nor waited for already is committed; then, if ``det`` has new state (an
+        idempotency key), the wait is for the next commit, which saves it."""
         fut: asyncio.Future[None] | None = None
         if wait_for is not None and (wait_for in self._waiters or
                                      any(e.id == wait_for for e in events)):
             fut = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(wait_for, []).append(fut)
+        elif wait_for is not None and det.dirty:
+            # No new event, but new state (a request's idempotency key): the answer stands
+            # once that state is committed, so it waits for the next commit.
+            committed = fut = asyncio.get_running_loop().create_future()
+
+            def ack() -> None:
+                if not committed.done():
+                    committed.set_result(None)
+            self.after_commit(ack, soon=True)
         self.take(det, events)
         self._wakeup.set()
         if fut is None:

@@ -54,7 +54,7 @@ from agent.runtime.settling import AsyncLeaseBuffer, ForwarderState, Settling
 from agent.sinks.base import Delivery, Outcome, Sink
 from agent.sinks.config import RetryPolicy
 from buffer.base import LeasedEvent, Settlement
-from config.tasks import cancel_and_wait, wait_event
+from config.tasks import cancel_and_wait, run_to_end, wait_event
 
 __all__ = ["AsyncLeaseBuffer", "Forwarder", "ForwarderState"]
 
@@ -112,7 +112,9 @@ class Forwarder(Settling):
             await self._loop()
         finally:
             self.state = ForwarderState.IDLE
-            await self._give_back()
+            # To its end even if the stop cancels again meanwhile (cancel_and_wait repeats
+            # its cancel each second): waiting for a slow lease must not leave the rows leased.
+            await run_to_end(self._give_back())
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():

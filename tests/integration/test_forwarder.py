@@ -592,3 +592,46 @@ async def test_a_sink_that_raises_is_treated_as_retry(buf):
     finally:
         await fw.stop(5.0)
         await task
+
+
+class _BusyOnSecondLease(AsyncBuffer):
+    """The real buffer, whose second lease (the one leased ahead while the first request is
+    in flight) takes 2.5 s, as it does while the buffer's thread works through a large
+    grouped deletion on a slow card."""
+
+    def __init__(self):
+        super().__init__(MemoryBuffer())
+        self.leases = 0
+
+    async def lease(self, sink, limit, renew=()):
+        self.leases += 1
+        if self.leases == 2:
+            await asyncio.sleep(2.5)
+        return await super().lease(sink, limit, renew)
+
+
+async def test_a_give_back_behind_a_slow_lease_survives_the_stops_second_cancel(receiver):
+    """Past drain_timeout the stop cancels the forwarder, and cancels it again each second
+    while it runs on (config/tasks.py). Its give-back first waits for the lease in progress;
+    when that took over a second, the second cancel ended the give-back before it started,
+    and the rows stayed leased until the lease timeout: a forwarder replacing this one (a
+    reload) would send newer rows of the same machine first."""
+    buf = _BusyOnSecondLease()
+    await buf.open(["erp"])
+    config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
+                                            "timeout": "60s", "retry": FAST.model_dump()})
+    sink = HttpSink("erp", config)
+    fw = Forwarder(sink, buf, FAST, poll_interval=3600.0)
+    receiver.inject_commit_then_delay(30.0)
+    task = asyncio.create_task(fw.run())
+    try:
+        await append(buf, [new_event(1)], fw)
+        await wait_until(lambda: receiver.stats()["received"] == 1 and buf.leases == 2,
+                         what="request in flight, the next lease under way")
+        await asyncio.wait_for(fw.stop(drain_timeout=0.1), 10)
+        assert task.done()
+        assert [p.id for p in await buf.pending("erp")] == ["ev-001"]
+        assert (await buf.stats()).sinks["erp"].leased == 0  # given back: pending at once
+    finally:
+        await sink.aclose()
+        await buf.aclose()

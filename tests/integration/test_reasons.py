@@ -474,3 +474,40 @@ async def test_the_recent_stops_of_the_timeline_survive_a_restart(tmp_path: Path
         assert after[0]["reason"] == "Bottle jam" and after[0]["classified_by"] == "operator"
         assert after[0]["started_at"] == before[0]["started_at"]
         assert after[0]["ended_at"] == before[0]["ended_at"]
+
+
+async def test_a_new_key_is_answered_only_once_it_is_committed(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyed request that changes nothing (the stop already has that reason) still records
+    its key, and the key is what lets a retry after a restart answer as this one did. So the
+    2xx waits for the commit of the state that holds it, as it does for an event: while the
+    buffer cannot commit the answer is 503, not a 200 a crash would take back."""
+    episode = await agent.one_stop()
+    reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
+    keyed = {**AUTH, "Idempotency-Key": "terminal-3-req-0002"}
+    async with httpx.AsyncClient() as http:
+        first = await http.post(reason, json={"code": "7"}, headers=AUTH)
+        assert first.status_code == 201, first.text
+        monkeypatch.setattr(reasons_api, "COMMIT_TIMEOUT", 0.3)
+        buffer = agent.rt.committer._buffer
+        real_append = buffer.append
+
+        async def full(*args: Any, **kwargs: Any) -> Any:
+            raise StorageFullError("disk full (test)")
+
+        monkeypatch.setattr(buffer, "append", full)
+        same = await http.post(reason, json={"code": "7"}, headers=keyed)
+        assert same.status_code == 503, same.text  # the key is not durable yet
+        assert same.json()["event_id"] == first.json()["event_id"]
+        monkeypatch.setattr(buffer, "append", real_append)
+
+        async def answered() -> httpx.Response | None:
+            # 503 until the committer, backing off after the failures, has committed.
+            r = await http.post(reason, json={"code": "7"}, headers=keyed)
+            return r if r.status_code != 503 else None
+
+        retry = await wait_until(answered, what="the key committed")
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["event_id"] == first.json()["event_id"]
+    # Committed with the detector state (a restart restores it from there).
+    assert "terminal-3-req-0002" in (await agent.rt.buffer.load_states())["m1"]

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from config.tasks import cancel_all, cancel_and_wait, wait_event, within
+from config.tasks import cancel_all, cancel_and_wait, run_to_end, wait_event, within
 
 Waiter = Callable[[asyncio.Event], Awaitable[object]]
 
@@ -131,13 +131,63 @@ async def test_failures_of_the_task_stay_with_it_and_the_callers_cancel_propagat
     await cancel_and_wait(failing)  # done already: nothing raised, exception retrieved
     assert isinstance(failing.exception(), ValueError)
 
-    inner, _ = _stubborn(swallow=1)
+    inner, seen = _stubborn(swallow=1)
     await asyncio.sleep(0)
-    outer = asyncio.create_task(cancel_and_wait(inner, again_after=10))
+    outer = asyncio.create_task(cancel_and_wait(inner, again_after=0.05))
     await asyncio.sleep(0.01)
     outer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outer
-    assert not inner.done()  # its one cancel so far was swallowed
-    await cancel_and_wait(inner, again_after=0.02)
+    # The caller's cancel came through, but only once the task had ended (asked again after
+    # its first cancel was swallowed).
     assert inner.cancelled()
+    assert seen[0] == 2
+
+
+async def test_a_stop_of_a_stop_still_ends_the_inner_task() -> None:
+    """Stops nest (a supervisor stops its session in a finally). The outer stop's repeated
+    cancels must not end the inner wait before it repeats its own cancel: the inner task,
+    whose first cancel was lost, would run on with nobody left to stop it."""
+    inner, seen = _stubborn(swallow=1)
+
+    async def supervising() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await cancel_and_wait(inner, again_after=0.2)
+
+    outer = asyncio.create_task(supervising())
+    await asyncio.sleep(0)
+    await cancel_and_wait(outer, again_after=0.05)  # repeats faster than the inner wait
+    assert outer.cancelled()
+    assert inner.done(), "the inner task runs on after its stop ended"
+    assert seen[0] == 2
+
+
+async def test_cancel_all_waits_for_every_task_when_its_caller_is_cancelled() -> None:
+    tasks = [_stubborn(swallow=1)[0] for _ in range(3)]
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(cancel_all(tasks, again_after=0.05))
+    await asyncio.sleep(0.01)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert all(t.cancelled() for t in tasks)
+
+
+async def test_run_to_end_finishes_a_cleanup_through_repeated_cancels() -> None:
+    finished = asyncio.Event()
+
+    async def give_back() -> str:
+        await asyncio.sleep(0.15)
+        finished.set()
+        return "given back"
+
+    async def leaving() -> str:
+        return await run_to_end(give_back())
+
+    task = asyncio.create_task(leaving())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task, again_after=0.02)  # several cancels during the cleanup
+    assert task.cancelled() and finished.is_set()
+    assert await run_to_end(give_back()) == "given back"
