@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     except httpx.HTTPError as exc:  # reached, but the answer went missing: it may have committed
         print(f"edge-agent reason: no answer from the agent at {base} "
-              f"({type(exc).__name__}: {exc}); repeating the command is safe", file=sys.stderr)
+              f"({type(exc).__name__}: {exc}); repeating the command makes no second event "
+              "unless the stop was classified otherwise since", file=sys.stderr)
         return 1
 
 
@@ -131,7 +132,7 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _post_with_retries(http: httpx.Client, path: str, body: dict[str, Any],
-                       attempts: int = 3) -> httpx.Response:
+                       attempts: int = 3) -> tuple[httpx.Response, int]:
     """POST with one idempotency key for every attempt: an answer lost on the way, or a 503
     (not committed in time), is asked again without risking a second classification or undoing
     one made by someone else meanwhile."""
@@ -144,7 +145,7 @@ def _post_with_retries(http: httpx.Client, path: str, body: dict[str, Any],
                 raise
             continue
         if r.status_code != 503 or attempt == attempts:
-            return r
+            return r, attempt
     raise AssertionError("unreachable")
 
 
@@ -204,11 +205,15 @@ def _set(http: httpx.Client, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"code": code, "by": args.by}
     if args.text:
         body["text"] = args.text
-    r = _post_with_retries(http, f"/machines/{args.machine}/episodes/{episode}/reason", body)
+    r, attempts = _post_with_retries(http, f"/machines/{args.machine}/episodes/{episode}/reason",
+                                     body)
     if r.status_code not in (200, 201):
         return _refused(r)
     doc = r.json()
-    what = "classified" if doc.get("created") else "already classified so; nothing new"
+    # A repeated request answers as a replay ("created": false) even when its first attempt
+    # made the event: after a retry, "not created" does not mean "nothing new".
+    what = "classified" if doc.get("created") or attempts > 1 \
+        else "already classified so; nothing new"
     print(f"{args.machine}: episode {doc['episode_id']} {what}: reason {doc['reason_code']} "
           f"(event {doc['event_id']})")
     return 0

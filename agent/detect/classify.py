@@ -38,6 +38,8 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -47,8 +49,17 @@ from agent.detect.config import DowntimeRule
 from agent.detect.episode import Episode
 from config.model import EventType, format_time, parse_time
 
-__all__ = ["KEYS", "RECENT", "Classification", "Classifier", "EpisodeNotFound",
-           "EpisodeRecord", "KeyReused", "UnknownCode"]
+__all__ = [
+    "KEYS",
+    "RECENT",
+    "Classification",
+    "Classifier",
+    "EpisodeNotFound",
+    "EpisodeRecord",
+    "KeyReused",
+    "UnknownCode",
+    "key_digest",
+]
 
 # Ended episodes remembered per machine for listing and classification: a shift's worth of
 # stops on a busy line, a few kilobytes of detector state.
@@ -105,6 +116,15 @@ class EpisodeNotFound(LookupError):
     """No such episode among the open (reported) one and the recent ended ones."""
 
 
+def key_digest(key: str) -> str:
+    """How an idempotency key is remembered."""
+    return _digest([key])
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
 class KeyReused(ValueError):
     """An idempotency key seen before with a different request."""
 
@@ -120,8 +140,9 @@ class Classifier:
         self.unattributed_total = 0
         self.last_unattributed: dict[str, Any] | None = None
         self.notes: list[str] = []  # for the runtime's log; not saved
-        # idempotency key -> [asked episode id or "", code, text or "", by, episode id,
-        # event id], oldest first.
+        # digest of an idempotency key -> [digest of the request, code, episode id, event id]
+        # (digests: a 255-character key and a 500-character text would make each record up
+        # to 1 KB, rewritten with every state commit of the machine), oldest first.
         self.keys: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ episode lifecycle
@@ -195,16 +216,17 @@ class Classifier:
                  key: str | None = None) -> Classification:
         """Classify the named episode (or, with None, the open reported one, else the latest
         ended one). Raises EpisodeNotFound, UnknownCode or KeyReused; nothing changes then."""
-        asked = [episode_id or "", code, text or "", by]
-        seen = self.keys.get(key) if key is not None else None
+        kd = key_digest(key) if key is not None else None
+        asked = _digest([episode_id or "", code, text or "", by])
+        seen = self.keys.get(kd) if kd is not None else None
         if seen is not None:
-            if seen[:4] != asked:
+            if seen[0] != asked:
                 raise KeyReused(f"Idempotency-Key {key!r} was used for another request "
-                                f"(episode {seen[4]}, code {seen[1]!r})")
-            return Classification(seen[4], seen[5], seen[1], False)
+                                f"(episode {seen[2]}, code {seen[1]!r})")
+            return Classification(seen[2], seen[3], seen[1], False)
         result = self._classify(open_ep, episode_id, code, text, by, at)
-        if key is not None:
-            self.keys[key] = [*asked, result.episode_id, result.event_id]
+        if kd is not None:
+            self.keys[kd] = [asked, code, result.episode_id, result.event_id]
             for old in list(self.keys)[:-KEYS]:
                 del self.keys[old]
         return result

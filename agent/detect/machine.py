@@ -42,7 +42,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.detect.alarms import ActiveAlarms
-from agent.detect.classify import Classification, Classifier
+from agent.detect.classify import Classification, Classifier, key_digest
 from agent.detect.config import MachineConfig
 from agent.detect.context import Context
 from agent.detect.downtime import Downtime
@@ -313,7 +313,7 @@ class MachineDetector:
         ``at`` is the classification time (the caller's clock: detection reads none); ``key``
         the request's idempotency key. Raises EpisodeNotFound, UnknownCode or KeyReused,
         changing nothing."""
-        known = key is None or key in self.classifier.keys
+        known = key is None or key_digest(key) in self.classifier.keys
         result = self.classifier.classify(self.downtime.episode, episode_id, code, text, by,
                                           at, key)
         if result.created or not known:  # a new key is state too

@@ -20,6 +20,7 @@ from support import ROOT, free_port, wait_until
 from support.configs import http_sink_yaml, modbus_agent_yaml
 
 from agent import reasons_api
+from agent.detect.classify import key_digest
 from agent.health import HealthServer
 from agent.receiver import Receiver
 from agent.runtime import Runtime
@@ -510,4 +511,4 @@ async def test_a_new_key_is_answered_only_once_it_is_committed(
         assert retry.status_code == 200, retry.text
         assert retry.json()["event_id"] == first.json()["event_id"]
     # Committed with the detector state (a restart restores it from there).
-    assert "terminal-3-req-0002" in (await agent.rt.buffer.load_states())["m1"]
+    assert key_digest("terminal-3-req-0002") in (await agent.rt.buffer.load_states())["m1"]
