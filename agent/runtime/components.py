@@ -38,7 +38,7 @@ from agent.sinks.config import SinkConfig
 from agent.wiring.build import build_sink, build_source
 from agent.wiring.schema import SourceConfig
 from config.backoff import Backoff
-from config.tasks import cancel_and_wait
+from config.tasks import cancel_all, cancel_and_wait
 from protocols.base import Source
 
 __all__ = ["Components", "SinkSlot", "SourceSlot"]
@@ -117,8 +117,8 @@ class Components:
 
     async def stop_sources(self) -> None:
         """Stop every source at shutdown; the slots stay, so their counters can still be read."""
-        for slot in self.sources.values():
-            await cancel_and_wait(slot.task)
+        # Together: a session slow to end (a close waiting on its server) delays no other.
+        await cancel_all([slot.task for slot in self.sources.values() if slot.task is not None])
 
     # ------------------------------------------------------------------ sinks
 
