@@ -40,7 +40,8 @@ def delete_accepted(conn: sqlite3.Connection, sink: str, seqs: list[int]) -> tup
     if not seqs:
         return 0, 0
     # With a single sink ever registered no other row can hold an event whose row just went,
-    # so the per-event check is left out.
+    # so the per-event check is left out (in the list statement too: every seq given is a
+    # settled row of this sink, so its event has no other row).
     only_sink = conn.execute("SELECT count(*) FROM sinks").fetchone()[0] == 1
     keep = "" if only_sink else f"AND {_NO_ROWS_LEFT}"
     rows = events = 0
@@ -54,16 +55,12 @@ def delete_accepted(conn: sqlite3.Connection, sink: str, seqs: list[int]) -> tup
         events += conn.execute(f"DELETE FROM events WHERE seq BETWEEN ? AND ? {keep}",
                                (first, last)).rowcount
     if scattered:
-        more, gone = _by_list(conn, sink, scattered)
-        rows, events = rows + more, events + gone
+        seqs_json = json_list(scattered)
+        rows += conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state = 'pending' "
+                             f"AND seq IN ({IN_JSON})", (sink, seqs_json)).rowcount
+        events += conn.execute(f"DELETE FROM events WHERE seq IN ({IN_JSON}) {keep}",
+                               (seqs_json,)).rowcount
     return rows, events
-
-
-def _by_list(conn: sqlite3.Connection, sink: str, seqs: list[int]) -> tuple[int, int]:
-    seqs_json = json_list(seqs)
-    rows = conn.execute(f"DELETE FROM deliveries WHERE sink = ? AND state = 'pending' "
-                        f"AND seq IN ({IN_JSON})", (sink, seqs_json)).rowcount
-    return rows, delete_orphans(conn, seqs_json)
 
 
 def delete_orphans(conn: sqlite3.Connection, seqs_json: str) -> int:
