@@ -153,21 +153,18 @@ class LeaseTable:
         return (0, 0) if s is None else (len(s.leased), len(s.settled))
 
 
-def runs(seqs: list[int], breaks: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted ``seqs`` as ``(first, last)`` ranges that contain no seq of ``breaks``.
+def runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``seqs`` as ``(first, last)`` runs of consecutive integers.
 
-    The buffer deletes settled rows one range per statement; a row leased by a request still
-    in flight may sit between two settled ones, and must not be inside a range."""
+    The buffer deletes settled rows one range per statement; a range must hold nothing but the
+    rows given (a row in flight, a dead letter or an event this sink has no row for may sit
+    between two settled ones), and a run without a gap cannot hold anything else."""
     if not seqs:
         return []
-    stops = sorted(b for b in breaks if seqs[0] < b < seqs[-1])
     out: list[tuple[int, int]] = []
     first = prev = seqs[0]
-    j = 0
     for seq in seqs[1:]:
-        while j < len(stops) and stops[j] < prev:
-            j += 1
-        if j < len(stops) and stops[j] < seq:
+        if seq != prev + 1:
             out.append((first, prev))
             first = seq
         prev = seq

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sqlite3
@@ -27,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from buffer.base import LeasedEvent, Settlement
 from buffer.capacity import IN_JSON, json_list, page_stats
@@ -40,6 +42,13 @@ __all__ = ["SqliteDeliveries"]
 
 log = logging.getLogger(__name__)
 
+_LEASE_FROM = ("FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ? AND "
+               "d.state = 'pending' AND d.seq > ? ORDER BY d.seq LIMIT ?")
+_LEASE_ROWS = f"SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts {_LEASE_FROM}"
+# Both aggregates take the rows in the same order, so the n-th payload is the n-th row's.
+_PACKED_LEASE = ("SELECT json_group_array(json_array(seq, id, key, type, attempts, "
+                 "length(payload))), group_concat(payload, '') "
+                 f"FROM (SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts {_LEASE_FROM})")
 _SHRINK_EVERY = 60.0  # seconds between shrinks while rows are still pending
 _SHRINK_PAGES = 2048  # pages freed per incremental_vacuum step
 
@@ -135,20 +144,40 @@ class SqliteDeliveries(SqliteFile):
         self._leases.expire(sink, now)
         # Scan from the floor; held rows above it (a lease returned below rows in flight)
         # are read and skipped, so ask for that many more.
-        rows = self._read(
-            f"leasing for sink {sink}",
-            "SELECT d.seq, e.id, e.key, e.type, e.payload, d.attempts "
-            "FROM deliveries d JOIN events e ON e.seq = d.seq WHERE d.sink = ? AND "
-            "d.state = 'pending' AND d.seq > ? ORDER BY d.seq LIMIT ?",
-            (sink, held.floor, limit + held.held_above_floor()))
         out: list[LeasedEvent] = []
-        for s, i, k, t, p, a in rows:
+        for s, i, k, t, p, a in self._lease_rows(sink, held.floor,
+                                                 limit + held.held_above_floor()):
             if len(out) >= limit:
                 break
             held.floor = s  # every pending row up to here is held once this lease is taken
             if not held.is_held(s):
-                out.append(LeasedEvent(s, i, k, t, p, a))  # int/str already (column affinity)
+                out.append(LeasedEvent(s, i, k, t, p, a))
         self._leases.take(sink, (e.seq for e in out), now + self.lease_timeout)
+        return out
+
+    def _lease_rows(self, sink: str, floor: int, limit: int) -> list[tuple[Any, ...]]:
+        """(seq, id, key, type, payload, attempts) of the first ``limit`` pending rows of
+        ``sink`` above ``floor``, in seq order.
+
+        Read in one step: the row fields as one JSON array and the payloads as one string cut
+        by their lengths. Fetching row by row takes the GIL back for every row, and with the
+        event loop busy each hand-over can wait for it (docs/buffer.md). A payload holding a
+        NUL character (SQLite's length() stops there) shows as a length mismatch: then the
+        rows are fetched one by one."""
+        what = f"leasing for sink {sink}"
+        params = (sink, floor, limit)
+        packed = self._read(what, _PACKED_LEASE, params)
+        meta, text = packed[0] if packed else ("[]", None)
+        fields = json.loads(meta)
+        text = text or ""
+        if sum(f[5] for f in fields) != len(text):
+            return self._read(what, _LEASE_ROWS, params)
+        out: list[tuple[Any, ...]] = []
+        at = 0
+        for seq, event_id, key, type_, attempts, size in fields:
+            out.append((seq, event_id, key, type_, text[at:at + size], attempts))
+            at += size
+        out.sort(key=_first)  # already in order (one pass over the same rows); cheap to be sure
         return out
 
     def renew(self, sink: str, seqs: Sequence[int]) -> None:
@@ -217,7 +246,7 @@ class SqliteDeliveries(SqliteFile):
             return
         self._flushing = self._leases.take_settled()
         for sink, seqs in self._flushing.items():
-            rows, events = delete_accepted(conn, sink, seqs, self._leases.of(sink).leased)
+            rows, events = delete_accepted(conn, sink, seqs)
             self._move(sink, "pending", None, rows)
             self._delta_events -= events
 
@@ -247,3 +276,7 @@ class SqliteDeliveries(SqliteFile):
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
                 raise self._translate(e, "shrinking the file") from e
+
+
+def _first(row: tuple[Any, ...]) -> Any:
+    return row[0]

@@ -36,5 +36,13 @@ class RecentValues:
             values = self._values[label] = deque(maxlen=self._window)
         values.append(value)
 
+    def extend(self, label: str, values: list[float]) -> None:
+        if not values:
+            return
+        got = self._values.get(label)
+        if got is None:
+            got = self._values[label] = deque(maxlen=self._window)
+        got.extend(values)
+
     def status(self) -> dict[str, dict[str, float | int]]:
         return {k: quantiles(list(v)) for k, v in sorted(self._values.items()) if v}
