@@ -265,7 +265,8 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
                     "ON CONFLICT(key) DO UPDATE SET state = excluded.state, "
                     "updated_at = excluded.updated_at",
                     [(k, v, now) for k, v in states.items()])
-        return AppendResult(stored=stored, rejected=rejected)
+            unreported = conn.execute("SELECT 1 FROM drops LIMIT 1").fetchone() is not None
+        return AppendResult(stored=stored, rejected=rejected, unreported_drops=unreported)
 
     def _insert(self, conn: sqlite3.Connection, events: Sequence[NewEvent], before: int,
                 now: str) -> int:
