@@ -21,6 +21,7 @@ import pytest
 
 from buffer import upgrade
 from buffer.base import NewEvent
+from buffer.migrations import SCHEMA_VERSION
 from buffer.snapshot import read_record, snapshot_path, write_record
 from buffer.sqlite import SqliteBuffer
 from buffer.upgrade import rollback
@@ -46,7 +47,7 @@ def _upgrade_and_work(db: Path) -> None:
     finally:
         buf.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         conn.execute("UPDATE deliveries SET state = 'dead', status = 400, detail = 'bad', "
                      "failed_at = 't' WHERE seq = (SELECT seq FROM events WHERE id = 'after-0')")
         conn.execute("INSERT INTO drops VALUES ('plantedge.scrap.recorded', 2, 'a', 'b')")
@@ -102,7 +103,7 @@ def test_a_crash_before_the_final_rename_leaves_the_buffer_in_place(
         with pytest.raises(KeyboardInterrupt):
             rollback(db)
     # The buffer is still there (migrated, every event), and rollback can run again.
-    assert _rows(db, "PRAGMA user_version") == [(2,)]
+    assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert _rows(db, "SELECT count(*) FROM events WHERE id LIKE 'after-%'") == [(3,)]
     assert rollback(db).to_schema == 1
     assert _rows(db, "PRAGMA user_version") == [(1,)]
@@ -192,7 +193,7 @@ def test_rollback_is_refused_while_a_real_agent_process_runs_on_the_migrated_fil
         cli = [sys.executable, "-m", "agent.cli", "rollback", "--config", str(cfg)]
         refused = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and "stop the agent" in refused.stderr, refused.stderr
-        assert _rows(db, "PRAGMA user_version") == [(2,)]
+        assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
         done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -246,6 +247,6 @@ def test_a_user_who_cannot_read_the_data_directory_is_told_so() -> None:
             said = json.loads(f.read() or "[]")
         os.waitpid(pid, 0)
         assert len(said) == 2 and all("cannot read the data directory" in s for s in said), said
-        assert _rows(db, "PRAGMA user_version") == [(2,)]
+        assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     finally:
         shutil.rmtree(top, ignore_errors=True)
