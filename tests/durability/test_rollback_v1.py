@@ -1,4 +1,4 @@
-"""Rollback of the real first migration (schema 1 -> 2) on the frozen v1 file.
+"""Rollback of the real first migration (schema 1 -> current, through 2) on the frozen v1 file.
 
 The generic round trip (``test_upgrade_rollback.py``) uses a made-up next version on top of the
 current one; this one starts from ``data/buffer_v1.sql``, lets this code migrate it, detect and
@@ -67,7 +67,7 @@ def test_rollback_to_v1_keeps_dead_letters_states_and_drops_of_the_newer_version
     _upgrade_and_work(db)
     assert _rows(snapshot_path(db, 1), "PRAGMA user_version") == [(1,)]
     r = rollback(db)
-    assert (r.from_schema, r.to_schema, r.carried_over) == (2, 1, 3)
+    assert (r.from_schema, r.to_schema, r.carried_over) == (SCHEMA_VERSION, 1, 3)
     assert _rows(db, "PRAGMA user_version") == [(1,)]
     states = {(i, s): st for i, s, st in _rows(
         db, "SELECT e.id, d.sink, d.state FROM events e JOIN deliveries d ON d.seq = e.seq "
@@ -114,15 +114,16 @@ def test_a_crash_between_the_last_step_and_its_record_is_finished_at_the_next_op
     db = tmp_path / "buffer.db"
     _v1(db)
     _upgrade_and_work(db)
-    # As a kill -9 right after the v2 commit leaves it: the file migrated, the record not.
-    write_record(db, from_schema=1, to_schema=2, outcome="migrating",
+    # As a kill -9 right after the last step's commit leaves it: the file migrated, the record
+    # not.
+    write_record(db, from_schema=1, to_schema=SCHEMA_VERSION, outcome="migrating",
                  snapshot=snapshot_path(db, 1).name)
     buf = SqliteBuffer(db, max_size=2**30)
     buf.open(["central"])
     buf.close()
     rec = read_record(db)
     assert rec is not None and (rec["from_schema"], rec["to_schema"], rec["outcome"]) == (
-        1, 2, "migrated")
+        1, SCHEMA_VERSION, "migrated")
 
 
 
@@ -159,7 +160,7 @@ def test_no_room_for_the_snapshot_check_says_no_and_the_agent_refuses_to_migrate
             conn.execute("INSERT INTO pad VALUES (zeroblob(1800000))")
             conn.commit()
         p = plan(db)
-        assert not p.can_take_over and (p.found, p.target) == (1, 2)
+        assert not p.can_take_over and (p.found, p.target) == (1, SCHEMA_VERSION)
         assert "snapshot before migrating needs" in " ".join(p.problems), p.problems
         with pytest.raises(BufferOpenError, match=r"snapshot .* failed .*disk is full.*nothing "
                            r"was migrated.*Free disk space"):
