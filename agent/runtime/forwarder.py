@@ -137,6 +137,8 @@ class Forwarder(Settling):
                 # The last lease found nothing more and nothing was committed since (no
                 # wake): idle without asking the buffer again (a hop to its thread per event
                 # on a quiet agent). The poll below still looks every poll_interval.
+                if self.state is ForwarderState.RETRYING:
+                    self._answered()  # as after an empty lease
                 self.state = ForwarderState.IDLE
                 await wait_event(self._wake, self._poll_interval)
 
