@@ -31,18 +31,28 @@ line is the one to compare.
 Targets: agent CPU per read <= 1.5x the bare client's; <= 1 fsync and <= 10 KB written per
 event; RSS no higher than before. Nothing asserts: it is a script for figures.
 
-Last measured (2026-12-02, shared 2-core machine, load 0.7-4.5, 15 s windows, medians of 2-3
-runs): agent 253-290 us of CPU per read, bare client 80-107 (2.7-2.9x, target not met); with
-``--steady`` 120 us (1.2-1.3x: the polling path alone meets the target). The rest is per event,
-~3.5 ms of CPU for each (one per 25 reads here): the HTTP POST (httpx plus the loopback send,
-~0.7 ms of client CPU measured alone against the receiver), the commit with its fsync (~0.25 ms),
-six hops to the buffer's thread (~20 us each), the detector state's snapshot. fsync 1.0 per
-event; 36 KB written per event (target not met): a one-event commit appends ~10 WAL frames of
-4 KiB: the events leaf, its id index, the AUTOINCREMENT counter, the delivery row, the
-detector_state leaf, and when a state row changes size the siblings SQLite rebalances plus
-page 1 and the auto_vacuum pointer map. Saved states are now padded to a stable size: 6-7
-frames, 34-36 KB per event (the floor of a one-event commit under this schema is ~20 KB).
-RSS 61.5 MiB (58 with ``--steady``).
+Last measured (2026-12-02, shared 2-core machine, 15 s windows, 3 runs alternating with the
+bare client, medians; CPU is read in 10 ms ticks, so +-4% per run): agent 307-308 us of CPU per
+read (runs 333/307/307 and 307/308/333; 320 before the changes below: 320/347/307), bare client
+107-120, 2.6-2.9x: the 1.5x target is not met. Per thread (/proc/PID/task, 60 s windows): the
+event loop spends 293 us per read with events and 163 with ``--steady``, i.e. ~3.3 ms per event;
+the buffer's thread ~0.9 ms per event (commit, fsync, lease, settle). Of the 3.3 ms the HTTP
+POST is about half: one request through ``HttpSink.deliver`` to the reference receiver costs
+1.55-1.6 ms of client CPU measured alone (1.7-1.8 ms before the URL and headers were prepared
+once), a plain ``httpx.AsyncClient.post`` ~1.5 ms, the same exchange written by hand over an
+asyncio stream ~0.2 ms: httpx itself is the largest single cost, and it alone is four times the
+whole per-event budget (1.5x bare leaves (180 - 163) x 25 reads = ~0.4 ms per event). The rest:
+the commit (detector snapshot, event JSON, group-commit wait), the forwarder, and the event
+loop's wake-ups. Buffer-thread hops per event are down from 6 to 3 (append, lease, settle; no
+drops look-up, no lease ahead or trailing lease after a short lease); they cost ~30 us each.
+Disk: 1.0 fsync and 29.9 KB written per event (36.0 before; the 10 KB target is not met). A
+one-event commit now writes 5 WAL frames of 4 KiB (events leaf, id index, AUTOINCREMENT counter,
+delivery row, detector-state leaf: the floor of this schema at this page size); before, the
+2-3 KB detector state went to an overflow page of a WITHOUT ROWID table and the agent's
+sequence row was rewritten each time (6-7 frames). RSS 59.3 MiB (61.7 before: nats-py and paho
+are no longer imported by an HTTP-only agent). 4.4 MiB of it are rich, pygments and click,
+which httpx imports for its command line when they are installed: here they come with the
+development tools (import-linter); a production install has none of them, ~55 MiB.
 """
 
 from __future__ import annotations

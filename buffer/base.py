@@ -116,6 +116,10 @@ class Settlement:
 class AppendResult:
     stored: int  # new events committed (duplicates of stored ids are not counted)
     rejected: int  # refused by reject_new (counted in drops as well)
+    # Whether the buffer holds drops not yet reported (``peek_drops`` would find some) once
+    # this append committed: a caller that reports drops need not ask after every commit.
+    # True when unknown (the safe side: the caller looks).
+    unreported_drops: bool = True
 
 
 @dataclass(slots=True)

@@ -137,7 +137,8 @@ class MemoryBuffer(Buffer):
         self._states.update(states)
         lost_new = self._enforce_capacity(set(new))
         rejected = lost_new if self.when_full is WhenFull.REJECT_NEW else 0
-        return AppendResult(stored=len(new) - lost_new, rejected=rejected)
+        return AppendResult(stored=len(new) - lost_new, rejected=rejected,
+                            unreported_drops=bool(self._drops.by_type))
 
     def _enforce_capacity(self, new: set[int]) -> int:
         removed: Counter[str] = Counter()

@@ -1,12 +1,13 @@
 """The durable buffer: one SQLite file in WAL mode, one writer connection.
 
-Schema version 2 (``migrations.py``, version in ``PRAGMA user_version``)::
+Schema version 3 (``migrations.py``, version in ``PRAGMA user_version``)::
 
     events(seq AUTOINCREMENT, id UNIQUE, key, type, time, payload, created_at)
        1 ──< deliveries(sink, state, seq, attempts, status, detail, failed_at)
              key (sink, state, seq), state pending | dead: a sink's undelivered rows in
              append order are one key range
-    detector_state(key, state, updated_at)     sinks(name, added_at)
+    detector_state(key, state, updated_at) -- a rowid table: a 2-3 KB state stays in its leaf
+    sinks(name, added_at)
     drops(type, count, first_at, last_at)      meta(name, value)   -- dropped_total, clean_stop
 
 States of one delivery row (one per event per sink known when the event was appended); the
@@ -265,7 +266,8 @@ class SqliteBuffer(SqliteDeliveries, Buffer):
                     "ON CONFLICT(key) DO UPDATE SET state = excluded.state, "
                     "updated_at = excluded.updated_at",
                     [(k, v, now) for k, v in states.items()])
-        return AppendResult(stored=stored, rejected=rejected)
+            unreported = conn.execute("SELECT 1 FROM drops LIMIT 1").fetchone() is not None
+        return AppendResult(stored=stored, rejected=rejected, unreported_drops=unreported)
 
     def _insert(self, conn: sqlite3.Connection, events: Sequence[NewEvent], before: int,
                 now: str) -> int:

@@ -14,8 +14,13 @@ Invariants:
   backoff; nothing is lost while it fails. Disk full is a state (``full``), not a fault.
 - While commits fail, detections wait in memory up to ``MAX_UNCOMMITTED``; beyond it the oldest
   are dropped, counted and reported by one ``plantedge.data.gap`` event once commits work again.
-- The agent's own sequence (for its data-gap events) is saved with every commit under the state
-  key ``AGENT_STATE_KEY``.
+- The agent's own sequence (for its data-gap events) is saved under the state key
+  ``AGENT_STATE_KEY`` by the first commit and by every commit after it changed (the commit that
+  holds the data-gap event that used it): an unchanged row is not rewritten, one page of WAL
+  less per commit.
+- Drops are looked for (``peek_drops``, a hop to the writer thread) only when the buffer may
+  hold some: at start (a crash may have left some) and when an append says it recorded some
+  (``AppendResult.unreported_drops``), not after every commit.
 - Capacity drops recorded by the buffer are reported by a data-gap event committed in the same
   transaction that takes their counts out of the buffer (``append(reported=...)``): a crash
   leaves the counts or their report, never neither.
@@ -80,6 +85,7 @@ class Committer:
         self._acks: list[Callable[[], None]] = []
         self._drops_unreported = True  # the buffer may hold drops from before a crash
         self._agent_sequence = 0
+        self._saved_sequence: int | None = None  # the agent sequence as last committed
         self._memory_drops: dict[str, int] = {}
         self._memory_drop_span: tuple[str | None, str | None] = (None, None)
         self.error: str | None = None
@@ -96,7 +102,7 @@ class Committer:
     def restore(self, states: Mapping[str, str]) -> None:
         saved = states.get(AGENT_STATE_KEY)
         if saved and saved.isascii() and saved.isdigit():
-            self._agent_sequence = int(saved)
+            self._agent_sequence = self._saved_sequence = int(saved)
 
     # ------------------------------------------------------------------ intake
 
@@ -219,13 +225,15 @@ class Committer:
         states = {mid: detectors[mid].snapshot() for mid in dirty}
         for mid in dirty:
             detectors[mid].dirty = False
-        states[AGENT_STATE_KEY] = str(self._agent_sequence)
+        sequence = self._agent_sequence
+        if sequence != self._saved_sequence:
+            states[AGENT_STATE_KEY] = str(sequence)
         detected_at = utcnow()  # the detectedat attribute: a commit takes milliseconds
         rows = [NewEvent(id=e.id, key=e.key, type=e.type.value, time=format_time(e.time),
                          payload=e.to_json(self._agent_id, detected_at)) for e in events]
         try:
             failpoints.hit("before_commit")
-            await self._buffer.append(rows, states)
+            result = await self._buffer.append(rows, states)
         except BaseException:
             # Nothing committed: put everything back in front, in order, and retry later.
             self._queue[:0] = events
@@ -234,6 +242,8 @@ class Committer:
             for mid in dirty:
                 detectors[mid].dirty = True
             raise
+        self._saved_sequence = sequence
+        self._drops_unreported = self._drops_unreported or result.unreported_drops
         self.committed_total += len(rows)
         self._committed(events, detected_at)
         failpoints.hit("after_commit")
@@ -244,7 +254,8 @@ class Committer:
             self._queue_data_gap(by_type, first, last,
                                  f"commits failed and more than {MAX_UNCOMMITTED} detections "
                                  "waited in memory")
-        await self._report_drops()
+        if self._drops_unreported:
+            await self._report_drops()
         self._on_commit()
 
     async def _report_drops(self) -> None:
@@ -261,8 +272,10 @@ class Committer:
         detected_at = utcnow()
         row = NewEvent(id=gap.id, key=gap.key, type=gap.type.value, time=format_time(gap.time),
                        payload=gap.to_json(self._agent_id, detected_at))
-        await self._buffer.append([row], {AGENT_STATE_KEY: str(sequence)}, reported=drops)
-        self._agent_sequence = sequence
+        result = await self._buffer.append([row], {AGENT_STATE_KEY: str(sequence)},
+                                           reported=drops)
+        self._agent_sequence = self._saved_sequence = sequence
+        self._drops_unreported = result.unreported_drops
         self.committed_total += 1
         self._committed([gap], detected_at)
         self._wakeup.set()

@@ -142,7 +142,14 @@ class Forwarder(Settling):
                 self._answered()  # only a lease failure leaves us here: the buffer is back
             if self.state is ForwarderState.IDLE:
                 self.state = ForwarderState.DELIVERING
-            await self._pump(rows)
+            if not await self._pump(rows, more=len(rows) >= self._lease_limit):
+                # The last lease found nothing more and nothing was committed since (no
+                # wake): idle without asking the buffer again (a hop to its thread per event
+                # on a quiet agent). The poll below still looks every poll_interval.
+                if self.state is ForwarderState.RETRYING:
+                    self._answered()  # as after an empty lease
+                self.state = ForwarderState.IDLE
+                await wait_event(self._wake, self._poll_interval)
 
     async def _give_back(self) -> None:
         """Leaving: the rows still held go back to pending (see the module docstring)."""
@@ -205,9 +212,13 @@ class Forwarder(Settling):
 
     # ------------------------------------------------------------------ the delivery pump
 
-    async def _pump(self, rows: list[LeasedEvent]) -> None:
+    async def _pump(self, rows: list[LeasedEvent], *, more: bool = True) -> bool:
         """Deliver ``rows`` and what can be leased meanwhile, until nothing is left to send
-        (or stopping: rows not sent stay leased)."""
+        (or stopping: rows not sent stay leased). ``more``: the buffer may hold more rows
+        (the lease that gave ``rows`` was full); a short lease means it held no more then,
+        and only a ``wake()`` (a commit) says otherwise, so no lease ahead is asked for
+        before one. Returns False when the buffer had nothing more at the end (the last
+        lease was short and no wake came since), True otherwise."""
         size = self.sink.max_batch
         remaining = Lanes()
         remaining.add(rows)
@@ -218,7 +229,9 @@ class Forwarder(Settling):
         settling: set[asyncio.Future[bool]] = set()
         ahead: asyncio.Future[list[LeasedEvent]] | None = None
         troubled: list[tuple[list[LeasedEvent], Delivery]] = []
-        more = True  # the last lease was not empty (or a wake() came since)
+        # more: the last lease was full (or a wake() came since); a short lease means the
+        # buffer held no more unheld rows at that moment.
+        lease_failed = False
         try:
             while True:
                 stopping = self._stopping.is_set()
@@ -239,11 +252,11 @@ class Forwarder(Settling):
                 if not flights:
                     if troubled:
                         if not await self._work_alone(troubled):
-                            return
+                            return True
                         troubled = []
                         continue
                     if ahead is None and not settling:
-                        return
+                        return more or stopping or lease_failed
                 waiting: set[asyncio.Future[Any]] = set(flights)
                 if ahead is not None:
                     waiting.add(ahead)
@@ -253,7 +266,7 @@ class Forwarder(Settling):
                 for fut in [f for f in done if f in settling]:
                     settling.discard(fut)
                     if not fut.result():
-                        return  # stopping while the buffer would not settle
+                        return True  # stopping while the buffer would not settle
                 if ahead is not None and ahead in done:
                     got, ahead = ahead, None
                     try:
@@ -261,8 +274,9 @@ class Forwarder(Settling):
                     except Exception:
                         log.exception("sink %s: cannot lease events from the buffer",
                                       self.sink.name)
-                        leased, more = [], False  # the run loop leases (and backs off) next
-                    more = more and bool(leased)
+                        # The run loop leases (and backs off) next, at once.
+                        leased, more, lease_failed = [], False, True
+                    more = more and len(leased) >= self._lease_limit
                     remaining.add(leased)
                 for fut in [f for f in done if f in flights]:
                     chunk = flights.pop(fut)

@@ -25,8 +25,8 @@ class AnswerTooLarge(Exception):
         self.status = status
 
 
-async def post_bounded(http: httpx.AsyncClient, url: str, limit: int, read_within: float,
-                       **kwargs: Any) -> httpx.Response:
+async def post_bounded(http: httpx.AsyncClient, url: str | httpx.URL, limit: int,
+                       read_within: float, **kwargs: Any) -> httpx.Response:
     """``http.post(url, **kwargs)`` whose answer body is at most ``limit`` bytes (else
     ``AnswerTooLarge``) and arrives within ``read_within`` seconds of its head (else
     ``httpx.ReadTimeout``: a peer dripping a byte just inside the per-chunk timeout would hold

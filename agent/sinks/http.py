@@ -160,6 +160,10 @@ class HttpSink(Sink):
         if config.auth.bearer_token is not None or self._oauth is not None:
             own.add("authorization")
         self._static_headers = {k: v for k, v in config.headers.items() if k.lower() not in own}
+        # What every request of this sink carries, computed once (a request copies it).
+        self._base_headers = {**self._static_headers, "Content-Type":
+                              CE_BATCH if config.mode is SinkMode.BATCH else CE_SINGLE}
+        self._url: httpx.URL | None = None  # parsed once, with the client
         for k in sorted(set(config.headers) - set(self._static_headers)):
             log.warning("sink %s: static header %r is ignored: the agent sets it per request",
                         name, k)
@@ -215,17 +219,16 @@ class HttpSink(Sink):
                 transport=httpx.AsyncHTTPTransport(retries=0, verify=verify),
                 follow_redirects=False,
             )
+            self._url = httpx.URL(self.config.url)
         return self._client
 
     def _request_parts(self, events: Sequence[OutboundEvent]) -> tuple[bytes, dict[str, str]]:
-        headers = dict(self._static_headers)
+        headers = dict(self._base_headers)
         if self.config.mode is SinkMode.BATCH:
             body = ("[" + ",".join(e.payload for e in events) + "]").encode("utf-8")
-            headers["Content-Type"] = CE_BATCH
             headers["Idempotency-Key"] = batch_idempotency_key([e.id for e in events])
         else:
             body = events[0].payload.encode("utf-8")
-            headers["Content-Type"] = CE_SINGLE
             headers["Idempotency-Key"] = events[0].id
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -268,16 +271,16 @@ class HttpSink(Sink):
                     events: Sequence[OutboundEvent]) -> Delivery:
         try:
             http = self._http()
+            url = self._url or self.config.url
             if self._oauth is not None:
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
-            response = await post_bounded(http, self.config.url, _MAX_ANSWER,
-                                          self.config.timeout, content=body, headers=headers)
+            response = await post_bounded(http, url, _MAX_ANSWER, self.config.timeout,
+                                          content=body, headers=headers)
             if response.status_code == 401 and self._oauth is not None:
                 self._oauth.invalidate()  # one refresh, one resend; a second 401 holds
                 headers["Authorization"] = f"Bearer {await self._oauth.get(http)}"
-                response = await post_bounded(http, self.config.url, _MAX_ANSWER,
-                                              self.config.timeout, content=body,
-                                              headers=headers)
+                response = await post_bounded(http, url, _MAX_ANSWER, self.config.timeout,
+                                              content=body, headers=headers)
         except TlsSetupError as exc:
             return Delivery(Outcome.HOLD, detail=str(exc))
         except OAuth2RejectedError as exc:

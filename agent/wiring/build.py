@@ -11,8 +11,6 @@ from agent.detect.machine import MachineDetector
 from agent.sinks.base import Sink
 from agent.sinks.config import SinkConfig
 from agent.sinks.http import HttpSink
-from agent.sinks.mqtt import MqttSink
-from agent.sinks.nats import NatsSink
 from agent.wiring.schema import Config, SourceConfig
 from protocols.base import Source
 
@@ -47,9 +45,15 @@ def build_sink(name: str, config: SinkConfig, agent_id: str = "edge-agent") -> S
     names the broker sinks' client (MQTT client id, NATS connection name)."""
     if config.type == "http":
         return HttpSink(name, config)
+    # The broker sinks are imported when configured, like the sources: their client libraries
+    # (nats-py, paho) are ~9 MiB of resident memory that an agent posting over HTTP never uses.
     if config.type == "mqtt":
+        from agent.sinks.mqtt import MqttSink
+
         return MqttSink(name, config, agent_id=agent_id)
     if config.type == "nats":
+        from agent.sinks.nats import NatsSink
+
         return NatsSink(name, config, agent_id=agent_id)
     raise ValueError(f"sink {name}: no implementation for type {config.type!r}")
 

@@ -1,4 +1,4 @@
-"""Rollback of the real first migration (schema 1 -> 2) on the frozen v1 file.
+"""Rollback of the real first migration (schema 1 -> current, through 2) on the frozen v1 file.
 
 The generic round trip (``test_upgrade_rollback.py``) uses a made-up next version on top of the
 current one; this one starts from ``data/buffer_v1.sql``, lets this code migrate it, detect and
@@ -21,6 +21,7 @@ import pytest
 
 from buffer import upgrade
 from buffer.base import NewEvent
+from buffer.migrations import SCHEMA_VERSION
 from buffer.snapshot import read_record, snapshot_path, write_record
 from buffer.sqlite import SqliteBuffer
 from buffer.upgrade import rollback
@@ -46,7 +47,7 @@ def _upgrade_and_work(db: Path) -> None:
     finally:
         buf.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         conn.execute("UPDATE deliveries SET state = 'dead', status = 400, detail = 'bad', "
                      "failed_at = 't' WHERE seq = (SELECT seq FROM events WHERE id = 'after-0')")
         conn.execute("INSERT INTO drops VALUES ('plantedge.scrap.recorded', 2, 'a', 'b')")
@@ -66,7 +67,7 @@ def test_rollback_to_v1_keeps_dead_letters_states_and_drops_of_the_newer_version
     _upgrade_and_work(db)
     assert _rows(snapshot_path(db, 1), "PRAGMA user_version") == [(1,)]
     r = rollback(db)
-    assert (r.from_schema, r.to_schema, r.carried_over) == (2, 1, 3)
+    assert (r.from_schema, r.to_schema, r.carried_over) == (SCHEMA_VERSION, 1, 3)
     assert _rows(db, "PRAGMA user_version") == [(1,)]
     states = {(i, s): st for i, s, st in _rows(
         db, "SELECT e.id, d.sink, d.state FROM events e JOIN deliveries d ON d.seq = e.seq "
@@ -102,7 +103,7 @@ def test_a_crash_before_the_final_rename_leaves_the_buffer_in_place(
         with pytest.raises(KeyboardInterrupt):
             rollback(db)
     # The buffer is still there (migrated, every event), and rollback can run again.
-    assert _rows(db, "PRAGMA user_version") == [(2,)]
+    assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert _rows(db, "SELECT count(*) FROM events WHERE id LIKE 'after-%'") == [(3,)]
     assert rollback(db).to_schema == 1
     assert _rows(db, "PRAGMA user_version") == [(1,)]
@@ -113,15 +114,16 @@ def test_a_crash_between_the_last_step_and_its_record_is_finished_at_the_next_op
     db = tmp_path / "buffer.db"
     _v1(db)
     _upgrade_and_work(db)
-    # As a kill -9 right after the v2 commit leaves it: the file migrated, the record not.
-    write_record(db, from_schema=1, to_schema=2, outcome="migrating",
+    # As a kill -9 right after the last step's commit leaves it: the file migrated, the record
+    # not.
+    write_record(db, from_schema=1, to_schema=SCHEMA_VERSION, outcome="migrating",
                  snapshot=snapshot_path(db, 1).name)
     buf = SqliteBuffer(db, max_size=2**30)
     buf.open(["central"])
     buf.close()
     rec = read_record(db)
     assert rec is not None and (rec["from_schema"], rec["to_schema"], rec["outcome"]) == (
-        1, 2, "migrated")
+        1, SCHEMA_VERSION, "migrated")
 
 
 
@@ -158,7 +160,7 @@ def test_no_room_for_the_snapshot_check_says_no_and_the_agent_refuses_to_migrate
             conn.execute("INSERT INTO pad VALUES (zeroblob(1800000))")
             conn.commit()
         p = plan(db)
-        assert not p.can_take_over and (p.found, p.target) == (1, 2)
+        assert not p.can_take_over and (p.found, p.target) == (1, SCHEMA_VERSION)
         assert "snapshot before migrating needs" in " ".join(p.problems), p.problems
         with pytest.raises(BufferOpenError, match=r"snapshot .* failed .*disk is full.*nothing "
                            r"was migrated.*Free disk space"):
@@ -192,7 +194,7 @@ def test_rollback_is_refused_while_a_real_agent_process_runs_on_the_migrated_fil
         cli = [sys.executable, "-m", "agent.cli", "rollback", "--config", str(cfg)]
         refused = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and "stop the agent" in refused.stderr, refused.stderr
-        assert _rows(db, "PRAGMA user_version") == [(2,)]
+        assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
         done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -246,6 +248,6 @@ def test_a_user_who_cannot_read_the_data_directory_is_told_so() -> None:
             said = json.loads(f.read() or "[]")
         os.waitpid(pid, 0)
         assert len(said) == 2 and all("cannot read the data directory" in s for s in said), said
-        assert _rows(db, "PRAGMA user_version") == [(2,)]
+        assert _rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     finally:
         shutil.rmtree(top, ignore_errors=True)

@@ -139,11 +139,11 @@ def test_v1_file_migrates_in_place_to_v2(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         buf.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert {st for (st,) in conn.execute("SELECT DISTINCT state FROM deliveries")} == {
             "pending", "dead"}
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         # The agent of schema 1 checks user_version against its own version and refuses.
         monkeypatch.setattr(migrations, "SCHEMA_VERSION", 1)
-        with pytest.raises(SchemaTooNewError, match="schema version 2"):
+        with pytest.raises(SchemaTooNewError, match=f"schema version {SCHEMA_VERSION}"):
             migrations.check_version(conn, db)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
+from buffer.migrations import SCHEMA_VERSION
 from buffer.snapshot import read_record, snapshot_path
 from buffer.sqlite import SqliteBuffer
 from config import failpoints
@@ -77,7 +78,7 @@ def test_a_kill_mid_upgrade_leaves_version_1_whole_and_the_restart_finishes(
     buf = SqliteBuffer(db, 2**30)
     buf.open(["central"])
     try:
-        assert buf.schema_version == 2
+        assert buf.schema_version == SCHEMA_VERSION
         stats = buf.stats()
         undelivered = sorted(
             (row for row in before["deliveries"] if row[1] in ("pending", "leased")),

@@ -621,7 +621,9 @@ async def test_a_give_back_behind_a_slow_lease_survives_the_stops_second_cancel(
     config = HttpSinkConfig.model_validate({"type": "http", "url": receiver.url,
                                             "timeout": "60s", "retry": FAST.model_dump()})
     sink = HttpSink("erp", config)
-    fw = Forwarder(sink, buf, FAST, poll_interval=3600.0)
+    # Leases of one row: the first one is full, so the next is leased ahead while the first
+    # request is in flight (after a short lease nothing is leased before a wake).
+    fw = Forwarder(sink, buf, FAST, lease_batch=1, poll_interval=3600.0)
     receiver.inject_commit_then_delay(30.0)
     task = asyncio.create_task(fw.run())
     try:
@@ -634,4 +636,40 @@ async def test_a_give_back_behind_a_slow_lease_survives_the_stops_second_cancel(
         assert (await buf.stats()).sinks["erp"].leased == 0  # given back: pending at once
     finally:
         await sink.aclose()
+        await buf.aclose()
+
+
+class CountingBuffer(AsyncBuffer):
+    """Counts the lease calls (each one a hop to the writer thread)."""
+
+    def __init__(self, buffer):
+        super().__init__(buffer)
+        self.leases = 0
+
+    async def lease(self, sink, limit, renew=()):
+        self.leases += 1
+        return await super().lease(sink, limit, renew)
+
+
+async def test_a_quiet_agent_leases_once_per_commit(receiver, harness):
+    """One event committed at a time: one lease delivers it. After a short lease nothing is
+    leased again (ahead, or once the pump is done) before the next wake."""
+    buf = CountingBuffer(SqliteBuffer(receiver.db_path.with_name("agent.db"), 2**30))
+    await buf.open(["erp"])
+    try:
+        fw = harness.start(buf, receiver.url + "/events")
+        await wait_until(lambda: buf.leases == 1, what="the first (empty) lease")
+        await wait_until(lambda: fw.state is ForwarderState.IDLE, what="idle")
+        for i in range(3):
+            await append(buf, [new_event(i)], fw)
+            await wait_until(lambda i=i: receiver.stats()["received"] == i + 1,
+                             what=f"event {i} delivered")
+            await wait_until(lambda i=i: fw.delivered_total == i + 1, what="settled")
+            await wait_until(lambda: fw.state is ForwarderState.IDLE, what="idle again")
+        assert buf.leases == 1 + 3
+        assert fw.delivered_total == 3
+        await harness.close()
+        harness.running.clear()
+        assert (await buf.stats()).sinks["erp"].pending == 0
+    finally:
         await buf.aclose()
