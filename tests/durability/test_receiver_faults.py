@@ -130,7 +130,9 @@ async def test_429_retry_after(tmp_path: Path, kind: str) -> None:
         await wait_until(lambda: receiver.stats()["received"] > 0, what="first deliveries")
         value = {"seconds": "1",
                  "http_date": email.utils.format_datetime(
-                     datetime.now(UTC) + timedelta(seconds=2), usegmt=True),
+                     # Whole seconds, counted from now, not from when the 429 is served:
+                     # 3 s leave the floor below above 0.9 s even if that is a second later.
+                     datetime.now(UTC) + timedelta(seconds=3), usegmt=True),
                  "invalid": "soon", "absurd": "99999999"}[kind]
         receiver.inject(429, count=1, retry_after=value)
         await _run_load(rt, 1.0)
