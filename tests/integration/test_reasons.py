@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,11 +427,9 @@ async def test_a_retry_warning_carries_the_trace_of_the_refused_request(
     assert parsed[0] in record.getMessage()
 
 
-async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_once(
-        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Disk full while an operator classifies: 503 (queued, not committed), the repeat says
-    the same event id, and once commits work the repeat answers 200 and one event arrives."""
-    episode = await agent.one_stop()
+def _disk_full(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Every commit fails as on a full disk, and a reason request waits 0.3 s for its
+    commit; the function returned gives the disk back."""
     monkeypatch.setattr(reasons_api, "COMMIT_TIMEOUT", 0.3)
     buffer = agent.rt.committer._buffer
     real_append = buffer.append
@@ -440,6 +438,15 @@ async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_on
         raise StorageFullError("disk full (test)")
 
     monkeypatch.setattr(buffer, "append", full)
+    return lambda: monkeypatch.setattr(buffer, "append", real_append)
+
+
+async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_once(
+        agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full while an operator classifies: 503 (queued, not committed), the repeat says
+    the same event id, and once commits work the repeat answers 200 and one event arrives."""
+    episode = await agent.one_stop()
+    disk_back = _disk_full(agent, monkeypatch)
     reason = f"{agent.base}/machines/m1/episodes/{episode}/reason"
     async with httpx.AsyncClient() as http:
         first = await http.post(reason, json={"code": "7"}, headers=AUTH)
@@ -447,7 +454,7 @@ async def test_a_commit_that_cannot_finish_answers_503_and_the_repeat_commits_on
         again = await http.post(reason, json={"code": "7"}, headers=AUTH)
         assert again.status_code == 503
         assert again.json()["event_id"] == first.json()["event_id"]
-        monkeypatch.setattr(buffer, "append", real_append)
+        disk_back()
         done = await wait_until(lambda: _post_ok(http, reason), what="committed")
         assert done.status_code == 200 and done.json()["event_id"] == first.json()["event_id"]
     got = await wait_until(lambda: agent.of_type(CLASSIFIED), what="classified")
@@ -489,18 +496,11 @@ async def test_a_new_key_is_answered_only_once_it_is_committed(
     async with httpx.AsyncClient() as http:
         first = await http.post(reason, json={"code": "7"}, headers=AUTH)
         assert first.status_code == 201, first.text
-        monkeypatch.setattr(reasons_api, "COMMIT_TIMEOUT", 0.3)
-        buffer = agent.rt.committer._buffer
-        real_append = buffer.append
-
-        async def full(*args: Any, **kwargs: Any) -> Any:
-            raise StorageFullError("disk full (test)")
-
-        monkeypatch.setattr(buffer, "append", full)
+        disk_back = _disk_full(agent, monkeypatch)
         same = await http.post(reason, json={"code": "7"}, headers=keyed)
         assert same.status_code == 503, same.text  # the key is not durable yet
         assert same.json()["event_id"] == first.json()["event_id"]
-        monkeypatch.setattr(buffer, "append", real_append)
+        disk_back()
 
         async def answered() -> httpx.Response | None:
             # 503 until the committer, backing off after the failures, has committed.
