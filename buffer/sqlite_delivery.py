@@ -177,7 +177,6 @@ class SqliteDeliveries(SqliteFile):
         for seq, event_id, key, type_, attempts, size in fields:
             out.append((seq, event_id, key, type_, text[at:at + size], attempts))
             at += size
-        out.sort(key=_first)  # already in order (one pass over the same rows); cheap to be sure
         return out
 
     def renew(self, sink: str, seqs: Sequence[int]) -> None:
@@ -276,7 +275,3 @@ class SqliteDeliveries(SqliteFile):
             # Shrinking is housekeeping: a full disk here must not fail a committed settle.
             if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_FULL:
                 raise self._translate(e, "shrinking the file") from e
-
-
-def _first(row: tuple[Any, ...]) -> Any:
-    return row[0]
